@@ -1,0 +1,192 @@
+"""Benchmark the FP8 linear against bf16 and ComfyUI's own fp8 path, on the GPU, in one run.
+
+For each shape (M x K x N) it times: bf16 ``F.linear``; raw ``_scaled_mm`` per-tensor and row-wise on
+pre-quantized operands (the ceiling); ComfyUI's ``fp8_e4m3fn_fast`` linear (clamp, unit-scale cast,
+per-tensor ``_scaled_mm``, as in ``comfy/ops.py``); and our layers (dynamic per-token and per-tensor,
+with the fused Triton quantizer and with the eager one). Prints TFLOP/s, ratios and the relative error
+vs a float32 reference. Inputs: N(0, 1) with K/256 outlier channels x20, as in DESIGN.md.
+
+Usage: python bench/bench_linear.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
+from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_weight
+from fp8_quant.quant_fp8 import DISABLE_TRITON_ENV
+
+SHAPES = [
+    ("Flux qkv 1024px", 4608, 3072, 9216),
+    ("Flux mlp-down 1024px", 4608, 12288, 3072),
+    ("Wan14B attn 480p", 32760, 5120, 5120),
+    ("T5-XXL wi, M=256", 256, 4096, 10240),
+    ("T5-XXL wo, M=256", 256, 10240, 4096),
+    ("T5-XXL attn, M=256", 256, 4096, 4096),
+]
+
+
+def bench_ms(fn, warmup: int = 10, reps: int = 50) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def make_input(m: int, k: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=generator)
+    outliers = torch.randperm(k, device="cuda", generator=generator)[: max(1, k // 256)]
+    x[:, outliers] *= 20
+    return x.to(torch.bfloat16)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+class Layer(torch.nn.Module):
+    pass
+
+
+def our_layer(weight: torch.Tensor, config: Fp8Config, kernel: str) -> tuple[Layer, Fp8OnlineLinearMethod]:
+    layer = Layer()
+    layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    method = Fp8OnlineLinearMethod(config, kernel)
+    method.process_weights_after_loading(layer, "bench")
+    return layer, method
+
+
+def comfy_fp8_fast(x: torch.Tensor, weight_fp8: torch.Tensor, scale_weight: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's fp8_linear (comfy/ops.py) without scale_input: clamp, cast at unit scale, per-tensor mm."""
+    scale_input = torch.ones((), device=x.device, dtype=torch.float32)
+    x = torch.clamp(x, min=-448, max=448)
+    x8 = x.reshape(-1, x.shape[-1]).to(torch.float8_e4m3fn).contiguous()
+    return torch._scaled_mm(x8, weight_fp8.t(), out_dtype=torch.bfloat16, scale_a=scale_input, scale_b=scale_weight)
+
+
+def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+    x = make_input(m, k, seed=1)
+    reference = x.float() @ weight.float().t()
+    flops = 2.0 * m * k * n
+    reps = 20 if quick else 50
+    rows: list[dict] = []
+
+    def record(label: str, fn, out: torch.Tensor | None = None) -> None:
+        ms = bench_ms(fn, reps=reps)
+        result = out if out is not None else fn()
+        rows.append(
+            {
+                "shape": name,
+                "mkn": [m, k, n],
+                "method": label,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "rel_err": rel_err(result, reference),
+            }
+        )
+
+    record("bf16 F.linear", lambda: F.linear(x, weight))
+    w_tensor, s_tensor = quantize_weight(weight, per_channel=False)
+    w_channel, s_channel = quantize_weight(weight, per_channel=True)
+    x_tensor, xs_tensor = quantize_input_dynamic(x, per_token=False)
+    x_token, xs_token = quantize_input_dynamic(x, per_token=True)
+    record(
+        "raw _scaled_mm per-tensor",
+        lambda: torch._scaled_mm(x_tensor, w_tensor.t(), scale_a=xs_tensor, scale_b=s_tensor, out_dtype=torch.bfloat16),
+    )
+    record(
+        "raw _scaled_mm row-wise",
+        lambda: torch._scaled_mm(
+            x_token, w_channel.t(), scale_a=xs_token, scale_b=s_channel.view(1, -1), out_dtype=torch.bfloat16
+        ),
+    )
+    record("ComfyUI fp8_e4m3fn_fast", lambda: comfy_fp8_fast(x, w_tensor, s_tensor))
+    variants = [
+        ("ours dynamic per-token (triton)", Fp8Config(), "scaled_mm_rowwise", False),
+        (
+            "ours dynamic per-tensor (triton)",
+            Fp8Config(weight_granularity="tensor", activation_granularity="tensor"),
+            "scaled_mm_tensor",
+            False,
+        ),
+        ("ours dynamic per-token (eager quant)", Fp8Config(), "scaled_mm_rowwise", True),
+        ("ours weight-only (dequant)", Fp8Config(activation_scheme="none"), "dequant", False),
+    ]
+    for label, config, kernel, eager in variants:
+        if eager:
+            os.environ[DISABLE_TRITON_ENV] = "1"
+        else:
+            os.environ.pop(DISABLE_TRITON_ENV, None)
+        layer, method = our_layer(weight, config, kernel)
+        record(label, lambda layer=layer, method=method: method.apply(layer, x))
+    os.environ.pop(DISABLE_TRITON_ENV, None)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    by_shape: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shape.setdefault(row["shape"], []).append(row)
+    header = (
+        f"{'method':38s} {'ms':>8s} {'TFLOP/s':>8s} {'x bf16':>7s} {'x raw rw':>8s} {'x comfy':>8s} {'rel err':>8s}"
+    )
+    for shape, shape_rows in by_shape.items():
+        base = {r["method"]: r for r in shape_rows}
+        bf16 = base["bf16 F.linear"]["ms"]
+        raw = base["raw _scaled_mm row-wise"]["ms"]
+        comfy = base["ComfyUI fp8_e4m3fn_fast"]["ms"]
+        m, k, n = shape_rows[0]["mkn"]
+        print(f"\n== {shape}  ({m}x{k}x{n})")
+        print(header)
+        for r in shape_rows:
+            print(
+                f"{r['method']:38s} {r['ms']:8.3f} {r['tflops']:8.0f} {bf16 / r['ms']:7.2f} {raw / r['ms']:8.2f} "
+                f"{comfy / r['ms']:8.2f} {r['rel_err']:8.4f}"
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark runs on the GPU only")
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = False
+    capability = torch.cuda.get_device_capability()
+    print(f"device {torch.cuda.get_device_name()} capability {capability} torch {torch.__version__}")
+    rows: list[dict] = []
+    for name, m, k, n in SHAPES:
+        rows.extend(run_shape(name, m, k, n, args.quick))
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""fp8_quant: FP8 (e4m3) linears for PyTorch models, with a Config -> Method -> Kernel design.
+
+Never imports ComfyUI; the ComfyUI nodes of this pack are thin glue over it.
+"""
+
+from .bridge import Fp8Report, LayerReport, clone_module_tree, prepare_model_for_fp8
+from .config import SENSITIVE_LAYER_PATTERNS, Fp8Config, is_layer_skipped
+from .fp8_utils import is_fp8_dtype, quantize_input_dynamic, quantize_input_static, supports_fp8_compute
+from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod
+from .quant_fp8 import QuantFP8
+from .scheme import GroupShape, QuantKey, ScaleDesc
+
+__all__ = [
+    "SENSITIVE_LAYER_PATTERNS",
+    "Fp8Config",
+    "Fp8LinearMethod",
+    "Fp8OnlineLinearMethod",
+    "Fp8Report",
+    "GroupShape",
+    "LayerReport",
+    "QuantFP8",
+    "QuantKey",
+    "ScaleDesc",
+    "clone_module_tree",
+    "is_fp8_dtype",
+    "is_layer_skipped",
+    "prepare_model_for_fp8",
+    "quantize_input_dynamic",
+    "quantize_input_static",
+    "supports_fp8_compute",
+]

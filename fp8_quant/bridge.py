@@ -1,0 +1,171 @@
+"""Turn the ``nn.Linear`` modules of an already built model into fp8 linears.
+
+The bridge is how ``fp8_quant`` reaches models it did not build (a ComfyUI CLIP, a transformers model, a test
+MLP). Each non-skipped linear gets new fp8 parameters and a forward that calls the method's kernel; nothing is
+written into the old tensors, so a model that shares them (a ComfyUI clone, the caller's original) keeps its
+bytes. ``clone_module_tree`` gives such a sharing copy without duplicating any tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import Fp8Config, matching_pattern
+from .fp8_utils import is_fp8_dtype
+from .kernels import explain_choice
+from .methods import Fp8OnlineLinearMethod
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    quantized: bool
+    reason: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class Fp8Report:
+    """What ``prepare_model_for_fp8`` did, layer by layer, for logs and for the node's UI text."""
+
+    config: Fp8Config
+    layers: list[LayerReport] = field(default_factory=list)
+    kernel_choice: str = ""
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.quantized]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    def summary(self) -> str:
+        reasons: dict[str, int] = {}
+        for layer in self.skipped:
+            reasons[layer.reason] = reasons.get(layer.reason, 0) + 1
+        skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        text = (
+            f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
+            f"{f' (skipped: {skipped})' if skipped else ''}; linear weights "
+            f"{_mib(self.bytes_before)} -> {_mib(self.bytes_after)}; {self.config.describe()}"
+        )
+        if self.kernel_choice:
+            text += f"; kernel {self.kernel_choice}"
+        return text
+
+
+def prepare_model_for_fp8(
+    model: nn.Module,
+    config: Fp8Config,
+    *,
+    kernel: str | None = None,
+    quantize_device: torch.device | str | None = None,
+    compute_device: torch.device | str | None = None,
+    progress: ProgressCallback | None = None,
+) -> Fp8Report:
+    """Quantize every non-skipped ``nn.Linear`` (subclasses included) of ``model`` in place; return a report.
+
+    ``quantize_device`` is where each weight is quantized (the GPU is much faster); results go back to the
+    weight's own device. ``compute_device`` only fills the report's kernel choice (the kernel is chosen per
+    device at forward time). Run it on ``clone_module_tree(model)`` or a deep copy to keep ``model`` as it is.
+    """
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize to fp8")
+    method = Fp8OnlineLinearMethod(config, kernel)
+    report = Fp8Report(config)
+    for index, (name, module) in enumerate(linears):
+        report.layers.append(_prepare_layer(name, module, method, config, quantize_device))
+        if progress is not None:
+            progress(index + 1, len(linears), name)
+    quantized = [module for _, module in linears if hasattr(module, "fp8_layer_config")]
+    if quantized:
+        device = torch.device(compute_device) if compute_device is not None else quantized[0].weight.device
+        _, report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, kernel)
+    else:
+        logger.warning("no linear of %s was quantized: every one was skipped", type(model).__name__)
+    logger.info(report.summary())
+    return report
+
+
+def _prepare_layer(
+    name: str,
+    module: nn.Linear,
+    method: Fp8OnlineLinearMethod,
+    config: Fp8Config,
+    quantize_device: torch.device | str | None,
+) -> LayerReport:
+    weight = module.weight
+    size = weight.numel() * weight.element_size() if weight is not None else 0
+    if hasattr(module, "fp8_layer_config"):
+        return LayerReport(name, False, "already fp8", size, size)
+    pattern = matching_pattern(name, config.ignored_layers)
+    if pattern is not None:
+        return LayerReport(name, False, f"matched {pattern!r}", size, size)
+    if weight is None or weight.device.type == "meta":
+        return LayerReport(name, False, "no materialised weight", size, size)
+    if is_fp8_dtype(weight.dtype):
+        return LayerReport(name, False, "weight already fp8 without a scale", size, size)
+    if not weight.dtype.is_floating_point or weight.dim() != 2:
+        return LayerReport(name, False, f"unsupported weight {weight.dtype} {tuple(weight.shape)}", size, size)
+    method.process_weights_after_loading(module, name, quantize_device)
+    module.fp8_method = method
+    module.forward = types.MethodType(fp8_linear_forward, module)
+    after = module.weight.numel() * module.weight.element_size() + module.weight_scale.numel() * 4
+    return LayerReport(name, True, "quantized", size, after)
+
+
+def fp8_linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a bridged linear: the method's kernel does the product."""
+    return self.fp8_method.apply(self, x, self.bias)
+
+
+def clone_module_tree(model: nn.Module) -> nn.Module:
+    """New module objects with the same tensors: a copy that costs no memory and can be patched safely.
+
+    Parameters, buffers and submodules are held in fresh dicts, so assigning a new parameter on the copy
+    leaves the original's dict, and its tensors, untouched.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        new = module.__class__.__new__(module.__class__)
+        new.__dict__ = dict(module.__dict__)
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        memo[id(module)] = new
+        new._modules = {key: (clone(child) if child is not None else None) for key, child in module._modules.items()}
+        if "fp8_kernels" in new.__dict__:
+            new.fp8_kernels = {}
+        forward = new.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__self__ is module:
+            new.forward = types.MethodType(forward.__func__, new)
+        return new
+
+    return clone(model)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"

@@ -1,0 +1,224 @@
+"""Fp8Config: what to quantize and how, as plain validated data.
+
+A config is built from a dict (node options, a checkpoint's header, a JSON file) and every unknown value is a
+``ValueError`` that names the field and the allowed values, so a typo in a workflow never becomes a silent
+default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+
+from .scheme import QuantKey, activation_key, weight_key
+
+WEIGHT_DTYPES: dict[str, torch.dtype] = {
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+_DTYPE_ALIASES = {
+    "e4m3fn": "float8_e4m3fn",
+    "e4m3": "float8_e4m3fn",
+    "fp8_e4m3fn": "float8_e4m3fn",
+    "e5m2": "float8_e5m2",
+    "fp8_e5m2": "float8_e5m2",
+}
+OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+WEIGHT_GRANULARITIES = ("tensor", "channel")
+ACTIVATION_SCHEMES = ("dynamic", "static", "none")
+ACTIVATION_GRANULARITIES = ("tensor", "token")
+
+# Layers that DiTs and text encoders keep in high precision: quantizing them costs much quality for few bytes.
+SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
+    "*embed*",
+    "*norm*",
+    "*modulation*",
+    "*adaLN*",
+    "*adaln*",
+    "*head*",
+    "*final_layer*",
+    "*proj_out",
+    "*time_in*",
+    "*time_text_embed*",
+    "*timestep*",
+    "*guidance_in*",
+    "*vector_in*",
+    "*img_in",
+    "*txt_in",
+    "*patchify*",
+    "*lm_head*",
+    "*shared*",
+    "*relative_attention_bias*",
+)
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """How the linears of one model are quantized.
+
+    ``activation_scheme``: ``dynamic`` computes an activation scale per call, ``static`` uses a calibrated
+    ``input_scale`` from the checkpoint, ``none`` keeps activations in high precision (weight-only fp8).
+    ``output_dtype`` ``None`` means "the input's dtype".
+    """
+
+    weight_dtype: torch.dtype = torch.float8_e4m3fn
+    weight_granularity: str = "channel"
+    activation_scheme: str = "dynamic"
+    activation_granularity: str = "token"
+    ignored_layers: tuple[str, ...] = ()
+    output_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("weight_dtype", self.weight_dtype, tuple(WEIGHT_DTYPES.values()))
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
+        _check_choice("activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
+        _check_choice("output_dtype", self.output_dtype, tuple(OUTPUT_DTYPES.values()))
+        if self.activation_scheme == "static" and self.activation_granularity != "tensor":
+            raise ValueError(
+                "activation_granularity: a static activation scale is one calibrated scalar, so it must be "
+                "'tensor' (got 'token'); use activation_scheme='dynamic' for per-token scales"
+            )
+        if isinstance(self.ignored_layers, str) or not all(isinstance(p, str) for p in self.ignored_layers):
+            raise ValueError("ignored_layers: expected a list of layer names or patterns (strings)")
+        for pattern in self.ignored_layers:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise ValueError(f"ignored_layers: invalid regex {pattern!r}: {error}") from None
+        object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Fp8Config:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Fp8Config field(s) {unknown}; allowed fields: {sorted(known)}")
+        kwargs: dict[str, Any] = dict(values)
+        if "weight_dtype" in kwargs:
+            kwargs["weight_dtype"] = parse_weight_dtype(kwargs["weight_dtype"])
+        if "output_dtype" in kwargs:
+            kwargs["output_dtype"] = parse_output_dtype(kwargs["output_dtype"])
+        for name in ("weight_granularity", "activation_scheme", "activation_granularity"):
+            if name in kwargs and isinstance(kwargs[name], str):
+                kwargs[name] = kwargs[name].lower()
+        if "ignored_layers" in kwargs:
+            kwargs["ignored_layers"] = _as_patterns(kwargs["ignored_layers"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight_dtype": _name_of(WEIGHT_DTYPES, self.weight_dtype),
+            "weight_granularity": self.weight_granularity,
+            "activation_scheme": self.activation_scheme,
+            "activation_granularity": self.activation_granularity,
+            "ignored_layers": list(self.ignored_layers),
+            "output_dtype": _name_of(OUTPUT_DTYPES, self.output_dtype),
+        }
+
+    def with_ignored(self, patterns: Iterable[str]) -> Fp8Config:
+        return replace(self, ignored_layers=tuple(self.ignored_layers) + tuple(patterns))
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activation_scheme != "none"
+
+    @property
+    def weight_quant_key(self) -> QuantKey:
+        return weight_key(self.weight_dtype, per_channel=self.weight_granularity == "channel")
+
+    @property
+    def activation_quant_key(self) -> QuantKey | None:
+        """The activation scheme; activations use e4m3fn whatever the weights use (e5m2 x e5m2 has no kernel)."""
+        if not self.quantizes_activations:
+            return None
+        return activation_key(
+            torch.float8_e4m3fn,
+            static=self.activation_scheme == "static",
+            per_token=self.activation_granularity == "token",
+        )
+
+    def describe(self) -> str:
+        weights = str(self.weight_quant_key)
+        acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
+        return f"weights {weights}; activations {acts}"
+
+
+def is_layer_skipped(name: str, config_or_patterns: Fp8Config | Iterable[str]) -> bool:
+    """Whether layer ``name`` stays in high precision.
+
+    A pattern matches by exact name, by dotted prefix (``blocks.0`` covers ``blocks.0.attn.q``), by glob
+    (``*norm*``, ``blocks.*.ffn.2``) or by regex when written ``re:<expr>`` (searched, not anchored).
+    """
+    patterns = config_or_patterns.ignored_layers if isinstance(config_or_patterns, Fp8Config) else config_or_patterns
+    return matching_pattern(name, patterns) is not None
+
+
+def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern that skips ``name`` (see ``is_layer_skipped``), for reports that say why."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return pattern
+        elif name == pattern or name.startswith(pattern + "."):
+            return pattern
+        elif any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+def parse_weight_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    text = str(value).lower().removeprefix("torch.")
+    text = _DTYPE_ALIASES.get(text, text)
+    if text not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype: {value!r} is not allowed; allowed values: {list(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[text]
+
+
+def parse_output_dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    text = str(value).lower().removeprefix("torch.")
+    text = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}.get(text, text)
+    if text not in OUTPUT_DTYPES:
+        raise ValueError(f"output_dtype: {value!r} is not allowed; allowed values: {list(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[text]
+
+
+def _as_patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in re.split(r"[,\n]", value) if p.strip())
+    return tuple(value)
+
+
+def _check_choice(field_name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        shown = [str(a).removeprefix("torch.") if a is not None else "auto" for a in allowed]
+        raise ValueError(f"{field_name}: {value!r} is not allowed; allowed values: {shown}")
+
+
+def _name_of(table: Mapping[str, Any], value: Any) -> str:
+    return next(name for name, candidate in table.items() if candidate == value)
+
+
+__all__ = [
+    "SENSITIVE_LAYER_PATTERNS",
+    "Fp8Config",
+    "is_layer_skipped",
+    "matching_pattern",
+    "parse_output_dtype",
+    "parse_weight_dtype",
+]

@@ -1,0 +1,127 @@
+"""FP8 arithmetic helpers shared by the methods, kernels and checkpoint readers.
+
+Scale convention everywhere: ``real ≈ fp8.to(float32) * scale`` with ``scale = amax / finfo.max``.
+Values are clamped before the cast because CUDA turns an out-of-range e4m3fn cast into NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# A floor for amax so that an all-zero row or tensor gets a tiny positive scale instead of 0 (and no 0/0).
+AMAX_FLOOR = 1e-12
+
+
+def is_fp8_dtype(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    if not is_fp8_dtype(dtype):
+        raise ValueError(f"{dtype} is not an fp8 dtype; expected one of {FP8_DTYPES}")
+    return float(torch.finfo(dtype).max)
+
+
+def supports_fp8_compute(device: torch.device | str | None = None) -> bool:
+    """True where FP8 tensor cores make ``torch._scaled_mm`` worth using (CUDA capability >= 8.9).
+
+    The CPU implements ``_scaled_mm`` too, but slowly: it counts as "no FP8 compute" so that automatic
+    kernel selection takes the dequantize path there; tests force the scaled-mm kernels on the CPU.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def scale_from_amax(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    return amax.float().clamp(min=AMAX_FLOOR) / fp8_max(fp8_dtype)
+
+
+def cast_to_fp8(x_scaled: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Clamp to the representable range, then cast (an unclamped CUDA cast past ±448 gives NaN)."""
+    limit = fp8_max(fp8_dtype)
+    return x_scaled.clamp(-limit, limit).to(fp8_dtype)
+
+
+def quantize_input_dynamic(
+    x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn, per_token: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize with a scale computed from ``x`` itself.
+
+    Returns ``(x_fp8, scale)``; ``scale`` has shape ``[..., 1]`` per token (one per row of the last
+    dimension) or ``[]`` per tensor. Works on inputs of any rank ``[..., K]``.
+    """
+    x_float = x.float()
+    if per_token:
+        amax = x_float.abs().amax(dim=-1, keepdim=True)
+    else:
+        amax = x_float.abs().amax()
+    scale = scale_from_amax(amax, fp8_dtype)
+    return cast_to_fp8(x_float / scale, fp8_dtype), scale
+
+
+def quantize_input_static(
+    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> torch.Tensor:
+    """Quantize with a fixed (calibrated) scale; values beyond ``scale * max`` saturate."""
+    return cast_to_fp8(x.float() / scale.float(), fp8_dtype)
+
+
+def quantize_weight(
+    weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn, per_channel: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight [N, K]; the scale is ``[N]`` per channel or ``[]`` per tensor.
+
+    Rows are processed in chunks so that a large weight never exists in float32 all at once.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    if not per_channel:
+        amax = weight.abs().amax().float()
+        scale = scale_from_amax(amax, fp8_dtype)
+        out = torch.empty(weight.shape, dtype=fp8_dtype, device=weight.device)
+        for start, stop in _row_chunks(weight):
+            out[start:stop] = cast_to_fp8(weight[start:stop].float() / scale, fp8_dtype)
+        return out, scale
+    out = torch.empty(weight.shape, dtype=fp8_dtype, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start, stop in _row_chunks(weight):
+        rows = weight[start:stop].float()
+        row_scale = scale_from_amax(rows.abs().amax(dim=1), fp8_dtype)
+        out[start:stop] = cast_to_fp8(rows / row_scale[:, None], fp8_dtype)
+        scale[start:stop] = row_scale
+    return out, scale
+
+
+def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of the quantizers above; ``scale`` must broadcast against ``x_fp8`` ([N] is taken per row)."""
+    if scale.dim() == 1 and x_fp8.dim() == 2 and scale.shape[0] == x_fp8.shape[0]:
+        scale = scale[:, None]
+    return (x_fp8.to(torch.float32) * scale.float()).to(dtype)
+
+
+def _row_chunks(weight: torch.Tensor, max_elements: int = 1 << 24) -> list[tuple[int, int]]:
+    rows = weight.shape[0]
+    step = max(1, max_elements // max(1, weight.shape[1]))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def check_scale(scale: torch.Tensor, what: str) -> None:
+    """Reject scales that would silently produce garbage: NaN, inf, zero or negative."""
+    values = scale.detach().float()
+    if values.numel() == 0:
+        raise ValueError(f"{what}: scale is empty")
+    bad = ~torch.isfinite(values) | (values <= 0)
+    if bool(bad.any()):
+        first = values[bad].flatten()[0].item()
+        raise ValueError(f"{what}: scale must be finite and > 0, found {int(bad.sum())} bad value(s), e.g. {first}")

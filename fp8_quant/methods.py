@@ -1,0 +1,176 @@
+"""Linear methods: they own an fp8 layer's parameters and route its product to a kernel.
+
+``Fp8LinearMethod`` takes weights that are already fp8 (a pre-quantized checkpoint); ``Fp8OnlineLinearMethod``
+quantizes a bf16/fp16/fp32 weight when it is loaded, one layer at a time, so a model never needs to exist in
+full precision and in fp8 at once. Both end with the layout that every kernel reads (see ``kernels.base``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import Fp8Config
+from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight
+from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, select_kernel
+from .scheme import weight_key
+
+logger = logging.getLogger(__name__)
+
+
+class Fp8LinearMethod:
+    """For layers whose checkpoint already holds an fp8 weight and its scales."""
+
+    def __init__(self, config: Fp8Config, kernel: str | None = None) -> None:
+        self.config = config
+        self.kernel = kernel
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        params_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Register empty parameters of the checkpoint's shapes, to be filled by a state dict load."""
+        per_channel = self.config.weight_granularity == "channel"
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=self.config.weight_dtype, device=device),
+            requires_grad=False,
+        )
+        layer.weight_scale = nn.Parameter(
+            torch.ones((out_features,) if per_channel else (), dtype=torch.float32, device=device),
+            requires_grad=False,
+        )
+        static = self.config.activation_scheme == "static"
+        layer.input_scale = (
+            nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False) if static else None
+        )
+
+    def process_weights_after_loading(self, layer: nn.Module, name: str = "") -> None:
+        """Validate what was loaded and normalise it: contiguous [N, K] fp8, float32 scales [] or [N]."""
+        what = name or type(layer).__name__
+        weight = layer.weight
+        if weight is None or weight.dim() != 2:
+            shape = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"{what}: expected a 2-D weight [out, in], got {shape}")
+        if not is_fp8_dtype(weight.dtype):
+            raise ValueError(f"{what}: Fp8LinearMethod expects an fp8 weight, got {weight.dtype}")
+        out_features = weight.shape[0]
+        weight_scale = normalize_weight_scale(getattr(layer, "weight_scale", None), out_features, what)
+        input_scale = getattr(layer, "input_scale", None)
+        if self.config.activation_scheme == "static":
+            if input_scale is None:
+                raise ValueError(f"{what}: static activation scheme needs an input_scale, none was loaded")
+            input_scale = input_scale.detach().float()
+            if input_scale.numel() != 1:
+                raise ValueError(f"{what}: input_scale must be one scalar, got shape {tuple(input_scale.shape)}")
+            input_scale = input_scale.reshape(())
+            check_scale(input_scale, f"{what}.input_scale")
+        else:
+            input_scale = None
+        self._install(layer, weight.detach().contiguous(), weight_scale, input_scale)
+
+    def _install(
+        self,
+        layer: nn.Module,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        input_scale: torch.Tensor | None,
+    ) -> None:
+        # New Parameter objects, never in-place writes: a module shared with another model keeps its tensors.
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
+        layer.input_scale = nn.Parameter(input_scale, requires_grad=False) if input_scale is not None else None
+        layer.fp8_layer_config = self.layer_config(weight, weight_scale)
+        layer.fp8_kernels = {}
+
+    def layer_config(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> FP8ScaledMMLinearLayerConfig:
+        """The layer's own scheme: its actual scale shape wins over the config (checkpoints mix granularities)."""
+        return FP8ScaledMMLinearLayerConfig(
+            weight_quant_key=weight_key(weight.dtype, per_channel=weight_scale.dim() == 1),
+            activation_quant_key=self.config.activation_quant_key,
+            in_features=weight.shape[1],
+            out_features=weight.shape[0],
+            out_dtype=self.config.output_dtype,
+        )
+
+    def kernel_for(self, layer: nn.Module, device: torch.device) -> FP8ScaledMMLinearKernel:
+        kernels: dict[torch.device, FP8ScaledMMLinearKernel] = layer.fp8_kernels
+        kernel = kernels.get(device)
+        if kernel is None:
+            kernel = select_kernel(layer.fp8_layer_config, device, self.kernel)
+            kernels[device] = kernel
+        return kernel
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernel_for(layer, x.device).apply_weights(layer, x, bias)
+
+
+class Fp8OnlineLinearMethod(Fp8LinearMethod):
+    """For bf16/fp16/fp32 layers quantized at load: per-channel or per-tensor weight scales from the weight."""
+
+    def __init__(self, config: Fp8Config, kernel: str | None = None) -> None:
+        if config.activation_scheme == "static":
+            raise ValueError(
+                "activation_scheme: 'static' needs calibrated input scales from a checkpoint; online "
+                "quantization supports 'dynamic' or 'none'"
+            )
+        super().__init__(config, kernel)
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        params_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=params_dtype or torch.bfloat16, device=device),
+            requires_grad=False,
+        )
+        layer.input_scale = None
+
+    def process_weights_after_loading(
+        self, layer: nn.Module, name: str = "", quantize_device: torch.device | str | None = None
+    ) -> None:
+        """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it."""
+        what = name or type(layer).__name__
+        weight = layer.weight
+        if weight is None or weight.dim() != 2:
+            shape = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"{what}: expected a 2-D weight [out, in], got {shape}")
+        if not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
+            raise ValueError(f"{what}: online quantization needs a bf16/fp16/fp32 weight, got {weight.dtype}")
+        home = weight.device
+        source = weight.detach()
+        if quantize_device is not None:
+            source = source.to(quantize_device)
+        if not bool(torch.isfinite(source).all()):
+            raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
+        fp8_weight, weight_scale = quantize_weight(
+            source, self.config.weight_dtype, per_channel=self.config.weight_granularity == "channel"
+        )
+        self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
+
+
+def normalize_weight_scale(weight_scale: torch.Tensor | None, out_features: int, what: str) -> torch.Tensor:
+    """Scales arrive as [], [1], [N] or [N, 1]; anything else fits no granularity and is an error."""
+    if weight_scale is None:
+        raise ValueError(f"{what}: fp8 weight has no weight_scale")
+    scale = weight_scale.detach().float()
+    if scale.numel() == 1:
+        scale = scale.reshape(())
+    elif scale.shape in ((out_features,), (out_features, 1)):
+        scale = scale.reshape(out_features)
+    else:
+        raise ValueError(
+            f"{what}: weight_scale of shape {tuple(scale.shape)} fits no granularity for {out_features} "
+            f"output channels (expected [], [1], [{out_features}] or [{out_features}, 1])"
+        )
+    check_scale(scale, f"{what}.weight_scale")
+    return scale.contiguous()

@@ -1,0 +1,91 @@
+"""QuantFP8: activation quantization, dynamic or static, per tensor or per token.
+
+On CUDA a fused Triton kernel reads each row once for its amax and once for the cast (the row stays in L2),
+instead of the four passes of the eager expression; that overhead is what separates a dynamic FP8 linear
+from the raw ``_scaled_mm`` speed. Elsewhere the eager helpers of ``fp8_utils`` are used; both give the
+same numbers up to the last fp8 rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from . import fp8_utils
+from .scheme import PER_TENSOR, PER_TOKEN, GroupShape, QuantKey
+
+logger = logging.getLogger(__name__)
+
+DISABLE_TRITON_ENV = "FP8_QUANT_DISABLE_TRITON"
+
+
+class QuantFP8:
+    """Quantize activations ``[..., K]`` to fp8.
+
+    ``__call__(x, scale=None)`` returns ``(x_fp8, scale)`` where ``x_fp8`` has ``x``'s shape and ``scale`` is
+    ``[..., 1]`` per token or ``[]`` per tensor. Static quantization needs ``scale``; dynamic ignores it.
+    """
+
+    def __init__(
+        self,
+        static: bool,
+        group_shape: GroupShape,
+        dtype: torch.dtype = torch.float8_e4m3fn,
+        use_triton: bool | None = None,
+    ) -> None:
+        if group_shape not in (PER_TENSOR, PER_TOKEN):
+            raise ValueError(f"QuantFP8 supports per-tensor and per-token groups, not {group_shape}")
+        if static and group_shape != PER_TENSOR:
+            raise ValueError("static activation quantization is per-tensor (one calibrated scale)")
+        fp8_utils.fp8_max(dtype)  # validates the dtype
+        self.static = static
+        self.per_token = group_shape == PER_TOKEN
+        self.dtype = dtype
+        self.use_triton = use_triton
+
+    @classmethod
+    def from_key(cls, key: QuantKey, use_triton: bool | None = None) -> QuantFP8:
+        return cls(key.scale.static, key.scale.group_shape, key.dtype, use_triton)
+
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            if scale is None:
+                raise ValueError("static QuantFP8 needs the calibrated input scale")
+            return self._static(x, scale), scale
+        if self._triton_ok(x):
+            from .quant_triton import quantize_dynamic_triton
+
+            return quantize_dynamic_triton(x, self.dtype, self.per_token)
+        return fp8_utils.quantize_input_dynamic(x, self.dtype, self.per_token)
+
+    def _static(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self._triton_ok(x):
+            from .quant_triton import quantize_static_triton
+
+            return quantize_static_triton(x, scale, self.dtype)
+        return fp8_utils.quantize_input_static(x, scale, self.dtype)
+
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        if self.use_triton is False or not x.is_cuda or x.numel() == 0:
+            return False
+        if os.environ.get(DISABLE_TRITON_ENV, "") not in ("", "0"):
+            return False
+        return _triton_available()
+
+
+_TRITON_AVAILABLE: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_AVAILABLE = True
+        except ImportError:
+            logger.info("triton is not installed: activation quantization uses the eager torch path")
+            _TRITON_AVAILABLE = False
+    return _TRITON_AVAILABLE

@@ -1,0 +1,121 @@
+import copy
+
+import pytest
+import torch
+from helpers import outlier_input, rel_err
+from torch import nn
+
+from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8
+
+
+class CustomLinear(nn.Linear):
+    """Stands for ComfyUI's ops.Linear and other subclasses: they must be patched too."""
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = CustomLinear(3 * width, width)
+        self.odd = nn.Linear(width, 40)
+        self.back = nn.Linear(40, width)
+
+    def forward(self, x):
+        return x + self.back(self.odd(self.proj(torch.nn.functional.gelu(self.qkv(self.norm(x))))))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, width)
+        self.blocks = nn.ModuleList([TinyBlock(width) for _ in range(2)])
+        self.head = nn.Linear(width, 16)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_model(seed: int = 0) -> TinyModel:
+    torch.manual_seed(seed)
+    return TinyModel()
+
+
+def state_bytes(model: nn.Module) -> dict[str, bytes]:
+    return {
+        key: value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        for key, value in model.state_dict().items()
+    }
+
+
+def test_quantizes_linears_and_skips_patterns():
+    model = make_model()
+    x = outlier_input(2, 9, 16, seed=31)
+    reference = model(x)
+    head_weight = model.head.weight
+    report = prepare_model_for_fp8(model, Fp8Config(ignored_layers=("embed", "head")))
+    names = {layer.name for layer in report.quantized}
+    assert names == {f"blocks.{i}.{n}" for i in range(2) for n in ("qkv", "proj", "odd", "back")}
+    assert model.blocks[0].proj.weight.dtype == torch.float8_e4m3fn  # subclass patched
+    assert model.head.weight is head_weight and model.head.weight.dtype == torch.float32
+    assert {layer.reason for layer in report.skipped} == {"matched 'embed'", "matched 'head'"}
+    assert report.bytes_after < 0.3 * report.bytes_before + 2 * (16 * 64 * 4 + 64 * 4)
+    out = model(x)
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    assert rel_err(out, reference) < 0.06
+    assert "8/10 linears quantized" in report.summary()
+    assert "dequant" in report.kernel_choice
+
+
+def test_deep_copy_leaves_caller_model_untouched():
+    model = make_model()
+    before = state_bytes(model)
+    quantized = copy.deepcopy(model)
+    prepare_model_for_fp8(quantized, Fp8Config())
+    assert state_bytes(model) == before
+    x = outlier_input(4, 16, seed=32)
+    assert rel_err(quantized(x), model(x)) < 0.06
+
+
+def test_clone_module_tree_shares_nothing_that_changes():
+    model = make_model()
+    before = state_bytes(model)
+    x = outlier_input(4, 16, seed=33)
+    reference = model(x)
+    clone = clone_module_tree(model)
+    assert clone.blocks[0].qkv.weight is model.blocks[0].qkv.weight  # no memory copied
+    report = prepare_model_for_fp8(clone, Fp8Config(), kernel="scaled_mm_rowwise")
+    assert len(report.quantized) == 10
+    assert state_bytes(model) == before
+    assert torch.equal(model(x), reference)
+    assert model.blocks[0].qkv.weight.dtype == torch.float32
+    assert rel_err(clone(x), reference) < 0.06
+    # A clone of a quantized model keeps working and shares its fp8 tensors.
+    second = clone_module_tree(clone)
+    assert torch.equal(second(x), clone(x))
+
+
+def test_model_without_linears_is_an_error():
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear"):
+        prepare_model_for_fp8(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), Fp8Config())
+
+
+def test_progress_and_quantize_device():
+    model = make_model()
+    calls = []
+    prepare_model_for_fp8(model, Fp8Config(), quantize_device="cpu", progress=lambda i, n, name: calls.append((i, n)))
+    assert calls[-1] == (10, 10) and len(calls) == 10
+
+
+def test_half_model_keeps_dtype():
+    model = make_model().to(torch.bfloat16)
+    x = outlier_input(3, 16, seed=34, dtype=torch.bfloat16)
+    reference = model.float()(x.float())
+    model = model.to(torch.bfloat16)
+    prepare_model_for_fp8(model, Fp8Config(weight_granularity="tensor", activation_granularity="tensor"))
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference) < 0.08

@@ -1,0 +1,63 @@
+"""GPU tests: the fused quantizer and the ``_scaled_mm`` kernels on CUDA (skipped without FP8 compute)."""
+
+import pytest
+import torch
+from helpers import outlier_input, random_linear, rel_err
+
+from fp8_quant import Fp8Config, Fp8OnlineLinearMethod, QuantFP8, prepare_model_for_fp8, supports_fp8_compute
+from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_input_static
+from fp8_quant.kernels import ChannelWiseScaledMMKernel, DequantLinearKernel, PerTensorScaledMMKernel
+from fp8_quant.scheme import PER_TENSOR, PER_TOKEN
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not supports_fp8_compute(), reason="needs a CUDA GPU with FP8 compute (capability 8.9+)"),
+]
+
+
+@pytest.mark.parametrize("k", [64, 3072, 5120, 20000])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_quant_matches_eager(k, per_token, dtype):
+    x = outlier_input(3, 37, k, seed=41, dtype=dtype).cuda()
+    x[0, 3] = 0  # an all-zero row
+    q_fast, s_fast = QuantFP8(False, PER_TOKEN if per_token else PER_TENSOR)(x)
+    q_ref, s_ref = quantize_input_dynamic(x, per_token=per_token)
+    assert s_fast.shape == s_ref.shape
+    torch.testing.assert_close(s_fast, s_ref, rtol=1e-6, atol=0)
+    mismatch = (q_fast.float() != q_ref.float()).float().mean().item()
+    assert mismatch < 1e-3  # division vs reciprocal may round a rare tie differently
+    static = QuantFP8(True, PER_TENSOR)(x, torch.tensor(0.05, device="cuda"))[0]
+    assert (static.float() != quantize_input_static(x, torch.tensor(0.05, device="cuda")).float()).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "config, kernel",
+    [
+        (Fp8Config(), ChannelWiseScaledMMKernel),
+        (Fp8Config(weight_granularity="tensor", activation_granularity="tensor"), PerTensorScaledMMKernel),
+        (Fp8Config(activation_scheme="none"), DequantLinearKernel),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_automatic_kernels_on_cuda(config, kernel, dtype):
+    reference = random_linear(1024, 768, seed=42)
+    layer = random_linear(1024, 768, seed=42).to(dtype)
+    method = Fp8OnlineLinearMethod(config)
+    method.process_weights_after_loading(layer, "layer", quantize_device="cuda")
+    layer.cuda()
+    x = outlier_input(4, 77, 1024, seed=43)
+    out = method.apply(layer, x.to("cuda", dtype), layer.bias)
+    assert type(method.kernel_for(layer, x.cuda().device)) is kernel
+    assert out.dtype == dtype
+    bound = 0.05 if config.quantizes_activations else 0.03
+    assert rel_err(out.cpu(), reference(x)) < bound
+
+
+def test_offloaded_weights_stream_to_the_input_device():
+    model = torch.nn.Sequential(random_linear(256, 512, seed=44), torch.nn.GELU(), random_linear(512, 256, seed=45))
+    x = outlier_input(8, 256, seed=46)
+    reference = model(x)
+    prepare_model_for_fp8(model, Fp8Config(), quantize_device="cuda")
+    assert model[0].weight.device.type == "cpu"
+    assert rel_err(model(x.cuda()).cpu(), reference) < 0.06

@@ -1,0 +1,167 @@
+"""Every kernel and granularity against a float32 reference, on inputs with outlier channels and tokens."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import mean_row_rel_err, outlier_input, random_linear, rel_err
+
+from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
+from fp8_quant.kernels import (
+    KERNEL_ENV,
+    ChannelWiseScaledMMKernel,
+    DequantLinearKernel,
+    PerTensorScaledMMKernel,
+    explain_choice,
+    kernel_class,
+    select_kernel,
+)
+
+CPU = torch.device("cpu")
+# fp8 e4m3 has a 3-bit mantissa: a correct kernel lands near 0.035 on these inputs (weights and activations
+# both quantized); a kernel that drops or misplaces a scale lands far above.
+ERROR_BOUND = 0.05
+
+
+def make_layer(config, kernel=None, in_features=256, out_features=512, bias=True, dtype=torch.float32, seed=1):
+    reference = random_linear(in_features, out_features, bias=bias, seed=seed)
+    layer = copy.deepcopy(reference).to(dtype)
+    method = Fp8OnlineLinearMethod(config, kernel)
+    method.process_weights_after_loading(layer, "layer")
+    return reference, layer, method
+
+
+def reference_output(reference, x):
+    return F.linear(x.float(), reference.weight.float(), None if reference.bias is None else reference.bias.float())
+
+
+CASES = [
+    (PerTensorScaledMMKernel.name, "tensor", "tensor"),
+    (ChannelWiseScaledMMKernel.name, "tensor", "tensor"),
+    (ChannelWiseScaledMMKernel.name, "channel", "tensor"),
+    (ChannelWiseScaledMMKernel.name, "tensor", "token"),
+    (ChannelWiseScaledMMKernel.name, "channel", "token"),
+    (DequantLinearKernel.name, "tensor", "tensor"),
+    (DequantLinearKernel.name, "channel", "token"),
+]
+
+
+@pytest.mark.parametrize("kernel, weight_granularity, activation_granularity", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 256), (2, 19, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_float_reference(kernel, weight_granularity, activation_granularity, dtype, shape, bias):
+    config = Fp8Config(weight_granularity=weight_granularity, activation_granularity=activation_granularity)
+    reference, layer, method = make_layer(config, kernel, bias=bias, dtype=dtype)
+    assert type(method.kernel_for(layer, CPU)) is kernel_class(kernel)
+    x = outlier_input(*shape, seed=11, dtype=dtype)
+    out = method.apply(layer, x, layer.bias)
+    assert out.dtype == dtype
+    assert out.shape == (*shape[:-1], 512)
+    assert rel_err(out, reference_output(reference, x)) < ERROR_BOUND
+
+
+def test_bound_catches_a_missing_weight_scale():
+    config = Fp8Config()
+    reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name)
+    flat_scale = torch.full_like(layer.weight_scale, layer.weight_scale.mean())
+    layer.weight_scale = torch.nn.Parameter(flat_scale, requires_grad=False)
+    x = outlier_input(16, 256, seed=12)
+    assert rel_err(method.apply(layer, x, layer.bias), reference_output(reference, x)) > ERROR_BOUND
+
+
+def test_per_token_beats_per_tensor_through_the_layer():
+    x = outlier_input(128, 256, seed=13)
+    errors = {}
+    for granularity in ("token", "tensor"):
+        config = Fp8Config(activation_granularity=granularity)
+        reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name, bias=False)
+        errors[granularity] = mean_row_rel_err(method.apply(layer, x), reference_output(reference, x))
+    assert errors["token"] < 0.85 * errors["tensor"], errors
+
+
+def test_dequant_fallback_keeps_the_numerics_contract():
+    config = Fp8Config()
+    _, layer, _ = make_layer(config)
+    x = outlier_input(3, 9, 256, seed=14)
+    fast = Fp8OnlineLinearMethod(config, ChannelWiseScaledMMKernel.name).apply(layer, x, layer.bias)
+    layer.fp8_kernels = {}
+    fallback = Fp8OnlineLinearMethod(config, DequantLinearKernel.name).apply(layer, x, layer.bias)
+    # Row-wise _scaled_mm outputs bf16 (CUDA allows nothing else): the two differ by that rounding only.
+    assert rel_err(fallback, fast) < 4e-3
+
+
+def test_weight_only_runs_on_dequant_and_is_more_accurate():
+    x = outlier_input(32, 256, seed=15)
+    reference, layer, method = make_layer(Fp8Config(activation_scheme="none"), ChannelWiseScaledMMKernel.name)
+    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU, ChannelWiseScaledMMKernel.name)
+    assert kernel_cls is DequantLinearKernel and "weight-only" in why
+    assert rel_err(method.apply(layer, x, layer.bias), reference_output(reference, x)) < 0.03
+
+
+@pytest.mark.parametrize("output_dtype", [torch.bfloat16, torch.float32])
+def test_config_output_dtype(output_dtype):
+    config = Fp8Config(output_dtype=output_dtype)
+    _, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name, dtype=torch.float16)
+    assert method.apply(layer, outlier_input(4, 256, dtype=torch.float16), layer.bias).dtype == output_dtype
+
+
+def test_automatic_choice_on_cpu_is_dequant_with_reason():
+    _, layer, _ = make_layer(Fp8Config())
+    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU)
+    assert kernel_cls is DequantLinearKernel
+    assert "no FP8 compute" in why
+
+
+@pytest.mark.parametrize("in_features, out_features", [(40, 512), (256, 40)])
+def test_unaligned_shape_falls_back_with_reason(in_features, out_features, caplog):
+    config = Fp8Config()
+    reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name, in_features, out_features)
+    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU, ChannelWiseScaledMMKernel.name)
+    assert kernel_cls is DequantLinearKernel
+    assert "divisible by 16" in why
+    x = outlier_input(8, in_features, seed=16)
+    with caplog.at_level(logging.INFO, logger="fp8_quant"):
+        out = method.apply(layer, x, layer.bias)
+    assert rel_err(out, reference_output(reference, x)) < ERROR_BOUND
+    assert any("divisible by 16" in record.getMessage() for record in caplog.records)
+
+
+def test_e5m2_weights_fall_back_from_scaled_mm():
+    config = Fp8Config(weight_dtype=torch.float8_e5m2, weight_granularity="tensor", activation_granularity="tensor")
+    reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name)
+    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU, ChannelWiseScaledMMKernel.name)
+    assert kernel_cls is DequantLinearKernel and "e4m3fn" in why
+    # The per-tensor kernel takes e5m2 weights against e4m3 activations.
+    assert explain_choice(layer.fp8_layer_config, CPU, PerTensorScaledMMKernel.name)[0] is PerTensorScaledMMKernel
+    x = outlier_input(8, 256, seed=17)
+    assert rel_err(method.apply(layer, x, layer.bias), reference_output(reference, x)) < 0.08
+
+
+def test_e5m2_pair_is_refused():
+    from fp8_quant.kernels import FP8ScaledMMLinearLayerConfig
+    from fp8_quant.scheme import activation_key, weight_key
+
+    config = FP8ScaledMMLinearLayerConfig(
+        weight_key(torch.float8_e5m2, False), activation_key(torch.float8_e5m2, False, False), 64, 64
+    )
+    ok, reason = PerTensorScaledMMKernel.can_implement(config, CPU)
+    assert not ok and "e5m2 x e5m2" in reason
+
+
+def test_environment_variable_forces_kernel(monkeypatch):
+    _, layer, _ = make_layer(Fp8Config())
+    monkeypatch.setenv(KERNEL_ENV, ChannelWiseScaledMMKernel.name)
+    assert type(select_kernel(layer.fp8_layer_config, CPU)) is ChannelWiseScaledMMKernel
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    assert type(select_kernel(layer.fp8_layer_config, CPU)) is DequantLinearKernel
+    monkeypatch.setenv(KERNEL_ENV, "cutlass9000")
+    with pytest.raises(ValueError, match="cutlass9000"):
+        select_kernel(layer.fp8_layer_config, CPU)
+
+
+def test_unknown_forced_kernel_is_an_error():
+    with pytest.raises(ValueError, match="allowed values"):
+        kernel_class("fastest")
