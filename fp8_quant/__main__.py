@@ -11,9 +11,12 @@ from . import demo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8_quant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log kernel choices and details")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="log kernel choices and details")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="quantize a small random model; print error and bytes")
+    demo_parser = commands.add_parser(
+        "demo", parents=[verbose], help="quantize a small random model; print error and bytes"
+    )
     demo_parser.add_argument("--width", type=int, default=512)
     demo_parser.add_argument("--depth", type=int, default=4)
     demo_parser.add_argument("--device", default=None)

@@ -55,7 +55,8 @@ CASES = [
 def test_kernel_matches_float_reference(kernel, weight_granularity, activation_granularity, dtype, shape, bias):
     config = Fp8Config(weight_granularity=weight_granularity, activation_granularity=activation_granularity)
     reference, layer, method = make_layer(config, kernel, bias=bias, dtype=dtype)
-    assert type(method.kernel_for(layer, CPU)) is kernel_class(kernel)
+    if kernel_class(kernel).can_implement(layer.fp8_layer_config, CPU)[0]:
+        assert type(method.kernel_for(layer, CPU)) is kernel_class(kernel)
     x = outlier_input(*shape, seed=11, dtype=dtype)
     out = method.apply(layer, x, layer.bias)
     assert out.dtype == dtype

@@ -6,6 +6,8 @@ up front so that selection falls back instead of the forward crashing.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..fp8_utils import is_fp8_dtype
@@ -33,6 +35,17 @@ def _common_checks(config: FP8ScaledMMLinearLayerConfig, device: torch.device) -
     if config.in_features % 16 or config.out_features % 16:
         return f"_scaled_mm needs in/out features divisible by 16, layer is {config.out_features}x{config.in_features}"
     return None
+
+
+@functools.cache
+def cpu_rowwise_supported() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (torch 2.13 does, 2.11 asserts)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _finish(out: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +104,8 @@ class ChannelWiseScaledMMKernel(FP8ScaledMMLinearKernel):
             return False, reason
         if config.weight_quant_key.dtype != torch.float8_e4m3fn:
             return False, "row-wise _scaled_mm needs e4m3fn weights"
+        if device.type == "cpu" and not cpu_rowwise_supported():
+            return False, f"the CPU _scaled_mm of torch {torch.__version__} takes per-tensor scales only"
         return True, None
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
