@@ -36,18 +36,25 @@ SHAPES = [
 ]
 
 
-def bench_ms(fn, warmup: int = 10, reps: int = 50) -> float:
+def bench_ms(fn, warmup: int = 10, reps: int = 50, rounds: int = 5) -> float:
+    """Median over rounds of the mean time per call with calls queued back to back.
+
+    That is the steady state of a model's forward, where the host runs ahead of the GPU; a lone call timed
+    between two events would add the host's launch cost (tens of microseconds on the lent VM) to every
+    kernel. Where the host is slower than the GPU (small M) this still shows it, as a real forward would.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     times.sort()
     return times[len(times) // 2]
 

@@ -61,38 +61,37 @@ def main() -> None:
 
 
 def run_shape(m: int, k: int, n: int, compiled_quant, compiled_linear) -> None:
-    if True:
-        print(f"\n== {m}x{k}x{n}")
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        wq, ws = quantize_weight(w)
-        ws_row = ws.view(1, -1)
-        xq, xs = eager_quant(x)
-        layer = Layer()
-        layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
-        method = Fp8OnlineLinearMethod(Fp8Config(), "scaled_mm_rowwise")
-        method.process_weights_after_loading(layer, "p")
-        quant = QuantFP8(False, PER_TOKEN)
-        variants = [
-            ("bf16 F.linear", lambda: F.linear(x, w)),
-            (
-                "raw _scaled_mm rowwise",
-                lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16),
-            ),
-            ("empty x2 (alloc cost)", lambda: (torch.empty_like(xq), torch.empty(m, 1, device="cuda"))),
-            ("triton quant _launch only", lambda: _launch(x, FP8, None)),
-            ("QuantFP8 triton", lambda: quant(x)),
-            ("eager quant (vector_norm)", lambda: eager_quant(x)),
-            ("compiled quant", lambda: compiled_quant(x)),
-            ("ours method.apply", lambda: method.apply(layer, x)),
-            ("compiled quant + mm", lambda: compiled_linear(x, wq, ws_row)),
-        ]
-        for label, fn in variants:
-            cpu, wall = per_call(fn)
-            print(f"{label:30s} CPU {cpu:7.1f} us/call  wall {wall:7.1f} us/call")
-        out_ref = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16).float()
-        for label, out in [("compiled", compiled_linear(x, wq, ws_row)), ("ours", method.apply(layer, x))]:
-            print(label, "rel diff vs eager", ((out.float() - out_ref).norm() / out_ref.norm()).item())
+    print(f"\n== {m}x{k}x{n}")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    wq, ws = quantize_weight(w)
+    ws_row = ws.view(1, -1)
+    xq, xs = eager_quant(x)
+    layer = Layer()
+    layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    method = Fp8OnlineLinearMethod(Fp8Config(), "scaled_mm_rowwise")
+    method.process_weights_after_loading(layer, "p")
+    quant = QuantFP8(False, PER_TOKEN)
+    variants = [
+        ("bf16 F.linear", lambda: F.linear(x, w)),
+        (
+            "raw _scaled_mm rowwise",
+            lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16),
+        ),
+        ("empty x2 (alloc cost)", lambda: (torch.empty_like(xq), torch.empty(m, 1, device="cuda"))),
+        ("triton quant _launch only", lambda: _launch(x, FP8, None)),
+        ("QuantFP8 triton", lambda: quant(x)),
+        ("eager quant (vector_norm)", lambda: eager_quant(x)),
+        ("compiled quant", lambda: compiled_quant(x)),
+        ("ours method.apply", lambda: method.apply(layer, x)),
+        ("compiled quant + mm", lambda: compiled_linear(x, wq, ws_row)),
+    ]
+    for label, fn in variants:
+        cpu, wall = per_call(fn)
+        print(f"{label:30s} CPU {cpu:7.1f} us/call  wall {wall:7.1f} us/call")
+    out_ref = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16).float()
+    for label, out in [("compiled", compiled_linear(x, wq, ws_row)), ("ours", method.apply(layer, x))]:
+        print(label, "rel diff vs eager", ((out.float() - out_ref).norm() / out_ref.norm()).item())
 
 
 if __name__ == "__main__":

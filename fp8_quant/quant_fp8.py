@@ -8,6 +8,7 @@ same numbers up to the last fp8 rounding.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -43,7 +44,9 @@ class QuantFP8:
         self.static = static
         self.per_token = group_shape == PER_TOKEN
         self.dtype = dtype
-        self.use_triton = use_triton
+        # Decided once: the environment and the import are not looked at again on the hot path.
+        disabled = os.environ.get(DISABLE_TRITON_ENV, "") not in ("", "0")
+        self.use_triton = use_triton is not False and not disabled and _triton_available()
 
     @classmethod
     def from_key(cls, key: QuantKey, use_triton: bool | None = None) -> QuantFP8:
@@ -54,38 +57,30 @@ class QuantFP8:
             if scale is None:
                 raise ValueError("static QuantFP8 needs the calibrated input scale")
             return self._static(x, scale), scale
-        if self._triton_ok(x):
-            from .quant_triton import quantize_dynamic_triton
-
-            return quantize_dynamic_triton(x, self.dtype, self.per_token)
+        if self.use_triton and x.is_cuda and x.numel():
+            return _triton_kernels().quantize_dynamic_triton(x, self.dtype, self.per_token)
         return fp8_utils.quantize_input_dynamic(x, self.dtype, self.per_token)
 
     def _static(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self._triton_ok(x):
-            from .quant_triton import quantize_static_triton
-
-            return quantize_static_triton(x, scale, self.dtype)
+        if self.use_triton and x.is_cuda and x.numel():
+            return _triton_kernels().quantize_static_triton(x, scale, self.dtype)
         return fp8_utils.quantize_input_static(x, scale, self.dtype)
 
-    def _triton_ok(self, x: torch.Tensor) -> bool:
-        if self.use_triton is False or not x.is_cuda or x.numel() == 0:
-            return False
-        if os.environ.get(DISABLE_TRITON_ENV, "") not in ("", "0"):
-            return False
-        return _triton_available()
 
-
-_TRITON_AVAILABLE: bool | None = None
-
-
+@functools.cache
 def _triton_available() -> bool:
-    global _TRITON_AVAILABLE
-    if _TRITON_AVAILABLE is None:
-        try:
-            import triton  # noqa: F401
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.info("triton is not installed: activation quantization uses the eager torch path")
+        return False
+    return True
 
-            _TRITON_AVAILABLE = True
-        except ImportError:
-            logger.info("triton is not installed: activation quantization uses the eager torch path")
-            _TRITON_AVAILABLE = False
-    return _TRITON_AVAILABLE
+
+@functools.cache
+def _triton_kernels():  # the module, imported once; triton is only imported where CUDA is used
+    from . import quant_triton
+
+    return quant_triton

@@ -153,9 +153,9 @@ def test_e5m2_pair_is_refused():
 
 
 def test_environment_variable_forces_kernel(monkeypatch):
-    _, layer, _ = make_layer(Fp8Config())
-    monkeypatch.setenv(KERNEL_ENV, ChannelWiseScaledMMKernel.name)
-    assert type(select_kernel(layer.fp8_layer_config, CPU)) is ChannelWiseScaledMMKernel
+    _, layer, _ = make_layer(Fp8Config(weight_granularity="tensor", activation_granularity="tensor"))
+    monkeypatch.setenv(KERNEL_ENV, PerTensorScaledMMKernel.name)
+    assert type(select_kernel(layer.fp8_layer_config, CPU)) is PerTensorScaledMMKernel
     monkeypatch.setenv(KERNEL_ENV, "auto")
     assert type(select_kernel(layer.fp8_layer_config, CPU)) is DequantLinearKernel
     monkeypatch.setenv(KERNEL_ENV, "cutlass9000")
