@@ -1,12 +1,38 @@
-"""Command line: ``python -m fp8_quant demo``."""
+"""Command line: ``python -m fp8_quant demo | inspect FILE | convert IN OUT``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 
 from . import demo
+from .config import parse_weight_dtype
+from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
+from .formats.inspect import format_inspection, inspect_checkpoint
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (no extra dependency)."""
+
+    def __init__(self, label: str, stream=sys.stderr) -> None:
+        self.label = label
+        self.stream = stream
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, name: str = "") -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:50]:50s}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +46,30 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--width", type=int, default=512)
     demo_parser.add_argument("--depth", type=int, default=4)
     demo_parser.add_argument("--device", default=None)
+    inspect_parser = commands.add_parser("inspect", parents=[verbose], help="describe a safetensors checkpoint")
+    inspect_parser.add_argument("file")
+    inspect_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert_parser = commands.add_parser(
+        "convert", parents=[verbose], help="stream a bf16/fp16/fp32 safetensors file into fp8"
+    )
+    convert_parser.add_argument("input")
+    convert_parser.add_argument("output")
+    convert_parser.add_argument("--format", choices=OUTPUT_FORMATS, default="comfy-scaled")
+    convert_parser.add_argument("--weight-dtype", default="float8_e4m3fn")
+    convert_parser.add_argument("--per-channel", action="store_true", help="per-channel scales (weight-scale only)")
+    convert_parser.add_argument("--skip", action="append", default=[], help="extra layer pattern to keep (repeat)")
+    convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
+    convert_parser.add_argument("--device", default="cpu", help="where to quantize each tensor (cuda is faster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         result = demo.run_demo(args.width, args.depth, device=args.device)
         print(result["summary"])
@@ -29,6 +77,22 @@ def main(argv: list[str] | None = None) -> int:
             f"device {result['device']}: relative error vs fp32 {result['relative_error']:.4f}; "
             f"linear weights {result['bytes_before'] / 2**20:.1f} MiB -> {result['bytes_after'] / 2**20:.1f} MiB"
         )
+    elif args.command == "inspect":
+        result = inspect_checkpoint(args.file)
+        print(json.dumps(result, indent=1) if args.json else format_inspection(result))
+    elif args.command == "convert":
+        report = convert_checkpoint(
+            args.input,
+            args.output,
+            args.format,
+            weight_dtype=parse_weight_dtype(args.weight_dtype),
+            per_channel=args.per_channel,
+            skip_patterns=args.skip,
+            default_skips=not args.no_default_skips,
+            device=args.device,
+            progress=ProgressBar("convert"),
+        )
+        print(f"{args.output}: {args.format}; {report.summary()}")
     return 0
 
 

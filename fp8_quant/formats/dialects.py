@@ -1,0 +1,230 @@
+"""Recognise a checkpoint's FP8 dialect from its header alone, layer by layer.
+
+Dialects (see DESIGN.md): ``weight-scale`` (vLLM, FastVideo, newer ComfyUI), ``comfy-scaled`` (ComfyUI's
+``scale_weight``/``scale_input`` with the ``scaled_fp8`` marker), ``comfy-quant`` (per-layer ``.comfy_quant``
+JSON or ``_quantization_metadata``), ``plain-fp8`` (fp8 weights, no scales) and ``high-precision`` (nothing
+fp8: quantize on the fly). Files mix fp8 layers with bf16/fp32 ones; those are kept as they are. An unknown
+or inconsistent layout is an error, never a guess.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Fp8Config
+from ..fp8_utils import is_fp8_dtype
+from .header import CheckpointError, SafetensorsHeader, TensorInfo
+
+WEIGHT_SCALE = "weight-scale"
+COMFY_SCALED = "comfy-scaled"
+COMFY_QUANT = "comfy-quant"
+PLAIN_FP8 = "plain-fp8"
+HIGH_PRECISION = "high-precision"
+DIALECTS = (WEIGHT_SCALE, COMFY_SCALED, COMFY_QUANT, PLAIN_FP8, HIGH_PRECISION)
+
+# The one place where old scale names map to the new ones.
+SCALE_ALIASES = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
+SCALE_NAMES = ("weight_scale", "input_scale", *SCALE_ALIASES)
+COMFY_QUANT_SUFFIX = "comfy_quant"
+SCALED_FP8_MARKER = "scaled_fp8"
+QUANT_METADATA_KEY = "_quantization_metadata"
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+@dataclass
+class LayerInfo:
+    """One ``<layer>.weight`` and the scale tensors that belong to it, as named in the file."""
+
+    name: str
+    weight: TensorInfo
+    weight_scale: TensorInfo | None = None
+    input_scale: TensorInfo | None = None
+    comfy_quant: TensorInfo | None = None
+    scale_names: tuple[str, ...] = ()
+
+    @property
+    def is_fp8(self) -> bool:
+        return is_fp8_dtype(self.weight.dtype)
+
+    @property
+    def granularity(self) -> str | None:
+        if self.weight_scale is None:
+            return None
+        return "tensor" if self.weight_scale.numel == 1 else "channel"
+
+    @property
+    def nbytes(self) -> int:
+        scales = (self.weight_scale, self.input_scale)
+        return self.weight.nbytes + sum(scale.nbytes for scale in scales if scale is not None)
+
+
+@dataclass
+class CheckpointScan:
+    """What the header says: the dialect, the key prefix, and every weight with its scales."""
+
+    header: SafetensorsHeader
+    dialect: str
+    prefix: str
+    layers: dict[str, LayerInfo]
+    marker: TensorInfo | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def path(self):
+        return self.header.path
+
+    @property
+    def fp8_layers(self) -> list[LayerInfo]:
+        return [layer for layer in self.layers.values() if layer.is_fp8]
+
+    def short_name(self, layer_name: str) -> str:
+        """The layer name without the file's key prefix (what skip patterns and models use)."""
+        return layer_name[len(self.prefix) :] if layer_name.startswith(self.prefix) else layer_name
+
+
+def scan_header(header: SafetensorsHeader) -> CheckpointScan:
+    path = header.path
+    tensors = header.tensors
+    layers: dict[str, LayerInfo] = {}
+    for key, info in tensors.items():
+        if key.endswith(".weight"):
+            layers[key[: -len(".weight")]] = LayerInfo(key[: -len(".weight")], info)
+    marker = None
+    for key, info in tensors.items():
+        if key.endswith(".weight"):
+            continue
+        layer_name, _, suffix = key.rpartition(".")
+        if key == SCALED_FP8_MARKER or key.endswith("." + SCALED_FP8_MARKER):
+            marker = info
+            continue
+        if suffix not in SCALE_NAMES and suffix != COMFY_QUANT_SUFFIX:
+            continue
+        layer = layers.get(layer_name)
+        if layer is None:
+            raise CheckpointError(f"{path}: {key!r} has no matching weight {layer_name + '.weight'!r}")
+        if suffix == COMFY_QUANT_SUFFIX:
+            layer.comfy_quant = info
+            continue
+        canonical = SCALE_ALIASES.get(suffix, suffix)
+        if getattr(layer, canonical) is not None:
+            raise CheckpointError(f"{path}: layer {layer_name!r} has both {canonical} and its old name {suffix}")
+        _check_scale_shape(path, key, info, layer.weight, canonical)
+        setattr(layer, canonical, info)
+        layer.scale_names += (suffix,)
+    metadata_layers = _metadata_layers(header)
+    dialect = _dialect(layers, marker, metadata_layers)
+    scan = CheckpointScan(header, dialect, _prefix(layers), layers, marker)
+    _check_consistency(scan, metadata_layers)
+    return scan
+
+
+def _check_scale_shape(path, key: str, info: TensorInfo, weight: TensorInfo, canonical: str) -> None:
+    if info.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"{path}: {key!r} has dtype {info.dtype}; scales are float32 (or bf16/fp16)")
+    if canonical == "input_scale":
+        if info.numel != 1:
+            raise CheckpointError(f"{path}: {key!r} has shape {list(info.shape)}; an input scale is one scalar")
+        return
+    out_features = weight.shape[0] if weight.shape else 0
+    if info.numel == 1 or info.shape in ((out_features,), (out_features, 1)):
+        return
+    raise CheckpointError(
+        f"{path}: {key!r} has shape {list(info.shape)}, which fits no granularity for weight "
+        f"{list(weight.shape)} (expected [], [1], [{out_features}] or [{out_features}, 1])"
+    )
+
+
+def _metadata_layers(header: SafetensorsHeader) -> dict[str, object] | None:
+    import json
+
+    raw = header.metadata.get(QUANT_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{header.path}: metadata {QUANT_METADATA_KEY} is not valid JSON ({error})") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("layers"), dict):
+        raise CheckpointError(f"{header.path}: metadata {QUANT_METADATA_KEY} must be an object with a 'layers' object")
+    return parsed["layers"]
+
+
+def _dialect(layers: dict[str, LayerInfo], marker: TensorInfo | None, metadata_layers: dict | None) -> str:
+    if metadata_layers is not None or any(layer.comfy_quant is not None for layer in layers.values()):
+        return COMFY_QUANT
+    old_names = any(name in SCALE_ALIASES for layer in layers.values() for name in layer.scale_names)
+    if marker is not None or old_names:
+        return COMFY_SCALED
+    if any(layer.weight_scale is not None for layer in layers.values()):
+        return WEIGHT_SCALE
+    if any(layer.is_fp8 for layer in layers.values()):
+        return PLAIN_FP8
+    return HIGH_PRECISION
+
+
+def _prefix(layers: dict[str, LayerInfo]) -> str:
+    candidates = [layer for layer in layers.values() if layer.is_fp8] or list(layers.values())
+    counts = Counter(next((p for p in KNOWN_PREFIXES if layer.name.startswith(p)), "") for layer in candidates)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def _check_consistency(scan: CheckpointScan, metadata_layers: dict | None) -> None:
+    path = scan.path
+    needs_scale = scan.dialect in (WEIGHT_SCALE, COMFY_SCALED, COMFY_QUANT)
+    for layer in scan.layers.values():
+        if layer.is_fp8 and needs_scale and layer.weight_scale is None:
+            raise CheckpointError(
+                f"{path}: fp8 weight {layer.name + '.weight'!r} has no weight_scale, which the {scan.dialect} "
+                "dialect requires"
+            )
+        if layer.is_fp8 and len(layer.weight.shape) != 2:
+            raise CheckpointError(
+                f"{path}: fp8 weight {layer.name + '.weight'!r} is not 2-D: {list(layer.weight.shape)}"
+            )
+        if not layer.is_fp8 and layer.weight_scale is not None:
+            scan.warnings.append(
+                f"{layer.name}: {layer.weight.dtype} weight carries a scale; it is applied at load, as ComfyUI does"
+            )
+        if scan.dialect == COMFY_QUANT and layer.is_fp8 and layer.comfy_quant is None:
+            listed = metadata_layers is not None and (
+                layer.name in metadata_layers or scan.short_name(layer.name) in metadata_layers
+            )
+            if not listed:
+                raise CheckpointError(
+                    f"{path}: fp8 weight {layer.name + '.weight'!r} has neither a .comfy_quant entry nor a "
+                    f"{QUANT_METADATA_KEY} entry"
+                )
+    if scan.dialect == COMFY_SCALED and scan.marker is not None:
+        marker_dtype = scan.marker.dtype
+        if is_fp8_dtype(marker_dtype):
+            fp8_dtypes = {layer.weight.dtype for layer in scan.fp8_layers}
+            if fp8_dtypes and fp8_dtypes != {marker_dtype}:
+                found = sorted(map(str, fp8_dtypes))
+                raise CheckpointError(f"{path}: scaled_fp8 marker says {marker_dtype} but the fp8 weights are {found}")
+    if scan.dialect == PLAIN_FP8:
+        scan.warnings.append("plain fp8 cast: no scales in the file, every weight scale is 1")
+    statics = [layer for layer in scan.fp8_layers if layer.input_scale is not None]
+    if statics and len(statics) != len(scan.fp8_layers):
+        scan.warnings.append(
+            f"{len(statics)} of {len(scan.fp8_layers)} fp8 layers carry an input scale; activations are "
+            "quantized dynamically and those input scales are not used"
+        )
+
+
+def infer_config(scan: CheckpointScan) -> Fp8Config | None:
+    """The config that loads this file as it is; ``None`` for a file with no fp8 weights."""
+    fp8_layers = scan.fp8_layers
+    if not fp8_layers:
+        return None
+    weight_dtype = Counter(layer.weight.dtype for layer in fp8_layers).most_common(1)[0][0]
+    channel = any(layer.granularity == "channel" for layer in fp8_layers)
+    static = all(layer.input_scale is not None for layer in fp8_layers)
+    return Fp8Config(
+        weight_dtype=weight_dtype,
+        weight_granularity="channel" if channel else "tensor",
+        activation_scheme="static" if static else "dynamic",
+        activation_granularity="tensor" if static else "token",
+    )

@@ -1,0 +1,125 @@
+"""Read and validate a safetensors header without touching tensor data.
+
+Everything after the header is checked against it before any tensor is read, so a truncated or corrupt file
+is an error naming the file and the tensor, never a half-loaded model. Only safetensors is read: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MAX_HEADER_BYTES = 100 * 2**20
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded faithfully; the message names the file and the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    data_start: int = 0
+    file_size: int = 0
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and check the header of ``path``: sizes, JSON shape, dtypes and every tensor's byte range."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise CheckpointError(f"{path}: only .safetensors files are read (no pickle, no torch.load)")
+    file_size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated file ({file_size} bytes), no safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header claims {header_size} bytes; not a safetensors file")
+        if 8 + header_size > file_size:
+            raise CheckpointError(
+                f"{path}: header claims {header_size} bytes but the file has only {file_size - 8} after the prefix"
+            )
+        raw = handle.read(header_size)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: header is not valid JSON ({error})") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{path}: header JSON is a {type(parsed).__name__}, not an object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not an object")
+    data_start = 8 + header_size
+    data_size = file_size - data_start
+    tensors = {name: _tensor_info(path, name, entry, data_size) for name, entry in parsed.items()}
+    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, file_size)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+    shape = entry["shape"]
+    offsets = entry["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} lies at bytes {begin}..{end}, outside the {data_size} data bytes "
+            "(truncated or corrupt file)"
+        )
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {end - begin} bytes but {entry['dtype']}{shape} needs {expected}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), begin, end)

@@ -1,0 +1,186 @@
+"""Load an FP8 checkpoint of any dialect into one canonical state dict.
+
+Canonical form: ``<layer>.weight`` (fp8 or high precision), ``<layer>.weight_scale`` (float32, ``[]`` or
+``[N]``) and ``<layer>.input_scale`` (float32 ``[]``) for fp8 layers; markers (``scaled_fp8``,
+``.comfy_quant``) are consumed, old scale names mapped, and a plain fp8 cast gets explicit unit scales. The
+config inferred from the file comes with it, so loading a pre-quantized file needs no user choices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from ..config import Fp8Config
+from .dialects import (
+    COMFY_QUANT,
+    COMFY_QUANT_SUFFIX,
+    QUANT_METADATA_KEY,
+    SCALE_ALIASES,
+    CheckpointScan,
+    LayerInfo,
+    infer_config,
+    scan_header,
+)
+from .header import CheckpointError, read_header
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_COMFY_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+@dataclass
+class Fp8Checkpoint:
+    scan: CheckpointScan
+    config: Fp8Config | None
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def path(self):
+        return self.scan.path
+
+    @property
+    def fp8_layer_names(self) -> list[str]:
+        return [layer.name for layer in self.scan.fp8_layers]
+
+
+def scan_checkpoint(path: str | os.PathLike) -> CheckpointScan:
+    """Header only: dialect, prefix and layers, with no tensor data read."""
+    return scan_header(read_header(path))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Fp8Checkpoint:
+    """Read every tensor of ``path`` and return it in canonical form, validated (scales finite and > 0)."""
+    scan = scan_checkpoint(path)
+    for warning in scan.warnings:
+        logger.warning("%s: %s", scan.path, warning)
+    formats = read_layer_formats(scan)
+    state_dict: dict[str, torch.Tensor] = {}
+    names = list(scan.header.tensors)
+    consumed = _consumed_keys(scan)
+    with safe_open(str(scan.path), framework="pt", device=str(device)) as handle:
+        for index, key in enumerate(names):
+            if key not in consumed:
+                state_dict[_canonical_key(key)] = handle.get_tensor(key)
+            if progress is not None:
+                progress(index + 1, len(names))
+    for layer in scan.layers.values():
+        _finish_layer(scan, layer, state_dict, formats.get(layer.name))
+    return Fp8Checkpoint(scan, infer_config(scan), state_dict)
+
+
+def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
+    """Each comfy-quant layer's declared format, validated against its weight dtype."""
+    if scan.dialect != COMFY_QUANT:
+        return {}
+    formats: dict[str, str] = {}
+    metadata = scan.header.metadata.get(QUANT_METADATA_KEY)
+    if metadata is not None:
+        for name, entry in json.loads(metadata)["layers"].items():
+            full_name = name if name in scan.layers else scan.prefix + name
+            formats[full_name] = _format_of(scan, f"{QUANT_METADATA_KEY}[{name!r}]", entry)
+    quant_layers = [layer for layer in scan.layers.values() if layer.comfy_quant is not None]
+    if quant_layers:
+        with safe_open(str(scan.path), framework="pt", device="cpu") as handle:
+            for layer in quant_layers:
+                key = f"{layer.name}.{COMFY_QUANT_SUFFIX}"
+                raw = handle.get_tensor(key)
+                try:
+                    entry = json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    raise CheckpointError(f"{scan.path}: {key!r} is not valid JSON ({error})") from None
+                formats[layer.name] = _format_of(scan, key, entry)
+    for name, fmt in formats.items():
+        layer = scan.layers.get(name)
+        if layer is None:
+            raise CheckpointError(f"{scan.path}: quantization entry for {name!r} has no matching weight")
+        if layer.weight.dtype != SUPPORTED_COMFY_FORMATS[fmt]:
+            raise CheckpointError(
+                f"{scan.path}: layer {name!r} declares format {fmt} but its weight is {layer.weight.dtype}"
+            )
+    return formats
+
+
+def _format_of(scan: CheckpointScan, where: str, entry: object) -> str:
+    if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
+        raise CheckpointError(f"{scan.path}: {where} must be a JSON object with a 'format' string, got {entry!r}")
+    fmt = entry["format"]
+    if fmt not in SUPPORTED_COMFY_FORMATS:
+        raise CheckpointError(
+            f"{scan.path}: {where} names format {fmt!r}; this pack reads {sorted(SUPPORTED_COMFY_FORMATS)}"
+        )
+    return fmt
+
+
+def _consumed_keys(scan: CheckpointScan) -> set[str]:
+    keys = {key for key in scan.header.tensors if key.endswith("." + COMFY_QUANT_SUFFIX)}
+    if scan.marker is not None:
+        keys.add(scan.marker.name)
+    return keys
+
+
+def _canonical_key(key: str) -> str:
+    layer, _, suffix = key.rpartition(".")
+    return f"{layer}.{SCALE_ALIASES[suffix]}" if suffix in SCALE_ALIASES else key
+
+
+def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, torch.Tensor], fmt: str | None) -> None:
+    weight_key = f"{layer.name}.weight"
+    scale_key = f"{layer.name}.weight_scale"
+    input_key = f"{layer.name}.input_scale"
+    if not layer.is_fp8:
+        if layer.weight_scale is not None:  # ComfyUI multiplies such weights by their scale: do it once here.
+            scale = state_dict.pop(scale_key).float()
+            _check_values(scan, scale_key, scale)
+            weight = state_dict[weight_key]
+            state_dict[weight_key] = (weight.float() * _broadcastable(scale, weight)).to(weight.dtype)
+            state_dict.pop(input_key, None)
+        return
+    if layer.weight_scale is None:  # plain fp8 cast
+        state_dict[scale_key] = torch.ones((), dtype=torch.float32, device=state_dict[weight_key].device)
+    scale = state_dict[scale_key].float()
+    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
+    _check_values(scan, _stored_name(layer, "weight_scale"), scale)
+    state_dict[scale_key] = scale
+    if layer.input_scale is not None:
+        input_scale = state_dict[input_key].float().reshape(())
+        _check_values(scan, _stored_name(layer, "input_scale"), input_scale)
+        state_dict[input_key] = input_scale
+
+
+def _stored_name(layer: LayerInfo, canonical: str) -> str:
+    for stored in layer.scale_names:
+        if SCALE_ALIASES.get(stored, stored) == canonical:
+            return f"{layer.name}.{stored}"
+    return f"{layer.name}.{canonical}"
+
+
+def _broadcastable(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _check_values(scan: CheckpointScan, key: str, scale: torch.Tensor) -> None:
+    bad = ~torch.isfinite(scale) | (scale <= 0)
+    if bool(bad.any()):
+        example = scale[bad].flatten()[0].item()
+        raise CheckpointError(
+            f"{scan.path}: scale {key!r} has {int(bad.sum())} value(s) that are NaN, inf, zero or negative "
+            f"(e.g. {example})"
+        )
+
+
+def is_fp8_checkpoint(path: str | os.PathLike) -> bool:
+    return bool(scan_checkpoint(path).fp8_layers)
+
+
+__all__ = ["Fp8Checkpoint", "is_fp8_checkpoint", "load_checkpoint", "read_layer_formats", "scan_checkpoint"]

@@ -1,0 +1,207 @@
+"""Stream a bf16/fp16/fp32 safetensors file into an FP8 one, one tensor at a time.
+
+The header is planned from the input header alone (an fp8 weight has the source's shape, a scale's shape
+follows from the granularity), written first, and then each tensor is read, converted and written, so peak
+memory stays near the largest single tensor rather than the model.
+
+Formats: ``comfy-scaled`` (``scale_weight`` + the ``scaled_fp8`` marker: loads in any ComfyUI with the stock
+loader), ``comfy-quant`` (``weight_scale`` + per-layer ``.comfy_quant`` JSON: newer ComfyUI), and
+``weight-scale`` (``weight_scale``/vLLM names, per-tensor or per-channel ``[N, 1]``: this pack's own loader).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import SENSITIVE_LAYER_PATTERNS, matching_pattern
+from ..fp8_utils import is_fp8_dtype, quantize_weight
+from .dialects import COMFY_QUANT_SUFFIX, HIGH_PRECISION, SCALED_FP8_MARKER, scan_header
+from .header import DTYPE_NAMES, CheckpointError, read_header
+
+logger = logging.getLogger(__name__)
+
+COMFY_SCALED_FORMAT = "comfy-scaled"
+COMFY_QUANT_FORMAT = "comfy-quant"
+WEIGHT_SCALE_FORMAT = "weight-scale"
+OUTPUT_FORMATS = (COMFY_SCALED_FORMAT, COMFY_QUANT_FORMAT, WEIGHT_SCALE_FORMAT)
+_COMFY_FORMAT_NAMES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+@dataclass
+class ConvertReport:
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.quantized)} layers quantized, {len(self.skipped)} weights kept; "
+            f"{self.bytes_in / 2**20:.1f} MiB -> {self.bytes_out / 2**20:.1f} MiB"
+        )
+
+
+@dataclass
+class _Planned:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    output_format: str = COMFY_SCALED_FORMAT,
+    *,
+    weight_dtype: torch.dtype = torch.float8_e4m3fn,
+    per_channel: bool = False,
+    skip_patterns: Iterable[str] = (),
+    default_skips: bool = True,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ConvertReport:
+    """Write ``destination``: every 2-D floating ``.weight`` not skipped becomes fp8 with its scale."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
+    if per_channel and output_format != WEIGHT_SCALE_FORMAT:
+        raise ValueError(
+            f"per-channel scales are only written in the {WEIGHT_SCALE_FORMAT!r} format: ComfyUI's loaders "
+            f"expect one scale per tensor in {output_format!r}"
+        )
+    if not is_fp8_dtype(weight_dtype):
+        raise ValueError(f"weight_dtype: {weight_dtype} is not an fp8 dtype")
+    source, destination = Path(source), Path(destination)
+    if source.resolve() == destination.resolve():
+        raise ValueError(f"{destination}: refusing to overwrite the source file")
+    scan = scan_header(read_header(source))
+    if scan.dialect != HIGH_PRECISION:
+        raise CheckpointError(f"{source}: already an fp8 checkpoint ({scan.dialect}); convert a bf16/fp16/fp32 file")
+    patterns = tuple(skip_patterns) + (SENSITIVE_LAYER_PATTERNS if default_skips else ())
+    report = ConvertReport()
+    plan: list[_Planned] = []
+    handle = safe_open(str(source), framework="pt", device="cpu")
+    prefix = scan.prefix
+
+    for key, info in scan.header.tensors.items():
+        report.bytes_in += info.nbytes
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        reason = _skip_reason(layer, info, patterns, scan.short_name(layer) if layer else "")
+        if reason is not None:
+            if layer is not None:
+                report.skipped[layer] = reason
+            plan.append(_Planned(key, info.dtype, info.shape, _reader(handle, key)))
+            continue
+        assert layer is not None
+        report.quantized.append(layer)
+        cache: dict[str, torch.Tensor] = {}
+        quantize = _quantizer(handle, key, weight_dtype, per_channel, device, cache)
+        scale_shape: tuple[int, ...] = (info.shape[0], 1) if per_channel else ()
+        scale_name = "scale_weight" if output_format == COMFY_SCALED_FORMAT else "weight_scale"
+        plan.append(_Planned(key, weight_dtype, info.shape, lambda q=quantize: q()[0]))
+        plan.append(_Planned(f"{layer}.{scale_name}", torch.float32, scale_shape, _scale_from(cache, scale_shape)))
+        if output_format == COMFY_QUANT_FORMAT:
+            payload = json.dumps({"format": _COMFY_FORMAT_NAMES[weight_dtype]}).encode()
+            plan.append(_Planned(f"{layer}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)))
+    if output_format == COMFY_SCALED_FORMAT:
+        plan.append(
+            _Planned(prefix + SCALED_FP8_MARKER, weight_dtype, (0,), lambda: torch.empty(0, dtype=weight_dtype))
+        )
+    metadata = dict(scan.header.metadata)
+    metadata["fp8_quant"] = json.dumps({"format": output_format, "per_channel": per_channel})
+    _write_streaming(destination, plan, metadata, progress)
+    report.bytes_out = destination.stat().st_size
+    logger.info("%s -> %s: %s", source, destination, report.summary())
+    return report
+
+
+def _skip_reason(layer: str | None, info, patterns: tuple[str, ...], short_name: str) -> str | None:
+    if layer is None:
+        return "not a weight"
+    if len(info.shape) != 2:
+        return f"{len(info.shape)}-D weight"
+    if not info.dtype.is_floating_point or is_fp8_dtype(info.dtype):
+        return f"dtype {info.dtype}"
+    pattern = matching_pattern(short_name, patterns)
+    if pattern is not None:
+        return f"matched {pattern!r}"
+    return None
+
+
+def _reader(handle, key: str) -> Callable[[], torch.Tensor]:
+    return lambda: handle.get_tensor(key)
+
+
+def _constant(payload: bytes) -> Callable[[], torch.Tensor]:
+    return lambda: torch.tensor(list(payload), dtype=torch.uint8)
+
+
+def _quantizer(handle, key, weight_dtype, per_channel, device, cache):
+    def quantize() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = handle.get_tensor(key).to(device)
+        if not bool(torch.isfinite(weight).all()):
+            raise CheckpointError(f"{key!r} holds NaN or inf values; refusing to quantize it")
+        fp8_weight, scale = quantize_weight(weight, weight_dtype, per_channel=per_channel)
+        cache["scale"] = scale.cpu()
+        return fp8_weight.cpu(), scale
+
+    return quantize
+
+
+def _scale_from(cache: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    # The weight is always written (and so quantized) just before its scale.
+    return lambda: cache.pop("scale").reshape(shape)
+
+
+def _write_streaming(
+    destination: Path,
+    plan: list[_Planned],
+    metadata: dict[str, str],
+    progress: Callable[[int, int, str], None] | None,
+) -> None:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for item in plan:
+        header[item.key] = {
+            "dtype": DTYPE_NAMES[item.dtype],
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
+        offset += item.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        with partial.open("wb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            for index, item in enumerate(plan):
+                tensor = item.make()
+                if tensor.dtype != item.dtype or tuple(tensor.shape) != item.shape:
+                    raise RuntimeError(
+                        f"{item.key}: planned {item.dtype}{item.shape}, got {tensor.dtype}{tuple(tensor.shape)}"
+                    )
+                out.write(
+                    tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+                )
+                if progress is not None:
+                    progress(index + 1, len(plan), item.key)
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
