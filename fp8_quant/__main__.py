@@ -17,9 +17,9 @@ from .formats.inspect import format_inspection, inspect_checkpoint
 class ProgressBar:
     """A one-line text progress bar on stderr (no extra dependency)."""
 
-    def __init__(self, label: str, stream=sys.stderr) -> None:
+    def __init__(self, label: str, stream=None) -> None:
         self.label = label
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.last = 0.0
 
     def __call__(self, done: int, total: int, name: str = "") -> None:
