@@ -24,6 +24,9 @@ from .methods import Fp8OnlineLinearMethod
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
+# How a quantized linear gets its fp8 forward; the default sets an instance ``forward``. ComfyUI glue passes
+# one that swaps in a class taking part in ComfyUI's LoRA and offload protocols.
+ForwardInstaller = Callable[[nn.Linear], None]
 
 
 @dataclass
@@ -82,6 +85,7 @@ def prepare_model_for_fp8(
     quantize_device: torch.device | str | None = None,
     compute_device: torch.device | str | None = None,
     progress: ProgressCallback | None = None,
+    install: ForwardInstaller | None = None,
 ) -> Fp8Report:
     """Quantize every non-skipped ``nn.Linear`` (subclasses included) of ``model`` in place; return a report.
 
@@ -95,7 +99,7 @@ def prepare_model_for_fp8(
     method = Fp8OnlineLinearMethod(config, kernel)
     report = Fp8Report(config)
     for index, (name, module) in enumerate(linears):
-        report.layers.append(_prepare_layer(name, module, method, config, quantize_device))
+        report.layers.append(_prepare_layer(name, module, method, config, quantize_device, install))
         if progress is not None:
             progress(index + 1, len(linears), name)
     quantized = [module for _, module in linears if hasattr(module, "fp8_layer_config")]
@@ -114,6 +118,7 @@ def _prepare_layer(
     method: Fp8OnlineLinearMethod,
     config: Fp8Config,
     quantize_device: torch.device | str | None,
+    install: ForwardInstaller | None,
 ) -> LayerReport:
     weight = module.weight
     size = weight.numel() * weight.element_size() if weight is not None else 0
@@ -130,9 +135,13 @@ def _prepare_layer(
         return LayerReport(name, False, f"unsupported weight {weight.dtype} {tuple(weight.shape)}", size, size)
     method.process_weights_after_loading(module, name, quantize_device)
     module.fp8_method = method
-    module.forward = types.MethodType(fp8_linear_forward, module)
+    (install or install_instance_forward)(module)
     after = module.weight.numel() * module.weight.element_size() + module.weight_scale.numel() * 4
     return LayerReport(name, True, "quantized", size, after)
+
+
+def install_instance_forward(module: nn.Linear) -> None:
+    module.forward = types.MethodType(fp8_linear_forward, module)
 
 
 def fp8_linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -141,10 +150,11 @@ def fp8_linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def clone_module_tree(model: nn.Module) -> nn.Module:
-    """New module objects with the same tensors: a copy that costs no memory and can be patched safely.
+    """New module objects over the same storage: a copy that costs no memory and can be patched safely.
 
-    Parameters, buffers and submodules are held in fresh dicts, so assigning a new parameter on the copy
-    leaves the original's dict, and its tensors, untouched.
+    Parameters are new ``Parameter`` objects over the same data and buffers, parameters and submodules sit in
+    fresh dicts, so neither assigning a parameter on the copy nor moving the original to another device (which
+    rebinds ``param.data`` on the original's own ``Parameter`` objects) reaches the other model.
     """
     memo: dict[int, nn.Module] = {}
 
@@ -153,7 +163,10 @@ def clone_module_tree(model: nn.Module) -> nn.Module:
             return memo[id(module)]
         new = module.__class__.__new__(module.__class__)
         new.__dict__ = dict(module.__dict__)
-        new._parameters = dict(module._parameters)
+        new._parameters = {
+            key: (nn.Parameter(param.data, requires_grad=param.requires_grad) if param is not None else None)
+            for key, param in module._parameters.items()
+        }
         new._buffers = dict(module._buffers)
         memo[id(module)] = new
         new._modules = {key: (clone(child) if child is not None else None) for key, child in module._modules.items()}

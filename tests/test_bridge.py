@@ -86,7 +86,7 @@ def test_clone_module_tree_shares_nothing_that_changes():
     x = outlier_input(4, 16, seed=33)
     reference = model(x)
     clone = clone_module_tree(model)
-    assert clone.blocks[0].qkv.weight is model.blocks[0].qkv.weight  # no memory copied
+    assert clone.blocks[0].qkv.weight.data_ptr() == model.blocks[0].qkv.weight.data_ptr()  # no memory copied
     report = prepare_model_for_fp8(clone, Fp8Config(), kernel="scaled_mm_rowwise")
     assert len(report.quantized) == 10
     assert state_bytes(model) == before
@@ -96,6 +96,11 @@ def test_clone_module_tree_shares_nothing_that_changes():
     # A clone of a quantized model keeps working and shares its fp8 tensors.
     second = clone_module_tree(clone)
     assert torch.equal(second(x), clone(x))
+    # Converting the original in place (as ComfyUI's offload does with .to) leaves the clone's tensors alone.
+    expected = clone(x)
+    model.to(torch.float64)
+    assert clone.blocks[0].norm.weight.dtype == torch.float32
+    assert torch.equal(clone(x), expected)
 
 
 def test_model_without_linears_is_an_error():
