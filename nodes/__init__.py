@@ -1,0 +1,10 @@
+"""ComfyUI glue: the nodes and their registration. Everything else lives in ``fp8_quant``."""
+
+from .loader import LoadFP8DiT
+from .text_encoder import QuantizeTextEncoderFP8
+
+NODE_CLASS_MAPPINGS = {"LoadFP8DiT": LoadFP8DiT, "QuantizeTextEncoderFP8": QuantizeTextEncoderFP8}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoadFP8DiT": "Load FP8 DiT",
+    "QuantizeTextEncoderFP8": "Quantize Text Encoder (FP8)",
+}

@@ -1,0 +1,240 @@
+"""The ComfyUI-protocol fp8 Linear, against stand-ins with the attributes ComfyUI's classes have.
+
+ComfyUI itself is not importable in CI; these tests pin the protocol logic (state-dict loading, LoRA
+convert/set, lowvram weight functions, class swapping) and the integration tests run it in a real ComfyUI.
+"""
+
+import copy
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from checkpoints import source_weights
+from helpers import outlier_input, rel_err
+from safetensors.torch import save_file
+from torch import nn
+
+from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8
+from fp8_quant.formats import convert_checkpoint, load_checkpoint
+from nodes.ops import Fp8ComfyLinearMixin, LoadPlan, install_comfy_forward, make_fp8_operations
+from nodes.options import file_config, online_config
+
+
+class StandInManualCast:
+    """Like comfy.ops.manual_cast: weights are cast to the input's dtype and device per call."""
+
+    class Linear(nn.Linear):
+        comfy_cast_weights = True
+        weight_function: ClassVar[list] = []  # as in comfy.ops.CastWeightBiasOp
+        bias_function: ClassVar[list] = []
+
+        def reset_parameters(self):
+            return None
+
+        def forward(self, x):
+            weight = self.weight.to(x.device, x.dtype)
+            for function in self.weight_function:
+                weight = function(weight)
+            bias = self.bias.to(x.device, x.dtype) if self.bias is not None else None
+            return F.linear(x, weight, bias)
+
+
+class TinyDiT(nn.Module):
+    """Layer names as in checkpoints.LAYERS, plus a norm and a head that stay high precision."""
+
+    def __init__(self, operations):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Module()])
+        block = self.blocks[0]
+        block.norm = nn.LayerNorm(32)
+        block.attn = nn.Module()
+        block.attn.q = operations.Linear(32, 64)
+        block.attn.k = operations.Linear(32, 64)
+        block.ffn = nn.ModuleList([operations.Linear(64, 128)])
+        self.head = operations.Linear(64, 16)
+
+    def forward(self, x):
+        block = self.blocks[0]
+        h = block.norm(x)
+        h = block.attn.q(h) * torch.sigmoid(block.attn.k(h))
+        return block.ffn[0](h).sum(-1, keepdim=True) + self.head(h)
+
+
+def reference_model(source):
+    model = TinyDiT(StandInManualCast)
+    model.load_state_dict({k: v for k, v in source.items()}, strict=False)
+    return model
+
+
+def weights_for_model(source):
+    out = dict(source)
+    out.pop("blocks.0.attn.q.bias", None)
+    return out
+
+
+@pytest.fixture
+def source():
+    tensors = source_weights()
+    tensors["blocks.0.norm.bias"] = torch.zeros(32)
+    tensors["head.bias"] = torch.zeros(16)
+    return {k: v / 4 for k, v in tensors.items()}
+
+
+def fp8_model(tmp_path, source, output_format="comfy-scaled", per_channel=False):
+    src = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in source.items()}, str(src))
+    dst = tmp_path / "fp8.safetensors"
+    convert_checkpoint(src, dst, output_format, per_channel=per_channel)
+    checkpoint = load_checkpoint(dst)
+    plan = LoadPlan(file_config(checkpoint.config), None)
+    model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
+    model.load_state_dict(checkpoint.state_dict, strict=False)
+    return model, plan
+
+
+# One scale per tensor (ComfyUI's format) loses the quiet channels of these weights (a 1000x channel spread);
+# per-channel scales keep them.
+@pytest.mark.parametrize(
+    "output_format, per_channel, bound", [("comfy-scaled", False, 0.12), ("weight-scale", True, 0.06)]
+)
+def test_fp8_file_loads_through_operations(tmp_path, source, output_format, per_channel, bound):
+    model, plan = fp8_model(tmp_path, source, output_format, per_channel)
+    assert model.blocks[0].attn.q.weight.dtype == torch.float8_e4m3fn
+    assert model.head.weight.dtype == torch.bfloat16  # skipped by the writer, kept by the loader
+    assert isinstance(model.blocks[0].attn.q, StandInManualCast.Linear)
+    assert len(plan.report.quantized) == 3 and len(plan.report.skipped) == 1
+    x = outlier_input(2, 5, 32, seed=51)
+    assert rel_err(model(x), reference_model(source)(x)) < bound
+
+
+def test_bf16_file_is_quantized_on_the_fly_layer_by_layer(source):
+    plan = LoadPlan(None, online_config(), skip_patterns=online_config().ignored_layers)
+    model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in source.items()}, strict=False)
+    assert model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
+    assert model.blocks[0].ffn[0].weight_scale.shape == (128,)
+    assert model.head.weight.dtype == torch.bfloat16
+    assert {layer.name for layer in plan.report.skipped} == {"head"}
+    x = outlier_input(2, 5, 32, seed=52)
+    assert rel_err(model(x.float()).float(), reference_model(source)(x)) < 0.06
+
+
+def test_shape_mismatch_names_the_layer(source):
+    plan = LoadPlan(None, online_config())
+    model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
+    bad = dict(source)
+    bad["blocks.0.attn.k.weight"] = torch.randn(64, 40)
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.k: weight has shape \[64, 40\]"):
+        model.load_state_dict(bad, strict=False)
+
+
+def test_bad_scale_in_state_dict_names_the_layer(tmp_path, source):
+    src = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in source.items()}, str(src))
+    convert_checkpoint(src, tmp_path / "fp8.safetensors")
+    checkpoint = load_checkpoint(tmp_path / "fp8.safetensors")
+    checkpoint.state_dict["blocks.0.ffn.0.weight_scale"] = torch.tensor(0.0)
+    model = TinyDiT(make_fp8_operations(StandInManualCast, LoadPlan(checkpoint.config, None)))
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.0\.weight_scale"):
+        model.load_state_dict(checkpoint.state_dict, strict=False)
+
+
+def lora_delta(layer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn(4, layer.in_features, generator=generator)
+    return 0.2 * torch.randn(layer.out_features, 4, generator=generator) @ down
+
+
+def test_lora_patch_and_unpatch_follow_modelpatcher(tmp_path, source):
+    """patch_weight_to_device: fp32 copy -> convert_weight -> + delta -> set_weight; unpatch restores the backup."""
+    model, _ = fp8_model(tmp_path, source, "weight-scale", per_channel=True)
+    reference = reference_model(source)
+    x = outlier_input(3, 7, 32, seed=53)
+    before = model(x)
+    reference_before = reference(x)
+    backups = {}
+    for name in ("blocks.0.attn.q", "blocks.0.ffn.0", "head"):
+        layer = model.get_submodule(name)
+        ref_layer = reference.get_submodule(name)
+        delta = lora_delta(layer, seed=len(backups))
+        backups[name] = layer.weight
+        temp = layer.weight.to(torch.float32, copy=True)
+        temp = layer.convert_weight(temp, inplace=True)
+        layer.set_weight(temp + delta, seed=0)
+        with torch.no_grad():
+            ref_layer.weight += delta
+    patched = model(x)
+    expected = reference(x)
+    assert rel_err(patched, before) > 0.2  # the LoRA really changed the output
+    assert rel_err(patched, expected) < 0.08
+    assert rel_err(patched - before, expected - reference_before) < 0.15  # and changed it as it changes fp32
+    for name, weight in backups.items():
+        model.get_submodule(name).weight = weight  # ModelPatcher.unpatch_model: set_attr_param(backup)
+    assert torch.equal(model(x), before)
+
+
+def test_lowvram_weight_function_matches_in_place_patch(tmp_path, source):
+    """LowVramPatch: convert -> + delta -> set_weight(return_weight=True), applied per forward."""
+    model, _ = fp8_model(tmp_path, source, "weight-scale", per_channel=True)
+    layer = model.blocks[0].attn.k
+    delta = lora_delta(layer, seed=9)
+
+    def low_vram_patch(weight):
+        real = layer.convert_weight(weight.to(torch.float32, copy=True), inplace=True)
+        return layer.set_weight(real + delta, return_weight=True)
+
+    x = outlier_input(2, 6, 32, seed=54)
+    layer.weight_function = [low_vram_patch]
+    lowvram = model(x)
+    layer.weight_function = []
+    assert layer.weight.dtype == torch.float8_e4m3fn  # nothing stored was changed
+    temp = layer.convert_weight(layer.weight.to(torch.float32), inplace=False)
+    layer.set_weight(temp + delta)
+    # lowvram multiplies the patched weight in high precision, a full load re-quantizes it: the same up to fp8.
+    assert rel_err(model(x), lowvram) < 0.03
+
+
+def test_text_encoder_style_class_swap_keeps_original(source):
+    original = reference_model(source)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    x = outlier_input(2, 4, 32, seed=55)
+    expected = original(x)
+    clone = clone_module_tree(original)
+    report = prepare_model_for_fp8(clone, online_config(), install=install_comfy_forward)
+    q = clone.blocks[0].attn.q
+    assert isinstance(q, Fp8ComfyLinearMixin) and isinstance(q, StandInManualCast.Linear)
+    assert type(original.blocks[0].attn.q) is StandInManualCast.Linear
+    assert {layer.name for layer in report.skipped} == {"head"}
+    assert rel_err(clone(x), expected) < 0.06
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(original(x), expected)
+    # The protocol works on swapped layers too.
+    delta = lora_delta(q, seed=3)
+    q.set_weight(q.convert_weight(q.weight.float()) + delta)
+    assert q.weight.dtype == torch.float8_e4m3fn
+
+
+def test_option_mapping():
+    assert online_config().activation_scheme == "dynamic"
+    assert online_config(activation_scheme="none").quantizes_activations is False
+    with pytest.raises(ValueError, match="static"):
+        online_config(activation_scheme="static")
+    inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
+    assert file_config(inferred).activation_scheme == "static"
+    assert file_config(inferred, "dynamic").activation_granularity == "token"
+    with pytest.raises(ValueError, match="no"):
+        file_config(Fp8Config(), "static")
+
+
+def test_static_plan_without_input_scale_goes_dynamic():
+    plan = LoadPlan(Fp8Config(activation_scheme="static", activation_granularity="tensor"), None)
+    assert plan.fp8_method(True).config.activation_scheme == "static"
+    assert plan.fp8_method(False).config.activation_scheme == "dynamic"
+
+
+def test_deepcopy_of_loaded_model_works(tmp_path, source):
+    model, _ = fp8_model(tmp_path, source)
+    x = outlier_input(2, 3, 32, seed=56)
+    assert torch.equal(copy.deepcopy(model)(x), model(x))
