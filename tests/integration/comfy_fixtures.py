@@ -1,0 +1,52 @@
+"""Run under ComfyUI's Python (COMFYUI_PYTHON) with COMFYUI_DIR on sys.path: writes tiny random models.
+
+Usage: python comfy_fixtures.py wan OUT.safetensors
+A Wan 2.1 text-to-video DiT of width 256 built with ComfyUI's own class, so ComfyUI detects it from its shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def tiny_wan(path: str) -> None:
+    sys.path.insert(0, os.environ["COMFYUI_DIR"])
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = WanModel(
+        model_type="t2v",
+        patch_size=(1, 2, 2),
+        text_len=32,
+        in_dim=16,
+        dim=256,
+        ffn_dim=512,
+        freq_dim=256,
+        text_dim=4096,
+        out_dim=16,
+        num_heads=2,
+        num_layers=2,
+        operations=comfy.ops.disable_weight_init,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.02)
+            else:
+                param.normal_(0, 1.0 / max(1, param.shape[-1]) ** 0.5)
+    state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path)
+
+
+if __name__ == "__main__":
+    kind, out = sys.argv[1], sys.argv[2]
+    {"wan": tiny_wan}[kind](out)

@@ -1,0 +1,180 @@
+"""Integration tests in a real ComfyUI (COMFYUI_DIR): API prompts through a server, and in-process checks.
+
+Skipped with a clear reason when COMFYUI_DIR is unset (CI has no ComfyUI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COMFYUI_DIR, COMFYUI_PYTHON, SKIP_REASON, write_fixture
+from safetensors.torch import load_file, save_file
+
+from fp8_quant.formats import convert_checkpoint
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON)]
+
+SEED = 42
+
+
+def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(comfyui) -> str:
+    folder = comfyui.models / "diffusion_models"
+    bf16 = write_fixture("wan", folder / "tiny_wan_bf16.safetensors")
+    convert_checkpoint(bf16, folder / "tiny_wan_fp8_scaled.safetensors", "comfy-scaled")
+    convert_checkpoint(bf16, folder / "tiny_wan_fp8_quant.safetensors", "comfy-quant")
+    convert_checkpoint(bf16, folder / "tiny_wan_fp8_channel.safetensors", "weight-scale", per_channel=True)
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    return bf16.name
+
+
+def sampling_prompt(loader: dict, name: str, lora: str | None = None) -> dict:
+    prompt = {
+        "1": loader,
+        "2": {"class_type": "FP8TestRandomConditioning", "inputs": {"width": 4096, "tokens": 8, "seed": 1}},
+        "3": {"class_type": "FP8TestRandomConditioning", "inputs": {"width": 4096, "tokens": 8, "seed": 2}},
+        "4": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": 32, "height": 32, "length": 1, "batch_size": 1},
+        },
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": SEED,
+                "steps": 4,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },
+        "6": {"class_type": "FP8TestSaveLatent", "inputs": {"samples": ["5", 0], "name": name}},
+    }
+    if lora is not None:
+        prompt["7"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "lora_name": lora, "strength_model": 1.0},
+        }
+        prompt["5"]["inputs"]["model"] = ["7", 0]
+    return prompt
+
+
+def stock_loader(name: str, weight_dtype: str = "default") -> dict:
+    return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": weight_dtype}}
+
+
+def our_loader(name: str, **options) -> dict:
+    return {"class_type": "LoadFP8DiT", "inputs": {"unet_name": name, **options}}
+
+
+def sample(comfyui, loader: dict, name: str, lora: str | None = None) -> torch.Tensor:
+    entry = comfyui.run(sampling_prompt(loader, name, lora))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
+    return load_file(str(comfyui.output / f"{name}.safetensors"))["samples"]
+
+
+def test_pack_registers_its_nodes_without_errors(comfyui):
+    info = comfyui.get("/object_info")
+    assert info["LoadFP8DiT"]["display_name"] == "Load FP8 DiT"
+    assert info["QuantizeTextEncoderFP8"]["display_name"] == "Quantize Text Encoder (FP8)"
+    assert list(info["LoadFP8DiT"]["input"]["required"]) == ["unet_name"]
+    assert list(info["QuantizeTextEncoderFP8"]["input"]["required"]) == ["clip"]
+    log = comfyui.log_text()
+    assert "IMPORT FAILED" not in log, log[-4000:]
+    assert "Cannot import" not in log, log[-4000:]
+
+
+def test_load_fp8_dit_samples_close_to_bf16_and_beats_stock_fp8(comfyui, tiny_wan):
+    reference = sample(comfyui, stock_loader(tiny_wan), "bf16")
+    ours = sample(comfyui, our_loader(tiny_wan), "ours_dynamic")
+    weight_only = sample(comfyui, our_loader(tiny_wan, activation_scheme="none"), "ours_weight_only")
+    stock_fp8 = sample(comfyui, stock_loader(tiny_wan, "fp8_e4m3fn"), "stock_fp8")
+    errors = {
+        "ours": rel_err(ours, reference),
+        "ours_weight_only": rel_err(weight_only, reference),
+        "stock_fp8": rel_err(stock_fp8, reference),
+    }
+    print(errors)
+    assert errors["ours"] < 0.1, errors
+    assert errors["ours_weight_only"] < errors["stock_fp8"], errors
+    assert errors["ours"] < errors["stock_fp8"] * 1.5, errors
+
+
+@pytest.mark.parametrize(
+    "file", ["tiny_wan_fp8_scaled.safetensors", "tiny_wan_fp8_quant.safetensors", "tiny_wan_fp8_channel.safetensors"]
+)
+def test_converted_files_load_in_our_loader(comfyui, tiny_wan, file):
+    reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref")
+    assert rel_err(sample(comfyui, our_loader(file), f"ours_{file}"), reference) < 0.15
+
+
+def test_our_comfy_scaled_file_loads_in_stock_unet_loader(comfyui, tiny_wan):
+    reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref2")
+    converted = sample(comfyui, stock_loader("tiny_wan_fp8_scaled.safetensors"), "stock_on_converted")
+    assert rel_err(converted, reference) < 0.15
+
+
+def test_lora_changes_fp8_model_like_bf16(comfyui, tiny_wan):
+    generator = torch.Generator().manual_seed(3)
+    lora = {}
+    for block in range(2):
+        for proj in ("q", "k", "v", "o"):
+            key = f"diffusion_model.blocks.{block}.self_attn.{proj}"
+            lora[f"{key}.lora_down.weight"] = torch.randn(4, 256, generator=generator) * 0.2
+            lora[f"{key}.lora_up.weight"] = torch.randn(256, 4, generator=generator) * 0.2
+    save_file(lora, str(comfyui.models / "loras" / "tiny_wan_lora.safetensors"))
+    base_bf16 = sample(comfyui, stock_loader(tiny_wan), "lora_base_bf16")
+    lora_bf16 = sample(comfyui, stock_loader(tiny_wan), "lora_bf16", lora="tiny_wan_lora.safetensors")
+    base_fp8 = sample(comfyui, our_loader(tiny_wan), "lora_base_fp8")
+    lora_fp8 = sample(comfyui, our_loader(tiny_wan), "lora_fp8", lora="tiny_wan_lora.safetensors")
+    assert rel_err(lora_bf16, base_bf16) > 0.05  # the LoRA matters
+    assert rel_err(lora_fp8 - base_fp8, lora_bf16 - base_bf16) < 0.3
+    assert rel_err(lora_fp8, lora_bf16) < 0.12
+
+
+def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan):
+    entry = comfyui.run(sampling_prompt(our_loader("broken.safetensors"), "never"))
+    assert entry["status"]["status_str"] == "error"
+    assert "broken.safetensors" in json.dumps(entry["status"]["messages"])
+    assert sample(comfyui, our_loader(tiny_wan), "after_error").isfinite().all()
+
+
+def run_inprocess(check: str, *args: str) -> dict:
+    script = Path(__file__).with_name("inprocess_checks.py")
+    done = subprocess.run(
+        [COMFYUI_PYTHON, str(script), check, *args],
+        capture_output=True,
+        text=True,
+        cwd=COMFYUI_DIR,
+        env=dict(os.environ),
+        timeout=900,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_quantize_text_encoder_leaves_input_clip_alone():
+    result = run_inprocess("text_encoder")
+    assert result["fp8_layers"] > 0
+    assert result["input_unchanged"] and result["input_encodes_as_before"], result
+    assert result["rel_err"] < 0.1, result
+
+
+def test_lowvram_partial_load_matches_full_load(tmp_path):
+    model = write_fixture("wan", tmp_path / "tiny_wan.safetensors")
+    result = run_inprocess("lowvram", str(model))
+    assert result["rel_diff"] < 1e-3, result
