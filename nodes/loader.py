@@ -9,13 +9,9 @@ from fp8_quant.kernels import explain_choice
 
 from .ops import LoadPlan, make_fp8_operations
 from .options import (
-    ACTIVATION_GRANULARITIES,
-    ACTIVATION_SCHEMES,
-    KERNELS,
-    TOOLTIPS,
-    WEIGHT_GRANULARITIES,
     file_config,
     forced_kernel,
+    loader_optional_inputs,
     online_config,
     parse_skip_patterns,
 )
@@ -40,22 +36,7 @@ class LoadFP8DiT:
 
         return {
             "required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),)},
-            "optional": {
-                "activation_scheme": (
-                    ACTIVATION_SCHEMES,
-                    {"default": "auto", "tooltip": TOOLTIPS["activation_scheme"]},
-                ),
-                "activation_granularity": (
-                    ACTIVATION_GRANULARITIES,
-                    {"default": "auto", "tooltip": TOOLTIPS["activation_granularity"]},
-                ),
-                "weight_granularity": (
-                    WEIGHT_GRANULARITIES,
-                    {"default": "channel", "tooltip": TOOLTIPS["weight_granularity"]},
-                ),
-                "kernel": (KERNELS, {"default": "auto", "tooltip": TOOLTIPS["kernel"]}),
-                "skip_layers": ("STRING", {"default": "", "multiline": True, "tooltip": TOOLTIPS["skip_layers"]}),
-            },
+            "optional": loader_optional_inputs(),
         }
 
     def load(

@@ -26,6 +26,35 @@ TOOLTIPS = {
 }
 
 
+def _common_inputs() -> dict:
+    return {
+        "activation_granularity": (
+            ACTIVATION_GRANULARITIES,
+            {"default": "auto", "tooltip": TOOLTIPS["activation_granularity"]},
+        ),
+        "weight_granularity": (WEIGHT_GRANULARITIES, {"default": "channel", "tooltip": TOOLTIPS["weight_granularity"]}),
+        "kernel": (KERNELS, {"default": "auto", "tooltip": TOOLTIPS["kernel"]}),
+        "skip_layers": ("STRING", {"default": "", "multiline": True, "tooltip": TOOLTIPS["skip_layers"]}),
+    }
+
+
+def loader_optional_inputs() -> dict:
+    """Optional inputs of Load FP8 DiT, in widget order (shared workflows store widget values by position)."""
+    scheme = {"activation_scheme": (ACTIVATION_SCHEMES, {"default": "auto", "tooltip": TOOLTIPS["activation_scheme"]})}
+    return {**scheme, **_common_inputs()}
+
+
+def text_encoder_optional_inputs() -> dict:
+    """Optional inputs of Quantize Text Encoder (FP8), in widget order."""
+    scheme = {
+        "activation_scheme": (
+            ONLINE_ACTIVATION_SCHEMES,
+            {"default": "dynamic", "tooltip": TOOLTIPS["activation_scheme"]},
+        )
+    }
+    return {**scheme, **_common_inputs()}
+
+
 def parse_skip_patterns(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.replace("\n", ",").split(",") if p.strip())
 

@@ -9,13 +9,9 @@ from fp8_quant import clone_module_tree, prepare_model_for_fp8
 from .loader import CATEGORY
 from .ops import install_comfy_forward
 from .options import (
-    ACTIVATION_GRANULARITIES,
-    KERNELS,
-    ONLINE_ACTIVATION_SCHEMES,
-    TOOLTIPS,
-    WEIGHT_GRANULARITIES,
     forced_kernel,
     online_config,
+    text_encoder_optional_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,22 +38,7 @@ class QuantizeTextEncoderFP8:
     def INPUT_TYPES(cls):
         return {
             "required": {"clip": ("CLIP",)},
-            "optional": {
-                "activation_scheme": (
-                    ONLINE_ACTIVATION_SCHEMES,
-                    {"default": "dynamic", "tooltip": TOOLTIPS["activation_scheme"]},
-                ),
-                "activation_granularity": (
-                    ACTIVATION_GRANULARITIES,
-                    {"default": "auto", "tooltip": TOOLTIPS["activation_granularity"]},
-                ),
-                "weight_granularity": (
-                    WEIGHT_GRANULARITIES,
-                    {"default": "channel", "tooltip": TOOLTIPS["weight_granularity"]},
-                ),
-                "kernel": (KERNELS, {"default": "auto", "tooltip": TOOLTIPS["kernel"]}),
-                "skip_layers": ("STRING", {"default": "", "multiline": True, "tooltip": TOOLTIPS["skip_layers"]}),
-            },
+            "optional": text_encoder_optional_inputs(),
         }
 
     def quantize(
