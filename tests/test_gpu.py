@@ -61,3 +61,27 @@ def test_offloaded_weights_stream_to_the_input_device():
     prepare_model_for_fp8(model, Fp8Config(), quantize_device="cuda")
     assert model[0].weight.device.type == "cpu"
     assert rel_err(model(x.cuda()).cpu(), reference) < 0.06
+
+
+def test_comfy_protocol_layer_on_cuda_streams_and_patches(tmp_path):
+    """The ComfyUI-protocol fp8 Linear on the GPU: weights offloaded on the CPU, then loaded, then LoRA-patched."""
+    from checkpoints import source_weights
+    from test_nodes_ops import fp8_model, lora_delta, reference_model
+
+    source = {k: v / 4 for k, v in source_weights().items()}
+    source["blocks.0.norm.bias"] = torch.zeros(32)
+    source["head.bias"] = torch.zeros(16)
+    model, _ = fp8_model(tmp_path, source, "weight-scale", per_channel=True)
+    reference = reference_model(source)
+    x = outlier_input(2, 5, 32, seed=61)
+    expected = reference(x)
+    for block in (model.blocks[0].norm,):
+        block.cuda()
+    model.head.cuda()
+    streamed = model(x.cuda())  # fp8 layers still on the CPU: streamed per call
+    assert rel_err(streamed.cpu(), expected) < 0.06
+    model.cuda()
+    assert rel_err(model(x.cuda()).cpu(), streamed.cpu()) < 1e-2
+    layer = model.blocks[0].ffn[0]
+    layer.set_weight(layer.convert_weight(layer.weight.float()) + lora_delta(layer, 1).cuda())
+    assert model(x.cuda()).isfinite().all()
