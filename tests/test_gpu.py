@@ -75,11 +75,13 @@ def test_comfy_protocol_layer_on_cuda_streams_and_patches(tmp_path):
     reference = reference_model(source)
     x = outlier_input(2, 5, 32, seed=61)
     expected = reference(x)
-    for block in (model.blocks[0].norm,):
-        block.cuda()
+    on_cpu = model(x)
+    model.blocks[0].norm.cuda()
     model.head.cuda()
     streamed = model(x.cuda())  # fp8 layers still on the CPU: streamed per call
-    assert rel_err(streamed.cpu(), expected) < 0.06
+    # Row-wise _scaled_mm returns bf16 on CUDA, so a float32 model differs from its CPU run by bf16 rounding.
+    assert rel_err(streamed.cpu(), on_cpu) < 2e-2
+    assert rel_err(streamed.cpu(), expected) < 0.1
     model.cuda()
     assert rel_err(model(x.cuda()).cpu(), streamed.cpu()) < 1e-2
     layer = model.blocks[0].ffn[0]
