@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from fp8_quant.formats import CheckpointError, load_checkpoint, scan_checkpoint
 from fp8_quant.kernels import explain_choice
 
@@ -84,8 +86,11 @@ class LoadFP8DiT:
         plan.progress = lambda name: step()
         plan.report.config = plan.fp8_config or plan.online_config
         operations = make_fp8_operations(comfy.ops.manual_cast, plan)
+        # The compute dtype, given explicitly: left to ComfyUI, an fp8 state dict would make it build the
+        # non-linear modules (norms, embeddings, convs) in fp8 too, and round their bf16 weights.
+        compute_dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
         model = comfy.sd.load_diffusion_model_state_dict(
-            checkpoint.state_dict, model_options={"custom_operations": operations}
+            checkpoint.state_dict, model_options={"custom_operations": operations, "dtype": compute_dtype}
         )
         if model is None:
             raise RuntimeError(f"Load FP8 DiT: ComfyUI could not detect the model type of {path}")
