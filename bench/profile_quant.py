@@ -6,12 +6,13 @@ Usage: python bench/profile_quant.py [M K N]
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from overhead import per_call  # the same host/wall timing as the overhead experiment
 
 from fp8_quant import Fp8Config, Fp8OnlineLinearMethod, QuantFP8
 from fp8_quant.scheme import PER_TOKEN
@@ -34,13 +35,7 @@ def main() -> None:
         quant(x)
     torch.cuda.synchronize()
     for label, fn in [("quant only", lambda: quant(x)), ("full linear", lambda: method.apply(layer, x))]:
-        calls = 200
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cpu_us = (time.perf_counter() - start) / calls * 1e6
-        torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - start) / calls * 1e6
+        cpu_us, wall_us = per_call(fn, calls=200)
         print(f"{label}: CPU launch {cpu_us:.1f} us/call, wall (back to back) {wall_us:.1f} us/call")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):

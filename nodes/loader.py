@@ -70,7 +70,7 @@ class LoadFP8DiT:
             progress.update_absolute(min(done[0], total), total)
 
         try:
-            checkpoint = load_checkpoint(path, progress=lambda i, n: step())
+            checkpoint = load_checkpoint(path, progress=lambda i, n: step(), scan=scan)
         except CheckpointError as error:
             raise RuntimeError(f"Load FP8 DiT: {error}") from None
         device = comfy.model_management.get_torch_device()

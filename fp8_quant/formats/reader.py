@@ -59,9 +59,13 @@ def load_checkpoint(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    scan: CheckpointScan | None = None,
 ) -> Fp8Checkpoint:
-    """Read every tensor of ``path`` and return it in canonical form, validated (scales finite and > 0)."""
-    scan = scan_checkpoint(path)
+    """Read every tensor of ``path`` and return it in canonical form, validated (scales finite and > 0).
+
+    ``scan``: the header scan of the same file, when the caller already made one.
+    """
+    scan = scan if scan is not None else scan_checkpoint(path)
     for warning in scan.warnings:
         logger.warning("%s: %s", scan.path, warning)
     formats = read_layer_formats(scan)
