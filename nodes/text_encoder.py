@@ -74,9 +74,8 @@ class QuantizeTextEncoderFP8:
             progress=lambda done, total, name: progress.update_absolute(done, total),
             install=install_comfy_forward,
         )
-        new_clip = clip.clone()
+        new_clip = clip.clone()  # a new CLIP with a new patcher (its own copy of the patches), same model
         new_clip.cond_stage_model = model
-        new_clip.patcher = source_patcher.clone()
         new_clip.patcher.model = model
         new_clip.patcher.size = 0  # recomputed from the fp8 model on the next load
         summary = f"text encoder {type(model).__name__}: {report.summary()}"
