@@ -169,10 +169,9 @@ def make_fp8_operations(base_operations: type, plan: LoadPlan) -> type:
 
     class Linear(Fp8ComfyLinearMixin, base_operations.Linear):
         def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
-            # No allocation: the state dict brings the tensors (fp8, or high precision to quantize one by one).
-            nn.Module.__init__(self)
-            self.in_features = in_features
-            self.out_features = out_features
+            # The base class sets up whatever attributes ComfyUI's ops expect, on the meta device: no memory is
+            # allocated, the state dict brings the tensors (fp8, or high precision to quantize one by one).
+            super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
             self.weight = None
             self.bias = None
             self.weight_scale = None
