@@ -353,3 +353,43 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
     broken.write_bytes(b"\x01")
     assert main(["inspect", str(broken)]) == 2
     assert "broken.safetensors: truncated" in capsys.readouterr().err
+
+
+def test_gap_overlap_and_trailing_bytes(tmp_path):
+    def entry(begin, end):
+        return {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+
+    cases = [
+        ({"a.weight": entry(0, 8), "b.weight": entry(4, 12)}, 12, "overlaps"),
+        ({"a.weight": entry(0, 8), "b.weight": entry(12, 16)}, 16, "gap at byte 8"),
+        ({"a.weight": entry(0, 8)}, 12, "4 bytes after the last tensor"),
+    ]
+    for header, size, message in cases:
+        path = raw_file(tmp_path / "m.safetensors", json.dumps(header).encode(), data=b"\0" * size)
+        with pytest.raises(CheckpointError, match=message):
+            read_header(path)
+
+
+def test_random_corruption_only_ever_gives_checkpoint_errors(tmp_path):
+    """Flip bytes and cut files at random: every failure must be a CheckpointError naming the file."""
+    good = write_dialect(tmp_path / "good.safetensors", COMFY_QUANT, source_weights()).read_bytes()
+    (header_size,) = struct.unpack("<Q", good[:8])
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / "fuzz.safetensors"
+    outcomes = {"ok": 0, "error": 0}
+    for trial in range(300):
+        data = bytearray(good)
+        if trial % 3 == 0:
+            data = data[: int(torch.randint(0, len(good), (1,), generator=generator))]
+        else:
+            for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+                position = int(torch.randint(0, 8 + header_size, (1,), generator=generator))
+                data[position] = int(torch.randint(0, 256, (1,), generator=generator))
+        path.write_bytes(bytes(data))
+        try:
+            load_checkpoint(path)
+            outcomes["ok"] += 1
+        except CheckpointError as error:
+            assert "fuzz.safetensors" in str(error)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 100

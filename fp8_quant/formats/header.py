@@ -96,7 +96,20 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     data_start = 8 + header_size
     data_size = file_size - data_start
     tensors = {name: _tensor_info(path, name, entry, data_size) for name, entry in parsed.items()}
+    _check_tiling(path, tensors, data_size)
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, file_size)
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """The format's rule: tensors cover the data bytes exactly, in order, no gap, no overlap, nothing after."""
+    end = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != end:
+            what = "overlaps the tensor before it" if info.begin < end else f"leaves a gap at byte {end}"
+            raise CheckpointError(f"{path}: tensor {info.name!r} at bytes {info.begin}..{info.end} {what}")
+        end = info.end
+    if end != data_size:
+        raise CheckpointError(f"{path}: {data_size - end} bytes after the last tensor; the file is corrupt")
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..config import Fp8Config
 from .dialects import (
@@ -72,12 +72,15 @@ def load_checkpoint(
     state_dict: dict[str, torch.Tensor] = {}
     names = list(scan.header.tensors)
     consumed = _consumed_keys(scan)
-    with safe_open(str(scan.path), framework="pt", device=str(device)) as handle:
-        for index, key in enumerate(names):
-            if key not in consumed:
-                state_dict[_canonical_key(key)] = handle.get_tensor(key)
-            if progress is not None:
-                progress(index + 1, len(names))
+    try:
+        with safe_open(str(scan.path), framework="pt", device=str(device)) as handle:
+            for index, key in enumerate(names):
+                if key not in consumed:
+                    state_dict[_canonical_key(key)] = handle.get_tensor(key)
+                if progress is not None:
+                    progress(index + 1, len(names))
+    except (OSError, RuntimeError, SafetensorError) as error:  # the header was checked; this is I/O or a race
+        raise CheckpointError(f"{scan.path}: could not read tensor data ({error})") from None
     for layer in scan.layers.values():
         _finish_layer(scan, layer, state_dict, formats.get(layer.name))
     return Fp8Checkpoint(scan, infer_config(scan), state_dict)
