@@ -136,8 +136,12 @@ def _prepare_layer(
     method.process_weights_after_loading(module, name, quantize_device)
     module.fp8_method = method
     (install or install_instance_forward)(module)
-    after = module.weight.numel() * module.weight.element_size() + module.weight_scale.numel() * 4
-    return LayerReport(name, True, "quantized", size, after)
+    return LayerReport(name, True, "quantized", size, fp8_layer_bytes(module))
+
+
+def fp8_layer_bytes(module: nn.Module) -> int:
+    """What a quantized linear's weight costs: the fp8 weight plus its float32 scales."""
+    return module.weight.numel() * module.weight.element_size() + module.weight_scale.numel() * 4
 
 
 def install_instance_forward(module: nn.Linear) -> None:

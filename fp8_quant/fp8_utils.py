@@ -121,12 +121,17 @@ def _row_chunks(weight: torch.Tensor, max_elements: int = 1 << 24) -> list[tuple
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+def invalid_scale_mask(scale: torch.Tensor) -> torch.Tensor:
+    """Where a scale is NaN, inf, zero or negative: values that would silently produce garbage."""
+    return ~torch.isfinite(scale) | (scale <= 0)
+
+
 def check_scale(scale: torch.Tensor, what: str) -> None:
     """Reject scales that would silently produce garbage: NaN, inf, zero or negative."""
     values = scale.detach().float()
     if values.numel() == 0:
         raise ValueError(f"{what}: scale is empty")
-    bad = ~torch.isfinite(values) | (values <= 0)
+    bad = invalid_scale_mask(values)
     if bool(bad.any()):
         first = values[bad].flatten()[0].item()
         raise ValueError(f"{what}: scale must be finite and > 0, found {int(bad.sum())} bad value(s), e.g. {first}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8_quant import Fp8Config, Fp8LinearMethod, Fp8OnlineLinearMethod
-from fp8_quant.bridge import Fp8Report, LayerReport
+from fp8_quant.bridge import Fp8Report, LayerReport, fp8_layer_bytes
 from fp8_quant.config import matching_pattern
 from fp8_quant.fp8_utils import cast_to_fp8, is_fp8_dtype, quantize_weight
 
@@ -210,8 +210,7 @@ def make_fp8_operations(base_operations: type, plan: LoadPlan) -> type:
                 method = Fp8OnlineLinearMethod(plan.online_config, plan.kernel)
                 method.process_weights_after_loading(self, name, plan.quantize_device)
                 self.fp8_method = method
-                after = self.weight.numel() + self.weight_scale.numel() * 4
-                plan.report.layers.append(LayerReport(name, True, "quantized", size, after))
+                plan.report.layers.append(LayerReport(name, True, "quantized", size, fp8_layer_bytes(self)))
             else:
                 reason = f"matched {skip!r}" if skip else f"{weight.dtype} in file"
                 plan.report.layers.append(LayerReport(name, False, reason, size, size))

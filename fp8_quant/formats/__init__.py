@@ -13,7 +13,7 @@ from .dialects import (
     infer_config,
 )
 from .header import CheckpointError, SafetensorsHeader, TensorInfo, read_header
-from .reader import Fp8Checkpoint, is_fp8_checkpoint, load_checkpoint, scan_checkpoint
+from .reader import Fp8Checkpoint, load_checkpoint, scan_checkpoint
 from .writer import OUTPUT_FORMATS, ConvertReport, convert_checkpoint
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "TensorInfo",
     "convert_checkpoint",
     "infer_config",
-    "is_fp8_checkpoint",
     "load_checkpoint",
     "read_header",
     "scan_checkpoint",

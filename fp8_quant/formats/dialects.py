@@ -9,6 +9,7 @@ or inconsistent layout is an error, never a guess.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -70,6 +71,7 @@ class CheckpointScan:
     prefix: str
     layers: dict[str, LayerInfo]
     marker: TensorInfo | None = None
+    quant_metadata: dict[str, object] | None = None  # the parsed ``layers`` of _quantization_metadata
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -116,8 +118,8 @@ def scan_header(header: SafetensorsHeader) -> CheckpointScan:
         layer.scale_names += (suffix,)
     metadata_layers = _metadata_layers(header)
     dialect = _dialect(layers, marker, metadata_layers)
-    scan = CheckpointScan(header, dialect, _prefix(layers), layers, marker)
-    _check_consistency(scan, metadata_layers)
+    scan = CheckpointScan(header, dialect, _prefix(layers), layers, marker, metadata_layers)
+    _check_consistency(scan)
     return scan
 
 
@@ -138,8 +140,6 @@ def _check_scale_shape(path, key: str, info: TensorInfo, weight: TensorInfo, can
 
 
 def _metadata_layers(header: SafetensorsHeader) -> dict[str, object] | None:
-    import json
-
     raw = header.metadata.get(QUANT_METADATA_KEY)
     if raw is None:
         return None
@@ -171,8 +171,9 @@ def _prefix(layers: dict[str, LayerInfo]) -> str:
     return counts.most_common(1)[0][0] if counts else ""
 
 
-def _check_consistency(scan: CheckpointScan, metadata_layers: dict | None) -> None:
+def _check_consistency(scan: CheckpointScan) -> None:
     path = scan.path
+    metadata_layers = scan.quant_metadata
     needs_scale = scan.dialect in (WEIGHT_SCALE, COMFY_SCALED, COMFY_QUANT)
     for layer in scan.layers.values():
         if layer.is_fp8 and needs_scale and layer.weight_scale is None:

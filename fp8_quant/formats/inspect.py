@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..fp8_utils import invalid_scale_mask
 from .dialects import CheckpointScan
 from .reader import read_layer_formats, scan_checkpoint
 
@@ -47,7 +48,7 @@ def _scale_health(scan: CheckpointScan, warnings: list[str]) -> dict[str, Any]:
     with safe_open(str(scan.path), framework="pt", device="cpu") as handle:
         for key in keys:
             scale = handle.get_tensor(key).float().flatten()
-            if bool((~torch.isfinite(scale) | (scale <= 0)).any()):
+            if bool(invalid_scale_mask(scale).any()):
                 bad.append(key)
             values.append(scale)
     flat = torch.cat(values)

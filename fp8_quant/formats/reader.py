@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import Fp8Config
+from ..fp8_utils import check_scale
 from .dialects import (
     COMFY_QUANT,
     COMFY_QUANT_SUFFIX,
@@ -44,10 +45,6 @@ class Fp8Checkpoint:
     @property
     def path(self):
         return self.scan.path
-
-    @property
-    def fp8_layer_names(self) -> list[str]:
-        return [layer.name for layer in self.scan.fp8_layers]
 
 
 def scan_checkpoint(path: str | os.PathLike) -> CheckpointScan:
@@ -91,9 +88,8 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
     if scan.dialect != COMFY_QUANT:
         return {}
     formats: dict[str, str] = {}
-    metadata = scan.header.metadata.get(QUANT_METADATA_KEY)
-    if metadata is not None:
-        for name, entry in json.loads(metadata)["layers"].items():
+    if scan.quant_metadata is not None:
+        for name, entry in scan.quant_metadata.items():
             full_name = name if name in scan.layers else scan.prefix + name
             formats[full_name] = _format_of(scan, f"{QUANT_METADATA_KEY}[{name!r}]", entry)
     quant_layers = [layer for layer in scan.layers.values() if layer.comfy_quant is not None]
@@ -177,17 +173,10 @@ def _broadcastable(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _check_values(scan: CheckpointScan, key: str, scale: torch.Tensor) -> None:
-    bad = ~torch.isfinite(scale) | (scale <= 0)
-    if bool(bad.any()):
-        example = scale[bad].flatten()[0].item()
-        raise CheckpointError(
-            f"{scan.path}: scale {key!r} has {int(bad.sum())} value(s) that are NaN, inf, zero or negative "
-            f"(e.g. {example})"
-        )
+    try:
+        check_scale(scale, f"{scan.path}: scale {key!r}")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
-def is_fp8_checkpoint(path: str | os.PathLike) -> bool:
-    return bool(scan_checkpoint(path).fp8_layers)
-
-
-__all__ = ["Fp8Checkpoint", "is_fp8_checkpoint", "load_checkpoint", "read_layer_formats", "scan_checkpoint"]
+__all__ = ["Fp8Checkpoint", "load_checkpoint", "read_layer_formats", "scan_checkpoint"]
