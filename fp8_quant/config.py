@@ -59,6 +59,7 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
     "*lm_head*",
     "*shared*",
     "*relative_attention_bias*",
+    "*text_projection*",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -89,9 +90,12 @@ class LoadFP8DiT:
         # The compute dtype, given explicitly: left to ComfyUI, an fp8 state dict would make it build the
         # non-linear modules (norms, embeddings, convs) in fp8 too, and round their bf16 weights.
         compute_dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
-        model = comfy.sd.load_diffusion_model_state_dict(
-            checkpoint.state_dict, model_options={"custom_operations": operations, "dtype": compute_dtype}
-        )
+        load_options = {"model_options": {"custom_operations": operations, "dtype": compute_dtype}}
+        if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+            # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
+            # not read; the classic patcher (full, partial and lowvram loading) drives these layers.
+            load_options["disable_dynamic"] = True
+        model = comfy.sd.load_diffusion_model_state_dict(checkpoint.state_dict, **load_options)
         if model is None:
             raise RuntimeError(f"Load FP8 DiT: ComfyUI could not detect the model type of {path}")
         quantized = [layer for layer in model.model.modules() if getattr(layer, "fp8_layer_config", None) is not None]

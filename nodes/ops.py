@@ -24,7 +24,7 @@ from torch import nn
 from fp8_quant import Fp8Config, Fp8LinearMethod, Fp8OnlineLinearMethod
 from fp8_quant.bridge import Fp8Report, LayerReport, fp8_layer_bytes
 from fp8_quant.config import matching_pattern
-from fp8_quant.fp8_utils import cast_to_fp8, is_fp8_dtype, quantize_weight
+from fp8_quant.fp8_utils import cast_to_fp8, dequantize, is_fp8_dtype, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +108,31 @@ class Fp8ComfyLinearMixin:
                 return method.apply(self, x, self.bias)
             tensors = types.SimpleNamespace(weight=self.weight, weight_scale=weight_scale, input_scale=self.input_scale)
             return method.kernel_for(self, x.device).apply_weights(tensors, x, self.bias)
-        # lowvram LoRA: ComfyUI's patches run on the stored weight for this call only.
+        # lowvram LoRA: ComfyUI's patches run for this call only, on the real weight values in the compute dtype
+        # (what its own layers hand them), and the product runs in high precision.
         weight = self.weight.to(x.device, non_blocking=True)
-        for function in weight_functions:
-            weight = function(weight)
         bias = self.bias.to(x.device, x.dtype) if self.bias is not None else None
         for function in bias_functions:
             bias = function(bias)
-        if not is_fp8_dtype(weight.dtype):  # a patch that returned real values
-            return F.linear(x, weight.to(x.dtype), bias)
-        tensors = types.SimpleNamespace(weight=weight, weight_scale=weight_scale, input_scale=self.input_scale)
-        return method.kernel_for(self, x.device).apply_weights(tensors, x, bias)
+        if not weight_functions:
+            tensors = types.SimpleNamespace(weight=weight, weight_scale=weight_scale, input_scale=self.input_scale)
+            return method.kernel_for(self, x.device).apply_weights(tensors, x, bias)
+        weight = dequantize(weight, weight_scale.to(x.device), x.dtype)
+        for function in weight_functions:
+            _take_real_values(function)
+            weight = function(weight)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+
+def _take_real_values(function) -> None:
+    """Older ComfyUI's ``LowVramPatch`` converts the stored weight to real values itself through the layer's
+    ``convert_weight``/``set_weight``; the forward above already hands it real values, so it must not convert
+    again. Newer ComfyUI ignores these two attributes. They belong to this layer's own patch objects."""
+    if getattr(function, "is_lowvram_patch", False):
+        if getattr(function, "convert_func", None) is not None:
+            function.convert_func = None
+        if getattr(function, "set_func", None) is not None:
+            function.set_func = None
 
 
 _mixed_classes: dict[type, type] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from fp8_quant import clone_module_tree, prepare_model_for_fp8
@@ -23,6 +24,66 @@ _PATCHER_STATE = {
     "lowvram_patch_counter": 0,
     "current_weight_patches_uuid": None,
 }
+# Load state ComfyUI's patchers leave on the model and on each module (dynamic-VRAM allocations, pins, lowvram
+# hooks): it belongs to the input's patcher, so the copy starts without it.
+_PATCHER_MODEL_ATTRIBUTES = ("dynamic_vbars", "dynamic_pins", "dynamic_patchers")
+_PATCHER_MODULE_ATTRIBUTES = (
+    "_v",
+    "_v_weight",
+    "_v_bias",
+    "_v_signature",
+    "_pin_state",
+    "_prefetch",
+    "seed_key",
+    "weight_lowvram_function",
+    "bias_lowvram_function",
+    "comfy_patched_weights",
+    "prev_comfy_cast_weights",
+)
+
+
+def _forget_patcher_state(model) -> None:
+    for name, value in _PATCHER_STATE.items():
+        if hasattr(model, name):
+            setattr(model, name, value)
+    for name in _PATCHER_MODEL_ATTRIBUTES:
+        model.__dict__.pop(name, None)
+    for module in model.modules():
+        for name in _PATCHER_MODULE_ATTRIBUTES:
+            module.__dict__.pop(name, None)
+        if "comfy_cast_weights" in module.__dict__:
+            module.comfy_cast_weights = False
+        for name in ("weight_function", "bias_function"):
+            if name in module.__dict__:
+                setattr(module, name, [])
+
+
+def _restore_backups(model, source_patcher) -> None:
+    """Weights the input's patcher has patched (a LoRA loaded in place) go into the copy as they were before the
+    patch, from the patcher's own backups; the input is not touched. The copy's patcher re-applies the patches."""
+    import comfy.utils
+
+    for key, entry in getattr(source_patcher, "backup", {}).items():
+        comfy.utils.set_attr_param(model, key, entry.weight)
+    for key, buffer in getattr(source_patcher, "backup_buffers", {}).items():
+        comfy.utils.set_attr_buffer(model, key, buffer)
+
+
+def _patcher_for(source_patcher, model):
+    """A patcher of the source's kind of settings (patches, hooks, options) over ``model``, with its own backups.
+
+    ``clone()`` alone would share the source's weight backups, so that unpatching one model could write the other
+    one's weights. The copy gets the classic patcher: the dynamic-VRAM one stages weights through its own buffers,
+    which the fp8 forward does not read.
+    """
+    fresh_backups = ({}, {}, {}, set())
+    try:
+        return source_patcher.clone(disable_dynamic=True, model_override=(model, fresh_backups))
+    except TypeError:  # an older ComfyUI: clone() takes no arguments
+        patcher = source_patcher.clone()
+        patcher.model = model
+        patcher.backup, patcher.backup_buffers, patcher.object_patches_backup = {}, {}, {}
+        return patcher
 
 
 class QuantizeTextEncoderFP8:
@@ -55,14 +116,9 @@ class QuantizeTextEncoderFP8:
 
         config = online_config(activation_scheme, activation_granularity, weight_granularity, skip_layers)
         source_patcher = clip.patcher
-        if getattr(source_patcher, "backup", None):
-            # The input's weights are patched in place right now (loaded with a LoRA): put them back first so
-            # that the copy is made of the real weights. ComfyUI re-patches the input when it next loads it.
-            source_patcher.unpatch_model(source_patcher.offload_device)
         model = clone_module_tree(clip.cond_stage_model)
-        for name, value in _PATCHER_STATE.items():
-            if hasattr(model, name):
-                setattr(model, name, value)
+        _restore_backups(model, source_patcher)
+        _forget_patcher_state(model)
         device = comfy.model_management.get_torch_device()
         progress = comfy.utils.ProgressBar(1)
         report = prepare_model_for_fp8(
@@ -74,9 +130,13 @@ class QuantizeTextEncoderFP8:
             progress=lambda done, total, name: progress.update_absolute(done, total),
             install=install_comfy_forward,
         )
-        new_clip = clip.clone()  # a new CLIP with a new patcher (its own copy of the patches), same model
+        # The CLIP's settings (tokenizer, layer, options) with a model and patcher of its own. Not clip.clone():
+        # that makes a patcher over the input's model, and a dynamic one detaches from that model when dropped.
+        new_clip = copy.copy(clip)
+        if isinstance(getattr(clip, "tokenizer_options", None), dict):
+            new_clip.tokenizer_options = dict(clip.tokenizer_options)
         new_clip.cond_stage_model = model
-        new_clip.patcher.model = model
+        new_clip.patcher = _patcher_for(source_patcher, model)
         new_clip.patcher.size = 0  # recomputed from the fp8 model on the next load
         summary = f"text encoder {type(model).__name__}: {report.summary()}"
         logger.info(summary)

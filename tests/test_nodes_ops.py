@@ -174,18 +174,38 @@ def test_lora_patch_and_unpatch_follow_modelpatcher(tmp_path, source):
     assert torch.equal(model(x), before)
 
 
-def test_lowvram_weight_function_matches_in_place_patch(tmp_path, source):
-    """LowVramPatch: convert -> + delta -> set_weight(return_weight=True), applied per forward."""
+class NewLowVramPatch:
+    """ComfyUI's LowVramPatch since it stopped converting: real values in (compute dtype), real values out."""
+
+    is_lowvram_patch = True
+
+    def __init__(self, delta, convert_func=None, set_func=None):
+        self.delta, self.convert_func, self.set_func = delta, convert_func, set_func
+
+    def __call__(self, weight):
+        return (weight.float() + self.delta).to(weight.dtype)
+
+
+class OldLowVramPatch(NewLowVramPatch):
+    """Older ComfyUI's LowVramPatch: converts through the layer's convert_weight / set_weight when it has them."""
+
+    def __call__(self, weight):
+        if self.convert_func is not None:
+            weight = self.convert_func(weight.to(torch.float32, copy=True), inplace=True)
+        patched = weight.float() + self.delta
+        if self.set_func is None:
+            return patched.to(weight.dtype)
+        return self.set_func(patched, return_weight=True)
+
+
+@pytest.mark.parametrize("patch_class", [NewLowVramPatch, OldLowVramPatch])
+def test_lowvram_weight_function_matches_in_place_patch(tmp_path, source, patch_class):
+    """A lowvram patch runs per forward on the real weight; the same patch loaded in place gives the same output."""
     model, _ = fp8_model(tmp_path, source, "weight-scale", per_channel=True)
     layer = model.blocks[0].attn.k
     delta = lora_delta(layer, seed=9)
-
-    def low_vram_patch(weight):
-        real = layer.convert_weight(weight.to(torch.float32, copy=True), inplace=True)
-        return layer.set_weight(real + delta, return_weight=True)
-
     x = outlier_input(2, 6, 32, seed=54)
-    layer.weight_function = [low_vram_patch]
+    layer.weight_function = [patch_class(delta, layer.convert_weight, layer.set_weight)]
     lowvram = model(x)
     layer.weight_function = []
     assert layer.weight.dtype == torch.float8_e4m3fn  # nothing stored was changed

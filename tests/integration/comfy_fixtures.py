@@ -6,14 +6,14 @@ A Wan 2.1 text-to-video DiT of width 256 built with ComfyUI's own class, so Comf
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+from comfy_runtime import setup_comfy
 
 
 def tiny_wan(path: str) -> None:
-    sys.path.insert(0, os.environ["COMFYUI_DIR"])
+    setup_comfy()
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
     from safetensors.torch import save_file

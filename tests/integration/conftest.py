@@ -22,44 +22,7 @@ SKIP_REASON = (
     "(../shared/tools/setup_comfyui.sh prints COMFYUI_DIR and COMFYUI_PYTHON)"
 )
 
-# A test-only node: random text conditioning of a given width, so DiT tests need no text encoder.
-TEST_NODES = """
-import torch
-
-class FP8TestRandomConditioning:
-    CATEGORY = "testing"
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "make"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"width": ("INT", {"default": 4096, "min": 16, "max": 8192}),
-                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
-                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
-
-    def make(self, width, tokens, seed):
-        generator = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, width, generator=generator), {}]],)
-
-class FP8TestSaveLatent:
-    CATEGORY = "testing"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "latent"})}}
-
-    def save(self, samples, name):
-        import folder_paths, os
-        from safetensors.torch import save_file
-        path = os.path.join(folder_paths.get_output_directory(), name + ".safetensors")
-        save_file({"samples": samples["samples"].float().contiguous()}, path)
-        return {"ui": {"path": [path]}}
-
-NODE_CLASS_MAPPINGS = {"FP8TestRandomConditioning": FP8TestRandomConditioning, "FP8TestSaveLatent": FP8TestSaveLatent}
-"""
+TEST_NODES = Path(__file__).with_name("fp8_test_nodes.py")
 
 
 def free_port() -> int:
@@ -134,7 +97,7 @@ def comfyui(tmp_path_factory) -> ComfyServer:
     ):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "comfyui-fp8-quant").symlink_to(REPO, target_is_directory=True)
-    (base / "custom_nodes" / "fp8_test_nodes.py").write_text(TEST_NODES)
+    (base / "custom_nodes" / "fp8_test_nodes.py").symlink_to(TEST_NODES)
     port = free_port()
     log = base / "comfyui.log"
     command = [

@@ -1,6 +1,7 @@
-"""In-process checks against ComfyUI's own classes; run by test_comfyui_inprocess.py under COMFYUI_PYTHON.
+"""In-process checks against ComfyUI's own classes; run by test_comfyui.py under COMFYUI_PYTHON.
 
-Usage: python inprocess_checks.py CHECK   (prints one JSON object)
+Usage: python inprocess_checks.py text_encoder t5|clip_l [lora]  |  lowvram MODEL.safetensors
+(prints one line ``RESULT {json}``)
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
 package name of its own, as ComfyUI itself imports custom nodes.
 """
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, os.environ["COMFYUI_DIR"])
+import torch
+from comfy_runtime import setup_comfy
 
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+setup_comfy()
 
 
 def import_pack():
@@ -33,111 +34,73 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
-def tiny_t5_clip():
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.text_encoders.t5
-    from transformers import T5TokenizerFast
+def check_text_encoder(family: str, with_lora: bool = False) -> dict:
+    """The input CLIP keeps every tensor byte for byte and encodes as before; the fp8 copy encodes close to it.
 
-    config = {
-        "d_ff": 128,
-        "d_kv": 16,
-        "d_model": 64,
-        "dense_act_fn": "gelu_pytorch_tanh",
-        "is_gated_act": True,
-        "layer_norm_epsilon": 1e-6,
-        "model_type": "t5",
-        "num_heads": 4,
-        "num_layers": 2,
-        "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128,
-        "vocab_size": 32128,
-    }
+    ``with_lora``: the input carries weight patches and has been used (so ComfyUI patched its weights in place):
+    the copy must start from the unpatched weights and apply the patches itself.
+    """
+    from fp8_test_nodes import tiny_text_encoder
 
-    class TinyT5Model(comfy.sd1_clip.SDClipModel):
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):  # noqa: B006
-            super().__init__(
-                device=device,
-                layer=layer,
-                layer_idx=layer_idx,
-                textmodel_json_config=config,
-                dtype=dtype,
-                special_tokens={"end": 1, "pad": 0},
-                model_class=comfy.text_encoders.t5.T5,
-                enable_attention_masks=False,
-                zero_out_masked=False,
-                model_options=model_options,
-            )
-
-    tokenizer_path = Path(comfy.text_encoders.t5.__file__).with_name("t5_tokenizer")
-
-    class TinyT5Tokenizer(comfy.sd1_clip.SDTokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006
-            super().__init__(
-                str(tokenizer_path),
-                pad_with_end=False,
-                embedding_size=64,
-                embedding_key="t5tiny",
-                tokenizer_class=T5TokenizerFast,
-                has_start_token=False,
-                pad_to_max_length=False,
-                max_length=99999999,
-                min_length=8,
-                tokenizer_data=tokenizer_data,
-            )
-
-    class Target:
-        @staticmethod
-        def clip(device="cpu", dtype=None, model_options={}):  # noqa: B006
-            return comfy.sd1_clip.SD1ClipModel(
-                device=device, dtype=dtype, model_options=model_options, clip_name="t5tiny", clip_model=TinyT5Model
-            )
-
-        @staticmethod
-        def tokenizer(embedding_directory=None, tokenizer_data={}):  # noqa: B006
-            return comfy.sd1_clip.SD1Tokenizer(
-                embedding_directory=embedding_directory,
-                tokenizer_data=tokenizer_data,
-                clip_name="t5tiny",
-                tokenizer=TinyT5Tokenizer,
-            )
-
-    clip = comfy.sd.CLIP(target=Target, embedding_directory=None, tokenizer_data={}, parameters=0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in clip.cond_stage_model.named_parameters():
-            param.copy_(torch.ones_like(param) if "layer_norm" in name else torch.randn_like(param) * 0.1)
-    return clip
-
-
-def check_text_encoder() -> dict:
     pack = import_pack()
-    clip = tiny_t5_clip()
+    clip = tiny_text_encoder(family)
     tokens = clip.tokenize("a red fox jumps over the lazy dog, cinematic")
+    extra = {}
+    if with_lora:
+        base = clip.encode_from_tokens(tokens)
+        names = [n for n, m in clip.cond_stage_model.named_modules() if isinstance(m, torch.nn.Linear)][:6]
+        clip = clip.clone()
+        clip.add_patches(diff_patches(clip.cond_stage_model, "", names, 0.5, 11))
+        extra["lora_effect"] = rel_err(clip.encode_from_tokens(tokens), base)
     before_state = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
-    reference = clip.encode_from_tokens(tokens)
+    before_classes = [type(m) for m in clip.cond_stage_model.modules()]
+    reference, reference_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     node = pack.NODE_CLASS_MAPPINGS["QuantizeTextEncoderFP8"]()
     output = node.quantize(clip)
     new_clip = output["result"][0]
-    quantized = new_clip.encode_from_tokens(tokens)
-    again = clip.encode_from_tokens(tokens)
-    unchanged = all(
-        torch.equal(value.view(torch.uint8) if value.dtype.itemsize == 1 else value, before_state[key])
-        for key, value in clip.cond_stage_model.state_dict().items()
+    quantized, quantized_pooled = new_clip.encode_from_tokens(tokens, return_pooled=True)
+    again, again_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    after_state = clip.cond_stage_model.state_dict()
+    unchanged = after_state.keys() == before_state.keys() and all(
+        same_bytes(after_state[key], before_state[key]) for key in before_state
     )
     fp8_layers = sum(1 for m in new_clip.cond_stage_model.modules() if getattr(m, "fp8_method", None) is not None)
-    return {
+    result = {
         "rel_err": rel_err(quantized, reference),
         "input_unchanged": unchanged,
+        "input_classes_unchanged": before_classes == [type(m) for m in clip.cond_stage_model.modules()],
         "input_encodes_as_before": bool(torch.equal(again, reference)),
         "fp8_layers": fp8_layers,
         "summary": output["ui"]["text"][0],
     }
+    if reference_pooled is not None:
+        result["pooled_rel_err"] = rel_err(quantized_pooled, reference_pooled)
+        result["input_encodes_as_before"] &= bool(torch.equal(again_pooled, reference_pooled))
+    return {**result, **extra}
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
+
+
+def diff_patches(model, prefix: str, names: list[str], scale: float, seed: int) -> dict:
+    """LoRA-like weight patches in ComfyUI's own format (``("diff", (delta,))``) for the given linears."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        delta = torch.randn(weight.shape, generator=generator) * scale * weight.float().abs().mean().item()
+        patches[f"{prefix}{name}.weight"] = ("diff", (delta,))
+    return patches
 
 
 def check_lowvram(model_path: str) -> dict:
-    """A partial (lowvram) load gives the same output as a full load, through ComfyUI's ModelPatcher."""
+    """A partial (lowvram) load gives the same output as a full load through ComfyUI's ModelPatcher, with and
+    without weight patches (LoRA); on a GPU the partial load really leaves layers on the offload device."""
     import comfy.model_management
+    import comfy.model_patcher
     import comfy.ops
     import comfy.sd
 
@@ -146,39 +109,52 @@ def check_lowvram(model_path: str) -> dict:
     options = sys.modules["comfyui_fp8_quant.nodes.options"]
     from fp8_quant.formats import load_checkpoint
 
+    device = comfy.model_management.get_torch_device()
+
     def build():
         checkpoint = load_checkpoint(model_path)
         config = options.online_config()
         plan = ops.LoadPlan(None, config, skip_patterns=config.ignored_layers)
+        plan.quantize_device = device if device.type == "cuda" else None
         operations = ops.make_fp8_operations(comfy.ops.manual_cast, plan)
         return comfy.sd.load_diffusion_model_state_dict(
-            checkpoint.state_dict, model_options={"custom_operations": operations}
+            checkpoint.state_dict, model_options={"custom_operations": operations, "dtype": torch.bfloat16}
         )
 
+    targets = [f"blocks.{block}.{part}" for block in range(2) for part in ("self_attn.q", "self_attn.o", "ffn.0")]
     torch.manual_seed(1)
     x = torch.randn(1, 16, 1, 8, 8)
     timestep = torch.tensor([0.5])
     context = torch.randn(1, 8, 4096)
-    device = comfy.model_management.get_torch_device()
     results = {}
-    for mode in ("full", "lowvram"):
-        patcher = build()
-        if mode == "full":
-            patcher.load(device, lowvram_model_memory=0, force_patch_weights=True, full_load=True)
-        else:
-            patcher.load(device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
-        model = patcher.model
-        with torch.no_grad():
-            out = model.apply_model(x.to(device), timestep.to(device), c_crossattn=context.to(device))
-        results[mode] = out.float().cpu()
-        results[mode + "_lowvram_layers"] = sum(
-            1 for m in model.modules() if getattr(m, "comfy_cast_weights", False) and hasattr(m, "fp8_method")
-        )
-        patcher.detach()
+    for patched in (False, True):
+        for mode in ("full", "lowvram"):
+            patcher = build()
+            if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or patcher.is_dynamic():
+                raise SystemExit(f"expected a classic ModelPatcher, got {type(patcher).__name__}")
+            if patched:
+                patcher.add_patches(diff_patches(patcher.model.diffusion_model, "diffusion_model.", targets, 0.5, 7))
+            if mode == "full":
+                patcher.load(device, lowvram_model_memory=0, force_patch_weights=True, full_load=True)
+            else:
+                patcher.load(device, lowvram_model_memory=64 * 1024, force_patch_weights=False, full_load=False)
+            model = patcher.model
+            with torch.no_grad():
+                out = model.apply_model(x.to(device), timestep.to(device), c_crossattn=context.to(device))
+            key = f"{mode}{'_patched' if patched else ''}"
+            results[key] = out.float().cpu()
+            fp8_layers = [m for m in model.modules() if getattr(m, "fp8_method", None) is not None]
+            results[key + "_fp8_layers"] = len(fp8_layers)
+            results[key + "_cast_layers"] = sum(1 for m in fp8_layers if getattr(m, "comfy_cast_weights", False))
+            results[key + "_offloaded_layers"] = sum(1 for m in fp8_layers if m.weight.device != device)
+            patcher.detach()
     _ = pack
     return {
+        "device": str(device),
         "rel_diff": rel_err(results["lowvram"], results["full"]),
-        "lowvram_layers": results["lowvram_lowvram_layers"],
+        "rel_diff_patched": rel_err(results["lowvram_patched"], results["full_patched"]),
+        "patch_effect": rel_err(results["full_patched"], results["full"]),
+        **{key: value for key, value in results.items() if isinstance(value, int)},
     }
 
 
@@ -186,7 +162,7 @@ if __name__ == "__main__":
     check = sys.argv[1]
     argument = sys.argv[2] if len(sys.argv) > 2 else None
     if check == "text_encoder":
-        result = check_text_encoder()
+        result = check_text_encoder(argument, with_lora="lora" in sys.argv[3:])
     elif check == "lowvram":
         result = check_lowvram(argument)
     else:

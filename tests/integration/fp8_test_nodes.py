@@ -1,0 +1,161 @@
+"""Test-only ComfyUI nodes, linked into the test server's custom_nodes (and imported by inprocess_checks.py).
+
+- ``FP8TestRandomConditioning``: random text conditioning of a given width, so DiT tests need no text encoder.
+- ``FP8TestTinyTextEncoder``: a tiny random T5 or CLIP-L text encoder loaded through ComfyUI's own text-encoder
+  loader (``comfy.sd.load_text_encoder_state_dicts``: detection from the keys, ComfyUI's model classes, its
+  ``CLIP`` and patcher), made small through the ``<name>_model_config`` model option ComfyUI offers for that.
+- ``FP8TestSaveLatent`` / ``FP8TestSaveConditioning``: write results to the output folder for the test to read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+TINY_TEXT_ENCODERS = {
+    # family: (ComfyUI clip type name, model-config option name, config overrides)
+    "t5": (
+        "STABLE_AUDIO",
+        "t5base_model_config",
+        {"d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128, "num_layers": 2},
+    ),
+    "clip_l": (
+        "STABLE_DIFFUSION",
+        "clip_l_model_config",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 3,
+            "projection_dim": 64,
+        },
+    ),
+}
+
+
+def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in the layout of the family's files (the keys and shapes of ComfyUI's own model)."""
+    import comfy.sd
+    import comfy.text_encoders.sa_t5
+    from comfy.sd1_clip import SD1ClipModel
+
+    _, option, config = TINY_TEXT_ENCODERS[family]
+    builders = {
+        "t5": lambda: comfy.text_encoders.sa_t5.SAT5Model(model_options={option: config}),
+        "clip_l": lambda: SD1ClipModel(model_options={option: config}),
+    }
+    model = builders[family]()
+    transformer = getattr(model, model.clip).transformer
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in transformer.state_dict().items():
+        if "position_ids" in key:
+            tensor = value.clone()
+        elif "norm" in key and key.endswith("weight"):
+            # A few loud channels in the norm gains give the activation outlier channels real encoders have.
+            tensor = torch.ones(value.shape)
+            tensor[:: max(1, value.shape[0] // 8)] = 5.0
+        elif key.endswith("bias"):
+            tensor = torch.randn(value.shape, generator=generator) * 0.02
+        else:
+            # Small enough that the random encoder is not chaotic (T5 does not scale its attention logits).
+            gain = 0.3 if any(part in key for part in (".q.", ".k.", "q_proj", "k_proj")) else 0.7
+            tensor = torch.randn(value.shape, generator=generator) * gain / max(1, value.shape[-1]) ** 0.5
+        state[key] = tensor
+    return state
+
+
+def tiny_text_encoder(family: str, seed: int = 0):
+    import comfy.sd
+
+    clip_type_name, option, config = TINY_TEXT_ENCODERS[family]
+    state = tiny_text_encoder_state_dict(family, seed)
+    return comfy.sd.load_text_encoder_state_dicts(
+        [state],
+        clip_type=getattr(comfy.sd.CLIPType, clip_type_name),
+        # CLIP-L files go through ComfyUI's long-CLIP check, which rebuilds the clip_l option from "model_config".
+        model_options={option: config, "model_config": dict(config)},
+    )
+
+
+class FP8TestRandomConditioning:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "width": ("INT", {"default": 4096, "min": 16, "max": 8192}),
+                "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            }
+        }
+
+    def make(self, width, tokens, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, width, generator=generator), {}]],)
+
+
+class FP8TestTinyTextEncoder:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(TINY_TEXT_ENCODERS),), "seed": ("INT", {"default": 0})}}
+
+    def load(self, family, seed):
+        return (tiny_text_encoder(family, seed),)
+
+
+def _save(name: str, tensors: dict[str, torch.Tensor]) -> dict:
+    import folder_paths
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder_paths.get_output_directory(), name + ".safetensors")
+    save_file({key: value.float().contiguous() for key, value in tensors.items()}, path)
+    return {"ui": {"path": [path]}}
+
+
+class FP8TestSaveLatent:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "latent"})}}
+
+    def save(self, samples, name):
+        return _save(name, {"samples": samples["samples"]})
+
+
+class FP8TestSaveConditioning:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "name": ("STRING", {"default": "cond"})}}
+
+    def save(self, conditioning, name):
+        tensors = {"cond": conditioning[0][0]}
+        pooled = conditioning[0][1].get("pooled_output")
+        if pooled is not None:
+            tensors["pooled"] = pooled
+        return _save(name, tensors)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FP8TestRandomConditioning": FP8TestRandomConditioning,
+    "FP8TestTinyTextEncoder": FP8TestTinyTextEncoder,
+    "FP8TestSaveLatent": FP8TestSaveLatent,
+    "FP8TestSaveConditioning": FP8TestSaveConditioning,
+}
