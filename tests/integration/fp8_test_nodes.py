@@ -45,7 +45,16 @@ def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tens
         "t5": lambda: comfy.text_encoders.sa_t5.SAT5Model(model_options={option: config}),
         "clip_l": lambda: SD1ClipModel(model_options={option: config}),
     }
-    model = builders[family]()
+    import comfy.memory_management
+
+    # With ComfyUI's dynamic VRAM on, its layers leave their weights unset until a state dict brings them: build
+    # the template the classic way to read the keys and shapes.
+    dynamic = comfy.memory_management.aimdo_enabled
+    comfy.memory_management.aimdo_enabled = False
+    try:
+        model = builders[family]()
+    finally:
+        comfy.memory_management.aimdo_enabled = dynamic
     transformer = getattr(model, model.clip).transformer
     generator = torch.Generator().manual_seed(seed)
     state = {}

@@ -1,7 +1,8 @@
 """In-process checks against ComfyUI's own classes; run by test_comfyui.py under COMFYUI_PYTHON.
 
-Usage: python inprocess_checks.py text_encoder t5|clip_l [lora]  |  lowvram MODEL.safetensors
-(prints one line ``RESULT {json}``)
+Usage: python inprocess_checks.py text_encoder t5|clip_l [lora] [dynamic] | lowvram MODEL | sampling MODEL [dynamic]
+(prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
+(needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
 package name of its own, as ComfyUI itself imports custom nodes.
 """
@@ -17,7 +18,6 @@ import torch
 from comfy_runtime import setup_comfy
 
 REPO = Path(__file__).resolve().parents[2]
-setup_comfy()
 
 
 def import_pack():
@@ -158,13 +158,66 @@ def check_lowvram(model_path: str) -> dict:
     }
 
 
+def check_sampling(model_path: str) -> dict:
+    """KSampler's sampling (``comfy.sample.sample``) on the same seed with the stock loader in bf16, ComfyUI's own
+    fp8 weight dtypes (``fp8_e4m3fn`` and ``fp8_e4m3fn_fast``) and Load FP8 DiT (dynamic per-token, weight-only)."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    import folder_paths
+
+    pack = import_pack()
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(model_path).parent))
+    name = Path(model_path).name
+    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+    summaries = {}
+
+    def ours(**options):
+        output = loader.load(name, **options)
+        summaries[options.get("activation_scheme", "auto")] = output["ui"]["text"][0]
+        return output["result"][0]
+
+    loaders = {
+        "bf16": lambda: comfy.sd.load_diffusion_model(model_path),
+        "stock_fp8": lambda: comfy.sd.load_diffusion_model(model_path, model_options={"dtype": torch.float8_e4m3fn}),
+        "stock_fp8_fast": lambda: comfy.sd.load_diffusion_model(
+            model_path, model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
+        ),
+        "ours": ours,
+        "ours_weight_only": lambda: ours(activation_scheme="none"),
+    }
+    generator = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
+    negative = [[torch.randn(1, 8, 4096, generator=generator), {}]]
+    latent = torch.zeros(1, 16, 2, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    outputs, patchers = {}, {}
+    for key, load in loaders.items():
+        model = load()
+        patchers[key] = type(model).__name__
+        outputs[key] = comfy.sample.sample(
+            model, noise, 4, 2.0, "euler", "simple", positive, negative, latent, seed=42, disable_pbar=True
+        ).float()
+        comfy.model_management.unload_all_models()
+        del model
+    return {
+        "device": str(comfy.model_management.get_torch_device()),
+        "errors": {key: rel_err(value, outputs["bf16"]) for key, value in outputs.items() if key != "bf16"},
+        "patchers": patchers,
+        "summaries": summaries,
+    }
+
+
 if __name__ == "__main__":
+    dynamic = setup_comfy(dynamic_vram="dynamic" in sys.argv[2:])
     check = sys.argv[1]
     argument = sys.argv[2] if len(sys.argv) > 2 else None
     if check == "text_encoder":
         result = check_text_encoder(argument, with_lora="lora" in sys.argv[3:])
     elif check == "lowvram":
         result = check_lowvram(argument)
+    elif check == "sampling":
+        result = check_sampling(argument)
     else:
         raise SystemExit(f"unknown check {check!r}")
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps({**result, "dynamic_vram": dynamic}))

@@ -167,9 +167,15 @@ def run_inprocess(check: str, *args: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.parametrize("family", ["t5", "clip_l", "t5 lora"])
+def skip_unless_dynamic(result: dict, wanted: bool) -> None:
+    if wanted and not result["dynamic_vram"]:
+        pytest.skip("ComfyUI's dynamic VRAM needs a CUDA GPU and comfy-aimdo")
+
+
+@pytest.mark.parametrize("family", ["t5", "clip_l", "t5 lora", "t5 lora dynamic", "clip_l dynamic"])
 def test_quantize_text_encoder_leaves_input_clip_alone(family):
     result = run_inprocess("text_encoder", *family.split())
+    skip_unless_dynamic(result, "dynamic" in family)
     assert result.get("lora_effect", 1.0) > 0.1, result  # the patches matter, so following them is tested
     assert result["fp8_layers"] > 0, result
     assert result["input_unchanged"] and result["input_classes_unchanged"], result
@@ -201,6 +207,23 @@ def test_quantize_text_encoder_through_clip_text_encode(comfyui, family):
     for key in reference:
         error = rel_err(quantized[key], reference[key])
         assert 0 < error < 0.15, (key, error)
+
+
+@pytest.mark.parametrize("vram", ["classic", "dynamic"])
+def test_sampling_in_process_close_to_bf16_and_beats_stock_fp8(tmp_path, vram):
+    """The sampling comparison of the server test, in one process: on a GPU this runs the FP8 kernels, next to
+    ComfyUI's own fp8 paths and, with ``dynamic``, under ComfyUI's default dynamic-VRAM model management."""
+    model = write_fixture("wan", tmp_path / "tiny_wan.safetensors")
+    result = run_inprocess("sampling", str(model), *(["dynamic"] if vram == "dynamic" else []))
+    skip_unless_dynamic(result, vram == "dynamic")
+    print(result)
+    errors = result["errors"]
+    assert errors["ours"] < 0.1, result
+    assert errors["ours_weight_only"] < errors["stock_fp8"], result
+    assert errors["ours"] < errors["stock_fp8"] * 1.5, result
+    assert result["patchers"]["ours"] == "ModelPatcher", result  # the classic patcher drives the fp8 layers
+    if result["device"].startswith("cuda"):
+        assert "kernel scaled_mm" in result["summaries"]["auto"], result
 
 
 def test_lowvram_partial_load_matches_full_load(tmp_path):

@@ -1,0 +1,184 @@
+"""End-to-end benchmark inside a real ComfyUI (COMFYUI_DIR): a Wan 2.1 DiT step with the stock loader in bf16,
+ComfyUI's own ``fp8_e4m3fn`` and ``fp8_e4m3fn_fast`` weight dtypes, and Load FP8 DiT (dynamic per-token, and
+weight-only), in one process on one GPU.
+
+The model is random, built with ComfyUI's ``WanModel`` at a real width (layers can be fewer than the real
+model's: each block is the same work), saved as a bf16 safetensors file and loaded through each path the way
+the nodes load it. Per path it prints the time of one ``apply_model`` call (median of back-to-back rounds,
+CUDA events), the GPU memory the weights take, and the relative error of the output against bf16.
+
+Usage (under ComfyUI's Python, or any with ComfyUI's packages):
+    COMFYUI_DIR=... python bench/bench_comfy_wan.py [--preset wan1.3b|wan14b-4layers] [--frames 9] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from comfy_runtime import setup_comfy  # noqa: E402
+
+PRESETS = {
+    # name: (dim, ffn_dim, heads, layers)
+    "wan1.3b": (1536, 8960, 12, 30),
+    "wan14b-4layers": (5120, 13824, 40, 4),
+    "tiny": (256, 512, 2, 2),
+}
+
+
+def write_model(path: Path, dim: int, ffn_dim: int, heads: int, layers: int) -> None:
+    import comfy.ops
+    import torch
+    from comfy.ldm.wan.model import WanModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = WanModel(
+            model_type="t2v",
+            dim=dim,
+            ffn_dim=ffn_dim,
+            num_heads=heads,
+            num_layers=layers,
+            operations=comfy.ops.disable_weight_init,
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.02)
+            else:
+                param.normal_(0, 1.0 / max(1, param.shape[-1]) ** 0.5)
+    state = {f"model.diffusion_model.{k}": v.contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def import_pack():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_fp8_quant", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_fp8_quant"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_ms(fn, rounds: int = 5, reps: int = 3) -> float:
+    import torch
+
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=list(PRESETS), default="wan14b-4layers")
+    parser.add_argument("--frames", type=int, default=9, help="latent frames (9 = 33 video frames)")
+    parser.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
+    parser.add_argument("--width", type=int, default=104, help="latent width (104 = 832 px)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    setup_comfy()
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+    import torch
+
+    pack = import_pack()
+    dim, ffn_dim, heads, layers = PRESETS[args.preset]
+    folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
+    path = folder / f"wan_{args.preset}_bf16.safetensors"
+    started = time.perf_counter()
+    write_model(path, dim, ffn_dim, heads, layers)
+    print(f"model {args.preset}: dim {dim}, ffn {ffn_dim}, {layers} layers; written in {time.perf_counter() - started:.1f}s")
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+
+    def ours(**options):
+        output = loader.load(path.name, **options)
+        print("  " + output["ui"]["text"][0])
+        return output["result"][0]
+
+    paths = {
+        "bf16 (stock UNETLoader)": lambda: comfy.sd.load_diffusion_model(str(path)),
+        "ComfyUI fp8_e4m3fn": lambda: comfy.sd.load_diffusion_model(
+            str(path), model_options={"dtype": torch.float8_e4m3fn}
+        ),
+        "ComfyUI fp8_e4m3fn_fast": lambda: comfy.sd.load_diffusion_model(
+            str(path), model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
+        ),
+        "ours dynamic per-token": ours,
+        "ours weight-only": lambda: ours(activation_scheme="none"),
+    }
+    device = comfy.model_management.get_torch_device()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, args.frames, args.height, args.width, generator=generator).to(device, torch.bfloat16)
+    context = torch.randn(1, 512, 4096, generator=generator).to(device, torch.bfloat16)
+    timestep = torch.tensor([0.6], device=device)
+    tokens = args.frames * (args.height // 2) * (args.width // 2)
+    print(f"input: latent {list(x.shape)} = {tokens} tokens, text 512 tokens; {torch.cuda.get_device_name()}")
+    results = {}
+    reference = None
+    for name, load in paths.items():
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        before = torch.cuda.memory_allocated()
+        started = time.perf_counter()
+        patcher = load()
+        comfy.model_management.load_models_gpu([patcher])
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - started
+        weights = torch.cuda.memory_allocated() - before
+        model = patcher.model
+
+        def step(model=model):
+            with torch.inference_mode():
+                return model.apply_model(x, timestep, c_crossattn=context)
+
+        out = step().float()
+        if reference is None:
+            reference = out
+        error = ((out - reference).norm() / reference.norm()).item()
+        ms = time_ms(step)
+        results[name] = {"ms": ms, "weights_gib": weights / 2**30, "rel_err": error, "load_s": load_s}
+        del model, patcher, step, out
+    comfy.model_management.unload_all_models()
+
+    base = results["bf16 (stock UNETLoader)"]
+    comfy_fast = results["ComfyUI fp8_e4m3fn_fast"]
+    print(f"{'path':28s} {'ms/step':>8s} {'x bf16':>7s} {'x fast':>7s} {'weights GiB':>11s} {'rel err':>8s} {'load s':>7s}")
+    for name, row in results.items():
+        print(
+            f"{name:28s} {row['ms']:8.2f} {base['ms'] / row['ms']:7.2f} {comfy_fast['ms'] / row['ms']:7.2f} "
+            f"{row['weights_gib']:11.2f} {row['rel_err']:8.4f} {row['load_s']:7.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "tokens": tokens, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
