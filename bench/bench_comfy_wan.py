@@ -114,7 +114,8 @@ def main() -> None:
     path = folder / f"wan_{args.preset}_bf16.safetensors"
     started = time.perf_counter()
     write_model(path, dim, ffn_dim, heads, layers)
-    print(f"model {args.preset}: dim {dim}, ffn {ffn_dim}, {layers} layers; written in {time.perf_counter() - started:.1f}s")
+    written_s = time.perf_counter() - started
+    print(f"model {args.preset}: dim {dim}, ffn {ffn_dim}, {layers} layers; written in {written_s:.1f}s")
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
 
@@ -170,12 +171,18 @@ def main() -> None:
 
     base = results["bf16 (stock UNETLoader)"]
     comfy_fast = results["ComfyUI fp8_e4m3fn_fast"]
-    print(f"{'path':28s} {'ms/step':>8s} {'x bf16':>7s} {'x fast':>7s} {'weights GiB':>11s} {'rel err':>8s} {'load s':>7s}")
+    header = ("ms/step", "x bf16", "x fast", "weights GiB", "rel err", "load s")
+    print(f"{'path':28s} " + " ".join(f"{title:>11s}" for title in header))
     for name, row in results.items():
-        print(
-            f"{name:28s} {row['ms']:8.2f} {base['ms'] / row['ms']:7.2f} {comfy_fast['ms'] / row['ms']:7.2f} "
-            f"{row['weights_gib']:11.2f} {row['rel_err']:8.4f} {row['load_s']:7.1f}"
+        values = (
+            row["ms"],
+            base["ms"] / row["ms"],
+            comfy_fast["ms"] / row["ms"],
+            row["weights_gib"],
+            row["rel_err"],
+            row["load_s"],
         )
+        print(f"{name:28s} " + " ".join(f"{value:11.4f}" for value in values))
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "tokens": tokens, "results": results}, indent=1))
 

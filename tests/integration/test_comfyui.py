@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMFYUI_DIR, COMFYUI_PYTHON, SKIP_REASON, write_fixture
+from conftest import COMFYUI_DIR, COMFYUI_PYTHON, REPO, SKIP_REASON, write_fixture
 from safetensors.torch import load_file, save_file
 
 from fp8_quant.formats import convert_checkpoint
@@ -37,7 +37,7 @@ def tiny_wan(comfyui) -> str:
     return bf16.name
 
 
-def sampling_prompt(loader: dict, name: str, lora: str | None = None) -> dict:
+def sampling_prompt(loader: dict, name: str, lora: str | None = None, shift: float | None = None) -> dict:
     prompt = {
         "1": loader,
         "2": {"class_type": "FP8TestRandomConditioning", "inputs": {"width": 4096, "tokens": 8, "seed": 1}},
@@ -69,6 +69,12 @@ def sampling_prompt(loader: dict, name: str, lora: str | None = None) -> dict:
             "inputs": {"model": ["1", 0], "lora_name": lora, "strength_model": 1.0},
         }
         prompt["5"]["inputs"]["model"] = ["7", 0]
+    if shift is not None:  # ModelSamplingSD3, as Wan and Flux workflows use it, after the loader (and LoRA)
+        prompt["8"] = {
+            "class_type": "ModelSamplingSD3",
+            "inputs": {"model": prompt["5"]["inputs"]["model"], "shift": shift},
+        }
+        prompt["5"]["inputs"]["model"] = ["8", 0]
     return prompt
 
 
@@ -80,8 +86,8 @@ def our_loader(name: str, **options) -> dict:
     return {"class_type": "LoadFP8DiT", "inputs": {"unet_name": name, **options}}
 
 
-def sample(comfyui, loader: dict, name: str, lora: str | None = None) -> torch.Tensor:
-    entry = comfyui.run(sampling_prompt(loader, name, lora))
+def sample(comfyui, loader: dict, name: str, lora: str | None = None, shift: float | None = None) -> torch.Tensor:
+    entry = comfyui.run(sampling_prompt(loader, name, lora, shift))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
     return load_file(str(comfyui.output / f"{name}.safetensors"))["samples"]
 
@@ -121,9 +127,12 @@ def test_converted_files_load_in_our_loader(comfyui, tiny_wan, file):
     assert rel_err(sample(comfyui, our_loader(file), f"ours_{file}"), reference) < 0.15
 
 
-def test_our_comfy_scaled_file_loads_in_stock_unet_loader(comfyui, tiny_wan):
+@pytest.mark.parametrize("file", ["tiny_wan_fp8_scaled.safetensors", "tiny_wan_fp8_quant.safetensors"])
+def test_our_converted_files_load_in_stock_unet_loader(comfyui, tiny_wan, file):
+    """comfy-scaled (scale_weight + scaled_fp8) and comfy-quant (.comfy_quant) files from our writer, through
+    ComfyUI's own UNETLoader."""
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref2")
-    converted = sample(comfyui, stock_loader("tiny_wan_fp8_scaled.safetensors"), "stock_on_converted")
+    converted = sample(comfyui, stock_loader(file), f"stock_on_{file}")
     assert rel_err(converted, reference) < 0.15
 
 
@@ -136,13 +145,24 @@ def test_lora_changes_fp8_model_like_bf16(comfyui, tiny_wan):
             lora[f"{key}.lora_down.weight"] = torch.randn(4, 256, generator=generator) * 0.2
             lora[f"{key}.lora_up.weight"] = torch.randn(256, 4, generator=generator) * 0.2
     save_file(lora, str(comfyui.models / "loras" / "tiny_wan_lora.safetensors"))
-    base_bf16 = sample(comfyui, stock_loader(tiny_wan), "lora_base_bf16")
-    lora_bf16 = sample(comfyui, stock_loader(tiny_wan), "lora_bf16", lora="tiny_wan_lora.safetensors")
-    base_fp8 = sample(comfyui, our_loader(tiny_wan), "lora_base_fp8")
-    lora_fp8 = sample(comfyui, our_loader(tiny_wan), "lora_fp8", lora="tiny_wan_lora.safetensors")
+    lora = "tiny_wan_lora.safetensors"
+    base_bf16 = sample(comfyui, stock_loader(tiny_wan), "lora_base_bf16", shift=5.0)
+    lora_bf16 = sample(comfyui, stock_loader(tiny_wan), "lora_bf16", lora=lora, shift=5.0)
+    base_fp8 = sample(comfyui, our_loader(tiny_wan), "lora_base_fp8", shift=5.0)
+    lora_fp8 = sample(comfyui, our_loader(tiny_wan), "lora_fp8", lora=lora, shift=5.0)
     assert rel_err(lora_bf16, base_bf16) > 0.05  # the LoRA matters
     assert rel_err(lora_fp8 - base_fp8, lora_bf16 - base_bf16) < 0.3
     assert rel_err(lora_fp8, lora_bf16) < 0.12
+
+
+def test_example_workflows_use_only_known_nodes(comfyui):
+    info = comfyui.get("/object_info")
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        types = {node["type"] for node in json.loads(path.read_text())["nodes"]}
+        assert types <= info.keys(), (path.name, types - info.keys())
+    for path in sorted((REPO / "example_workflows" / "api").glob("*.json")):
+        types = {node["class_type"] for node in json.loads(path.read_text()).values()}
+        assert types <= info.keys(), (path.name, types - info.keys())
 
 
 def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan):
