@@ -19,7 +19,7 @@ from torch import nn
 from .config import Fp8Config, matching_pattern
 from .fp8_utils import is_fp8_dtype
 from .kernels import explain_choice
-from .methods import Fp8OnlineLinearMethod
+from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +63,24 @@ class Fp8Report:
         return sum(layer.bytes_after for layer in self.layers)
 
     def summary(self) -> str:
-        reasons: dict[str, int] = {}
-        for layer in self.skipped:
-            reasons[layer.reason] = reasons.get(layer.reason, 0) + 1
-        skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        skipped = _count_reasons(self.skipped)
+        kept_fp8 = _count_reasons([layer for layer in self.quantized if layer.reason != "quantized"])
         text = (
             f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
+            f"{f' ({kept_fp8})' if kept_fp8 else ''}"
             f"{f' (skipped: {skipped})' if skipped else ''}; linear weights "
             f"{_mib(self.bytes_before)} -> {_mib(self.bytes_after)}; {self.config.describe()}"
         )
         if self.kernel_choice:
             text += f"; kernel {self.kernel_choice}"
         return text
+
+
+def _count_reasons(layers: list[LayerReport]) -> str:
+    reasons: dict[str, int] = {}
+    for layer in layers:
+        reasons[layer.reason] = reasons.get(layer.reason, 0) + 1
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
 
 
 def prepare_model_for_fp8(
@@ -130,7 +136,15 @@ def _prepare_layer(
     if weight is None or weight.device.type == "meta":
         return LayerReport(name, False, "no materialised weight", size, size)
     if is_fp8_dtype(weight.dtype):
-        return LayerReport(name, False, "weight already fp8 without a scale", size, size)
+        # A plain fp8 cast (how ComfyUI holds an fp8 text-encoder file on a GPU): the stored values are the
+        # weights, at unit scale. Re-quantizing cannot win back precision, so they are used as they are.
+        module.weight_scale = nn.Parameter(torch.ones((), device=weight.device), requires_grad=False)
+        module.input_scale = None
+        unit_scale_method = Fp8LinearMethod(config, method.kernel)
+        unit_scale_method.process_weights_after_loading(module, name)
+        module.fp8_method = unit_scale_method
+        (install or install_instance_forward)(module)
+        return LayerReport(name, True, "fp8 weight used as it is (unit scale)", size, fp8_layer_bytes(module))
     if not weight.dtype.is_floating_point or weight.dim() != 2:
         return LayerReport(name, False, f"unsupported weight {weight.dtype} {tuple(weight.shape)}", size, size)
     method.process_weights_after_loading(module, name, quantize_device)

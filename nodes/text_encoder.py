@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 
+from torch import nn
+
 from fp8_quant import clone_module_tree, prepare_model_for_fp8
 
 from .loader import CATEGORY
@@ -56,6 +58,28 @@ def _forget_patcher_state(model) -> None:
         for name in ("weight_function", "bias_function"):
             if name in module.__dict__:
                 setattr(module, name, [])
+
+
+_LINEAR_ATTRIBUTES = ("in_features", "out_features", "weight")
+
+
+def _comfy_mixed_precision_layers(model) -> dict[str, str]:
+    """Linear layers of ComfyUI's own mixed-precision ops (fp8/fp4 text-encoder files, ``.comfy_quant``): not
+    ``nn.Linear``, their weights are ComfyUI's quantized tensors. Name -> format ("" for a layer left in high
+    precision). They keep ComfyUI's forward."""
+    return {
+        name: getattr(module, "quant_format", None) or ""
+        for name, module in model.named_modules()
+        if not isinstance(module, nn.Linear) and all(hasattr(module, a) for a in _LINEAR_ATTRIBUTES)
+    }
+
+
+def _describe_mixed(layers: dict[str, str]) -> str:
+    formats: dict[str, int] = {}
+    for layer_format in layers.values():
+        formats[layer_format or "high precision"] = formats.get(layer_format or "high precision", 0) + 1
+    kinds = ", ".join(f"{count} {name}" for name, count in sorted(formats.items()))
+    return f"{len(layers)} layers of ComfyUI's own quantized ops kept as loaded ({kinds})"
 
 
 def _restore_backups(model, source_patcher) -> None:
@@ -115,6 +139,13 @@ class QuantizeTextEncoderFP8:
         import comfy.utils
 
         config = online_config(activation_scheme, activation_granularity, weight_granularity, skip_layers)
+        mixed = _comfy_mixed_precision_layers(clip.cond_stage_model)
+        if mixed and not any(isinstance(m, nn.Linear) for m in clip.cond_stage_model.modules()):
+            # A text encoder ComfyUI already loaded quantized (an fp8 "scaled" or .comfy_quant file): nothing to
+            # do, and not an error, since the graph still works; the input goes out as it came in.
+            summary = f"text encoder {type(clip.cond_stage_model).__name__}: {_describe_mixed(mixed)}; unchanged"
+            logger.info(summary)
+            return {"ui": {"text": [summary]}, "result": (clip,)}
         source_patcher = clip.patcher
         model = clone_module_tree(clip.cond_stage_model)
         _restore_backups(model, source_patcher)
@@ -139,5 +170,7 @@ class QuantizeTextEncoderFP8:
         new_clip.patcher = _patcher_for(source_patcher, model)
         new_clip.patcher.size = 0  # recomputed from the fp8 model on the next load
         summary = f"text encoder {type(model).__name__}: {report.summary()}"
+        if mixed:
+            summary += f"; {_describe_mixed(mixed)}"
         logger.info(summary)
         return {"ui": {"text": [summary]}, "result": (new_clip,)}

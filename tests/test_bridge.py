@@ -124,3 +124,30 @@ def test_half_model_keeps_dtype():
     out = model(x)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, reference) < 0.08
+
+
+def test_plain_fp8_weights_are_used_at_unit_scale():
+    """A model holding fp8-cast weights (ComfyUI's fp8 text encoders on a GPU): used as they are, in fp8."""
+    torch.manual_seed(3)
+    source = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+    with torch.no_grad():
+        for layer in (source[0], source[2]):
+            layer.weight.data = (layer.weight * 40).to(torch.float8_e4m3fn)
+    x = outlier_input(4, 64, seed=8)
+
+    def reference(inp: torch.Tensor) -> torch.Tensor:
+        hidden = nn.functional.gelu(nn.functional.linear(inp, source[0].weight.float(), source[0].bias))
+        return nn.functional.linear(hidden, source[2].weight.float(), source[2].bias)
+
+    expected = reference(x)
+    before = [layer.weight.clone() for layer in (source[0], source[2])]
+    model = clone_module_tree(source)
+    report = prepare_model_for_fp8(model, Fp8Config())
+    assert len(report.quantized) == 2
+    assert "2 fp8 weight used as it is (unit scale)" in report.summary()
+    assert model[0].weight.dtype == torch.float8_e4m3fn and model[0].weight_scale.item() == 1.0
+    with torch.no_grad():
+        assert rel_err(model(x), expected) < 0.08  # only the activations are quantized
+    for layer, weight in zip((source[0], source[2]), before, strict=True):
+        assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))
+        assert not hasattr(layer, "fp8_method")

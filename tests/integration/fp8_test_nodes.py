@@ -20,6 +20,13 @@ TINY_TEXT_ENCODERS = {
         "t5base_model_config",
         {"d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128, "num_layers": 2},
     ),
+    # Wan's UMT5-XXL class at a tiny width. ComfyUI detects UMT5 files by their 24th block, so this one is built
+    # directly (ComfyUI's CLIP, Wan tokenizer with a tiny SentencePiece model, Wan's text-encoder class).
+    "umt5": (
+        None,
+        "umt5xxl_model_config",
+        {"d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128, "num_layers": 2, "vocab_size": 64},
+    ),
     "clip_l": (
         "STABLE_DIFFUSION",
         "clip_l_model_config",
@@ -41,8 +48,11 @@ def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tens
     from comfy.sd1_clip import SD1ClipModel
 
     _, option, config = TINY_TEXT_ENCODERS[family]
+    import comfy.text_encoders.wan
+
     builders = {
         "t5": lambda: comfy.text_encoders.sa_t5.SAT5Model(model_options={option: config}),
+        "umt5": lambda: comfy.text_encoders.wan.WanT5Model(model_options={option: config}),
         "clip_l": lambda: SD1ClipModel(model_options={option: config}),
     }
     import comfy.memory_management
@@ -69,23 +79,87 @@ def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tens
             tensor = torch.randn(value.shape, generator=generator) * 0.02
         else:
             # Small enough that the random encoder is not chaotic (T5 does not scale its attention logits).
-            gain = 0.3 if any(part in key for part in (".q.", ".k.", "q_proj", "k_proj")) else 0.7
+            gain = 0.3 if any(part in key for part in (".q.", ".k.", "q_proj", "k_proj", "relative_attention")) else 0.7
             tensor = torch.randn(value.shape, generator=generator) * gain / max(1, value.shape[-1]) ** 0.5
         state[key] = tensor
     return state
 
 
-def tiny_text_encoder(family: str, seed: int = 0):
+STORAGES = ["bf16", "fp8", "comfy_quant"]
+
+
+def comfy_quant_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's own mixed-precision layout: fp8 weight, per-tensor ``weight_scale``, ``.comfy_quant`` JSON."""
+    import json
+
+    marker = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    out = {}
+    for key, value in state.items():
+        layer = key[: -len(".weight")]
+        if key.endswith(".weight") and value.dim() == 2 and not any(p in key for p in ("embed", "shared", "relative")):
+            scale = value.float().abs().max() / 448.0
+            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            out[layer + ".weight_scale"] = scale.reshape(())
+            out[layer + ".comfy_quant"] = marker
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_text_encoder(family: str, seed: int = 0, storage: str = "bf16"):
+    """``storage``: bf16 weights; ``fp8``, held as plain fp8 casts (ComfyUI's fp8 weight dtype); ``comfy_quant``,
+    loaded by ComfyUI's own mixed-precision ops from a ``.comfy_quant`` file."""
     import comfy.sd
 
     clip_type_name, option, config = TINY_TEXT_ENCODERS[family]
     state = tiny_text_encoder_state_dict(family, seed)
+    # CLIP-L files go through ComfyUI's long-CLIP check, which rebuilds the clip_l option from "model_config".
+    model_options = {option: config, "model_config": dict(config)}
+    if storage == "fp8":
+        model_options["dtype"] = torch.float8_e4m3fn
+    elif storage == "comfy_quant":
+        state = comfy_quant_state_dict(state)
+        model_options["quantization_metadata"] = {"mixed_ops": True}
+    if clip_type_name is None:
+        import comfy.text_encoders.wan
+        from comfy.supported_models_base import ClipTarget
+
+        target = ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, comfy.text_encoders.wan.te())
+        return comfy.sd.CLIP(
+            target,
+            tokenizer_data={"spiece_model": tiny_spiece_model()},
+            state_dict=[state],
+            model_options=model_options,
+        )
     return comfy.sd.load_text_encoder_state_dicts(
-        [state],
-        clip_type=getattr(comfy.sd.CLIPType, clip_type_name),
-        # CLIP-L files go through ComfyUI's long-CLIP check, which rebuilds the clip_l option from "model_config".
-        model_options={option: config, "model_config": dict(config)},
+        [state], clip_type=getattr(comfy.sd.CLIPType, clip_type_name), model_options=model_options
     )
+
+
+def tiny_spiece_model() -> bytes:
+    """A SentencePiece model trained here on a few sentences, with T5's special ids (pad 0, eos 1)."""
+    import io
+
+    import sentencepiece
+
+    corpus = [
+        "a red fox jumps over the lazy dog",
+        "cinematic shot of a cat in the snow",
+        "a woman walks on the beach at sunset",
+    ] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=64,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    return model.getvalue()
 
 
 class FP8TestRandomConditioning:
@@ -115,10 +189,16 @@ class FP8TestTinyTextEncoder:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(TINY_TEXT_ENCODERS),), "seed": ("INT", {"default": 0})}}
+        return {
+            "required": {
+                "family": (list(TINY_TEXT_ENCODERS),),
+                "seed": ("INT", {"default": 0}),
+                "storage": (STORAGES, {"default": "bf16"}),
+            }
+        }
 
-    def load(self, family, seed):
-        return (tiny_text_encoder(family, seed),)
+    def load(self, family, seed, storage):
+        return (tiny_text_encoder(family, seed, storage),)
 
 
 def _save(name: str, tensors: dict[str, torch.Tensor]) -> dict:

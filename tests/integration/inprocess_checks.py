@@ -1,6 +1,7 @@
 """In-process checks against ComfyUI's own classes; run by test_comfyui.py under COMFYUI_PYTHON.
 
-Usage: python inprocess_checks.py text_encoder t5|clip_l [lora] [dynamic] | lowvram MODEL | sampling MODEL [dynamic]
+Usage: python inprocess_checks.py text_encoder t5|clip_l [lora] [fp8|comfy_quant] [dynamic]
+       python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic]
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
@@ -34,7 +35,7 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
-def check_text_encoder(family: str, with_lora: bool = False) -> dict:
+def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf16") -> dict:
     """The input CLIP keeps every tensor byte for byte and encodes as before; the fp8 copy encodes close to it.
 
     ``with_lora``: the input carries weight patches and has been used (so ComfyUI patched its weights in place):
@@ -43,7 +44,7 @@ def check_text_encoder(family: str, with_lora: bool = False) -> dict:
     from fp8_test_nodes import tiny_text_encoder
 
     pack = import_pack()
-    clip = tiny_text_encoder(family)
+    clip = tiny_text_encoder(family, storage=storage)
     tokens = clip.tokenize("a red fox jumps over the lazy dog, cinematic")
     extra = {}
     if with_lora:
@@ -72,6 +73,7 @@ def check_text_encoder(family: str, with_lora: bool = False) -> dict:
         "input_encodes_as_before": bool(torch.equal(again, reference)),
         "fp8_layers": fp8_layers,
         "summary": output["ui"]["text"][0],
+        "returned_input": new_clip is clip,
     }
     if reference_pooled is not None:
         result["pooled_rel_err"] = rel_err(quantized_pooled, reference_pooled)
@@ -213,7 +215,9 @@ if __name__ == "__main__":
     check = sys.argv[1]
     argument = sys.argv[2] if len(sys.argv) > 2 else None
     if check == "text_encoder":
-        result = check_text_encoder(argument, with_lora="lora" in sys.argv[3:])
+        words = sys.argv[3:]
+        storage = next((word for word in words if word in ("fp8", "comfy_quant")), "bf16")
+        result = check_text_encoder(argument, with_lora="lora" in words, storage=storage)
     elif check == "lowvram":
         result = check_lowvram(argument)
     elif check == "sampling":
