@@ -53,22 +53,25 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
         clip = clip.clone()
         clip.add_patches(diff_patches(clip.cond_stage_model, "", names, 0.5, 11))
         extra["lora_effect"] = rel_err(clip.encode_from_tokens(tokens), base)
-    before_state = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     before_classes = [type(m) for m in clip.cond_stage_model.modules()]
     reference, reference_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    # Taken after ComfyUI's own first load of the input (which may cast or move its tensors), so that what is
+    # compared is what the node did.
+    before_state = {k: v.detach().clone() for k, v in clip.cond_stage_model.state_dict().items()}
     node = pack.NODE_CLASS_MAPPINGS["QuantizeTextEncoderFP8"]()
     output = node.quantize(clip)
+    changed = changed_keys(before_state, clip.cond_stage_model.state_dict())
     new_clip = output["result"][0]
     quantized, quantized_pooled = new_clip.encode_from_tokens(tokens, return_pooled=True)
+    changed_after_use = changed_keys(before_state, clip.cond_stage_model.state_dict())
     again, again_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    after_state = clip.cond_stage_model.state_dict()
-    unchanged = after_state.keys() == before_state.keys() and all(
-        same_bytes(after_state[key], before_state[key]) for key in before_state
-    )
+    unchanged = not changed and not changed_after_use
     fp8_layers = sum(1 for m in new_clip.cond_stage_model.modules() if getattr(m, "fp8_method", None) is not None)
     result = {
         "rel_err": rel_err(quantized, reference),
         "input_unchanged": unchanged,
+        "changed_by_node": changed[:5],
+        "changed_after_copy_used": changed_after_use[:5],
         "input_classes_unchanged": before_classes == [type(m) for m in clip.cond_stage_model.modules()],
         "input_encodes_as_before": bool(torch.equal(again, reference)),
         "fp8_layers": fp8_layers,
@@ -79,6 +82,11 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
         result["pooled_rel_err"] = rel_err(quantized_pooled, reference_pooled)
         result["input_encodes_as_before"] &= bool(torch.equal(again_pooled, reference_pooled))
     return {**result, **extra}
+
+
+def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    keys = sorted(before.keys() | after.keys())
+    return [key for key in keys if key not in before or key not in after or not same_bytes(after[key], before[key])]
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
