@@ -99,6 +99,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=9, help="latent frames (9 = 33 video frames)")
     parser.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
     parser.add_argument("--width", type=int, default=104, help="latent width (104 = 832 px)")
+    parser.add_argument(
+        "--lowvram-gib",
+        type=float,
+        default=None,
+        help="load each model partially (ComfyUI's lowvram), with this many GiB of weights on the GPU",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -150,7 +156,11 @@ def main() -> None:
         before = torch.cuda.memory_allocated()
         started = time.perf_counter()
         patcher = load()
-        comfy.model_management.load_models_gpu([patcher])
+        if args.lowvram_gib is None:
+            comfy.model_management.load_models_gpu([patcher])
+        else:
+            budget = int(args.lowvram_gib * 2**30)
+            patcher.load(device, lowvram_model_memory=budget, force_patch_weights=False, full_load=False)
         torch.cuda.synchronize()
         load_s = time.perf_counter() - started
         weights = torch.cuda.memory_allocated() - before
@@ -166,6 +176,8 @@ def main() -> None:
         error = ((out - reference).norm() / reference.norm()).item()
         ms = time_ms(step)
         results[name] = {"ms": ms, "weights_gib": weights / 2**30, "rel_err": error, "load_s": load_s}
+        if args.lowvram_gib is not None:
+            patcher.detach()
         del model, patcher, step, out
     comfy.model_management.unload_all_models()
 
