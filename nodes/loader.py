@@ -10,6 +10,7 @@ import torch
 from fp8_quant.formats import CheckpointError, load_checkpoint, scan_checkpoint
 from fp8_quant.kernels import explain_choice
 
+from .comfy_cast import comfy_weight_caster
 from .ops import LoadPlan, make_fp8_operations
 from .options import (
     file_config,
@@ -85,6 +86,7 @@ class LoadFP8DiT:
         plan.skip_patterns = plan.skip_patterns + skip
         plan.quantize_device = device if device.type == "cuda" else None
         plan.progress = lambda name: step()
+        plan.weight_caster = comfy_weight_caster()
         plan.report.config = plan.fp8_config or plan.online_config
         operations = make_fp8_operations(comfy.ops.manual_cast, plan)
         # The compute dtype, given explicitly: left to ComfyUI, an fp8 state dict would make it build the

@@ -34,10 +34,22 @@ def _scale_for(weight_scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, 1) if scale.dim() else scale
 
 
+@dataclass(frozen=True)
+class WeightCaster:
+    """How an offloaded layer's weight reaches the compute device: ComfyUI's own ``cast_bias_weight`` /
+    ``uncast_bias_weight`` pair (offload streams, pinned buffers, transfers overlapped with compute), passed in by
+    the node so that this module stays free of ``comfy`` imports. ``cast(layer, x)`` -> (weight, bias, handle)
+    with the weight in its stored (fp8) dtype; ``uncast(layer, weight, bias, handle)`` after the product."""
+
+    cast: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, object]]
+    uncast: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, object], None]
+
+
 class Fp8ComfyLinearMixin:
     """Put before a ComfyUI ``Linear`` class: fp8 forward plus the convert/set weight protocol."""
 
     fp8_method: Fp8LinearMethod | None = None
+    fp8_weight_caster: WeightCaster | None = None
 
     def is_fp8(self) -> bool:
         return self.__dict__.get("fp8_method") is not None
@@ -104,6 +116,9 @@ class Fp8ComfyLinearMixin:
         bias_functions = getattr(self, "bias_function", None) or []
         weight_scale = self.current_weight_scale()
         if not weight_functions and not bias_functions:
+            caster = self.fp8_weight_caster
+            if caster is not None and self.weight.device != x.device:
+                return self._forward_offloaded(caster, x, weight_scale)
             if weight_scale is self.weight_scale:
                 return method.apply(self, x, self.bias)
             tensors = types.SimpleNamespace(weight=self.weight, weight_scale=weight_scale, input_scale=self.input_scale)
@@ -122,6 +137,18 @@ class Fp8ComfyLinearMixin:
             _take_real_values(function)
             weight = function(weight)
         return F.linear(x, weight.to(x.dtype), bias)
+
+    def _forward_offloaded(self, caster: WeightCaster, x: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        """A layer ComfyUI left on the offload device (lowvram): its weight comes over through ComfyUI's caster,
+        the fp8 kernel runs on it, and ComfyUI's offload stream is released after."""
+        weight, bias, handle = caster.cast(self, x)
+        input_scale = self.input_scale.to(x.device, non_blocking=True) if self.input_scale is not None else None
+        tensors = types.SimpleNamespace(
+            weight=weight, weight_scale=weight_scale.to(x.device, non_blocking=True), input_scale=input_scale
+        )
+        output = self.fp8_method.kernel_for(self, x.device).apply_weights(tensors, x, bias)
+        caster.uncast(self, weight, bias, handle)
+        return output
 
 
 def _take_real_values(function) -> None:
@@ -147,9 +174,11 @@ def fp8_class_for(linear_class: type) -> type:
     return mixed
 
 
-def install_comfy_forward(module: nn.Linear) -> None:
+def install_comfy_forward(module: nn.Linear, caster: WeightCaster | None = None) -> None:
     """``prepare_model_for_fp8`` installer for built ComfyUI models (text encoders): swap in the fp8 class."""
     module.__class__ = fp8_class_for(type(module))
+    if caster is not None:
+        module.fp8_weight_caster = caster
 
 
 @dataclass
@@ -167,6 +196,7 @@ class LoadPlan:
     skip_patterns: tuple[str, ...] = ()
     quantize_device: torch.device | str | None = None
     progress: Callable[[str], None] | None = None
+    weight_caster: WeightCaster | None = None
     report: Fp8Report = field(default_factory=lambda: Fp8Report(Fp8Config()))
 
     def fp8_method(self, has_input_scale: bool) -> Fp8LinearMethod:
@@ -182,6 +212,8 @@ def make_fp8_operations(base_operations: type, plan: LoadPlan) -> type:
     """A ComfyUI operations class (pass as ``custom_operations``) whose ``Linear`` loads by ``plan``."""
 
     class Linear(Fp8ComfyLinearMixin, base_operations.Linear):
+        fp8_weight_caster = plan.weight_caster
+
         def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
             # The base class sets up whatever attributes ComfyUI's ops expect, on the meta device: no memory is
             # allocated, the state dict brings the tensors (fp8, or high precision to quantize one by one).

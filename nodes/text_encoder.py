@@ -9,6 +9,7 @@ from torch import nn
 
 from fp8_quant import clone_module_tree, prepare_model_for_fp8
 
+from .comfy_cast import comfy_weight_caster
 from .loader import CATEGORY
 from .ops import install_comfy_forward
 from .options import (
@@ -151,6 +152,7 @@ class QuantizeTextEncoderFP8:
         _restore_backups(model, source_patcher)
         _forget_patcher_state(model)
         device = comfy.model_management.get_torch_device()
+        caster = comfy_weight_caster()
         progress = comfy.utils.ProgressBar(1)
         report = prepare_model_for_fp8(
             model,
@@ -159,7 +161,7 @@ class QuantizeTextEncoderFP8:
             quantize_device=device if device.type == "cuda" else None,
             compute_device=device,
             progress=lambda done, total, name: progress.update_absolute(done, total),
-            install=install_comfy_forward,
+            install=lambda module: install_comfy_forward(module, caster),
         )
         # The CLIP's settings (tokenizer, layer, options) with a model and patcher of its own. Not clip.clone():
         # that makes a patcher over the input's model, and a dynamic one detaches from that model when dropped.

@@ -17,7 +17,7 @@ from torch import nn
 
 from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8
 from fp8_quant.formats import convert_checkpoint, load_checkpoint
-from nodes.ops import Fp8ComfyLinearMixin, LoadPlan, install_comfy_forward, make_fp8_operations
+from nodes.ops import Fp8ComfyLinearMixin, LoadPlan, WeightCaster, install_comfy_forward, make_fp8_operations
 from nodes.options import file_config, online_config
 
 
@@ -258,3 +258,26 @@ def test_deepcopy_of_loaded_model_works(tmp_path, source):
     model, _ = fp8_model(tmp_path, source)
     x = outlier_input(2, 3, 32, seed=56)
     assert torch.equal(copy.deepcopy(model)(x), model(x))
+
+
+def test_offloaded_layer_takes_its_weight_through_comfyui_caster(tmp_path, source):
+    """A layer left on the offload device gets its fp8 weight through ComfyUI's cast/uncast pair (stand-in here:
+    the weight sits on the meta device, standing for "not on the compute device", and the caster brings it)."""
+    model, _ = fp8_model(tmp_path, source, "weight-scale", per_channel=True)
+    layer = model.blocks[0].attn.k
+    x = outlier_input(2, 6, 32, seed=55)
+    expected = model(x)
+    stored = layer.weight
+    calls = []
+
+    def cast(module, inp):
+        calls.append(("cast", module.weight.dtype, inp.dtype))
+        return stored, module.bias, "handle"
+
+    def uncast(module, weight, bias, handle):
+        calls.append(("uncast", weight is stored, handle))
+
+    layer.fp8_weight_caster = WeightCaster(cast, uncast)
+    layer.weight = nn.Parameter(torch.empty_like(stored, device="meta"), requires_grad=False)
+    assert torch.equal(model(x), expected)
+    assert calls == [("cast", torch.float8_e4m3fn, x.dtype), ("uncast", True, "handle")]
