@@ -132,7 +132,7 @@ class Fp8ComfyLinearMixin:
         if not weight_functions:
             tensors = types.SimpleNamespace(weight=weight, weight_scale=weight_scale, input_scale=self.input_scale)
             return method.kernel_for(self, x.device).apply_weights(tensors, x, bias)
-        weight = dequantize(weight, weight_scale.to(x.device), x.dtype)
+        weight = dequantize(weight, self._scale_on(weight_scale, x.device), x.dtype)
         for function in weight_functions:
             _take_real_values(function)
             weight = function(weight)
@@ -142,13 +142,28 @@ class Fp8ComfyLinearMixin:
         """A layer ComfyUI left on the offload device (lowvram): its weight comes over through ComfyUI's caster,
         the fp8 kernel runs on it, and ComfyUI's offload stream is released after."""
         weight, bias, handle = caster.cast(self, x)
-        input_scale = self.input_scale.to(x.device, non_blocking=True) if self.input_scale is not None else None
+        input_scale = self._scale_on(self.input_scale, x.device) if self.input_scale is not None else None
         tensors = types.SimpleNamespace(
-            weight=weight, weight_scale=weight_scale.to(x.device, non_blocking=True), input_scale=input_scale
+            weight=weight, weight_scale=self._scale_on(weight_scale, x.device), input_scale=input_scale
         )
         output = self.fp8_method.kernel_for(self, x.device).apply_weights(tensors, x, bias)
         caster.uncast(self, weight, bias, handle)
         return output
+
+    def _scale_on(self, scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The scale's copy on ``device``, made once: a copy from pageable host memory per call would make the
+        host wait for the GPU at every offloaded layer, and the scales are a few KB."""
+        if scale.device == device:
+            return scale
+        cache: dict = self.__dict__.setdefault("fp8_scales_on_device", {})
+        key = (id(scale), scale._version, device)
+        cached = cache.get(key)
+        if cached is None or cached[0] is not scale:
+            if len(cache) > 8:  # old scales of LoRA-patched weights
+                cache.clear()
+            cached = (scale, scale.detach().to(device))
+            cache[key] = cached
+        return cached[1]
 
 
 def _take_real_values(function) -> None:
