@@ -22,8 +22,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "bench"))
 
-from comfy_runtime import setup_comfy  # noqa: E402
+from bench_linear import bench_ms  # noqa: E402
+from comfy_fixtures import randomize_dit  # noqa: E402
+from comfy_runtime import import_pack, setup_comfy  # noqa: E402
 
 PRESETS = {
     # name: (dim, ffn_dim, heads, layers)
@@ -51,46 +54,9 @@ def write_model(path: Path, dim: int, ffn_dim: int, heads: int, layers: int) -> 
             dtype=torch.bfloat16,
             device="cuda",
         )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.02)
-            else:
-                param.normal_(0, 1.0 / max(1, param.shape[-1]) ** 0.5)
+    randomize_dit(model, channel_spread=False)
     state = {f"model.diffusion_model.{k}": v.contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path))
-
-
-def import_pack():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_fp8_quant", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_fp8_quant"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def time_ms(fn, rounds: int = 5, reps: int = 3) -> float:
-    import torch
-
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -114,7 +80,7 @@ def main() -> None:
     import folder_paths
     import torch
 
-    pack = import_pack()
+    pack = import_pack(REPO)
     dim, ffn_dim, heads, layers = PRESETS[args.preset]
     folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
     path = folder / f"wan_{args.preset}_bf16.safetensors"
@@ -174,7 +140,7 @@ def main() -> None:
         if reference is None:
             reference = out
         error = ((out - reference).norm() / reference.norm()).item()
-        ms = time_ms(step)
+        ms = bench_ms(step, warmup=2, reps=3, rounds=5)
         results[name] = {"ms": ms, "weights_gib": weights / 2**30, "rel_err": error, "load_s": load_s}
         if args.lowvram_gib is not None:
             patcher.detach()

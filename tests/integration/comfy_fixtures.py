@@ -35,6 +35,17 @@ def tiny_wan(path: str) -> None:
         dtype=torch.float32,
         device="cpu",
     )
+    randomize_dit(model, channel_spread=True)
+    state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path)
+
+
+def randomize_dit(model: torch.nn.Module, channel_spread: bool) -> None:
+    """Random weights of sensible scale: norms at 1, small biases, weights ~ 1/sqrt(fan_in).
+
+    ``channel_spread``: output channels of very different magnitudes, as real checkpoints have: that is where
+    per-channel scales beat a plain fp8 cast.
+    """
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -43,12 +54,8 @@ def tiny_wan(path: str) -> None:
                 param.normal_(0, 0.02)
             else:
                 param.normal_(0, 1.0 / max(1, param.shape[-1]) ** 0.5)
-                if param.dim() == 2 and name.startswith("blocks."):
-                    # Real checkpoints have channels of very different magnitudes: that is where per-channel
-                    # scales beat a plain fp8 cast.
-                    param.mul_(torch.logspace(-1.5, 0.5, param.shape[0])[:, None])
-    state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path)
+                if channel_spread and param.dim() == 2 and name.startswith("blocks."):
+                    param.mul_(torch.logspace(-1.5, 0.5, param.shape[0], device=param.device)[:, None])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
+
+
+def import_pack(repo: Path):
+    """The pack under a package name of its own, as ComfyUI imports custom nodes (its ``nodes`` package would
+    clash with ComfyUI's ``nodes`` module otherwise)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_fp8_quant", repo / "__init__.py", submodule_search_locations=[str(repo)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_fp8_quant"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def setup_comfy(dynamic_vram: bool = False) -> bool:

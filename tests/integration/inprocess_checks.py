@@ -10,25 +10,19 @@ package name of its own, as ComfyUI itself imports custom nodes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import torch
+from comfy_runtime import import_pack as import_pack_from
 from comfy_runtime import setup_comfy
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def import_pack():
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_fp8_quant", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_fp8_quant"] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_pack_from(REPO)
 
 
 def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
