@@ -79,7 +79,8 @@ def _comfy_mixed_precision_layers(model) -> dict[str, str]:
 def _describe_mixed(layers: dict[str, str]) -> str:
     formats: dict[str, int] = {}
     for layer_format in layers.values():
-        formats[layer_format or "high precision"] = formats.get(layer_format or "high precision", 0) + 1
+        kind = layer_format or "high precision"
+        formats[kind] = formats.get(kind, 0) + 1
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(formats.items()))
     return f"{len(layers)} layers of ComfyUI's own quantized ops kept as loaded ({kinds})"
 
