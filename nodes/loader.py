@@ -97,7 +97,10 @@ class LoadFP8DiT:
             # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
             # not read; the classic patcher (full, partial and lowvram loading) drives these layers.
             load_options["disable_dynamic"] = True
-        model = comfy.sd.load_diffusion_model_state_dict(checkpoint.state_dict, **load_options)
+        try:
+            model = comfy.sd.load_diffusion_model_state_dict(checkpoint.state_dict, **load_options)
+        except RuntimeError as error:  # e.g. a layer whose shape does not fit the detected model
+            raise RuntimeError(f"Load FP8 DiT: {path}: {error}") from error
         if model is None:
             raise RuntimeError(f"Load FP8 DiT: ComfyUI could not detect the model type of {path}")
         quantized = [layer for layer in model.model.modules() if getattr(layer, "fp8_layer_config", None) is not None]

@@ -34,6 +34,13 @@ def tiny_wan(comfyui) -> str:
     convert_checkpoint(bf16, folder / "tiny_wan_fp8_quant.safetensors", "comfy-quant")
     convert_checkpoint(bf16, folder / "tiny_wan_fp8_channel.safetensors", "weight-scale", per_channel=True)
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    scaled = load_file(str(folder / "tiny_wan_fp8_scaled.safetensors"))
+    nan_scale = dict(scaled)
+    nan_scale["model.diffusion_model.blocks.1.ffn.0.scale_weight"] = torch.tensor(float("nan"))
+    save_file(nan_scale, str(folder / "nan_scale.safetensors"))
+    wrong_shape = load_file(str(bf16))
+    wrong_shape["model.diffusion_model.blocks.1.self_attn.v.weight"] = torch.randn(256, 128).to(torch.bfloat16)
+    save_file(wrong_shape, str(folder / "wrong_shape.safetensors"))
     return bf16.name
 
 
@@ -165,11 +172,20 @@ def test_example_workflows_use_only_known_nodes(comfyui):
         assert types <= info.keys(), (path.name, types - info.keys())
 
 
-def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan):
-    entry = comfyui.run(sampling_prompt(our_loader("broken.safetensors"), "never"))
+@pytest.mark.parametrize(
+    ("file", "named"),
+    [
+        ("broken.safetensors", "broken.safetensors"),  # header is not JSON
+        ("nan_scale.safetensors", "blocks.1.ffn.0.scale_weight"),  # NaN scale
+        ("wrong_shape.safetensors", "blocks.1.self_attn.v"),  # a layer that does not fit the model
+    ],
+)
+def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan, file, named):
+    entry = comfyui.run(sampling_prompt(our_loader(file), "never"))
     assert entry["status"]["status_str"] == "error"
-    assert "broken.safetensors" in json.dumps(entry["status"]["messages"])
-    assert sample(comfyui, our_loader(tiny_wan), "after_error").isfinite().all()
+    messages = json.dumps(entry["status"]["messages"])
+    assert file in messages and named in messages, entry["status"]["messages"]
+    assert sample(comfyui, our_loader(tiny_wan), f"after_{file}").isfinite().all()
 
 
 def run_inprocess(check: str, *args: str) -> dict:
