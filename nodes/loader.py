@@ -99,7 +99,7 @@ class LoadFP8DiT:
             load_options["disable_dynamic"] = True
         try:
             model = comfy.sd.load_diffusion_model_state_dict(checkpoint.state_dict, **load_options)
-        except RuntimeError as error:  # e.g. a layer whose shape does not fit the detected model
+        except (RuntimeError, ValueError) as error:  # a layer that does not fit the model, or holds NaN or ints
             raise RuntimeError(f"Load FP8 DiT: {path}: {error}") from error
         if model is None:
             raise RuntimeError(f"Load FP8 DiT: ComfyUI could not detect the model type of {path}")

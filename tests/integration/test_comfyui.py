@@ -41,6 +41,9 @@ def tiny_wan(comfyui) -> str:
     wrong_shape = load_file(str(bf16))
     wrong_shape["model.diffusion_model.blocks.1.self_attn.v.weight"] = torch.randn(256, 128).to(torch.bfloat16)
     save_file(wrong_shape, str(folder / "wrong_shape.safetensors"))
+    nan_weight = load_file(str(bf16))
+    nan_weight["model.diffusion_model.blocks.0.cross_attn.k.weight"][3, 5] = float("nan")
+    save_file(nan_weight, str(folder / "nan_weight.safetensors"))
     return bf16.name
 
 
@@ -178,6 +181,7 @@ def test_example_workflows_use_only_known_nodes(comfyui):
         ("broken.safetensors", "broken.safetensors"),  # header is not JSON
         ("nan_scale.safetensors", "blocks.1.ffn.0.scale_weight"),  # NaN scale
         ("wrong_shape.safetensors", "blocks.1.self_attn.v"),  # a layer that does not fit the model
+        ("nan_weight.safetensors", "blocks.0.cross_attn.k"),  # NaN in a bf16 weight to quantize
     ],
 )
 def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan, file, named):
