@@ -105,12 +105,15 @@ def _patcher_for(source_patcher, model):
     """
     fresh_backups = ({}, {}, {}, set())
     try:
-        return source_patcher.clone(disable_dynamic=True, model_override=(model, fresh_backups))
+        patcher = source_patcher.clone(disable_dynamic=True, model_override=(model, fresh_backups))
     except TypeError:  # an older ComfyUI: clone() takes no arguments
         patcher = source_patcher.clone()
         patcher.model = model
         patcher.backup, patcher.backup_buffers, patcher.object_patches_backup = {}, {}, {}
-        return patcher
+    # Not a clone of the input's patcher (another model): ComfyUI's model management would hand a loaded model
+    # over to the parent when the clone goes, and the link would keep the input's model alive.
+    patcher.parent = None
+    return patcher
 
 
 class QuantizeTextEncoderFP8:
