@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
 from torch import nn
 
 from fp8_quant import clone_module_tree, prepare_model_for_fp8
@@ -83,6 +84,18 @@ def _describe_mixed(layers: dict[str, str]) -> str:
         formats[kind] = formats.get(kind, 0) + 1
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(formats.items()))
     return f"{len(layers)} layers of ComfyUI's own quantized ops kept as loaded ({kinds})"
+
+
+def _hand_to_model_management(patcher) -> None:
+    """Where the input was loaded on the GPU, the fp8 weights were made there too: register the copy as loaded,
+    as ComfyUI's own CLIP does for an encoder it creates on the GPU, so that its memory manager can offload it."""
+    import comfy.model_management
+
+    load_device = patcher.load_device
+    if comfy.model_management.is_device_cpu(load_device):
+        return
+    if any(param.device == torch.device(load_device) for param in patcher.model.parameters()):
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
 
 
 def _restore_backups(model, source_patcher) -> None:
@@ -176,6 +189,7 @@ class QuantizeTextEncoderFP8:
         new_clip.cond_stage_model = model
         new_clip.patcher = _patcher_for(source_patcher, model)
         new_clip.patcher.size = 0  # recomputed from the fp8 model on the next load
+        _hand_to_model_management(new_clip.patcher)
         summary = f"text encoder {type(model).__name__}: {report.summary()}"
         if mixed:
             summary += f"; {_describe_mixed(mixed)}"
