@@ -210,36 +210,42 @@ def _save(name: str, tensors: dict[str, torch.Tensor]) -> dict:
     return {"ui": {"path": [path]}}
 
 
-class FP8TestSaveLatent:
+class _FP8TestSaveNode:
+    """An output node that writes one input to ``output/<name>.safetensors``; subclasses say which input."""
+
     CATEGORY = "testing"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
+    INPUT_NAME = ""
+    INPUT_TYPE = ""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "latent"})}}
+        return {"required": {cls.INPUT_NAME: (cls.INPUT_TYPE,), "name": ("STRING", {"default": cls.INPUT_NAME})}}
 
-    def save(self, samples, name):
-        return _save(name, {"samples": samples["samples"]})
+    def save(self, name, **inputs):
+        return _save(name, self.tensors(inputs[self.INPUT_NAME]))
 
 
-class FP8TestSaveConditioning:
-    CATEGORY = "testing"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
+class FP8TestSaveLatent(_FP8TestSaveNode):
+    INPUT_NAME, INPUT_TYPE = "samples", "LATENT"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"conditioning": ("CONDITIONING",), "name": ("STRING", {"default": "cond"})}}
+    @staticmethod
+    def tensors(samples) -> dict[str, torch.Tensor]:
+        return {"samples": samples["samples"]}
 
-    def save(self, conditioning, name):
+
+class FP8TestSaveConditioning(_FP8TestSaveNode):
+    INPUT_NAME, INPUT_TYPE = "conditioning", "CONDITIONING"
+
+    @staticmethod
+    def tensors(conditioning) -> dict[str, torch.Tensor]:
         tensors = {"cond": conditioning[0][0]}
         pooled = conditioning[0][1].get("pooled_output")
         if pooled is not None:
             tensors["pooled"] = pooled
-        return _save(name, tensors)
+        return tensors
 
 
 NODE_CLASS_MAPPINGS = {
