@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +63,8 @@ class Fp8Report:
         return sum(layer.bytes_after for layer in self.layers)
 
     def summary(self) -> str:
-        skipped = _count_reasons(self.skipped)
-        kept_fp8 = _count_reasons([layer for layer in self.quantized if layer.reason != "quantized"])
+        skipped = count_labels(layer.reason for layer in self.skipped)
+        kept_fp8 = count_labels(layer.reason for layer in self.quantized if layer.reason != "quantized")
         text = (
             f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
             f"{f' ({kept_fp8})' if kept_fp8 else ''}"
@@ -76,11 +76,12 @@ class Fp8Report:
         return text
 
 
-def _count_reasons(layers: list[LayerReport]) -> str:
-    reasons: dict[str, int] = {}
-    for layer in layers:
-        reasons[layer.reason] = reasons.get(layer.reason, 0) + 1
-    return ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+def count_labels(labels: Iterable[str]) -> str:
+    """"2 a, 1 b": how many of each label, for one-line summaries."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{count} {label}" for label, count in sorted(counts.items()))
 
 
 def prepare_model_for_fp8(

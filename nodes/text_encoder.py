@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fp8_quant import clone_module_tree, prepare_model_for_fp8
+from fp8_quant.bridge import count_labels
 
 from .comfy_cast import comfy_weight_caster
 from .loader import CATEGORY
@@ -78,11 +79,7 @@ def _comfy_mixed_precision_layers(model) -> dict[str, str]:
 
 
 def _describe_mixed(layers: dict[str, str]) -> str:
-    formats: dict[str, int] = {}
-    for layer_format in layers.values():
-        kind = layer_format or "high precision"
-        formats[kind] = formats.get(kind, 0) + 1
-    kinds = ", ".join(f"{count} {name}" for name, count in sorted(formats.items()))
+    kinds = count_labels(layer_format or "high precision" for layer_format in layers.values())
     return f"{len(layers)} layers of ComfyUI's own quantized ops kept as loaded ({kinds})"
 
 
