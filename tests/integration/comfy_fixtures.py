@@ -40,6 +40,44 @@ def tiny_wan(path: str) -> None:
     save_file(state, path)
 
 
+def tiny_flux(path: str) -> None:
+    """A Flux.1-dev DiT of width 256 (2 heads of 128, Flux's rotary split), 2 double and 2 single blocks, with
+    guidance and pooled-vector inputs: ComfyUI detects it as Flux from its keys and shapes."""
+    setup_comfy()
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = Flux(
+        image_model="flux",
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=256,
+        mlp_ratio=4.0,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=[16, 56, 56],
+        theta=10000,
+        patch_size=2,
+        qkv_bias=True,
+        guidance_embed=True,
+        txt_ids_dims=[],
+        operations=comfy.ops.disable_weight_init,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    randomize_dit(model, channel_spread=True)
+    state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path)
+
+
+BLOCK_PREFIXES = ("blocks.", "double_blocks.", "single_blocks.")  # Wan, Flux
+
+
 def randomize_dit(model: torch.nn.Module, channel_spread: bool) -> None:
     """Random weights of sensible scale: norms at 1, small biases, weights ~ 1/sqrt(fan_in).
 
@@ -54,10 +92,10 @@ def randomize_dit(model: torch.nn.Module, channel_spread: bool) -> None:
                 param.normal_(0, 0.02)
             else:
                 param.normal_(0, 1.0 / max(1, param.shape[-1]) ** 0.5)
-                if channel_spread and param.dim() == 2 and name.startswith("blocks."):
+                if channel_spread and param.dim() == 2 and name.startswith(BLOCK_PREFIXES):
                     param.mul_(torch.logspace(-1.5, 0.5, param.shape[0], device=param.device)[:, None])
 
 
 if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
-    {"wan": tiny_wan}[kind](out)
+    {"wan": tiny_wan, "flux": tiny_flux}[kind](out)
