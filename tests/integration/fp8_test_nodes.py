@@ -174,12 +174,15 @@ class FP8TestRandomConditioning:
                 "width": ("INT", {"default": 4096, "min": 16, "max": 8192}),
                 "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-            }
+            },
+            # Width of a pooled text vector (Flux's CLIP-L 768); 0 for none.
+            "optional": {"pooled_width": ("INT", {"default": 0, "min": 0, "max": 8192})},
         }
 
-    def make(self, width, tokens, seed):
+    def make(self, width, tokens, seed, pooled_width=0):
         generator = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, width, generator=generator), {}]],)
+        extra = {"pooled_output": torch.randn(1, pooled_width, generator=generator)} if pooled_width else {}
+        return ([[torch.randn(1, tokens, width, generator=generator), extra]],)
 
 
 class FP8TestTinyTextEncoder:
