@@ -1,7 +1,7 @@
 """Run under ComfyUI's Python (COMFYUI_PYTHON) with COMFYUI_DIR on sys.path: writes tiny random models.
 
-Usage: python comfy_fixtures.py wan OUT.safetensors
-A Wan 2.1 text-to-video DiT of width 256 built with ComfyUI's own class, so ComfyUI detects it from its shapes.
+Usage: python comfy_fixtures.py wan|flux OUT.safetensors
+DiTs of width 256 built with ComfyUI's own classes, so ComfyUI detects them from their keys and shapes.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import torch
 from comfy_runtime import setup_comfy
 
 
-def tiny_wan(path: str) -> None:
-    setup_comfy()
-    import comfy.ops
+def wan_model(operations) -> torch.nn.Module:
+    """A Wan 2.1 text-to-video DiT, 2 blocks."""
     from comfy.ldm.wan.model import WanModel
-    from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = WanModel(
+    return WanModel(
         model_type="t2v",
         patch_size=(1, 2, 2),
         text_len=32,
@@ -31,25 +28,18 @@ def tiny_wan(path: str) -> None:
         out_dim=16,
         num_heads=2,
         num_layers=2,
-        operations=comfy.ops.disable_weight_init,
+        operations=operations,
         dtype=torch.float32,
         device="cpu",
     )
-    randomize_dit(model, channel_spread=True)
-    state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path)
 
 
-def tiny_flux(path: str) -> None:
-    """A Flux.1-dev DiT of width 256 (2 heads of 128, Flux's rotary split), 2 double and 2 single blocks, with
-    guidance and pooled-vector inputs: ComfyUI detects it as Flux from its keys and shapes."""
-    setup_comfy()
-    import comfy.ops
+def flux_model(operations) -> torch.nn.Module:
+    """A Flux.1-dev DiT (2 heads of 128, Flux's rotary split), 2 double and 2 single blocks, with guidance and
+    pooled-vector inputs."""
     from comfy.ldm.flux.model import Flux
-    from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = Flux(
+    return Flux(
         image_model="flux",
         in_channels=16,
         out_channels=16,
@@ -66,10 +56,23 @@ def tiny_flux(path: str) -> None:
         qkv_bias=True,
         guidance_embed=True,
         txt_ids_dims=[],
-        operations=comfy.ops.disable_weight_init,
+        operations=operations,
         dtype=torch.float32,
         device="cpu",
     )
+
+
+MODELS = {"wan": wan_model, "flux": flux_model}
+
+
+def write_tiny_dit(kind: str, path: str) -> None:
+    """Random weights (``randomize_dit``) saved in bf16 with ComfyUI's checkpoint key prefix."""
+    setup_comfy()
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = MODELS[kind](comfy.ops.disable_weight_init)
     randomize_dit(model, channel_spread=True)
     state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, path)
@@ -97,5 +100,4 @@ def randomize_dit(model: torch.nn.Module, channel_spread: bool) -> None:
 
 
 if __name__ == "__main__":
-    kind, out = sys.argv[1], sys.argv[2]
-    {"wan": tiny_wan, "flux": tiny_flux}[kind](out)
+    write_tiny_dit(sys.argv[1], sys.argv[2])
