@@ -63,16 +63,14 @@ def sampling_prompt(
     latent: dict = WAN_LATENT,
     pooled_width: int = 0,
 ) -> dict:
+    def conditioning(seed: int) -> dict:
+        inputs = {"width": 4096, "tokens": 8, "seed": seed, "pooled_width": pooled_width}
+        return {"class_type": "FP8TestRandomConditioning", "inputs": inputs}
+
     prompt = {
         "1": loader,
-        "2": {
-            "class_type": "FP8TestRandomConditioning",
-            "inputs": {"width": 4096, "tokens": 8, "seed": 1, "pooled_width": pooled_width},
-        },
-        "3": {
-            "class_type": "FP8TestRandomConditioning",
-            "inputs": {"width": 4096, "tokens": 8, "seed": 2, "pooled_width": pooled_width},
-        },
+        "2": conditioning(1),
+        "3": conditioning(2),
         "4": latent,
         "5": {
             "class_type": "KSampler",
