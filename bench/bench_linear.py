@@ -4,7 +4,7 @@ For each shape (M x K x N) it times: bf16 ``F.linear``; raw ``_scaled_mm`` per-t
 pre-quantized operands (the ceiling); ComfyUI's ``fp8_e4m3fn_fast`` linear (clamp, unit-scale cast,
 per-tensor ``_scaled_mm``, as in ``comfy/ops.py``); and our layers (dynamic per-token and per-tensor,
 with the fused Triton quantizer and with the eager one). Prints TFLOP/s, ratios and the relative error
-vs a float32 reference. Inputs: N(0, 1) with K/256 outlier channels x20, as in DESIGN.md.
+vs a float32 reference. Inputs: N(0, 1) with K/256 outlier channels x20.
 
 Usage: python bench/bench_linear.py [--quick] [--json PATH]
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
 from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_weight
 from fp8_quant.quant_fp8 import DISABLE_TRITON_ENV
+from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
 
 SHAPES = [
     ("Flux qkv 1024px", 4608, 3072, 9216),
@@ -115,8 +116,8 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
         )
 
     record("bf16 F.linear", lambda: F.linear(x, weight))
-    w_tensor, s_tensor = quantize_weight(weight, per_channel=False)
-    w_channel, s_channel = quantize_weight(weight, per_channel=True)
+    w_tensor, s_tensor = quantize_weight(weight, group=PER_TENSOR)
+    w_channel, s_channel = quantize_weight(weight, group=PER_CHANNEL)
     x_tensor, xs_tensor = quantize_input_dynamic(x, per_token=False)
     x_token, xs_token = quantize_input_dynamic(x, per_token=True)
     record(

@@ -12,6 +12,7 @@ from . import demo
 from .config import parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.inspect import format_inspection, inspect_checkpoint
+from .scheme import PER_CHANNEL, PER_TENSOR
 
 
 class ProgressBar:
@@ -86,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
             args.output,
             args.format,
             weight_dtype=parse_weight_dtype(args.weight_dtype),
-            per_channel=args.per_channel,
+            weight_group=PER_CHANNEL if args.per_channel else PER_TENSOR,
             skip_patterns=args.skip,
             default_skips=not args.no_default_skips,
             device=args.device,

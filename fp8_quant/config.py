@@ -1,8 +1,10 @@
-"""Fp8Config: what to quantize and how, as plain validated data.
+"""Fp8Config: what to quantize and how, as plain validated data; and how a user's choices merge into it.
 
 A config is built from a dict (node options, a checkpoint's header, a JSON file) and every unknown value is a
 ``ValueError`` that names the field and the allowed values, so a typo in a workflow never becomes a silent
-default.
+default. ``UserOptions`` holds what a person chose by the names they see (node widgets, CLI flags, with
+``auto`` meaning "the file's own or the default"); ``online_config`` and ``stored_config`` are the one place
+where those choices meet a file's config.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .scheme import QuantKey, activation_key, weight_key
+from .scheme import PER_CHANNEL, PER_TENSOR, PER_TOKEN, GroupShape, QuantKey, activation_key, weight_key
 
 WEIGHT_DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
@@ -34,9 +36,13 @@ OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
     "float32": torch.float32,
 }
-WEIGHT_GRANULARITIES = ("tensor", "channel")
+# Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
+WEIGHT_GROUPS: dict[str, GroupShape] = {"channel": PER_CHANNEL, "tensor": PER_TENSOR}
+ACTIVATION_GROUPS: dict[str, GroupShape] = {"tensor": PER_TENSOR, "token": PER_TOKEN}
+WEIGHT_GRANULARITIES = tuple(WEIGHT_GROUPS)
 ACTIVATION_SCHEMES = ("dynamic", "static", "none")
-ACTIVATION_GRANULARITIES = ("tensor", "token")
+ACTIVATION_GRANULARITIES = tuple(ACTIVATION_GROUPS)
+AUTO = "auto"
 
 # Layers that DiTs and text encoders keep in high precision: quantizing them costs much quality for few bytes.
 SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
@@ -90,15 +96,7 @@ class Fp8Config:
                 "activation_granularity: a static activation scale is one calibrated scalar, so it must be "
                 "'tensor' (got 'token'); use activation_scheme='dynamic' for per-token scales"
             )
-        if isinstance(self.ignored_layers, str) or not all(isinstance(p, str) for p in self.ignored_layers):
-            raise ValueError("ignored_layers: expected a list of layer names or patterns (strings)")
-        for pattern in self.ignored_layers:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as error:
-                    raise ValueError(f"ignored_layers: invalid regex {pattern!r}: {error}") from None
-        object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
+        object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Fp8Config:
@@ -115,7 +113,7 @@ class Fp8Config:
             if name in kwargs and isinstance(kwargs[name], str):
                 kwargs[name] = kwargs[name].lower()
         if "ignored_layers" in kwargs:
-            kwargs["ignored_layers"] = _as_patterns(kwargs["ignored_layers"])
+            kwargs["ignored_layers"] = parse_patterns(kwargs["ignored_layers"])
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,24 +134,93 @@ class Fp8Config:
         return self.activation_scheme != "none"
 
     @property
+    def weight_group(self) -> GroupShape:
+        return WEIGHT_GROUPS[self.weight_granularity]
+
+    @property
+    def activation_group(self) -> GroupShape:
+        return ACTIVATION_GROUPS[self.activation_granularity]
+
+    @property
     def weight_quant_key(self) -> QuantKey:
-        return weight_key(self.weight_dtype, per_channel=self.weight_granularity == "channel")
+        return weight_key(self.weight_dtype, self.weight_group)
 
     @property
     def activation_quant_key(self) -> QuantKey | None:
         """The activation scheme; activations use e4m3fn whatever the weights use (e5m2 x e5m2 has no kernel)."""
         if not self.quantizes_activations:
             return None
-        return activation_key(
-            torch.float8_e4m3fn,
-            static=self.activation_scheme == "static",
-            per_token=self.activation_granularity == "token",
-        )
+        return activation_key(torch.float8_e4m3fn, self.activation_scheme == "static", self.activation_group)
 
     def describe(self) -> str:
         weights = str(self.weight_quant_key)
         acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
         return f"weights {weights}; activations {acts}"
+
+
+USER_ACTIVATION_SCHEMES = (AUTO, *ACTIVATION_SCHEMES)
+USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITIES)
+
+
+@dataclass(frozen=True)
+class UserOptions:
+    """A person's choices, by the names the node and the CLI show (so errors name what the user typed).
+
+    ``auto`` keeps the file's own scheme for fp8 files and the recommended one (dynamic, per token) for on-the-fly
+    quantization. ``skip_layers`` are extra layers to keep in high precision, on top of the sensitive layers that
+    on-the-fly quantization always keeps.
+    """
+
+    activation_scheme: str = AUTO
+    activation_granularity: str = AUTO
+    weight_granularity: str = "channel"
+    skip_layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("activation_scheme", self.activation_scheme, USER_ACTIVATION_SCHEMES)
+        _check_choice("activation_granularity", self.activation_granularity, USER_ACTIVATION_GRANULARITIES)
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        object.__setattr__(self, "skip_layers", check_patterns("skip_layers", parse_patterns(self.skip_layers)))
+
+
+def online_config(options: UserOptions) -> Fp8Config:
+    """How a bf16/fp16/fp32 model is quantized on the fly: e4m3fn, per-channel weights, dynamic per-token
+    activations unless the user chose otherwise; sensitive layers and the user's ``skip_layers`` stay as they are."""
+    scheme = "dynamic" if options.activation_scheme == AUTO else options.activation_scheme
+    if scheme == "static":
+        raise ValueError(
+            "activation_scheme: 'static' needs calibrated input scales from an fp8 file; use dynamic or none "
+            "for on-the-fly quantization"
+        )
+    return Fp8Config(
+        weight_granularity=options.weight_granularity,
+        activation_scheme=scheme,
+        activation_granularity=_activation_granularity(options.activation_granularity, scheme),
+        ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
+    )
+
+
+def stored_config(file_config: Fp8Config, options: UserOptions) -> Fp8Config:
+    """How the fp8 layers of a file run: the file's own config, with the user's activation choices on top.
+
+    The weight granularity is the file's (each layer's scale shape decides); ``weight_granularity`` only applies
+    to on-the-fly quantization.
+    """
+    scheme = file_config.activation_scheme if options.activation_scheme == AUTO else options.activation_scheme
+    if scheme == "static" and file_config.activation_scheme != "static":
+        raise ValueError("activation_scheme: 'static' needs input scales in the file, and this file has none")
+    return replace(
+        file_config,
+        activation_scheme=scheme,
+        activation_granularity=_activation_granularity(options.activation_granularity, scheme),
+    )
+
+
+def _activation_granularity(choice: str, scheme: str) -> str:
+    """``auto``: one scale per token when it is computed per call, one per tensor when it is calibrated."""
+    if choice != AUTO:
+        return choice
+    return "tensor" if scheme == "static" else "token"
 
 
 def is_layer_skipped(name: str, config_or_patterns: Fp8Config | Iterable[str]) -> bool:
@@ -199,10 +266,25 @@ def parse_output_dtype(value: Any) -> torch.dtype | None:
     return OUTPUT_DTYPES[text]
 
 
-def _as_patterns(value: Any) -> tuple[str, ...]:
+def parse_patterns(value: Any) -> tuple[str, ...]:
+    """Layer patterns from text ("head, *norm*", one per line too) or from a list of strings."""
     if isinstance(value, str):
         return tuple(p.strip() for p in re.split(r"[,\n]", value) if p.strip())
     return tuple(value)
+
+
+def check_patterns(option: str, patterns: Any) -> tuple[str, ...]:
+    """Patterns as a tuple of strings, each ``re:`` regex compiled once; errors name ``option`` as the user wrote
+    it (``skip_layers`` on a node, ``ignored_layers`` in a config)."""
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{option}: expected a list of layer names or patterns (strings)")
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise ValueError(f"{option}: invalid regex {pattern!r}: {error}") from None
+    return tuple(patterns)
 
 
 def _check_choice(field_name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -218,8 +300,12 @@ def _name_of(table: Mapping[str, Any], value: Any) -> str:
 __all__ = [
     "SENSITIVE_LAYER_PATTERNS",
     "Fp8Config",
+    "UserOptions",
     "is_layer_skipped",
     "matching_pattern",
+    "online_config",
     "parse_output_dtype",
+    "parse_patterns",
     "parse_weight_dtype",
+    "stored_config",
 ]

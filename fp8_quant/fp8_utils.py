@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .scheme import PER_CHANNEL, GroupShape, weight_scale_shape
+
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # A floor for amax so that an all-zero row or tensor gets a tiny positive scale instead of 0 (and no 0/0).
@@ -29,19 +31,29 @@ def fp8_max(dtype: torch.dtype) -> float:
     return limit
 
 
-def supports_fp8_compute(device: torch.device | str | None = None) -> bool:
-    """True where FP8 tensor cores make ``torch._scaled_mm`` worth using (CUDA capability >= 8.9).
+def fp8_compute_unsupported(device: torch.device | str) -> str | None:
+    """Why ``device`` has no FP8 tensor cores for ``torch._scaled_mm`` (CUDA capability 8.9+), or ``None``.
 
-    The CPU implements ``_scaled_mm`` too, but slowly: it counts as "no FP8 compute" so that automatic
-    kernel selection takes the dequantize path there; tests force the scaled-mm kernels on the CPU.
+    The one capability check of the project: kernels and reports ask it. The CPU implements ``_scaled_mm``
+    too, but slower than dequantize + matmul, so it counts as "no FP8 compute" for automatic choices.
     """
-    device = torch.device(device) if device is not None else _default_device()
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{device.type} has no FP8 tensor cores"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
     if torch.version.hip is not None:
-        return False
+        return "ROCm fp8 types differ (fnuz); not supported yet"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (8, 9)
+    capability = torch.cuda.get_device_capability(index)
+    if capability < (8, 9):
+        return f"GPU capability {capability[0]}.{capability[1]} has no FP8 tensor cores (needs 8.9+)"
+    return None
+
+
+def supports_fp8_compute(device: torch.device | str | None = None) -> bool:
+    """True where FP8 tensor cores make ``torch._scaled_mm`` worth using (CUDA capability >= 8.9)."""
+    return fp8_compute_unsupported(device if device is not None else _default_device()) is None
 
 
 def _default_device() -> torch.device:
@@ -83,41 +95,66 @@ def quantize_input_static(
 
 
 def quantize_weight(
-    weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn, per_channel: bool = True
+    weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn, group: GroupShape = PER_CHANNEL
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a weight [N, K]; the scale is ``[N]`` per channel or ``[]`` per tensor.
+    """Quantize a weight ``[N, K]``; the scale has ``weight_scale_shape(group, N, K)``: ``[]``, ``[N]`` or blocks.
 
     Rows are processed in chunks so that a large weight never exists in float32 all at once.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    if not per_channel:
-        amax = weight.abs().amax().float()
-        scale = scale_from_amax(amax, fp8_dtype)
-        out = torch.empty(weight.shape, dtype=fp8_dtype, device=weight.device)
-        for start, stop in _row_chunks(weight):
-            out[start:stop] = cast_to_fp8(weight[start:stop].float() / scale, fp8_dtype)
-        return out, scale
+    out_features, in_features = weight.shape
+    scale = torch.empty(weight_scale_shape(group, out_features, in_features), dtype=torch.float32, device=weight.device)
     out = torch.empty(weight.shape, dtype=fp8_dtype, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start, stop in _row_chunks(weight):
+    if group.is_per_tensor():
+        scale.copy_(scale_from_amax(weight.abs().amax(), fp8_dtype))
+    block_rows = group.col if group.is_block() else 1  # weight rows per scale row
+    for start, stop in _row_chunks(weight, block_rows):
         rows = weight[start:stop].float()
-        row_scale = scale_from_amax(rows.abs().amax(dim=1), fp8_dtype)
-        out[start:stop] = cast_to_fp8(rows / row_scale[:, None], fp8_dtype)
-        scale[start:stop] = row_scale
+        if group.is_per_tensor():
+            row_scale = scale
+        elif group.is_per_channel():
+            scale[start:stop] = scale_from_amax(rows.abs().amax(dim=1), fp8_dtype)
+            row_scale = scale[start:stop, None]
+        else:
+            blocks = scale[start // block_rows : -(-stop // block_rows)]
+            blocks.copy_(scale_from_amax(_block_amax(rows, group), fp8_dtype))
+            row_scale = expand_block_scale(blocks, rows.shape, group)
+        out[start:stop] = cast_to_fp8(rows / row_scale, fp8_dtype)
     return out, scale
 
 
-def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of the quantizers above; ``scale`` must broadcast against ``x_fp8`` ([N] is taken per row)."""
-    if scale.dim() == 1 and x_fp8.dim() == 2 and scale.shape[0] == x_fp8.shape[0]:
+def _block_amax(rows: torch.Tensor, group: GroupShape) -> torch.Tensor:
+    """amax per (group.col rows) x (group.row columns) block of a weight slice ``[n, K]``, padded with zeros."""
+    block_n, block_k = group.col, group.row
+    n, k = rows.shape
+    padded = torch.nn.functional.pad(rows.abs(), (0, -k % block_k, 0, -n % block_n))
+    return padded.view(padded.shape[0] // block_n, block_n, padded.shape[1] // block_k, block_k).amax(dim=(1, 3))
+
+
+def expand_block_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group: GroupShape) -> torch.Tensor:
+    """A block scale ``[ceil(N/bn), ceil(K/bk)]`` repeated to the weight's ``[N, K]`` (for dequantization)."""
+    n, k = shape
+    return scale.repeat_interleave(group.col, dim=0)[:n].repeat_interleave(group.row, dim=1)[:, :k]
+
+
+def dequantize(
+    x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, group: GroupShape | None = None
+) -> torch.Tensor:
+    """Inverse of the quantizers above. ``scale``: ``[]``, ``[N]`` (per row of a weight), a block scale (give its
+    ``group``), or anything that broadcasts against ``x_fp8`` (activation scales ``[..., 1]``)."""
+    scale = scale.float()
+    if group is not None and group.is_block():
+        scale = expand_block_scale(scale, x_fp8.shape, group)
+    elif scale.dim() == 1 and x_fp8.dim() == 2 and scale.shape[0] == x_fp8.shape[0]:
         scale = scale[:, None]
-    return (x_fp8.to(torch.float32) * scale.float()).to(dtype)
+    return (x_fp8.to(torch.float32) * scale).to(dtype)
 
 
-def _row_chunks(weight: torch.Tensor, max_elements: int = 1 << 24) -> list[tuple[int, int]]:
+def _row_chunks(weight: torch.Tensor, multiple: int = 1, max_elements: int = 1 << 24) -> list[tuple[int, int]]:
+    """Row ranges of about ``max_elements`` each, starting at multiples of ``multiple`` (whole scale blocks)."""
     rows = weight.shape[0]
-    step = max(1, max_elements // max(1, weight.shape[1]))
+    step = max(1, max_elements // max(1, weight.shape[1]) // multiple) * multiple
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 

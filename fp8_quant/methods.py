@@ -2,7 +2,8 @@
 
 ``Fp8LinearMethod`` takes weights that are already fp8 (a pre-quantized checkpoint); ``Fp8OnlineLinearMethod``
 quantizes a bf16/fp16/fp32 weight when it is loaded, one layer at a time, so a model never needs to exist in
-full precision and in fp8 at once. Both end with the layout that every kernel reads (see ``kernels.base``).
+full precision and in fp8 at once. Both end with the layout of ``params.Fp8LinearParams``, which every kernel
+reads. Which layer gets which method is decided in ``dispatch``, not here.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import nn
 from .config import Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight
 from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, select_kernel
-from .scheme import weight_key
+from .params import Fp8LinearParams
+from .scheme import weight_group_of_scale, weight_key, weight_scale_shape
 
 logger = logging.getLogger(__name__)
+Dtype = torch.dtype | None
 
 
 class Fp8LinearMethod:
@@ -28,39 +31,24 @@ class Fp8LinearMethod:
         self.kernel = kernel
 
     def create_weights(
-        self,
-        layer: nn.Module,
-        in_features: int,
-        out_features: int,
-        params_dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
     ) -> None:
         """Register empty parameters of the checkpoint's shapes, to be filled by a state dict load."""
-        per_channel = self.config.weight_granularity == "channel"
-        layer.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=self.config.weight_dtype, device=device),
-            requires_grad=False,
-        )
-        layer.weight_scale = nn.Parameter(
-            torch.ones((out_features,) if per_channel else (), dtype=torch.float32, device=device),
-            requires_grad=False,
-        )
+        layer.weight = _parameter(torch.empty(out_features, in_features, dtype=self.config.weight_dtype, device=device))
+        scale_shape = weight_scale_shape(self.config.weight_group, out_features, in_features)
+        layer.weight_scale = _parameter(torch.ones(scale_shape, dtype=torch.float32, device=device))
         static = self.config.activation_scheme == "static"
-        layer.input_scale = (
-            nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False) if static else None
-        )
+        layer.input_scale = _parameter(torch.ones((), dtype=torch.float32, device=device)) if static else None
 
-    def process_weights_after_loading(self, layer: nn.Module, name: str = "") -> None:
-        """Validate what was loaded and normalise it: contiguous [N, K] fp8, float32 scales [] or [N]."""
+    def process_weights_after_loading(
+        self, layer: nn.Module, name: str = "", quantize_device: torch.device | str | None = None
+    ) -> None:
+        """Validate what was loaded and normalise it: contiguous [N, K] fp8, float32 scales of the layer's group."""
         what = name or type(layer).__name__
-        weight = layer.weight
-        if weight is None or weight.dim() != 2:
-            shape = None if weight is None else tuple(weight.shape)
-            raise ValueError(f"{what}: expected a 2-D weight [out, in], got {shape}")
+        weight = _checked_weight(layer, what)
         if not is_fp8_dtype(weight.dtype):
             raise ValueError(f"{what}: Fp8LinearMethod expects an fp8 weight, got {weight.dtype}")
-        out_features = weight.shape[0]
-        weight_scale = normalize_weight_scale(getattr(layer, "weight_scale", None), out_features, what)
+        weight_scale = normalize_weight_scale(getattr(layer, "weight_scale", None), tuple(weight.shape), what)
         input_scale = getattr(layer, "input_scale", None)
         if self.config.activation_scheme == "static":
             if input_scale is None:
@@ -82,16 +70,18 @@ class Fp8LinearMethod:
         input_scale: torch.Tensor | None,
     ) -> None:
         # New Parameter objects, never in-place writes: a module shared with another model keeps its tensors.
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        layer.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
-        layer.input_scale = nn.Parameter(input_scale, requires_grad=False) if input_scale is not None else None
+        layer.weight = _parameter(weight)
+        layer.weight_scale = _parameter(weight_scale)
+        layer.input_scale = _parameter(input_scale) if input_scale is not None else None
         layer.fp8_layer_config = self.layer_config(weight, weight_scale)
         layer.fp8_kernels = {}
 
     def layer_config(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> FP8ScaledMMLinearLayerConfig:
         """The layer's own scheme: its actual scale shape wins over the config (checkpoints mix granularities)."""
+        group = weight_group_of_scale(tuple(weight_scale.shape), weight.shape[0], weight.shape[1])
+        assert group is not None  # normalize_weight_scale has checked it
         return FP8ScaledMMLinearLayerConfig(
-            weight_quant_key=weight_key(weight.dtype, per_channel=weight_scale.dim() == 1),
+            weight_quant_key=weight_key(weight.dtype, group),
             activation_quant_key=self.config.activation_quant_key,
             in_features=weight.shape[1],
             out_features=weight.shape[0],
@@ -107,11 +97,17 @@ class Fp8LinearMethod:
         return kernel
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.kernel_for(layer, x.device).apply_weights(layer, x, bias)
+        return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
+
+    def apply_params(
+        self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The product with tensors other than the layer's own (a LoRA-patched weight, an offloaded one)."""
+        return self.kernel_for(layer, x.device).apply(params, x, bias)
 
 
 class Fp8OnlineLinearMethod(Fp8LinearMethod):
-    """For bf16/fp16/fp32 layers quantized at load: per-channel or per-tensor weight scales from the weight."""
+    """For bf16/fp16/fp32 layers quantized at load: weight scales of the config's granularity, from the weight."""
 
     def __init__(self, config: Fp8Config, kernel: str | None = None) -> None:
         if config.activation_scheme == "static":
@@ -122,17 +118,10 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         super().__init__(config, kernel)
 
     def create_weights(
-        self,
-        layer: nn.Module,
-        in_features: int,
-        out_features: int,
-        params_dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
     ) -> None:
-        layer.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=params_dtype or torch.bfloat16, device=device),
-            requires_grad=False,
-        )
+        dtype = params_dtype or torch.bfloat16
+        layer.weight = _parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
         layer.input_scale = None
 
     def process_weights_after_loading(
@@ -140,10 +129,7 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
     ) -> None:
         """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it."""
         what = name or type(layer).__name__
-        weight = layer.weight
-        if weight is None or weight.dim() != 2:
-            shape = None if weight is None else tuple(weight.shape)
-            raise ValueError(f"{what}: expected a 2-D weight [out, in], got {shape}")
+        weight = _checked_weight(layer, what)
         if not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
             raise ValueError(f"{what}: online quantization needs a bf16/fp16/fp32 weight, got {weight.dtype}")
         home = weight.device
@@ -152,25 +138,34 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             source = source.to(quantize_device)
         if not bool(torch.isfinite(source).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
-        fp8_weight, weight_scale = quantize_weight(
-            source, self.config.weight_dtype, per_channel=self.config.weight_granularity == "channel"
-        )
+        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, self.config.weight_group)
         self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
 
 
-def normalize_weight_scale(weight_scale: torch.Tensor | None, out_features: int, what: str) -> torch.Tensor:
-    """Scales arrive as [], [1], [N] or [N, 1]; anything else fits no granularity and is an error."""
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+def _checked_weight(layer: nn.Module, what: str) -> torch.Tensor:
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dim() != 2:
+        shape = None if weight is None else tuple(weight.shape)
+        raise ValueError(f"{what}: expected a 2-D weight [out, in], got {shape}")
+    return weight
+
+
+def normalize_weight_scale(weight_scale: torch.Tensor | None, weight_shape: tuple[int, int], what: str) -> torch.Tensor:
+    """Scales arrive as [], [1], [N], [N, 1] or blocks; stored as [], [N] or blocks. Anything else is an error."""
     if weight_scale is None:
         raise ValueError(f"{what}: fp8 weight has no weight_scale")
     scale = weight_scale.detach().float()
-    if scale.numel() == 1:
-        scale = scale.reshape(())
-    elif scale.shape in ((out_features,), (out_features, 1)):
-        scale = scale.reshape(out_features)
-    else:
+    out_features, in_features = weight_shape
+    group = weight_group_of_scale(tuple(scale.shape), out_features, in_features)
+    if group is None:
         raise ValueError(
-            f"{what}: weight_scale of shape {tuple(scale.shape)} fits no granularity for {out_features} "
-            f"output channels (expected [], [1], [{out_features}] or [{out_features}, 1])"
+            f"{what}: weight_scale of shape {tuple(scale.shape)} fits no granularity for weight "
+            f"{list(weight_shape)} (expected [], [1], [{out_features}] or [{out_features}, 1])"
         )
+    scale = scale.reshape(weight_scale_shape(group, out_features, in_features))
     check_scale(scale, f"{what}.weight_scale")
     return scale.contiguous()

@@ -1,12 +1,21 @@
-"""Names for quantization schemes ("fp8 e4m3, per-token, dynamic").
+"""Names for quantization schemes ("fp8 e4m3, per-token, dynamic") and the one rule for scale shapes.
 
-Methods and kernels talk about schemes, not about loose flags: a kernel says which
-``QuantKey`` pairs it can multiply, a config says which keys it wants. Modelled on
-vLLM's ``quant_utils`` descriptors, reduced to what FP8 linears need.
+Methods and kernels talk about schemes, not about loose flags: a kernel says which ``QuantKey`` pairs it can
+multiply, a config says which keys it wants. Modelled on vLLM's ``quant_utils`` descriptors, reduced to what
+FP8 linears need.
+
+Axis convention (vLLM's): a ``GroupShape`` describes an operand **as it enters the matrix product**
+``out[M, N] = A[M, K] @ B[K, N]``. For the activation ``A``, rows are tokens; for the weight ``B = W.T``,
+columns are output channels. So one scale per token is ``(1, -1)`` and one scale per output channel is
+``(-1, 1)``; a 128x128 weight block is ``(128, 128)`` and a 1x128 activation group ``(1, 128)``. Weights are
+*stored* as ``nn.Linear`` holds them, ``W[N, K]``, and their scales in the transposed order of the groups:
+``[]`` per tensor, ``[N]`` per channel, ``[ceil(N/bn), ceil(K/bk)]`` per block (the layout of DeepSeek/vLLM
+``weight_scale_inv`` files). ``weight_scale_shape`` and ``weight_group_of_scale`` are that rule, written once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -14,26 +23,70 @@ import torch
 
 
 class GroupShape(NamedTuple):
-    """How many elements share one scale, along rows and columns; -1 means the whole extent.
-
-    For an activation [M, K], rows are tokens. For a weight [N, K], rows are output channels.
-    """
+    """How many elements of a GEMM operand share one scale, along its rows and columns; -1: the whole extent."""
 
     row: int
     col: int
 
+    def is_per_tensor(self) -> bool:
+        return self.row == -1 and self.col == -1
+
+    def is_per_token(self) -> bool:
+        return self.row == 1 and self.col == -1
+
+    def is_per_channel(self) -> bool:
+        return self.row == -1 and self.col == 1
+
+    def is_per_group(self) -> bool:
+        """1 x g activation groups (one scale per token per g input channels)."""
+        return self.row == 1 and self.col > 1
+
+    def is_block(self) -> bool:
+        """Weight blocks of rows x cols (both > 1): 128x128 in DeepSeek-style checkpoints."""
+        return self.row > 1 and self.col > 1
+
     def describe(self) -> str:
-        if self == PER_TENSOR:
+        if self.is_per_tensor():
             return "per-tensor"
-        if self == PER_TOKEN:
+        if self.is_per_token():
             return "per-token"
-        return f"group {self.row}x{self.col}"
+        if self.is_per_channel():
+            return "per-channel"
+        return f"{'block' if self.is_block() else 'group'} {self.row}x{self.col}"
 
 
 PER_TENSOR = GroupShape(-1, -1)
 PER_TOKEN = GroupShape(1, -1)
-# One scale per output channel of a weight [N, K]: the same shape as per-token, named for readability.
-PER_CHANNEL = PER_TOKEN
+PER_CHANNEL = GroupShape(-1, 1)
+BLOCK_128 = GroupShape(128, 128)
+
+
+def weight_scale_shape(group: GroupShape, out_features: int, in_features: int) -> tuple[int, ...]:
+    """The stored scale shape of a weight ``W[N, K]`` quantized with ``group`` (see the module docstring)."""
+    if group.is_per_tensor():
+        return ()
+    if group.is_per_channel():
+        return (out_features,)
+    if group.is_block():
+        return (math.ceil(out_features / group.col), math.ceil(in_features / group.row))
+    raise ValueError(f"{group.describe()} is not a weight granularity")
+
+
+def weight_group_of_scale(
+    shape: tuple[int, ...], out_features: int, in_features: int, block: GroupShape | None = None
+) -> GroupShape | None:
+    """The granularity a stored weight scale of ``shape`` stands for, or ``None`` if it fits none.
+
+    Checkpoints write a per-tensor scale as ``[]`` or ``[1]`` and a per-channel one as ``[N]`` or ``[N, 1]``; a
+    2-D scale of ``[ceil(N/b), ceil(K/b)]`` is a block scale where ``block`` names the block size to accept.
+    """
+    if math.prod(shape) == 1 and len(shape) <= 2:
+        return PER_TENSOR
+    if tuple(shape) in ((out_features,), (out_features, 1)):
+        return PER_CHANNEL
+    if block is not None and len(shape) == 2 and tuple(shape) == weight_scale_shape(block, out_features, in_features):
+        return block
+    return None
 
 
 @dataclass(frozen=True)
@@ -55,33 +108,33 @@ class QuantKey:
     is_weight: bool = False
 
     @property
+    def group_shape(self) -> GroupShape:
+        return self.scale.group_shape
+
+    @property
     def per_tensor(self) -> bool:
-        return self.scale.group_shape == PER_TENSOR
+        return self.scale.group_shape.is_per_tensor()
 
     def __str__(self) -> str:
         dtype_name = {torch.float8_e4m3fn: "fp8 e4m3", torch.float8_e5m2: "fp8 e5m2"}.get(self.dtype, str(self.dtype))
         grouping = self.scale.group_shape.describe()
-        if self.is_weight and self.scale.group_shape == PER_CHANNEL:
-            grouping = "per-channel"
         if self.is_weight:
             return f"{dtype_name}, {grouping}"
         kind = "static" if self.scale.static else "dynamic"
         return f"{dtype_name}, {grouping}, {kind}"
 
 
-def weight_key(dtype: torch.dtype, per_channel: bool) -> QuantKey:
+def weight_key(dtype: torch.dtype, group: GroupShape) -> QuantKey:
     """Weights are always statically scaled (the scale is computed once, at load)."""
-    group = PER_CHANNEL if per_channel else PER_TENSOR
     return QuantKey(dtype, ScaleDesc(torch.float32, True, group), is_weight=True)
 
 
-def activation_key(dtype: torch.dtype, static: bool, per_token: bool) -> QuantKey:
-    group = PER_TOKEN if per_token else PER_TENSOR
+def activation_key(dtype: torch.dtype, static: bool, group: GroupShape) -> QuantKey:
     return QuantKey(dtype, ScaleDesc(torch.float32, static, group))
 
 
-kFp8StaticTensorSym = activation_key(torch.float8_e4m3fn, static=True, per_token=False)
-kFp8DynamicTensorSym = activation_key(torch.float8_e4m3fn, static=False, per_token=False)
-kFp8DynamicTokenSym = activation_key(torch.float8_e4m3fn, static=False, per_token=True)
-kFp8WeightTensor = weight_key(torch.float8_e4m3fn, per_channel=False)
-kFp8WeightChannel = weight_key(torch.float8_e4m3fn, per_channel=True)
+kFp8StaticTensorSym = activation_key(torch.float8_e4m3fn, static=True, group=PER_TENSOR)
+kFp8DynamicTensorSym = activation_key(torch.float8_e4m3fn, static=False, group=PER_TENSOR)
+kFp8DynamicTokenSym = activation_key(torch.float8_e4m3fn, static=False, group=PER_TOKEN)
+kFp8WeightTensor = weight_key(torch.float8_e4m3fn, PER_TENSOR)
+kFp8WeightChannel = weight_key(torch.float8_e4m3fn, PER_CHANNEL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 
-from .ops import WeightCaster
+from .fp8_linear import WeightCaster
 
 logger = logging.getLogger(__name__)
 

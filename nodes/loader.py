@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 
 import torch
 
-from fp8_quant.formats import CheckpointError, load_checkpoint, scan_checkpoint
+from fp8_quant import Fp8Recipe
+from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.kernels import explain_choice
 
 from .comfy_cast import comfy_weight_caster
-from .ops import LoadPlan, make_fp8_operations
-from .options import (
-    file_config,
-    forced_kernel,
-    loader_optional_inputs,
-    online_config,
-    parse_skip_patterns,
-)
+from .comfy_ops import LoadPlan, make_fp8_operations
+from .widgets import forced_kernel, loader_optional_inputs, user_options
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "loaders/fp8"
+NODE_TITLE = "Load FP8 DiT"
+
+
+@contextlib.contextmanager
+def node_error(node: str, path: object = None) -> Iterator[None]:
+    """Turn the core's ``ValueError``s (bad options, bad files, bad layers) into one line naming the node (and the
+    file), without the core's traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise  # ComfyUI frees memory and explains out-of-memory errors itself
+    except (ValueError, RuntimeError) as error:
+        where = f"{path}: " if path is not None and str(path) not in str(error) else ""
+        raise RuntimeError(f"{node}: {where}{error}") from None
 
 
 class LoadFP8DiT:
@@ -43,69 +54,64 @@ class LoadFP8DiT:
             "optional": loader_optional_inputs(),
         }
 
-    def load(
-        self,
-        unet_name: str,
-        activation_scheme: str = "auto",
-        activation_granularity: str = "auto",
-        weight_granularity: str = "channel",
-        kernel: str = "auto",
-        skip_layers: str = "",
-    ):
+    def load(self, unet_name: str, kernel: str = "auto", **options: str):
+        """``options``: the other widgets (activation_scheme, activation_granularity, weight_granularity,
+        skip_layers), defaults as in ``UserOptions``."""
         import comfy.model_management
-        import comfy.ops
-        import comfy.sd
         import comfy.utils
         import folder_paths
 
-        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        try:
+        with node_error(NODE_TITLE):
+            choices = user_options(**options)
+            path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        with node_error(NODE_TITLE, path):
             scan = scan_checkpoint(path)
-        except CheckpointError as error:
-            raise RuntimeError(f"Load FP8 DiT: {error}") from None
-        total = len(scan.header.tensors) + len(scan.layers)
-        progress = comfy.utils.ProgressBar(total)
-        done = [0]
-
-        def step(*_args) -> None:
-            done[0] += 1
-            progress.update_absolute(min(done[0], total), total)
-
-        try:
-            checkpoint = load_checkpoint(path, progress=lambda i, n: step(), scan=scan)
-        except CheckpointError as error:
-            raise RuntimeError(f"Load FP8 DiT: {error}") from None
+            progress = _Progress(comfy.utils.ProgressBar, len(scan.header.tensors) + len(scan.layers))
+            checkpoint = load_checkpoint(path, progress=lambda i, n: progress.step(), scan=scan)
+            recipe = Fp8Recipe.for_checkpoint(checkpoint.config, choices, forced_kernel(kernel))
         device = comfy.model_management.get_torch_device()
-        skip = parse_skip_patterns(skip_layers)
-        if checkpoint.config is not None:
-            plan = LoadPlan(file_config(checkpoint.config, activation_scheme, activation_granularity), None)
-        else:
-            config = online_config(activation_scheme, activation_granularity, weight_granularity, skip_layers)
-            plan = LoadPlan(None, config, skip_patterns=config.ignored_layers)
-        plan.kernel = forced_kernel(kernel)
-        plan.skip_patterns = plan.skip_patterns + skip
-        plan.quantize_device = device if device.type == "cuda" else None
-        plan.progress = lambda name: step()
-        plan.weight_caster = comfy_weight_caster()
-        plan.report.config = plan.fp8_config or plan.online_config
-        operations = make_fp8_operations(comfy.ops.manual_cast, plan)
-        # The compute dtype, given explicitly: left to ComfyUI, an fp8 state dict would make it build the
-        # non-linear modules (norms, embeddings, convs) in fp8 too, and round their bf16 weights.
-        compute_dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
-        load_options = {"model_options": {"custom_operations": operations, "dtype": compute_dtype}}
-        if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
-            # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
-            # not read; the classic patcher (full, partial and lowvram loading) drives these layers.
-            load_options["disable_dynamic"] = True
-        try:
-            model = comfy.sd.load_diffusion_model_state_dict(checkpoint.state_dict, **load_options)
-        except (RuntimeError, ValueError) as error:  # a layer that does not fit the model, or holds NaN or ints
-            raise RuntimeError(f"Load FP8 DiT: {path}: {error}") from error
+        plan = LoadPlan(recipe, quantize_device=device if device.type == "cuda" else None)
+        plan.progress, plan.weight_caster = (lambda name: progress.step()), comfy_weight_caster()
+        with node_error(NODE_TITLE, path):
+            model = load_fp8_diffusion_model(checkpoint.state_dict, plan, device)
         if model is None:
-            raise RuntimeError(f"Load FP8 DiT: ComfyUI could not detect the model type of {path}")
-        quantized = [layer for layer in model.model.modules() if getattr(layer, "fp8_layer_config", None) is not None]
-        if quantized:
-            _, plan.report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, plan.kernel)
-        summary = f"{unet_name} ({scan.dialect}): {plan.report.summary()}"
+            raise RuntimeError(f"{NODE_TITLE}: ComfyUI could not detect the model type of {path}")
+        summary = f"{unet_name} ({scan.dialect}): {_kernel_summary(model, plan, device)}"
         logger.info(summary)
         return {"ui": {"text": [summary]}, "result": (model,)}
+
+
+class _Progress:
+    """ComfyUI's progress bar over the read and the layer-by-layer load."""
+
+    def __init__(self, bar_class, total: int) -> None:
+        self.bar, self.total, self.done = bar_class(total), total, 0
+
+    def step(self) -> None:
+        self.done += 1
+        self.bar.update_absolute(min(self.done, self.total), self.total)
+
+
+def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan, device: torch.device):
+    """ComfyUI's own diffusion-model loader with this pack's fp8 ``Linear``; returns ComfyUI's ``ModelPatcher``."""
+    import comfy.model_management
+    import comfy.ops
+    import comfy.sd
+
+    # The compute dtype, given explicitly: left to ComfyUI, an fp8 state dict would make it build the
+    # non-linear modules (norms, embeddings, convs) in fp8 too, and round their bf16 weights.
+    compute_dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
+    operations = make_fp8_operations(comfy.ops.manual_cast, plan)
+    load_options = {"model_options": {"custom_operations": operations, "dtype": compute_dtype}}
+    if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
+        # not read; the classic patcher (full, partial and lowvram loading) drives these layers.
+        load_options["disable_dynamic"] = True
+    return comfy.sd.load_diffusion_model_state_dict(state_dict, **load_options)
+
+
+def _kernel_summary(model, plan: LoadPlan, device: torch.device) -> str:
+    quantized = [layer for layer in model.model.modules() if getattr(layer, "fp8_layer_config", None) is not None]
+    if quantized:
+        _, plan.report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, plan.recipe.kernel)
+    return plan.report.summary()

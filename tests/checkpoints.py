@@ -1,4 +1,4 @@
-"""Write small safetensors files in each FP8 dialect, with the layouts DESIGN.md documents.
+"""Write small safetensors files in each FP8 dialect, with the layouts of each dialect (see fp8_quant/formats/dialects.py).
 
 These writers are deliberately independent of ``fp8_quant.formats.writer`` so that reader tests do not
 just check the pack against itself.
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from fp8_quant.fp8_utils import quantize_weight
+from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR, GroupShape
 
 LAYERS = {"blocks.0.attn.q": (64, 32), "blocks.0.attn.k": (64, 32), "blocks.0.ffn.0": (128, 64)}
 
@@ -35,7 +36,7 @@ def write_dialect(
     dialect: str,
     source: dict[str, torch.Tensor],
     prefix: str = "",
-    per_channel: bool = False,
+    group: GroupShape = PER_TENSOR,
     static: bool = False,
     scale_shape: str = "scalar",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
@@ -53,10 +54,10 @@ def write_dialect(
         if dialect == "plain-fp8":
             tensors[prefix + key] = value.clamp(-448, 448).to(fp8_dtype)
             continue
-        fp8_weight, scale = quantize_weight(value, fp8_dtype, per_channel=per_channel)
-        if per_channel and scale_shape == "column":
+        fp8_weight, scale = quantize_weight(value, fp8_dtype, group)
+        if group == PER_CHANNEL and scale_shape == "column":
             scale = scale.reshape(-1, 1)
-        elif not per_channel and scale_shape == "one":
+        elif group == PER_TENSOR and scale_shape == "one":
             scale = scale.reshape(1)
         tensors[prefix + key] = fp8_weight
         scale_name, input_name = (

@@ -52,7 +52,7 @@ def test_bad_values_name_the_field(values, field_name):
 
 
 def test_bad_value_lists_allowed_values():
-    with pytest.raises(ValueError, match="'tensor', 'channel'"):
+    with pytest.raises(ValueError, match="'channel', 'tensor'"):
         Fp8Config(weight_granularity="row")
 
 

@@ -20,6 +20,7 @@ from fp8_quant.formats import (
     scan_checkpoint,
 )
 from fp8_quant.formats.inspect import inspect_checkpoint
+from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
 
 PREFIXES = ["", "model.diffusion_model.", "diffusion_model."]
 
@@ -46,8 +47,8 @@ def check_values(checkpoint, source, prefix, bound=0.04):
     [
         (WEIGHT_SCALE, {}, "tensor"),
         (WEIGHT_SCALE, {"scale_shape": "one"}, "tensor"),
-        (WEIGHT_SCALE, {"per_channel": True}, "channel"),
-        (WEIGHT_SCALE, {"per_channel": True, "scale_shape": "column"}, "channel"),
+        (WEIGHT_SCALE, {"group": PER_CHANNEL}, "channel"),
+        (WEIGHT_SCALE, {"group": PER_CHANNEL, "scale_shape": "column"}, "channel"),
         (COMFY_SCALED, {}, "tensor"),
         (COMFY_QUANT, {}, "tensor"),
         (COMFY_QUANT, {"metadata_only": True}, "tensor"),
@@ -103,7 +104,7 @@ def test_e5m2_comfy_scaled(tmp_path):
 
 
 def test_header_scan_reads_no_tensor_data(tmp_path, monkeypatch):
-    path = write_dialect(tmp_path / "m.safetensors", WEIGHT_SCALE, source_weights(), per_channel=True)
+    path = write_dialect(tmp_path / "m.safetensors", WEIGHT_SCALE, source_weights(), group=PER_CHANNEL)
     import fp8_quant.formats.reader as reader
 
     monkeypatch.setattr(reader, "safe_open", None)  # any data read would fail
@@ -129,7 +130,11 @@ def test_convert_round_trip(tmp_path, output_format, per_channel, dialect, prefi
     dst = tmp_path / "fp8.safetensors"
     calls = []
     report = convert_checkpoint(
-        src, dst, output_format, per_channel=per_channel, progress=lambda i, n, k: calls.append(i)
+        src,
+        dst,
+        output_format,
+        weight_group=PER_CHANNEL if per_channel else PER_TENSOR,
+        progress=lambda i, n, k: calls.append(i),
     )
     assert set(report.quantized) == {prefix + name for name in LAYERS}
     assert report.skipped[prefix + "head"].startswith("matched") and "blocks.0.norm" not in report.quantized
@@ -155,7 +160,7 @@ def test_convert_skips_user_patterns_and_refuses_bad_requests(tmp_path):
     report = convert_checkpoint(src, tmp_path / "a.safetensors", skip_patterns=["blocks.0.attn"])
     assert report.quantized == ["blocks.0.ffn.0"]
     with pytest.raises(ValueError, match="per-channel"):
-        convert_checkpoint(src, tmp_path / "b.safetensors", "comfy-scaled", per_channel=True)
+        convert_checkpoint(src, tmp_path / "b.safetensors", "comfy-scaled", weight_group=PER_CHANNEL)
     with pytest.raises(ValueError, match="output_format"):
         convert_checkpoint(src, tmp_path / "b.safetensors", "gguf")
     with pytest.raises(ValueError, match="overwrite"):

@@ -55,7 +55,8 @@ CASES = [
 def test_kernel_matches_float_reference(kernel, weight_granularity, activation_granularity, dtype, shape, bias):
     config = Fp8Config(weight_granularity=weight_granularity, activation_granularity=activation_granularity)
     reference, layer, method = make_layer(config, kernel, bias=bias, dtype=dtype)
-    if kernel_class(kernel).can_implement(layer.fp8_layer_config, CPU)[0]:
+    chosen = kernel_class(kernel)
+    if chosen.can_implement(layer.fp8_layer_config)[0] and chosen.is_supported(CPU, forced=True)[0]:
         assert type(method.kernel_for(layer, CPU)) is kernel_class(kernel)
     x = outlier_input(*shape, seed=11, dtype=dtype)
     out = method.apply(layer, x, layer.bias)
@@ -113,7 +114,17 @@ def test_automatic_choice_on_cpu_is_dequant_with_reason():
     _, layer, _ = make_layer(Fp8Config())
     kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU)
     assert kernel_cls is DequantLinearKernel
-    assert "no FP8 compute" in why
+    assert "cpu has no FP8 tensor cores" in why
+
+
+def test_kernels_say_device_support_apart_from_layer_support():
+    _, layer, _ = make_layer(Fp8Config())
+    assert PerTensorScaledMMKernel.is_supported(CPU) == (False, "cpu has no FP8 tensor cores")
+    assert PerTensorScaledMMKernel.is_supported(CPU, forced=True) == (True, None)
+    assert ChannelWiseScaledMMKernel.can_implement(layer.fp8_layer_config) == (True, None)
+    ok, reason = PerTensorScaledMMKernel.can_implement(layer.fp8_layer_config)
+    assert not ok and "per-channel" in reason
+    assert DequantLinearKernel.is_supported(torch.device("meta")) == (True, None)
 
 
 @pytest.mark.parametrize("in_features, out_features", [(40, 512), (256, 40)])
@@ -143,12 +154,12 @@ def test_e5m2_weights_fall_back_from_scaled_mm():
 
 def test_e5m2_pair_is_refused():
     from fp8_quant.kernels import FP8ScaledMMLinearLayerConfig
-    from fp8_quant.scheme import activation_key, weight_key
+    from fp8_quant.scheme import PER_TENSOR, activation_key, weight_key
 
     config = FP8ScaledMMLinearLayerConfig(
-        weight_key(torch.float8_e5m2, False), activation_key(torch.float8_e5m2, False, False), 64, 64
+        weight_key(torch.float8_e5m2, PER_TENSOR), activation_key(torch.float8_e5m2, False, PER_TENSOR), 64, 64
     )
-    ok, reason = PerTensorScaledMMKernel.can_implement(config, CPU)
+    ok, reason = PerTensorScaledMMKernel.can_implement(config)
     assert not ok and "e5m2 x e5m2" in reason
 
 

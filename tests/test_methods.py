@@ -16,7 +16,7 @@ def prequantized_layer(config, reference, scale_shape=None, input_scale=None):
     layer = Holder()
     method = Fp8LinearMethod(config, ChannelWiseScaledMMKernel.name)
     method.create_weights(layer, reference.in_features, reference.out_features)
-    weight, scale = quantize_weight(reference.weight.detach(), per_channel=config.weight_granularity == "channel")
+    weight, scale = quantize_weight(reference.weight.detach(), group=config.weight_group)
     state = {"weight": weight, "weight_scale": scale.reshape(scale_shape) if scale_shape else scale}
     if input_scale is not None:
         state["input_scale"] = input_scale

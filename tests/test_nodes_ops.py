@@ -5,6 +5,7 @@ convert/set, lowvram weight functions, class swapping) and the integration tests
 """
 
 import copy
+import re
 from typing import ClassVar
 
 import pytest
@@ -15,10 +16,12 @@ from helpers import outlier_input, rel_err
 from safetensors.torch import save_file
 from torch import nn
 
-from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8
+from fp8_quant import Fp8Config, Fp8Recipe, UserOptions, clone_module_tree, prepare_model_for_fp8
+from fp8_quant.config import online_config, stored_config
 from fp8_quant.formats import convert_checkpoint, load_checkpoint
-from nodes.ops import Fp8ComfyLinearMixin, LoadPlan, WeightCaster, install_comfy_forward, make_fp8_operations
-from nodes.options import file_config, online_config
+from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
+from nodes.comfy_ops import LoadPlan, make_fp8_operations
+from nodes.fp8_linear import Fp8ComfyLinearMixin, WeightCaster, install_comfy_forward
 
 
 class StandInManualCast:
@@ -82,12 +85,13 @@ def source():
 
 
 def fp8_model(tmp_path, source, output_format="comfy-scaled", per_channel=False):
+    """``per_channel``: the weight-scale format's per-channel scales, else one scale per tensor."""
     src = tmp_path / "bf16.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in source.items()}, str(src))
     dst = tmp_path / "fp8.safetensors"
-    convert_checkpoint(src, dst, output_format, per_channel=per_channel)
+    convert_checkpoint(src, dst, output_format, weight_group=PER_CHANNEL if per_channel else PER_TENSOR)
     checkpoint = load_checkpoint(dst)
-    plan = LoadPlan(file_config(checkpoint.config), None)
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(checkpoint.config, UserOptions()))
     model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
     model.load_state_dict(checkpoint.state_dict, strict=False)
     return model, plan
@@ -109,7 +113,7 @@ def test_fp8_file_loads_through_operations(tmp_path, source, output_format, per_
 
 
 def test_bf16_file_is_quantized_on_the_fly_layer_by_layer(source):
-    plan = LoadPlan(None, online_config(), skip_patterns=online_config().ignored_layers)
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(None, UserOptions()))
     model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in source.items()}, strict=False)
     assert model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
@@ -121,7 +125,7 @@ def test_bf16_file_is_quantized_on_the_fly_layer_by_layer(source):
 
 
 def test_shape_mismatch_names_the_layer(source):
-    plan = LoadPlan(None, online_config())
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(None, UserOptions()))
     model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
     bad = dict(source)
     bad["blocks.0.attn.k.weight"] = torch.randn(64, 40)
@@ -135,7 +139,8 @@ def test_bad_scale_in_state_dict_names_the_layer(tmp_path, source):
     convert_checkpoint(src, tmp_path / "fp8.safetensors")
     checkpoint = load_checkpoint(tmp_path / "fp8.safetensors")
     checkpoint.state_dict["blocks.0.ffn.0.weight_scale"] = torch.tensor(0.0)
-    model = TinyDiT(make_fp8_operations(StandInManualCast, LoadPlan(checkpoint.config, None)))
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(checkpoint.config, UserOptions()))
+    model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
     with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.0\.weight_scale"):
         model.load_state_dict(checkpoint.state_dict, strict=False)
 
@@ -221,7 +226,7 @@ def test_text_encoder_style_class_swap_keeps_original(source):
     x = outlier_input(2, 4, 32, seed=55)
     expected = original(x)
     clone = clone_module_tree(original)
-    report = prepare_model_for_fp8(clone, online_config(), install=install_comfy_forward)
+    report = prepare_model_for_fp8(clone, online_config(UserOptions()), install=install_comfy_forward)
     q = clone.blocks[0].attn.q
     assert isinstance(q, Fp8ComfyLinearMixin) and isinstance(q, StandInManualCast.Linear)
     assert type(original.blocks[0].attn.q) is StandInManualCast.Linear
@@ -237,21 +242,59 @@ def test_text_encoder_style_class_swap_keeps_original(source):
 
 
 def test_option_mapping():
-    assert online_config().activation_scheme == "dynamic"
-    assert online_config(activation_scheme="none").quantizes_activations is False
-    with pytest.raises(ValueError, match="static"):
-        online_config(activation_scheme="static")
+    assert online_config(UserOptions()).activation_scheme == "dynamic"
+    assert online_config(UserOptions(activation_scheme="none")).quantizes_activations is False
+    with pytest.raises(ValueError, match="activation_scheme: 'static'"):
+        online_config(UserOptions(activation_scheme="static"))
     inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
-    assert file_config(inferred).activation_scheme == "static"
-    assert file_config(inferred, "dynamic").activation_granularity == "token"
-    with pytest.raises(ValueError, match="no"):
-        file_config(Fp8Config(), "static")
+    assert stored_config(inferred, UserOptions()).activation_scheme == "static"
+    assert stored_config(inferred, UserOptions(activation_scheme="dynamic")).activation_granularity == "token"
+    with pytest.raises(ValueError, match="has none"):
+        stored_config(Fp8Config(), UserOptions(activation_scheme="static"))
 
 
-def test_static_plan_without_input_scale_goes_dynamic():
-    plan = LoadPlan(Fp8Config(activation_scheme="static", activation_granularity="tensor"), None)
-    assert plan.fp8_method(True).config.activation_scheme == "static"
-    assert plan.fp8_method(False).config.activation_scheme == "dynamic"
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        ({"skip_layers": "re:(["}, "skip_layers"),
+        ({"activation_scheme": "smooth"}, "activation_scheme"),
+        ({"activation_granularity": "row"}, "activation_granularity"),
+        ({"weight_granularity": "row"}, "weight_granularity"),
+    ],
+)
+def test_bad_user_option_names_the_option_and_value(options, option):
+    with pytest.raises(ValueError, match=f"^{option}: .*{re.escape(next(iter(options.values())))}"):
+        UserOptions(**options)
+
+
+def test_unknown_kernel_names_the_option():
+    with pytest.raises(ValueError, match="^kernel: unknown fp8 kernel 'fastest'"):
+        Fp8Recipe.for_checkpoint(None, UserOptions(), kernel="fastest")
+
+
+def test_static_recipe_without_input_scale_goes_dynamic():
+    inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
+    recipe = Fp8Recipe.for_checkpoint(inferred, UserOptions())
+    weight = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    with_scale = recipe.decide("a", weight, has_input_scale=True)
+    without = recipe.decide("b", weight, has_input_scale=False)
+    assert with_scale.method.config.activation_scheme == "static"
+    assert without.method.config.activation_scheme == "dynamic" and "no input_scale" in without.reason
+
+
+def test_user_skipped_fp8_layer_is_dequantized(tmp_path, source):
+    """skip_layers on an fp8 file keeps that layer in high precision: its real values, not the raw fp8 numbers."""
+    src = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in source.items()}, str(src))
+    convert_checkpoint(src, tmp_path / "fp8.safetensors", "weight-scale", weight_group=PER_CHANNEL)
+    checkpoint = load_checkpoint(tmp_path / "fp8.safetensors")
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(checkpoint.config, UserOptions(skip_layers="blocks.0.ffn")))
+    model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
+    model.load_state_dict(checkpoint.state_dict, strict=False)
+    ffn = model.blocks[0].ffn[0]
+    assert ffn.weight.dtype == torch.bfloat16 and not ffn.is_fp8()
+    assert rel_err(ffn.weight.float(), source["blocks.0.ffn.0.weight"]) < 0.06
+    assert {layer.name: layer.reason for layer in plan.report.skipped}["blocks.0.ffn.0"] == "matched 'blocks.0.ffn'"
 
 
 def test_deepcopy_of_loaded_model_works(tmp_path, source):

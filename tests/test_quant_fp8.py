@@ -4,7 +4,15 @@ from helpers import mean_row_rel_err, outlier_input, rel_err
 
 from fp8_quant import QuantFP8, quantize_input_dynamic, quantize_input_static
 from fp8_quant.fp8_utils import check_scale, dequantize, quantize_weight
-from fp8_quant.scheme import PER_TENSOR, PER_TOKEN, kFp8DynamicTokenSym
+from fp8_quant.scheme import (
+    BLOCK_128,
+    PER_CHANNEL,
+    PER_TENSOR,
+    PER_TOKEN,
+    GroupShape,
+    kFp8DynamicTokenSym,
+    weight_scale_shape,
+)
 
 
 @pytest.mark.parametrize("shape", [(64,), (7, 64), (2, 5, 64), (2, 3, 4, 64)])
@@ -72,12 +80,15 @@ def test_half_inputs(dtype):
     assert rel_err(q.float() * scale, x.float()) < 0.04
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_quantize_weight(per_channel):
+@pytest.mark.parametrize(
+    "group, scale_shape, bound",
+    [(PER_CHANNEL, (96,), 0.04), (PER_TENSOR, (), 0.3), (BLOCK_128, (1, 1), 0.3), (GroupShape(32, 16), (6, 2), 0.04)],
+)
+def test_quantize_weight(group, scale_shape, bound):
     weight = outlier_input(96, 64, seed=9)
-    q, scale = quantize_weight(weight, per_channel=per_channel)
-    assert scale.shape == ((96,) if per_channel else ())
-    assert rel_err(dequantize(q, scale), weight) < (0.04 if per_channel else 0.3)
+    q, scale = quantize_weight(weight, group=group)
+    assert scale.shape == scale_shape == weight_scale_shape(group, *weight.shape)
+    assert rel_err(dequantize(q, scale, group=group), weight) < bound
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])

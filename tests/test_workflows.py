@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from nodes.options import loader_optional_inputs, text_encoder_optional_inputs
+from nodes.widgets import loader_optional_inputs, text_encoder_optional_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))

@@ -1,6 +1,6 @@
 """Recognise a checkpoint's FP8 dialect from its header alone, layer by layer.
 
-Dialects (see DESIGN.md): ``weight-scale`` (vLLM, FastVideo, newer ComfyUI), ``comfy-scaled`` (ComfyUI's
+Dialects: ``weight-scale`` (vLLM, FastVideo, newer ComfyUI), ``comfy-scaled`` (ComfyUI's
 ``scale_weight``/``scale_input`` with the ``scaled_fp8`` marker), ``comfy-quant`` (per-layer ``.comfy_quant``
 JSON or ``_quantization_metadata``), ``plain-fp8`` (fp8 weights, no scales) and ``high-precision`` (nothing
 fp8: quantize on the fly). Files mix fp8 layers with bf16/fp32 ones; those are kept as they are. An unknown
@@ -17,6 +17,7 @@ import torch
 
 from ..config import Fp8Config
 from ..fp8_utils import is_fp8_dtype
+from ..scheme import GroupShape, weight_group_of_scale
 from .header import CheckpointError, SafetensorsHeader, TensorInfo
 
 WEIGHT_SCALE = "weight-scale"
@@ -51,10 +52,19 @@ class LayerInfo:
         return is_fp8_dtype(self.weight.dtype)
 
     @property
-    def granularity(self) -> str | None:
+    def weight_group(self) -> GroupShape | None:
+        """The granularity of the weight's scale (``None``: no scale); shapes were checked when the file was scanned."""
         if self.weight_scale is None:
             return None
-        return "tensor" if self.weight_scale.numel == 1 else "channel"
+        return weight_group_of_scale(self.weight_scale.shape, *_out_in(self.weight))
+
+    @property
+    def granularity(self) -> str | None:
+        """"tensor" or "channel", as configs and reports name it."""
+        group = self.weight_group
+        if group is None:
+            return None
+        return "tensor" if group.is_per_tensor() else "channel" if group.is_per_channel() else group.describe()
 
     @property
     def nbytes(self) -> int:
@@ -130,13 +140,18 @@ def _check_scale_shape(path, key: str, info: TensorInfo, weight: TensorInfo, can
         if info.numel != 1:
             raise CheckpointError(f"{path}: {key!r} has shape {list(info.shape)}; an input scale is one scalar")
         return
-    out_features = weight.shape[0] if weight.shape else 0
-    if info.numel == 1 or info.shape in ((out_features,), (out_features, 1)):
+    if weight_group_of_scale(info.shape, *_out_in(weight)) is not None:
         return
+    out_features = _out_in(weight)[0]
     raise CheckpointError(
         f"{path}: {key!r} has shape {list(info.shape)}, which fits no granularity for weight "
         f"{list(weight.shape)} (expected [], [1], [{out_features}] or [{out_features}, 1])"
     )
+
+
+def _out_in(weight: TensorInfo) -> tuple[int, int]:
+    shape = weight.shape
+    return (shape[0] if shape else 0, shape[1] if len(shape) > 1 else 1)
 
 
 def _metadata_layers(header: SafetensorsHeader) -> dict[str, object] | None:

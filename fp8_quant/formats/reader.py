@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import Fp8Config
 from ..fp8_utils import check_scale
+from ..scheme import weight_scale_shape
 from .dialects import (
     COMFY_QUANT,
     COMFY_QUANT_SUFFIX,
@@ -152,7 +153,8 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
     if layer.weight_scale is None:  # plain fp8 cast
         state_dict[scale_key] = torch.ones((), dtype=torch.float32, device=state_dict[weight_key].device)
     scale = state_dict[scale_key].float()
-    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
+    if layer.weight_group is not None:
+        scale = scale.reshape(weight_scale_shape(layer.weight_group, *state_dict[weight_key].shape))
     _check_values(scan, _stored_name(layer, "weight_scale"), scale)
     state_dict[scale_key] = scale
     if layer.input_scale is not None:

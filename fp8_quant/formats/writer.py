@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from ..config import SENSITIVE_LAYER_PATTERNS, matching_pattern
 from ..fp8_utils import is_fp8_dtype, quantize_weight
+from ..scheme import PER_TENSOR, GroupShape, weight_scale_shape
 from .dialects import COMFY_QUANT_SUFFIX, HIGH_PRECISION, SCALED_FP8_MARKER, scan_header
 from .header import DTYPE_NAMES, CheckpointError, read_header
 
@@ -69,19 +70,24 @@ def convert_checkpoint(
     output_format: str = COMFY_SCALED_FORMAT,
     *,
     weight_dtype: torch.dtype = torch.float8_e4m3fn,
-    per_channel: bool = False,
+    weight_group: GroupShape = PER_TENSOR,
     skip_patterns: Iterable[str] = (),
     default_skips: bool = True,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ConvertReport:
-    """Write ``destination``: every 2-D floating ``.weight`` not skipped becomes fp8 with its scale."""
+    """Write ``destination``: every 2-D floating ``.weight`` not skipped becomes fp8 with its scale.
+
+    ``weight_group``: per tensor (what ComfyUI's loaders read) or, in the ``weight-scale`` format, per channel.
+    """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
-    if per_channel and output_format != WEIGHT_SCALE_FORMAT:
+    if not (weight_group.is_per_tensor() or weight_group.is_per_channel()):
+        raise ValueError(f"weight_group: {weight_group.describe()} scales are not written yet")
+    if not weight_group.is_per_tensor() and output_format != WEIGHT_SCALE_FORMAT:
         raise ValueError(
-            f"per-channel scales are only written in the {WEIGHT_SCALE_FORMAT!r} format: ComfyUI's loaders "
-            f"expect one scale per tensor in {output_format!r}"
+            f"{weight_group.describe()} scales are only written in the {WEIGHT_SCALE_FORMAT!r} format: ComfyUI's "
+            f"loaders expect one scale per tensor in {output_format!r}"
         )
     if not is_fp8_dtype(weight_dtype):
         raise ValueError(f"weight_dtype: {weight_dtype} is not an fp8 dtype")
@@ -109,8 +115,10 @@ def convert_checkpoint(
         assert layer is not None
         report.quantized.append(layer)
         cache: dict[str, torch.Tensor] = {}
-        quantize = _quantizer(handle, key, weight_dtype, per_channel, device, cache)
-        scale_shape: tuple[int, ...] = (info.shape[0], 1) if per_channel else ()
+        quantize = _quantizer(handle, key, weight_dtype, weight_group, device, cache)
+        # Per-channel scales are written [N, 1], the shape vLLM and FastVideo files use.
+        scale_shape = weight_scale_shape(weight_group, *info.shape)
+        scale_shape = (*scale_shape, 1) if weight_group.is_per_channel() else scale_shape
         scale_name = "scale_weight" if output_format == COMFY_SCALED_FORMAT else "weight_scale"
         plan.append(_Planned(key, weight_dtype, info.shape, lambda q=quantize: q()[0]))
         plan.append(_Planned(f"{layer}.{scale_name}", torch.float32, scale_shape, _scale_from(cache, scale_shape)))
@@ -122,7 +130,7 @@ def convert_checkpoint(
             _Planned(prefix + SCALED_FP8_MARKER, weight_dtype, (0,), lambda: torch.empty(0, dtype=weight_dtype))
         )
     metadata = dict(scan.header.metadata)
-    metadata["fp8_quant"] = json.dumps({"format": output_format, "per_channel": per_channel})
+    metadata["fp8_quant"] = json.dumps({"format": output_format, "weight_group": weight_group.describe()})
     _write_streaming(destination, plan, metadata, progress)
     report.bytes_out = destination.stat().st_size
     logger.info("%s -> %s: %s", source, destination, report.summary())
@@ -150,12 +158,12 @@ def _constant(payload: bytes) -> Callable[[], torch.Tensor]:
     return lambda: torch.tensor(list(payload), dtype=torch.uint8)
 
 
-def _quantizer(handle, key, weight_dtype, per_channel, device, cache):
+def _quantizer(handle, key, weight_dtype, weight_group, device, cache):
     def quantize() -> tuple[torch.Tensor, torch.Tensor]:
         weight = handle.get_tensor(key).to(device)
         if not bool(torch.isfinite(weight).all()):
             raise CheckpointError(f"{key!r} holds NaN or inf values; refusing to quantize it")
-        fp8_weight, scale = quantize_weight(weight, weight_dtype, per_channel=per_channel)
+        fp8_weight, scale = quantize_weight(weight, weight_dtype, weight_group)
         cache["scale"] = scale.cpu()
         return fp8_weight.cpu(), scale
 

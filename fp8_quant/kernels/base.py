@@ -1,12 +1,11 @@
-"""The kernel contract: a layer config, ``can_implement`` that says why not, and ``apply_weights``.
+"""The kernel contract: what a layer needs (``FP8ScaledMMLinearLayerConfig``), whether a device and a layer can be
+served (``is_supported`` / ``can_implement``, each with the reason when not), and the product itself.
 
-Every kernel reads the same layer layout, so the choice can change per device at forward time (ComfyUI builds
-models on the CPU and moves them to the GPU later) without touching the weights:
-
-- ``layer.weight``: fp8 ``[N, K]`` contiguous. Passing ``weight.t()`` gives ``_scaled_mm`` the column-major
-  ``[K, N]`` operand it wants, and the parameter keeps the ``nn.Linear`` shape that LoRA and state dicts expect.
-- ``layer.weight_scale``: float32 ``[]`` (per tensor) or ``[N]`` (per output channel).
-- ``layer.input_scale``: float32 ``[]`` for static activations, else ``None``.
+The base class does everything around the product, once: inputs of any rank to rows and back, the tensors onto
+the input's device, activation quantization, the bias where the kernel did not fuse it, and the output dtype. A
+kernel implements only ``matmul``. Every kernel reads the same ``Fp8LinearParams``, so the choice can change per
+device at forward time (ComfyUI builds models on the CPU and moves them to the GPU later) without touching the
+weights.
 """
 
 from __future__ import annotations
@@ -16,9 +15,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
+from ..params import Fp8LinearParams
 from ..quant_fp8 import QuantFP8
 from ..scheme import QuantKey
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -48,36 +51,43 @@ class FP8ScaledMMLinearKernel(ABC):
 
     @classmethod
     @abstractmethod
-    def can_implement(cls, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> tuple[bool, str | None]:
-        """``(True, None)`` if this kernel runs the layer on ``device``, else ``(False, reason)``."""
+    def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
+        """Whether this kernel runs on ``device`` at all (``forced``: the user asked for it, so a device where it
+        runs but is not the fastest choice, such as the CPU for ``_scaled_mm``, is fine)."""
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, config: FP8ScaledMMLinearLayerConfig) -> tuple[bool, str | None]:
+        """``(True, None)`` if this kernel can multiply this layer's scheme and shape, else ``(False, reason)``."""
 
     @abstractmethod
-    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def matmul(
+        self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams, bias: Tensor | None, out_dtype: torch.dtype
+    ) -> tuple[Tensor, bool]:
+        """``x`` [M, K] (fp8 with ``x_scale`` where the config quantizes activations, else high precision) times the
+        weight; returns ``(out [M, N], bias_applied)``. The output may be in another float dtype than ``out_dtype``
+        where the hardware allows only that; the base class casts."""
+
+    def apply(self, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's output for ``x`` of shape ``[..., K]``: ``[..., N]`` in the output dtype."""
+        out_dtype = self.output_dtype(x)
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        params = params.to(x.device)
+        if bias is not None and bias.device != x.device:
+            bias = bias.to(x.device, non_blocking=True)
+        if self.input_quant is not None:
+            rows, x_scale = self.input_quant(rows, params.input_scale)
+        else:
+            x_scale = None
+        out, bias_applied = self.matmul(rows, x_scale, params, bias, out_dtype)
+        # Each skipped no-op saves a dispatcher round trip: small-M layers (text encoders) are host-bound.
+        if bias is not None and not bias_applied:
+            out = out + bias.to(out.dtype)
+        if out.dtype != out_dtype:
+            out = out.to(out_dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     def output_dtype(self, x: torch.Tensor) -> torch.dtype:
         if self.config.out_dtype is not None:
             return self.config.out_dtype
-        return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-
-    def quantize_input(self, layer: torch.nn.Module, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.input_quant is not None
-        input_scale = getattr(layer, "input_scale", None)
-        if input_scale is not None and input_scale.device != x2d.device:
-            input_scale = input_scale.to(x2d.device)
-        return self.input_quant(x2d, input_scale)
-
-
-def layer_tensors(
-    layer: torch.nn.Module, device: torch.device, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The fp8 weight, its scale and the bias on ``device``: offloaded layers are streamed per call."""
-    weight = layer.weight
-    weight_scale = layer.weight_scale
-    if weight.device != device:
-        weight = weight.to(device, non_blocking=True)
-    if weight_scale.device != device:
-        weight_scale = weight_scale.to(device, non_blocking=True)
-    if bias is not None and bias.device != device:
-        bias = bias.to(device, non_blocking=True)
-    return weight, weight_scale, bias
+        return x.dtype if x.dtype in _FLOAT_DTYPES else torch.bfloat16

@@ -1,9 +1,10 @@
 """Pick the fastest kernel that can run a layer on a device; explain the choice once.
 
-Order: per-tensor ``_scaled_mm`` (fastest, when both operands are per-tensor), row-wise ``_scaled_mm``, then
-the dequantize fallback. Automatic selection only uses ``_scaled_mm`` where the device has FP8 tensor cores;
-a forced kernel (argument, or the ``FP8_QUANT_KERNEL`` environment variable) is used wherever it can run,
-the CPU included, and falls back with a logged reason where it cannot.
+Kernels are tried in ``KERNELS`` order (fastest first); the first whose ``is_supported(device)`` and
+``can_implement(layer)`` both say yes runs the layer, and the reasons of those passed over become the logged
+explanation. A forced kernel (argument, or the ``FP8_QUANT_KERNEL`` environment variable) is tried first and may
+run where automatic choice would not (``_scaled_mm`` on the CPU); where it cannot run, selection falls back with
+the reason logged as a warning.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 
 import torch
 
-from ..fp8_utils import supports_fp8_compute
 from .base import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 from .dequant import DequantLinearKernel
 from .scaled_mm import ChannelWiseScaledMMKernel, PerTensorScaledMMKernel
@@ -32,20 +32,32 @@ _logged: set[str] = set()
 _cache: dict[tuple, FP8ScaledMMLinearKernel] = {}
 
 
-def kernel_class(name: str) -> type[FP8ScaledMMLinearKernel]:
+def kernel_class(name: str, option: str = "kernel") -> type[FP8ScaledMMLinearKernel]:
     for kernel in KERNELS:
         if kernel.name == name:
             return kernel
-    raise ValueError(f"unknown fp8 kernel {name!r}; allowed values: {list(KERNEL_NAMES)}")
+    raise ValueError(f"{option}: unknown fp8 kernel {name!r}; allowed values: {list(KERNEL_NAMES)}")
 
 
 def forced_kernel_name(forced: str | None = None) -> str | None:
     """The kernel asked for by argument, else by ``FP8_QUANT_KERNEL``; ``None`` or ``"auto"`` means choose."""
-    name = forced or os.environ.get(KERNEL_ENV) or None
+    if forced is not None and forced != "auto":
+        kernel_class(forced)  # validates
+        return forced
+    name = os.environ.get(KERNEL_ENV) or None
     if name is None or name == "auto":
         return None
-    kernel_class(name)  # validates
+    kernel_class(name, KERNEL_ENV)
     return name
+
+
+def _verdict(
+    kernel: type[FP8ScaledMMLinearKernel], config: FP8ScaledMMLinearLayerConfig, device: torch.device, forced: bool
+) -> str | None:
+    ok, reason = kernel.is_supported(device, forced)
+    if ok:
+        ok, reason = kernel.can_implement(config)
+    return None if ok else reason
 
 
 def explain_choice(
@@ -57,18 +69,13 @@ def explain_choice(
     rejected: list[str] = []
     if forced_name is not None:
         chosen = kernel_class(forced_name)
-        ok, reason = chosen.can_implement(config, device)
-        if ok:
+        reason = _verdict(chosen, config, device, forced=True)
+        if reason is None:
             return chosen, f"{chosen.name} (forced)"
         rejected.append(f"forced {forced_name}: {reason}")
-    if not supports_fp8_compute(device):
-        rejected.append(f"{device} has no FP8 compute (needs CUDA capability 8.9+)")
-        candidates: tuple[type[FP8ScaledMMLinearKernel], ...] = (DequantLinearKernel,)
-    else:
-        candidates = KERNELS
-    for candidate in candidates:
-        ok, reason = candidate.can_implement(config, device)
-        if ok:
+    for candidate in KERNELS:
+        reason = _verdict(candidate, config, device, forced=False)
+        if reason is None:
             why = "; ".join(rejected) if rejected else "fastest kernel that can run it"
             return candidate, f"{candidate.name} because {why}"
         rejected.append(f"{candidate.name}: {reason}")

@@ -109,21 +109,18 @@ def check_lowvram(model_path: str) -> dict:
     import comfy.sd
 
     pack = import_pack()
-    ops = sys.modules["comfyui_fp8_quant.nodes.ops"]
-    options = sys.modules["comfyui_fp8_quant.nodes.options"]
+    loader = sys.modules["comfyui_fp8_quant.nodes.loader"]
+    comfy_ops = sys.modules["comfyui_fp8_quant.nodes.comfy_ops"]
+    from fp8_quant import Fp8Recipe, UserOptions
     from fp8_quant.formats import load_checkpoint
 
     device = comfy.model_management.get_torch_device()
 
     def build():
         checkpoint = load_checkpoint(model_path)
-        config = options.online_config()
-        plan = ops.LoadPlan(None, config, skip_patterns=config.ignored_layers)
-        plan.quantize_device = device if device.type == "cuda" else None
-        operations = ops.make_fp8_operations(comfy.ops.manual_cast, plan)
-        return comfy.sd.load_diffusion_model_state_dict(
-            checkpoint.state_dict, model_options={"custom_operations": operations, "dtype": torch.bfloat16}
-        )
+        recipe = Fp8Recipe.for_checkpoint(None, UserOptions())
+        plan = comfy_ops.LoadPlan(recipe, quantize_device=device if device.type == "cuda" else None)
+        return loader.load_fp8_diffusion_model(checkpoint.state_dict, plan, device)
 
     targets = [f"blocks.{block}.{part}" for block in range(2) for part in ("self_attn.q", "self_attn.o", "ffn.0")]
     torch.manual_seed(1)

@@ -16,6 +16,7 @@ from conftest import COMFYUI_DIR, COMFYUI_PYTHON, REPO, SKIP_REASON, write_fixtu
 from safetensors.torch import load_file, save_file
 
 from fp8_quant.formats import convert_checkpoint
+from fp8_quant.scheme import PER_CHANNEL
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON)]
 
@@ -32,7 +33,7 @@ def tiny_wan(comfyui) -> str:
     bf16 = write_fixture("wan", folder / "tiny_wan_bf16.safetensors")
     convert_checkpoint(bf16, folder / "tiny_wan_fp8_scaled.safetensors", "comfy-scaled")
     convert_checkpoint(bf16, folder / "tiny_wan_fp8_quant.safetensors", "comfy-quant")
-    convert_checkpoint(bf16, folder / "tiny_wan_fp8_channel.safetensors", "weight-scale", per_channel=True)
+    convert_checkpoint(bf16, folder / "tiny_wan_fp8_channel.safetensors", "weight-scale", weight_group=PER_CHANNEL)
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     scaled = load_file(str(folder / "tiny_wan_fp8_scaled.safetensors"))
     nan_scale = dict(scaled)

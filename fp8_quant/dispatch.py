@@ -1,0 +1,130 @@
+"""The one place where a layer's recipe is decided: fp8 method (or none) and the reason, per layer name.
+
+Like vLLM's ``get_quant_method(layer, prefix)``: the checkpoint loader of the ComfyUI nodes and the bridge that
+patches built models both ask ``Fp8Recipe.decide`` for every linear, with the layer's name and its weight as it
+arrives (fp8 from a file, or high precision), and do what it says. Rules that live here and nowhere else:
+
+- an fp8 weight runs on the stored-weight method, whose scheme is the file's with the user's activation choices
+  (``config.stored_config``); a layer the user asked to skip is kept in high precision instead (the loader
+  dequantizes it);
+- a static scheme needs the layer's ``input_scale``: a layer without one runs dynamic per-token, said in the
+  reason;
+- a high-precision weight is quantized on the fly where there is an online config and no skip pattern matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .config import Fp8Config, UserOptions, matching_pattern, online_config, stored_config
+from .fp8_utils import is_fp8_dtype
+from .kernels import kernel_class
+from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod
+
+QUANTIZED = "quantized"
+STORED_FP8 = "fp8 in file"
+UNIT_SCALE_FP8 = "fp8 weight used as it is (unit scale)"
+STATIC_WITHOUT_INPUT_SCALE = "fp8 in file, dynamic (no input_scale)"
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """``method`` ``None`` keeps the layer in high precision (an fp8 weight is then dequantized by the caller)."""
+
+    name: str
+    method: Fp8LinearMethod | None
+    reason: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.method is not None
+
+
+@dataclass
+class Fp8Recipe:
+    """Every per-layer choice for one model.
+
+    ``stored``: the scheme of weights that arrive in fp8; ``online``: how high-precision weights are quantized
+    (``None`` keeps them); ``stored_skips``: patterns that keep even an fp8 weight in high precision (the user's
+    own, never the default sensitive-layer list: a file's author chose what to quantize); ``kernel``: a forced
+    kernel name, or ``None`` to choose per device.
+    """
+
+    stored: Fp8Config = field(default_factory=lambda: Fp8Config(weight_granularity="tensor"))
+    online: Fp8Config | None = None
+    stored_skips: tuple[str, ...] = ()
+    kernel: str | None = None
+    _methods: dict[tuple[Fp8Config, bool], Fp8LinearMethod] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kernel is not None:
+            kernel_class(self.kernel)  # an unknown name is an error naming the option, now, not at first forward
+
+    @classmethod
+    def for_checkpoint(
+        cls, file_config: Fp8Config | None, options: UserOptions, kernel: str | None = None
+    ) -> Fp8Recipe:
+        """A file's layers: fp8 ones on the file's scheme, high-precision ones quantized on the fly only when the file
+        holds no fp8 layer at all (a mixed file's bf16 layers were kept on purpose)."""
+        kernel = None if kernel in (None, "auto") else kernel
+        if file_config is None:
+            return cls(online=online_config(options), stored_skips=options.skip_layers, kernel=kernel)
+        return cls(stored=stored_config(file_config, options), stored_skips=options.skip_layers, kernel=kernel)
+
+    @classmethod
+    def for_model(cls, config: Fp8Config, kernel: str | None = None) -> Fp8Recipe:
+        """A built model (the bridge): its high-precision linears quantized by ``config``; fp8 weights it already holds
+        (a plain fp8 cast) used as they are at unit scale unless ``config.ignored_layers`` skips them."""
+        stored = replace(config, weight_granularity="tensor")
+        return cls(stored=stored, online=config, stored_skips=config.ignored_layers, kernel=kernel)
+
+    @property
+    def config(self) -> Fp8Config:
+        """The config a report describes: the online one where there is one."""
+        return self.online or self.stored
+
+    def decide(
+        self,
+        name: str,
+        weight: torch.Tensor | None,
+        *,
+        has_input_scale: bool = False,
+        unit_scale: bool = False,
+    ) -> LayerDecision:
+        """The recipe for linear ``name`` whose weight arrives as ``weight``.
+
+        ``has_input_scale``: the file brings a calibrated input scale for it; ``unit_scale``: an fp8 weight comes
+        with no scale at all (a plain cast held by a built model).
+        """
+        if weight is None or weight.device.type == "meta":
+            return LayerDecision(name, None, "no materialised weight")
+        if is_fp8_dtype(weight.dtype):
+            return self._decide_stored(name, has_input_scale, unit_scale)
+        if self.online is None:
+            return LayerDecision(name, None, f"{weight.dtype} in file")
+        pattern = matching_pattern(name, self.online.ignored_layers)
+        if pattern is not None:
+            return LayerDecision(name, None, f"matched {pattern!r}")
+        if not weight.dtype.is_floating_point or weight.dim() != 2:
+            return LayerDecision(name, None, f"unsupported weight {weight.dtype} {tuple(weight.shape)}")
+        return LayerDecision(name, self._method(self.online, online=True), QUANTIZED)
+
+    def _decide_stored(self, name: str, has_input_scale: bool, unit_scale: bool) -> LayerDecision:
+        pattern = matching_pattern(name, self.stored_skips)
+        if pattern is not None:
+            return LayerDecision(name, None, f"matched {pattern!r}")
+        config, reason = self.stored, (UNIT_SCALE_FP8 if unit_scale else STORED_FP8)
+        if config.activation_scheme == "static" and not has_input_scale:
+            config = replace(config, activation_scheme="dynamic", activation_granularity="token")
+            reason = STATIC_WITHOUT_INPUT_SCALE
+        return LayerDecision(name, self._method(config, online=False), reason)
+
+    def _method(self, config: Fp8Config, online: bool) -> Fp8LinearMethod:
+        """One method object per scheme, shared by the layers that use it."""
+        method = self._methods.get((config, online))
+        if method is None:
+            method = (Fp8OnlineLinearMethod if online else Fp8LinearMethod)(config, self.kernel)
+            self._methods[(config, online)] = method
+        return method

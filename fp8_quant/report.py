@@ -1,0 +1,79 @@
+"""What quantizing a model did, layer by layer: for logs, the node's summary and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import Fp8Config
+
+
+@dataclass
+class LayerReport:
+    name: str
+    quantized: bool
+    reason: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class Fp8Report:
+    """One model's quantization, for logs and for the node's UI text."""
+
+    config: Fp8Config
+    layers: list[LayerReport] = field(default_factory=list)
+    kernel_choice: str = ""
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.quantized]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    def summary(self) -> str:
+        skipped = count_labels(layer.reason for layer in self.skipped)
+        kept_fp8 = count_labels(layer.reason for layer in self.quantized if layer.reason != "quantized")
+        text = (
+            f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
+            f"{f' ({kept_fp8})' if kept_fp8 else ''}"
+            f"{f' (skipped: {skipped})' if skipped else ''}; linear weights "
+            f"{mib(self.bytes_before)} -> {mib(self.bytes_after)}; {self.config.describe()}"
+        )
+        if self.kernel_choice:
+            text += f"; kernel {self.kernel_choice}"
+        return text
+
+
+def count_labels(labels: Iterable[str]) -> str:
+    """"2 a, 1 b": how many of each label, for one-line summaries."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{count} {label}" for label, count in sorted(counts.items()))
+
+
+def tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return tensor.numel() * tensor.element_size() if tensor is not None else 0
+
+
+def fp8_layer_bytes(module: nn.Module) -> int:
+    """What a quantized linear's weight costs: the fp8 weight plus its float32 scales."""
+    return tensor_bytes(module.weight) + tensor_bytes(module.weight_scale)
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"

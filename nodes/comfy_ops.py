@@ -1,0 +1,115 @@
+"""A ComfyUI operations class whose ``Linear`` loads each layer of a state dict as ``Fp8Recipe`` decides.
+
+ComfyUI builds a diffusion model with an ``operations`` class (``custom_operations`` in its model options, as
+ComfyUI-GGUF does) and then loads the state dict into it; the ``Linear`` here takes its tensors in
+``_load_from_state_dict``, one layer at a time, so a bf16 file is quantized layer by layer and never exists
+in full precision and fp8 at once. No ``comfy`` import: the base operations class is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fp8_quant import Fp8Recipe, LayerDecision
+from fp8_quant.fp8_utils import dequantize, is_fp8_dtype
+from fp8_quant.methods import normalize_weight_scale
+from fp8_quant.report import Fp8Report, LayerReport, fp8_layer_bytes, tensor_bytes
+from fp8_quant.scheme import weight_group_of_scale
+
+from .fp8_linear import Fp8ComfyLinearMixin, WeightCaster
+
+
+@dataclass
+class LoadPlan:
+    """One model load: the recipe, where to quantize, how offloaded weights travel, and the report being filled."""
+
+    recipe: Fp8Recipe
+    quantize_device: torch.device | str | None = None
+    progress: Callable[[str], None] | None = None
+    weight_caster: WeightCaster | None = None
+    report: Fp8Report = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.report = Fp8Report(self.recipe.config)
+
+
+def make_fp8_operations(base_operations: type, plan: LoadPlan) -> type:
+    """A ComfyUI operations class (pass as ``custom_operations``) whose ``Linear`` loads by ``plan``."""
+
+    class Linear(Fp8ComfyLinearMixin, base_operations.Linear):
+        fp8_weight_caster = plan.weight_caster
+
+        def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+            # The base class sets up whatever attributes ComfyUI's ops expect, on the meta device: no memory is
+            # allocated, the state dict brings the tensors (fp8, or high precision to quantize one by one).
+            super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+            self.weight = None
+            self.bias = None
+            self.weight_scale = None
+            self.input_scale = None
+            self.fp8_model_dtype = dtype
+
+        def reset_parameters(self) -> None:
+            return None
+
+        def _load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        ) -> None:
+            _load_from_state_dict(self, plan, state_dict, prefix, missing_keys, error_msgs)
+
+    class Fp8Operations(base_operations):
+        pass
+
+    Fp8Operations.Linear = Linear
+    return Fp8Operations
+
+
+def _load_from_state_dict(
+    layer: nn.Module, plan: LoadPlan, state_dict: dict, prefix: str, missing_keys: list, error_msgs: list
+) -> None:
+    """torch's per-module state-dict hook for the fp8 ``Linear``: check the weight fits, ask the recipe, load."""
+    name = prefix[:-1]
+    weight = state_dict.get(prefix + "weight")
+    if weight is None:
+        missing_keys.append(prefix + "weight")
+        return
+    expected = [layer.out_features, layer.in_features]
+    if list(weight.shape) != expected:
+        error_msgs.append(f"{name}: weight has shape {list(weight.shape)}, the model expects {expected}")
+        return
+    bias = state_dict.get(prefix + "bias")
+    layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+    decision = plan.recipe.decide(name, weight, has_input_scale=prefix + "input_scale" in state_dict)
+    plan.report.layers.append(_load_layer(layer, decision, weight, state_dict, prefix, plan))
+    if plan.progress is not None:
+        plan.progress(name)
+
+
+def _load_layer(
+    layer: nn.Module, decision: LayerDecision, weight: torch.Tensor, state_dict: dict, prefix: str, plan: LoadPlan
+) -> LayerReport:
+    """Give ``layer`` its weight as ``decision`` says: fp8 through the method, or high precision."""
+    size = tensor_bytes(weight)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if decision.method is not None:
+        if is_fp8_dtype(weight.dtype):
+            layer.weight_scale = state_dict.get(prefix + "weight_scale")
+            layer.input_scale = state_dict.get(prefix + "input_scale")
+        decision.method.process_weights_after_loading(layer, decision.name, plan.quantize_device)
+        layer.fp8_method = decision.method
+        return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer))
+    if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values
+        stored_scale = state_dict.get(prefix + "weight_scale")
+        layer.weight = nn.Parameter(_dequantized(layer, weight, stored_scale, decision.name), requires_grad=False)
+    return LayerReport(decision.name, False, decision.reason, size, tensor_bytes(layer.weight))
+
+
+def _dequantized(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor | None, name: str) -> torch.Tensor:
+    scale = normalize_weight_scale(scale if scale is not None else torch.ones(()), tuple(weight.shape), name)
+    group = weight_group_of_scale(tuple(scale.shape), *weight.shape)
+    dtype = layer.fp8_model_dtype if layer.fp8_model_dtype in (torch.float16, torch.float32) else torch.bfloat16
+    return dequantize(weight, scale, dtype, group)
