@@ -58,6 +58,8 @@ def prepare_model_for_fp8(
     quantized = [module for _, module in linears if hasattr(module, "fp8_layer_config")]
     if quantized:
         device = torch.device(compute_device) if compute_device is not None else quantized[0].weight.device
+        for module in quantized:
+            module.fp8_method.prepare_kernels(module, device)
         _, report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, kernel)
     else:
         logger.warning("no linear of %s was quantized: every one was skipped", type(model).__name__)
@@ -138,6 +140,7 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
     new._buffers = dict(module._buffers)
     if "fp8_kernels" in new.__dict__:
         new.fp8_kernels = {}
+    new.__dict__.pop("fp8_activation_scale", None)  # learnt at run time, per model
     forward = new.__dict__.get("forward")
     if isinstance(forward, types.MethodType) and forward.__self__ is module:
         new.forward = types.MethodType(forward.__func__, new)

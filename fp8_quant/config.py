@@ -39,10 +39,14 @@ OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
 # Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
 WEIGHT_GROUPS: dict[str, GroupShape] = {"channel": PER_CHANNEL, "tensor": PER_TENSOR}
 ACTIVATION_GROUPS: dict[str, GroupShape] = {"tensor": PER_TENSOR, "token": PER_TOKEN}
-WEIGHT_GRANULARITIES = tuple(WEIGHT_GROUPS)
-ACTIVATION_SCHEMES = ("dynamic", "static", "none")
-ACTIVATION_GRANULARITIES = tuple(ACTIVATION_GROUPS)
 AUTO = "auto"
+# "auto" weights: per tensor or per channel, chosen per layer at load (auto_scales.choose_weight_group).
+WEIGHT_GRANULARITIES = (AUTO, *WEIGHT_GROUPS)
+# "calibrated": learnt per layer at run time, static per-tensor or dynamic per-token (auto_scales).
+ACTIVATION_SCHEMES = ("dynamic", "static", "calibrated", "none")
+# Schemes a user picks by name; "auto" stands for the file's own or "calibrated".
+USER_SCHEMES = ("dynamic", "static", "none")
+ACTIVATION_GRANULARITIES = tuple(ACTIVATION_GROUPS)
 
 # Layers that DiTs and text encoders keep in high precision: quantizing them costs much quality for few bytes.
 SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
@@ -73,9 +77,15 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 class Fp8Config:
     """How the linears of one model are quantized.
 
-    ``activation_scheme``: ``dynamic`` computes an activation scale per call, ``static`` uses a calibrated
-    ``input_scale`` from the checkpoint, ``none`` keeps activations in high precision (weight-only fp8).
-    ``output_dtype`` ``None`` means "the input's dtype".
+    ``weight_granularity``: ``channel``, ``tensor``, or ``auto`` (per layer: per tensor where the rows share a
+    range). ``activation_scheme``: ``dynamic`` computes an activation scale per call; ``static`` uses one
+    per-tensor scale, the checkpoint's ``input_scale`` or else one learnt at run time; ``calibrated`` learns per
+    layer at run time whether a static per-tensor scale serves or per-token scales are needed; ``none`` keeps
+    activations in high precision (weight-only fp8). ``activation_granularity`` is that of dynamic scales.
+    ``output_dtype`` ``None`` means "the input's dtype". ``round_activations_on_dequant``: where the product runs
+    in high precision (the dequantize kernel: CPUs, GPUs without FP8 tensor cores, odd shapes), also round the
+    activations to fp8 as the fp8 product would; off by default, since it only adds error there, and on where a
+    user asked for an activation scheme explicitly (to reproduce an FP8 GPU's numbers).
     """
 
     weight_dtype: torch.dtype = torch.float8_e4m3fn
@@ -84,6 +94,7 @@ class Fp8Config:
     activation_granularity: str = "token"
     ignored_layers: tuple[str, ...] = ()
     output_dtype: torch.dtype | None = None
+    round_activations_on_dequant: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("weight_dtype", self.weight_dtype, tuple(WEIGHT_DTYPES.values()))
@@ -124,6 +135,7 @@ class Fp8Config:
             "activation_granularity": self.activation_granularity,
             "ignored_layers": list(self.ignored_layers),
             "output_dtype": _name_of(OUTPUT_DTYPES, self.output_dtype),
+            "round_activations_on_dequant": self.round_activations_on_dequant,
         }
 
     def with_ignored(self, patterns: Iterable[str]) -> Fp8Config:
@@ -134,8 +146,14 @@ class Fp8Config:
         return self.activation_scheme != "none"
 
     @property
+    def learns_activation_scales(self) -> bool:
+        """Scales found while the model runs (where a layer has no ``input_scale`` from its file)."""
+        return self.activation_scheme in ("static", "calibrated")
+
+    @property
     def weight_group(self) -> GroupShape:
-        return WEIGHT_GROUPS[self.weight_granularity]
+        """The configured weight granularity; "auto" is decided per layer (the fallback here is per channel)."""
+        return WEIGHT_GROUPS.get(self.weight_granularity, PER_CHANNEL)
 
     @property
     def activation_group(self) -> GroupShape:
@@ -154,11 +172,16 @@ class Fp8Config:
 
     def describe(self) -> str:
         weights = str(self.weight_quant_key)
-        acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
+        if self.weight_granularity == AUTO:
+            weights = weights.replace("per-channel", "per-tensor or per-channel by layer")
+        if self.activation_scheme == "calibrated":
+            acts = "fp8 e4m3, calibrated by layer at the first step (static per-tensor, or per-token)"
+        else:
+            acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
         return f"weights {weights}; activations {acts}"
 
 
-USER_ACTIVATION_SCHEMES = (AUTO, *ACTIVATION_SCHEMES)
+USER_ACTIVATION_SCHEMES = (AUTO, *USER_SCHEMES)
 USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITIES)
 
 
@@ -166,14 +189,16 @@ USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITIES)
 class UserOptions:
     """A person's choices, by the names the node and the CLI show (so errors name what the user typed).
 
-    ``auto`` keeps the file's own scheme for fp8 files and the recommended one (dynamic, per token) for on-the-fly
-    quantization. ``skip_layers`` are extra layers to keep in high precision, on top of the sensitive layers that
-    on-the-fly quantization always keeps.
+    ``auto`` keeps the file's own scheme for fp8 files with calibrated input scales and otherwise calibrates per
+    layer at run time (static per-tensor where the activations allow, dynamic per-token where they have outlier
+    tokens); weights quantized on the fly get per-tensor or per-channel scales, per layer. ``skip_layers`` are
+    extra layers to keep in high precision, on top of the sensitive layers that on-the-fly quantization always
+    keeps.
     """
 
     activation_scheme: str = AUTO
     activation_granularity: str = AUTO
-    weight_granularity: str = "channel"
+    weight_granularity: str = AUTO
     skip_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -184,19 +209,16 @@ class UserOptions:
 
 
 def online_config(options: UserOptions) -> Fp8Config:
-    """How a bf16/fp16/fp32 model is quantized on the fly: e4m3fn, per-channel weights, dynamic per-token
-    activations unless the user chose otherwise; sensitive layers and the user's ``skip_layers`` stay as they are."""
-    scheme = "dynamic" if options.activation_scheme == AUTO else options.activation_scheme
-    if scheme == "static":
-        raise ValueError(
-            "activation_scheme: 'static' needs calibrated input scales from an fp8 file; use dynamic or none "
-            "for on-the-fly quantization"
-        )
+    """How a bf16/fp16/fp32 model is quantized on the fly: e4m3fn, weights and activations scaled per layer as
+    ``auto`` says unless the user chose otherwise; sensitive layers and the user's ``skip_layers`` stay as they
+    are."""
+    scheme = "calibrated" if options.activation_scheme == AUTO else options.activation_scheme
     return Fp8Config(
         weight_granularity=options.weight_granularity,
         activation_scheme=scheme,
         activation_granularity=_activation_granularity(options.activation_granularity, scheme),
         ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
+        round_activations_on_dequant=options.activation_scheme != AUTO,
     )
 
 
@@ -204,15 +226,17 @@ def stored_config(file_config: Fp8Config, options: UserOptions) -> Fp8Config:
     """How the fp8 layers of a file run: the file's own config, with the user's activation choices on top.
 
     The weight granularity is the file's (each layer's scale shape decides); ``weight_granularity`` only applies
-    to on-the-fly quantization.
+    to on-the-fly quantization. ``auto`` takes the file's calibrated input scales where it has them and calibrates
+    per layer otherwise.
     """
-    scheme = file_config.activation_scheme if options.activation_scheme == AUTO else options.activation_scheme
-    if scheme == "static" and file_config.activation_scheme != "static":
-        raise ValueError("activation_scheme: 'static' needs input scales in the file, and this file has none")
+    scheme = options.activation_scheme
+    if scheme == AUTO:
+        scheme = "static" if file_config.activation_scheme == "static" else "calibrated"
     return replace(
         file_config,
         activation_scheme=scheme,
         activation_granularity=_activation_granularity(options.activation_granularity, scheme),
+        round_activations_on_dequant=options.activation_scheme != AUTO,
     )
 
 

@@ -7,8 +7,8 @@ arrives (fp8 from a file, or high precision), and do what it says. Rules that li
 - an fp8 weight runs on the stored-weight method, whose scheme is the file's with the user's activation choices
   (``config.stored_config``); a layer the user asked to skip is kept in high precision instead (the loader
   dequantizes it);
-- a static scheme needs the layer's ``input_scale``: a layer without one runs dynamic per-token, said in the
-  reason;
+- a static scheme takes the layer's ``input_scale`` from its file, and a layer without one learns its scale at
+  run time (``auto_scales``), said in the reason;
 - a high-precision weight is quantized on the fly where there is an online config and no skip pattern matches.
 """
 
@@ -26,7 +26,7 @@ from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod
 QUANTIZED = "quantized"
 STORED_FP8 = "fp8 in file"
 UNIT_SCALE_FP8 = "fp8 weight used as it is (unit scale)"
-STATIC_WITHOUT_INPUT_SCALE = "fp8 in file, dynamic (no input_scale)"
+STATIC_WITHOUT_INPUT_SCALE = "fp8 in file, static scale learnt at run time (no input_scale)"
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,10 @@ class Fp8Recipe:
         pattern = matching_pattern(name, self.stored_skips)
         if pattern is not None:
             return LayerDecision(name, None, f"matched {pattern!r}")
-        config, reason = self.stored, (UNIT_SCALE_FP8 if unit_scale else STORED_FP8)
-        if config.activation_scheme == "static" and not has_input_scale:
-            config = replace(config, activation_scheme="dynamic", activation_granularity="token")
+        reason = UNIT_SCALE_FP8 if unit_scale else STORED_FP8
+        if self.stored.activation_scheme == "static" and not has_input_scale:
             reason = STATIC_WITHOUT_INPUT_SCALE
-        return LayerDecision(name, self._method(config, online=False), reason)
+        return LayerDecision(name, self._method(self.stored, online=False), reason)
 
     def _method(self, config: Fp8Config, online: bool) -> Fp8LinearMethod:
         """One method object per scheme, shared by the layers that use it."""

@@ -8,16 +8,25 @@ reads. Which layer gets which method is decided in ``dispatch``, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
-from .config import Fp8Config
+from .auto_scales import DEFAULT_POLICY, DYNAMIC, STATIC, CalibrationTally, RuntimeActivationScale, choose_weight_group
+from .config import AUTO, Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight
 from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, select_kernel
 from .params import Fp8LinearParams
-from .scheme import weight_group_of_scale, weight_key, weight_scale_shape
+from .scheme import (
+    QuantKey,
+    activation_key,
+    kFp8StaticTensorSym,
+    weight_group_of_scale,
+    weight_key,
+    weight_scale_shape,
+)
 
 logger = logging.getLogger(__name__)
 Dtype = torch.dtype | None
@@ -29,6 +38,7 @@ class Fp8LinearMethod:
     def __init__(self, config: Fp8Config, kernel: str | None = None) -> None:
         self.config = config
         self.kernel = kernel
+        self.calibration = CalibrationTally()
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
@@ -50,9 +60,7 @@ class Fp8LinearMethod:
             raise ValueError(f"{what}: Fp8LinearMethod expects an fp8 weight, got {weight.dtype}")
         weight_scale = normalize_weight_scale(getattr(layer, "weight_scale", None), tuple(weight.shape), what)
         input_scale = getattr(layer, "input_scale", None)
-        if self.config.activation_scheme == "static":
-            if input_scale is None:
-                raise ValueError(f"{what}: static activation scheme needs an input_scale, none was loaded")
+        if self.config.activation_scheme == "static" and input_scale is not None:
             input_scale = input_scale.detach().float()
             if input_scale.numel() != 1:
                 raise ValueError(f"{what}: input_scale must be one scalar, got shape {tuple(input_scale.shape)}")
@@ -61,6 +69,7 @@ class Fp8LinearMethod:
         else:
             input_scale = None
         self._install(layer, weight.detach().contiguous(), weight_scale, input_scale)
+        layer.fp8_name = what
 
     def _install(
         self,
@@ -75,6 +84,7 @@ class Fp8LinearMethod:
         layer.input_scale = _parameter(input_scale) if input_scale is not None else None
         layer.fp8_layer_config = self.layer_config(weight, weight_scale)
         layer.fp8_kernels = {}
+        layer.__dict__.pop("fp8_activation_scale", None)
 
     def layer_config(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> FP8ScaledMMLinearLayerConfig:
         """The layer's own scheme: its actual scale shape wins over the config (checkpoints mix granularities)."""
@@ -86,15 +96,33 @@ class Fp8LinearMethod:
             in_features=weight.shape[1],
             out_features=weight.shape[0],
             out_dtype=self.config.output_dtype,
+            round_activations_on_dequant=self.config.round_activations_on_dequant,
         )
 
-    def kernel_for(self, layer: nn.Module, device: torch.device) -> FP8ScaledMMLinearKernel:
-        kernels: dict[torch.device, FP8ScaledMMLinearKernel] = layer.fp8_kernels
-        kernel = kernels.get(device)
+    def kernel_for(
+        self, layer: nn.Module, device: torch.device, activation_key: QuantKey | None = None
+    ) -> FP8ScaledMMLinearKernel:
+        """The kernel for this layer on ``device`` (for another activation scheme than its own, if given)."""
+        kernels: dict = layer.fp8_kernels
+        kernel = kernels.get((device, activation_key))
         if kernel is None:
-            kernel = select_kernel(layer.fp8_layer_config, device, self.kernel)
-            kernels[device] = kernel
+            config = layer.fp8_layer_config
+            if activation_key is not None:
+                config = dataclasses.replace(config, activation_quant_key=activation_key)
+            kernel = select_kernel(config, device, self.kernel)
+            kernels[(device, activation_key)] = kernel
         return kernel
+
+    def prepare_kernels(self, layer: nn.Module, device: torch.device | str) -> None:
+        """Choose the layer's kernels for ``device`` now, outside any ``torch.compile`` trace (loaders call this with
+        the compute device, so that a compiled first forward finds them made)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.kernel_for(layer, device)
+        if self.config.learns_activation_scales:
+            self.kernel_for(layer, device, self._dynamic_key)
+            self.kernel_for(layer, device, kFp8StaticTensorSym)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
@@ -103,19 +131,53 @@ class Fp8LinearMethod:
         self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The product with tensors other than the layer's own (a LoRA-patched weight, an offloaded one)."""
-        return self.kernel_for(layer, x.device).apply(params, x, bias)
+        if not self.config.learns_activation_scales or params.input_scale is not None:
+            return self.kernel_for(layer, x.device).apply(params, x, bias)
+        dynamic = self.kernel_for(layer, x.device, self._dynamic_key)
+        if dynamic.input_quant is None:  # activations stay in high precision: no scale to learn
+            return dynamic.apply(params, x, bias)
+        return self._apply_learnt_scale(layer, dynamic, params, x, bias)
+
+    @property
+    def _dynamic_key(self) -> QuantKey:
+        """What a layer with a learnt scale runs before its scale is known, and where it keeps per-token scales."""
+        return activation_key(torch.float8_e4m3fn, False, self.config.activation_group)
+
+    def _apply_learnt_scale(
+        self,
+        layer: nn.Module,
+        dynamic: FP8ScaledMMLinearKernel,
+        params: Fp8LinearParams,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A layer whose activation scale is learnt while it runs (``auto_scales``): observe, then static or not."""
+        compiling = torch.compiler.is_compiling()
+        state = layer.__dict__.get("fp8_activation_scale")
+        if state is None:
+            if compiling:  # no new state inside a compiled graph: the layer runs dynamic there
+                return dynamic.apply(params, x, bias)
+            may_stay_dynamic = self.config.activation_scheme == "calibrated"
+            state = RuntimeActivationScale(DEFAULT_POLICY, may_stay_dynamic, self.calibration, _layer_name(layer))
+            layer.fp8_activation_scale = state
+        if state.phase == STATIC:
+            static = params._replace(input_scale=state.scale, input_amax=state.amax)
+            static = static._replace(activation_observer=state.follow_amax)
+            out = self.kernel_for(layer, x.device, kFp8StaticTensorSym).apply(static, x, bias)
+        elif state.phase == DYNAMIC or compiling:
+            out = dynamic.apply(params, x, bias)
+        else:
+            state.buffers_on(x.device)
+            out = dynamic.apply(params._replace(activation_observer=state.observe_tokens), x, bias)
+        if not compiling:
+            state.after_call()
+            if state.phase == STATIC:
+                self.kernel_for(layer, x.device, kFp8StaticTensorSym)  # made now, not inside a compiled trace
+        return out
 
 
 class Fp8OnlineLinearMethod(Fp8LinearMethod):
     """For bf16/fp16/fp32 layers quantized at load: weight scales of the config's granularity, from the weight."""
-
-    def __init__(self, config: Fp8Config, kernel: str | None = None) -> None:
-        if config.activation_scheme == "static":
-            raise ValueError(
-                "activation_scheme: 'static' needs calibrated input scales from a checkpoint; online "
-                "quantization supports 'dynamic' or 'none'"
-            )
-        super().__init__(config, kernel)
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
@@ -138,8 +200,16 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             source = source.to(quantize_device)
         if not bool(torch.isfinite(source).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
-        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, self.config.weight_group)
+        group = self.config.weight_group
+        if self.config.weight_granularity == AUTO:
+            group, _ = choose_weight_group(source)
+        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group)
         self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
+        layer.fp8_name = what
+
+
+def _layer_name(layer: nn.Module) -> str:
+    return layer.__dict__.get("fp8_name", type(layer).__name__)
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:

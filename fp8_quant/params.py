@@ -9,10 +9,13 @@ Layout (what every method produces and every kernel reads):
   operand it wants, and the parameter keeps the ``nn.Linear`` shape that LoRA and state dicts expect.
 - ``weight_scale``: float32, shaped by ``weight_group`` as ``scheme.weight_scale_shape`` says.
 - ``input_scale``: float32 ``[]`` for static activations, else ``None``.
+- ``input_amax``: for static scales learnt at run time, a float32 ``[1]`` the quantizer raises to each call's amax.
+- ``activation_observer``: called with the activation scales of each call (``auto_scales``), or ``None``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -26,6 +29,8 @@ class Fp8LinearParams(NamedTuple):
     weight_scale: torch.Tensor
     input_scale: torch.Tensor | None
     weight_group: GroupShape
+    input_amax: torch.Tensor | None = None
+    activation_observer: Callable[[torch.Tensor], None] | None = None
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> Fp8LinearParams:
@@ -39,9 +44,8 @@ class Fp8LinearParams(NamedTuple):
             if self.input_scale is None or self.input_scale.device == device:
                 return self
         input_scale = self.input_scale.to(device, non_blocking=True) if self.input_scale is not None else None
-        return Fp8LinearParams(
-            self.weight.to(device, non_blocking=True),
-            self.weight_scale.to(device, non_blocking=True),
-            input_scale,
-            self.weight_group,
+        return self._replace(
+            weight=self.weight.to(device, non_blocking=True),
+            weight_scale=self.weight_scale.to(device, non_blocking=True),
+            input_scale=input_scale,
         )

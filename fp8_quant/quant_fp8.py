@@ -2,8 +2,9 @@
 
 On CUDA a fused Triton kernel reads each row once for its amax and once for the cast (the row stays in L2),
 instead of the four passes of the eager expression; that overhead is what separates a dynamic FP8 linear
-from the raw ``_scaled_mm`` speed. Elsewhere the eager helpers of ``fp8_utils`` are used; both give the
-same numbers up to the last fp8 rounding.
+from the raw ``_scaled_mm`` speed. Elsewhere, and inside ``torch.compile`` (where Inductor fuses the eager
+expression into the ops around it and a hand-launched Triton kernel would only stand in its way), the eager
+helpers of ``fp8_utils`` are used; both give the same numbers up to the last fp8 rounding.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ DISABLE_TRITON_ENV = "FP8_QUANT_DISABLE_TRITON"
 class QuantFP8:
     """Quantize activations ``[..., K]`` to fp8.
 
-    ``__call__(x, scale=None)`` returns ``(x_fp8, scale)`` where ``x_fp8`` has ``x``'s shape and ``scale`` is
-    ``[..., 1]`` per token or ``[]`` per tensor. Static quantization needs ``scale``; dynamic ignores it.
+    ``__call__(x, scale=None, amax_out=None)`` returns ``(x_fp8, scale)`` where ``x_fp8`` has ``x``'s shape and
+    ``scale`` is ``[..., 1]`` per token or ``[]`` per tensor. Static quantization needs ``scale`` and, given
+    ``amax_out`` (a float32 one-element tensor), also raises it to ``x``'s amax in the same pass; dynamic ignores
+    both.
     """
 
     def __init__(
@@ -52,19 +55,21 @@ class QuantFP8:
     def from_key(cls, key: QuantKey, use_triton: bool | None = None) -> QuantFP8:
         return cls(key.scale.static, key.scale.group_shape, key.dtype, use_triton)
 
-    def __call__(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, amax_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        triton = self.use_triton and x.is_cuda and x.numel() and not torch.compiler.is_compiling()
         if self.static:
             if scale is None:
                 raise ValueError("static QuantFP8 needs the calibrated input scale")
-            return self._static(x, scale), scale
-        if self.use_triton and x.is_cuda and x.numel():
+            if triton:
+                return _triton_kernels().quantize_static_triton(x, scale, self.dtype, amax_out), scale
+            if amax_out is not None:
+                torch.maximum(amax_out, x.abs().amax().float().reshape(amax_out.shape), out=amax_out)
+            return fp8_utils.quantize_input_static(x, scale, self.dtype), scale
+        if triton:
             return _triton_kernels().quantize_dynamic_triton(x, self.dtype, self.per_token)
         return fp8_utils.quantize_input_dynamic(x, self.dtype, self.per_token)
-
-    def _static(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self.use_triton and x.is_cuda and x.numel():
-            return _triton_kernels().quantize_static_triton(x, scale, self.dtype)
-        return fp8_utils.quantize_input_static(x, scale, self.dtype)
 
 
 @functools.cache

@@ -25,9 +25,11 @@ def _quant_rows_kernel(
     n_cols,
     x_row_stride,
     q_row_stride,
+    amax_ptr,
     fp8_limit,
     amax_floor,
     STATIC: tl.constexpr,
+    TRACK_AMAX: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -40,6 +42,8 @@ def _quant_rows_kernel(
         values = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if STATIC:
             scale = tl.load(static_scale_ptr).to(tl.float32)
+            if TRACK_AMAX:  # the range this call really had: the next call's static scale follows it
+                tl.atomic_max(amax_ptr, tl.max(tl.abs(values), axis=0))
         else:
             scale = tl.maximum(tl.max(tl.abs(values), axis=0), amax_floor) / fp8_limit
             tl.store(scale_ptr + row, scale)
@@ -48,6 +52,13 @@ def _quant_rows_kernel(
     else:
         if STATIC:
             scale = tl.load(static_scale_ptr).to(tl.float32)
+            if TRACK_AMAX:
+                running = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, n_cols, BLOCK):
+                    mask = start + cols < n_cols
+                    values = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    running = tl.maximum(running, tl.abs(values))
+                tl.atomic_max(amax_ptr, tl.max(running, axis=0))
         else:
             running = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
@@ -64,7 +75,7 @@ def _quant_rows_kernel(
 
 
 def _launch(
-    x2d: torch.Tensor, dtype: torch.dtype, static_scale: torch.Tensor | None
+    x2d: torch.Tensor, dtype: torch.dtype, static_scale: torch.Tensor | None, amax_out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x2d.shape
     quantized = torch.empty((rows, cols), dtype=dtype, device=x2d.device)
@@ -80,9 +91,11 @@ def _launch(
         cols,
         x2d.stride(0),
         quantized.stride(0),
+        amax_out if amax_out is not None else row_scales,
         fp8_max(dtype),
         AMAX_FLOOR,
         STATIC=static_scale is not None,
+        TRACK_AMAX=amax_out is not None,
         ONE_BLOCK=one_block,
         BLOCK=block,
         num_warps=num_warps,
@@ -107,7 +120,11 @@ def quantize_dynamic_triton(x: torch.Tensor, dtype: torch.dtype, per_token: bool
     return quantized.view(x.shape), scale
 
 
-def quantize_static_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def quantize_static_triton(
+    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One pass with a fixed scale; with ``amax_out`` (float32, one element, on x's device) the pass also raises it
+    to the tensor's amax, for scales that follow the activations (``calibration``)."""
     x2d = _as_rows(x)
-    quantized, _ = _launch(x2d, dtype, scale.to(device=x.device, dtype=torch.float32).reshape(1))
+    quantized, _ = _launch(x2d, dtype, scale.to(device=x.device, dtype=torch.float32).reshape(1), amax_out)
     return quantized.view(x.shape)

@@ -11,6 +11,7 @@ import torch
 
 from fp8_quant import Fp8Recipe
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
+from fp8_quant.fp8_utils import is_fp8_dtype
 from fp8_quant.kernels import explain_choice
 
 from .comfy_cast import comfy_weight_caster
@@ -94,14 +95,11 @@ class _Progress:
 
 def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan, device: torch.device):
     """ComfyUI's own diffusion-model loader with this pack's fp8 ``Linear``; returns ComfyUI's ``ModelPatcher``."""
-    import comfy.model_management
     import comfy.ops
     import comfy.sd
 
-    # The compute dtype, given explicitly: left to ComfyUI, an fp8 state dict would make it build the
-    # non-linear modules (norms, embeddings, convs) in fp8 too, and round their bf16 weights.
-    compute_dtype = torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float32
     operations = make_fp8_operations(comfy.ops.manual_cast, plan)
+    compute_dtype = comfy_compute_dtype(state_dict)
     load_options = {"model_options": {"custom_operations": operations, "dtype": compute_dtype}}
     if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
         # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
@@ -110,8 +108,37 @@ def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan
     return comfy.sd.load_diffusion_model_state_dict(state_dict, **load_options)
 
 
+def comfy_compute_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype ComfyUI's stock loader runs this model in (fp16 for Wan on a recent GPU, bf16 for Flux, fp32 on the
+    CPU), chosen by ComfyUI's own rule from the model's supported dtypes, as it does for its quantized files.
+
+    Given explicitly: left to ComfyUI, an fp8 state dict would make it build the non-linear modules (norms,
+    embeddings, convs) in fp8 too and round their weights; and a fixed bf16 would make every layer kept in high
+    precision (attention, norms, residuals) less precise than in the stock model.
+    """
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.utils
+
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(state_dict)
+    # (ComfyUI's prefix replace pops the keys it moves: it gets a copy of the dict, the tensors are shared)
+    unprefixed = comfy.utils.state_dict_prefix_replace(dict(state_dict), {prefix: ""}, filter_keys=True) or state_dict
+    config = comfy.model_detection.model_config_from_unet(unprefixed, "")
+    supported = list(getattr(config, "supported_inference_dtypes", None) or [torch.float16, torch.bfloat16])
+    file_dtype = comfy.utils.weight_dtype(unprefixed)  # as the stock loader: None for a quantized file
+    file_dtype = None if file_dtype is None or is_fp8_dtype(file_dtype) else file_dtype
+    parameters = comfy.utils.calculate_parameters(unprefixed)
+    dtype = comfy.model_management.unet_dtype(
+        model_params=parameters, supported_dtypes=supported, weight_dtype=file_dtype
+    )
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
 def _kernel_summary(model, plan: LoadPlan, device: torch.device) -> str:
+    """The report's line, with the kernel choice; every layer's kernels are chosen now, for the compute device."""
     quantized = [layer for layer in model.model.modules() if getattr(layer, "fp8_layer_config", None) is not None]
+    for layer in quantized:
+        layer.fp8_method.prepare_kernels(layer, device)
     if quantized:
         _, plan.report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, plan.recipe.kernel)
     return plan.report.summary()

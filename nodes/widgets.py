@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 from fp8_quant.config import (
-    ACTIVATION_SCHEMES,
     AUTO,
     USER_ACTIVATION_GRANULARITIES,
     USER_ACTIVATION_SCHEMES,
@@ -18,16 +17,16 @@ from fp8_quant.config import (
 )
 from fp8_quant.kernels import KERNEL_NAMES
 
-# Lists, not tuples: ComfyUI recognises a combo input by its list of options.
-ONLINE_ACTIVATION_SCHEMES = [scheme for scheme in ACTIVATION_SCHEMES if scheme != "static"]
-
 TOOLTIPS = {
-    "activation_scheme": "auto: the file's own (static where it has input scales), dynamic when quantizing on the "
-    "fly. dynamic: a scale per call. static: the file's calibrated input_scale. none: weight-only fp8 (activations "
-    "stay bf16; slower than fp8 compute, slightly more accurate).",
-    "activation_granularity": "auto: per-token for dynamic, per-tensor for static. Per-token keeps quiet tokens "
-    "precise when a few are huge (DiT activations).",
-    "weight_granularity": "For on-the-fly quantization: one scale per output channel (channel) or per tensor.",
+    "activation_scheme": "auto: the file's calibrated input scales where it has them; otherwise each layer is "
+    "calibrated at the first sampling step: one static scale (fastest) where its activations allow, a scale per "
+    "token where a few tokens are huge. dynamic: a scale per call. static: one scale per layer (the file's, or "
+    "learnt at the first step). none: weight-only fp8 (activations stay in high precision; slower, a little more "
+    "accurate). On GPUs without FP8 tensor cores activations stay in high precision unless you choose a scheme.",
+    "activation_granularity": "For per-call (dynamic) scales: auto = per token, which keeps quiet tokens precise "
+    "when a few are huge (DiT activations); tensor = one scale per call.",
+    "weight_granularity": "For on-the-fly quantization: auto = one scale per tensor where the layer's rows share a "
+    "range (the faster kernel, the same precision), else per output channel; or force channel / tensor.",
     "kernel": "auto picks the fastest kernel the GPU supports (FP8 tensor cores need capability 8.9+), else "
     "dequantize + matmul. Forcing one that cannot run a layer falls back, with the reason in the log.",
     "skip_layers": "Extra layers to keep in high precision: names, prefixes, globs (*norm*) or re:regex, comma or "
@@ -42,7 +41,7 @@ def _combo(name: str, values, default: str) -> tuple[list[str], dict]:
 def _common_inputs() -> dict:
     return {
         "activation_granularity": _combo("activation_granularity", USER_ACTIVATION_GRANULARITIES, AUTO),
-        "weight_granularity": _combo("weight_granularity", WEIGHT_GRANULARITIES, "channel"),
+        "weight_granularity": _combo("weight_granularity", WEIGHT_GRANULARITIES, AUTO),
         "kernel": _combo("kernel", KERNEL_NAMES, AUTO),
         "skip_layers": ("STRING", {"default": "", "multiline": True, "tooltip": TOOLTIPS["skip_layers"]}),
     }
@@ -55,7 +54,7 @@ def loader_optional_inputs() -> dict:
 
 def text_encoder_optional_inputs() -> dict:
     """Optional inputs of Quantize Text Encoder (FP8), in widget order."""
-    return {"activation_scheme": _combo("activation_scheme", ONLINE_ACTIVATION_SCHEMES, "dynamic"), **_common_inputs()}
+    return {"activation_scheme": _combo("activation_scheme", USER_ACTIVATION_SCHEMES, "dynamic"), **_common_inputs()}
 
 
 def user_options(**widgets: str) -> UserOptions:

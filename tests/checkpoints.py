@@ -1,4 +1,4 @@
-"""Write small safetensors files in each FP8 dialect, with the layouts of each dialect (see fp8_quant/formats/dialects.py).
+"""Write small safetensors files in each FP8 dialect (the layouts fp8_quant/formats/dialects.py describes).
 
 These writers are deliberately independent of ``fp8_quant.formats.writer`` so that reader tests do not
 just check the pack against itself.

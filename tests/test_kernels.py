@@ -85,7 +85,7 @@ def test_per_token_beats_per_tensor_through_the_layer():
 
 
 def test_dequant_fallback_keeps_the_numerics_contract():
-    config = Fp8Config()
+    config = Fp8Config(round_activations_on_dequant=True)
     _, layer, _ = make_layer(config)
     x = outlier_input(3, 9, 256, seed=14)
     fast = Fp8OnlineLinearMethod(config, ChannelWiseScaledMMKernel.name).apply(layer, x, layer.bias)
@@ -93,6 +93,24 @@ def test_dequant_fallback_keeps_the_numerics_contract():
     fallback = Fp8OnlineLinearMethod(config, DequantLinearKernel.name).apply(layer, x, layer.bias)
     # Row-wise _scaled_mm outputs bf16 (CUDA allows nothing else): the two differ by that rounding only.
     assert rel_err(fallback, fast) < 4e-3
+
+
+def test_dequant_leaves_activations_unrounded_unless_asked():
+    """Where the product is not fp8 (CPU, pre-Ada GPUs), rounding activations only adds error: by default the
+    dequantize kernel multiplies them as they are, exactly like weight-only."""
+    x = outlier_input(32, 256, seed=18)
+    reference, layer, method = make_layer(Fp8Config(), DequantLinearKernel.name)
+    weight_only = Fp8OnlineLinearMethod(Fp8Config(activation_scheme="none"), DequantLinearKernel.name)
+    layer_weight_only = copy.deepcopy(layer)
+    layer_weight_only.fp8_kernels = {}
+    layer_weight_only.fp8_layer_config = weight_only.layer_config(layer.weight, layer.weight_scale)
+    unrounded = method.apply(layer, x, layer.bias)
+    assert torch.equal(unrounded, weight_only.apply(layer_weight_only, x, layer.bias))
+    _, rounded_layer, rounded = make_layer(
+        Fp8Config(round_activations_on_dequant=True), DequantLinearKernel.name
+    )
+    expected = reference_output(reference, x)
+    assert rel_err(unrounded, expected) < 0.8 * rel_err(rounded.apply(rounded_layer, x, rounded_layer.bias), expected)
 
 
 def test_weight_only_runs_on_dequant_and_is_more_accurate():

@@ -242,15 +242,17 @@ def test_text_encoder_style_class_swap_keeps_original(source):
 
 
 def test_option_mapping():
-    assert online_config(UserOptions()).activation_scheme == "dynamic"
+    online = online_config(UserOptions())
+    assert (online.activation_scheme, online.weight_granularity) == ("calibrated", "auto")
+    assert not online.round_activations_on_dequant
     assert online_config(UserOptions(activation_scheme="none")).quantizes_activations is False
-    with pytest.raises(ValueError, match="activation_scheme: 'static'"):
-        online_config(UserOptions(activation_scheme="static"))
+    explicit = online_config(UserOptions(activation_scheme="static"))
+    assert explicit.activation_granularity == "tensor" and explicit.round_activations_on_dequant
     inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
     assert stored_config(inferred, UserOptions()).activation_scheme == "static"
     assert stored_config(inferred, UserOptions(activation_scheme="dynamic")).activation_granularity == "token"
-    with pytest.raises(ValueError, match="has none"):
-        stored_config(Fp8Config(), UserOptions(activation_scheme="static"))
+    assert stored_config(Fp8Config(), UserOptions()).activation_scheme == "calibrated"
+    assert stored_config(Fp8Config(), UserOptions(activation_scheme="static")).learns_activation_scales
 
 
 @pytest.mark.parametrize(
@@ -272,14 +274,14 @@ def test_unknown_kernel_names_the_option():
         Fp8Recipe.for_checkpoint(None, UserOptions(), kernel="fastest")
 
 
-def test_static_recipe_without_input_scale_goes_dynamic():
+def test_static_recipe_without_input_scale_learns_it():
     inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
     recipe = Fp8Recipe.for_checkpoint(inferred, UserOptions())
     weight = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
     with_scale = recipe.decide("a", weight, has_input_scale=True)
     without = recipe.decide("b", weight, has_input_scale=False)
-    assert with_scale.method.config.activation_scheme == "static"
-    assert without.method.config.activation_scheme == "dynamic" and "no input_scale" in without.reason
+    assert with_scale.method is without.method and with_scale.method.config.activation_scheme == "static"
+    assert with_scale.reason == "fp8 in file" and "learnt at run time" in without.reason
 
 
 def test_user_skipped_fp8_layer_is_dequantized(tmp_path, source):

@@ -33,6 +33,7 @@ class FP8ScaledMMLinearLayerConfig:
     in_features: int
     out_features: int
     out_dtype: torch.dtype | None = None
+    round_activations_on_dequant: bool = False
 
     def describe(self) -> str:
         acts = str(self.activation_quant_key) if self.activation_quant_key else "weight-only"
@@ -44,8 +45,11 @@ class FP8ScaledMMLinearKernel(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, config: FP8ScaledMMLinearLayerConfig) -> None:
+    def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
+        """Made once per layer scheme and device, outside ``torch.compile`` (anything device-specific a kernel needs
+        to know, it finds out here, not in the forward)."""
         self.config = config
+        self.device = device
         key = config.activation_quant_key
         self.input_quant = QuantFP8.from_key(key) if key is not None else None
 
@@ -76,7 +80,9 @@ class FP8ScaledMMLinearKernel(ABC):
         if bias is not None and bias.device != x.device:
             bias = bias.to(x.device, non_blocking=True)
         if self.input_quant is not None:
-            rows, x_scale = self.input_quant(rows, params.input_scale)
+            rows, x_scale = self.input_quant(rows, params.input_scale, params.input_amax)
+            if params.activation_observer is not None:
+                params.activation_observer(x_scale)
         else:
             x_scale = None
         out, bias_applied = self.matmul(rows, x_scale, params, bias, out_dtype)

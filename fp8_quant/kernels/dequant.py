@@ -1,9 +1,9 @@
 """The fallback that runs anywhere: dequantize the weight, then an ordinary matmul.
 
-It keeps the numerics contract of the fp8 kernels: where the config quantizes activations, the base class
-quantizes them the same way and this kernel multiplies their dequantized values, so a model gives the same outputs
-on a CPU, a pre-Ada GPU and an H100 up to rounding. Weight-only configs (activation scheme "none") only ever run
-here.
+Activations stay in high precision here (weight-only), which is more accurate and costs nothing, unless the layer
+asks for ``round_activations_on_dequant``: then the base class quantizes them as the fp8 kernels would and this
+kernel multiplies their dequantized values, so a model gives an FP8 GPU's outputs on a CPU or a pre-Ada GPU up to
+rounding. Weight-only configs (activation scheme "none") only ever run here.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from .base import _FLOAT_DTYPES, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayer
 
 class DequantLinearKernel(FP8ScaledMMLinearKernel):
     name = "dequant"
+
+    def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        if not config.round_activations_on_dequant:
+            self.input_quant = None
 
     @classmethod
     def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:

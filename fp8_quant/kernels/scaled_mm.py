@@ -41,6 +41,26 @@ def _layer_support(config: FP8ScaledMMLinearLayerConfig) -> str | None:
 
 
 @functools.cache
+def rowwise_output_dtypes(device_type: str, index: int | None) -> tuple[torch.dtype, ...]:
+    """The output dtypes this torch's row-wise ``_scaled_mm`` gives on a device, probed once on a tiny problem.
+
+    Older torch builds output bf16 only; newer ones (cuBLASLt row-wise on Hopper, torch 2.11) also fp16 and fp32.
+    An fp16 model then gets fp16 outputs straight from the GEMM, without a bf16 rounding and an extra cast.
+    """
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    ones_a, ones_b = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
+    supported = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=ones_a, scale_b=ones_b, out_dtype=dtype)
+        except (RuntimeError, NotImplementedError, ValueError):
+            continue
+        supported.append(dtype)
+    return tuple(supported)
+
+
+@functools.cache
 def cpu_rowwise_supported() -> bool:
     """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (torch 2.13 does, 2.11 asserts)."""
     a = torch.ones(16, 16).to(torch.float8_e4m3fn)
@@ -90,11 +110,16 @@ class PerTensorScaledMMKernel(FP8ScaledMMLinearKernel):
 class ChannelWiseScaledMMKernel(FP8ScaledMMLinearKernel):
     """Row-wise scales: ``scale_a`` [M, 1] per token and ``scale_b`` [1, N] per output channel.
 
-    Per-tensor scales on either side are broadcast to rows, so this kernel takes every e4m3 combination.
-    CUDA's row-wise path outputs bf16 only; other output dtypes are cast afterwards.
+    Per-tensor scales on either side are broadcast to rows, so this kernel takes every e4m3 combination. The
+    output is in the model's dtype where the installed torch allows it (``rowwise_output_dtypes``), else bf16 and
+    cast afterwards.
     """
 
     name = "scaled_mm_rowwise"
+
+    def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.output_dtypes = rowwise_output_dtypes(device.type, device.index)
 
     @classmethod
     def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
@@ -124,13 +149,16 @@ class ChannelWiseScaledMMKernel(FP8ScaledMMLinearKernel):
             scale_b = weight_scale.view(1, -1)
         else:
             scale_b = weight_scale.reshape(1, 1).expand(1, params.weight.shape[0]).contiguous()
-        fused_bias = bias is not None and bias.dtype == torch.bfloat16
+        if out_dtype not in self.output_dtypes:
+            out_dtype = torch.bfloat16
+        # CUDA refuses a fused bias with a float32 output; the bias must be in the output dtype.
+        fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
         out = torch._scaled_mm(
             x,
             params.weight.t(),
             scale_a=scale_a,
             scale_b=scale_b,
             bias=bias if fused_bias else None,
-            out_dtype=torch.bfloat16,
+            out_dtype=out_dtype,
         )
         return out, fused_bias

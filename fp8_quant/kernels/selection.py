@@ -91,10 +91,10 @@ def select_kernel(
     kernel = _cache.get(key)
     if kernel is None:
         kernel_cls, why = explain_choice(config, device, forced)
-        kernel = kernel_cls(config)
+        kernel = kernel_cls(config, device)
         _cache[key] = kernel
         message = f"fp8 kernel for {config.describe()} on {device}: {why}"
-        if message not in _logged:
+        if message not in _logged and not torch.compiler.is_compiling():
             _logged.add(message)
             level = logging.WARNING if (forced_kernel_name(forced) and "(forced)" not in why) else logging.INFO
             logger.log(level, message)

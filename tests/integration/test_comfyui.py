@@ -146,6 +146,29 @@ def test_load_fp8_dit_samples_close_to_bf16_and_beats_stock_fp8(comfyui, tiny_wa
     assert errors["ours"] < errors["stock_fp8"], errors
 
 
+def test_every_layer_skipped_reproduces_the_stock_model(comfyui, tiny_wan):
+    """With no layer quantized, Load FP8 DiT is the stock model: the same compute dtype (ComfyUI's own choice per
+    model and device), the same non-linear layers; what is left is float rounding."""
+    reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_skip")
+    skipped = sample(comfyui, our_loader(tiny_wan, skip_layers="re:.*"), "ours_all_skipped")
+    assert rel_err(skipped, reference) < 1e-3
+
+
+def test_same_fp8_file_as_accurate_as_the_stock_loader(comfyui, tiny_wan):
+    """On identical fp8 weights (our comfy-quant file) Load FP8 DiT matches the newest stock loader; quantizing the
+    bf16 file itself (per-layer scales) does better than the stock loader on the converted file."""
+    quant_file = tiny_wan.replace("_bf16", "_fp8_quant")
+    reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_same")
+    errors = {
+        "stock_on_file": rel_err(sample(comfyui, stock_loader(quant_file), "stock_same_file"), reference),
+        "ours_on_file": rel_err(sample(comfyui, our_loader(quant_file), "ours_same_file"), reference),
+        "ours_on_the_fly": rel_err(sample(comfyui, our_loader(tiny_wan), "ours_same_fly"), reference),
+    }
+    print(errors)
+    assert errors["ours_on_file"] <= 1.02 * errors["stock_on_file"], errors
+    assert errors["ours_on_the_fly"] <= errors["stock_on_file"], errors
+
+
 @pytest.fixture(scope="module")
 def tiny_flux(comfyui) -> str:
     folder = comfyui.models / "diffusion_models"

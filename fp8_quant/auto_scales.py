@@ -1,0 +1,168 @@
+"""Per-layer automatic scale choices: weight granularity at load, activation scales learnt at run time.
+
+Why: per-tensor ``_scaled_mm`` is the fastest FP8 GEMM (about 8% over row-wise on Hopper), and a static activation
+scale quantizes in one pass without an amax reduction. e4m3's relative precision is the same everywhere in its
+normal range (2^-6 .. 448, 15 binades), so one scale per tensor costs nothing as long as the rows of a weight, or
+the tokens of an activation, lie within a few binades of each other; only a layer whose rows or tokens differ
+wildly (a weight with dead channels, "massive activation" tokens) needs a scale per channel or per token.
+
+Activations, with no host synchronisation on the forward path:
+- observing: the first ``policy.calls`` calls run dynamic per-token; device tensors record the largest amax and
+  the largest token spread (the largest token amax over the 10th percentile of them). A non-blocking copy to the
+  host and a CUDA event follow; once the event has completed (a later call), the host decides.
+- static: one-pass quantization with ``scale = margin * amax / 448``; each call's quantizer raises ``amax`` to what
+  it saw (values past the range are clamped for that call, and logged) and the scale follows for the next call
+  ("delayed scaling", as in Transformer Engine).
+- dynamic: a layer with outlier tokens keeps its per-token scales.
+Inside ``torch.compile`` nothing changes phase (that would take host decisions and recompilation): a layer runs the
+path of its phase, and an observing layer runs dynamic per-token.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .fp8_utils import AMAX_FLOOR, fp8_max
+from .report import count_labels
+from .scheme import PER_CHANNEL, PER_TENSOR, GroupShape
+
+logger = logging.getLogger(__name__)
+
+OBSERVING, STATIC, DYNAMIC = "observing", "static", "dynamic"
+_E4M3_MAX = fp8_max(torch.float8_e4m3fn)
+
+
+@dataclass(frozen=True)
+class ScalePolicy:
+    """``max_spread``: how far apart (a factor) the largest and the quietest rows (or the 10% quietest tokens) may
+    be for one scale per tensor (128 = 7 binades: their values still sit well inside e4m3's normal range).
+    ``calls``: how many calls a layer is watched before its activations are decided. ``margin``: the static
+    range's headroom over the largest activation seen (a binade: precision does not depend on it, overflow
+    does)."""
+
+    max_spread: float = 128.0
+    calls: int = 2
+    margin: float = 2.0
+    check_every: int = 256
+
+
+DEFAULT_POLICY = ScalePolicy()
+
+
+def choose_weight_group(weight: torch.Tensor, policy: ScalePolicy = DEFAULT_POLICY) -> tuple[GroupShape, str]:
+    """Per tensor where the weight's rows share a range (the faster GEMM, the same precision), else per channel."""
+    rows = weight.detach().abs().amax(dim=1).float().clamp(min=AMAX_FLOOR)
+    spread = (rows.max() / rows.min()).item()
+    if spread <= policy.max_spread:
+        return PER_TENSOR, f"weight rows within {spread:.0f}x"
+    return PER_CHANNEL, f"weight rows {spread:.0f}x apart"
+
+
+@dataclass
+class CalibrationTally:
+    """What the layers of one model decided, logged once all of them have."""
+
+    started: int = 0
+    decisions: list[str] = field(default_factory=list)
+
+    def record(self, reason: str) -> None:
+        self.decisions.append(reason)
+        if len(self.decisions) == self.started:
+            logger.info("fp8 activation scales after calibration: %s", count_labels(self.decisions))
+
+
+class RuntimeActivationScale:
+    """One layer's activation scale, learnt while it runs; see the module docstring for the phases."""
+
+    def __init__(self, policy: ScalePolicy, may_stay_dynamic: bool, tally: CalibrationTally, name: str = "") -> None:
+        self.policy = policy
+        self.may_stay_dynamic = may_stay_dynamic
+        self.tally = tally
+        self.name = name
+        self.phase = OBSERVING
+        self.reason = ""
+        self.calls = 0
+        self.amax: torch.Tensor | None = None  # float32 [1] on the compute device: the largest |x| seen
+        self.spread: torch.Tensor | None = None  # float32 [1]: the largest token spread seen
+        self.scale: torch.Tensor | None = None  # float32 []: the static scale of the next call
+        self.overshoot: torch.Tensor | None = None  # float32 [1]: largest amax / static range seen (> 1: clamped)
+        self._pending: tuple[object, torch.Tensor] | None = None
+        self._warned = False
+        tally.started += 1
+
+    def buffers_on(self, device: torch.device) -> None:
+        if self.amax is None or self.amax.device != device:
+            self.amax = torch.zeros(1, dtype=torch.float32, device=device)
+            self.spread = torch.zeros(1, dtype=torch.float32, device=device)
+            self.scale = torch.ones((), dtype=torch.float32, device=device)
+            self.overshoot = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def observe_tokens(self, x_scale: torch.Tensor) -> None:
+        """Observing calls: the per-token scales the dynamic quantizer computed (amax / 448 per token)."""
+        rows = x_scale.detach().reshape(-1).float()
+        peak = rows.max()
+        torch.maximum(self.amax, (peak * _E4M3_MAX).reshape(1), out=self.amax)
+        quiet = torch.quantile(rows, 0.1) if rows.numel() > 1 else peak
+        torch.maximum(self.spread, (peak / quiet).reshape(1), out=self.spread)
+
+    def follow_amax(self, _x_scale: torch.Tensor) -> None:
+        """Static calls: the quantizer has raised ``amax``; note whether it passed this call's range, and let the
+        next call's scale cover it with the margin."""
+        amax = self.amax.reshape(())
+        torch.maximum(self.overshoot, (amax / (self.scale * _E4M3_MAX)).reshape(1), out=self.overshoot)
+        torch.maximum(self.scale, amax * (self.policy.margin / _E4M3_MAX), out=self.scale)
+
+    def after_call(self) -> None:
+        """Host bookkeeping after a call (never inside ``torch.compile``): decide, or check for clamping."""
+        self.calls += 1
+        if self.phase == OBSERVING and self.calls >= self.policy.calls:
+            values = self._poll()
+            if values is not None:
+                self._decide(*values)
+        elif self.phase == STATIC and self.calls % self.policy.check_every == 0 and not self._warned:
+            values = self._poll()
+            if values is not None:
+                self._check_range(values[0], values[2])
+
+    def _poll(self) -> tuple[float, ...] | None:
+        """(amax, spread, overshoot) from the device without waiting for it: the copy is requested once, read once
+        it is done."""
+        if self._pending is None:
+            values = torch.cat([self.amax, self.spread, self.overshoot])
+            if values.device.type != "cuda":
+                return tuple(values.tolist())
+            host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (event, host)
+            return None
+        event, host = self._pending
+        if not event.query():
+            return None
+        self._pending = None
+        return tuple(host.tolist())
+
+    def _decide(self, amax: float, spread: float, _overshoot: float) -> None:
+        if self.may_stay_dynamic and spread > self.policy.max_spread:
+            self.phase, self.reason = DYNAMIC, "dynamic per-token (outlier tokens)"
+        else:
+            self.phase, self.reason = STATIC, "static per-tensor (calibrated)"
+            # From the device's own amax (it may have grown since the copy), with the margin.
+            self.scale.copy_((self.amax.reshape(()).clamp(min=AMAX_FLOOR)) * (self.policy.margin / _E4M3_MAX))
+        logger.debug("%s: activations amax %.3g, token spread %.0fx -> %s", self.name, amax, spread, self.reason)
+        self.tally.record(self.reason)
+
+    def _check_range(self, amax: float, overshoot: float) -> None:
+        if overshoot > 1.0:
+            self._warned = True
+            logger.info(
+                "%s: activations reached %.3g, %.2fx past the static fp8 range of a call; that call was clamped "
+                "and the scale has followed",
+                self.name,
+                amax,
+                overshoot,
+            )

@@ -1,0 +1,151 @@
+"""Per-layer automatic scales: weight granularity at load, activation scales learnt while the model runs.
+
+On the CPU the automatic kernel multiplies in high precision (nothing to learn), so these tests force the row-wise
+``_scaled_mm`` kernel, which the CPU runs too; the learning is the same on a GPU.
+"""
+
+import logging
+
+import pytest
+import torch
+from helpers import outlier_input, random_linear, rel_err
+
+from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
+from fp8_quant.auto_scales import DYNAMIC, OBSERVING, STATIC, ScalePolicy, choose_weight_group
+from fp8_quant.kernels import ChannelWiseScaledMMKernel, DequantLinearKernel
+from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
+
+FORCED = ChannelWiseScaledMMKernel.name
+
+
+def calibrated_layer(scheme="calibrated", kernel=FORCED, seed=1):
+    reference = random_linear(256, 512, seed=seed)
+    layer = random_linear(256, 512, seed=seed)
+    granularity = "tensor" if scheme == "static" else "token"
+    config = Fp8Config(activation_scheme=scheme, activation_granularity=granularity, weight_granularity="auto")
+    method = Fp8OnlineLinearMethod(config, kernel)
+    method.process_weights_after_loading(layer, "blocks.0.q")
+    return reference, layer, method
+
+
+def quiet_tokens(*shape, seed=0, scale=1.0):
+    """Tokens of similar magnitude (no massive activations)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_weight_group_follows_the_rows_spread():
+    even = torch.randn(64, 32)
+    assert choose_weight_group(even)[0] == PER_TENSOR
+    uneven = even * torch.logspace(-3, 0, 64)[:, None]
+    group, reason = choose_weight_group(uneven)
+    assert group == PER_CHANNEL and "apart" in reason
+    dead_row = even.clone()
+    dead_row[5] = 0
+    assert choose_weight_group(dead_row)[0] == PER_CHANNEL
+
+
+def test_even_activations_become_static_per_tensor_with_a_margin():
+    reference, layer, method = calibrated_layer()
+    x = quiet_tokens(4, 33, 256, seed=2)
+    for _ in range(method_policy_calls()):
+        method.apply(layer, x, layer.bias)
+    state = layer.fp8_activation_scale
+    assert state.phase == STATIC and "static" in state.reason
+    expected_scale = x.abs().max() * state.policy.margin / 448
+    torch.testing.assert_close(state.scale, expected_scale, rtol=1e-5, atol=0)
+    out = method.apply(layer, x, layer.bias)
+    assert rel_err(out, reference(x)) < 0.05
+    assert type(method.kernel_for(layer, x.device)) is ChannelWiseScaledMMKernel
+
+
+def method_policy_calls() -> int:
+    return ScalePolicy().calls
+
+
+def test_outlier_tokens_keep_dynamic_per_token_scales():
+    reference, layer, method = calibrated_layer()
+    x = outlier_input(4, 64, 256, seed=3)  # log-normal token magnitudes and x300 "massive" tokens
+    for _ in range(method_policy_calls()):
+        method.apply(layer, x, layer.bias)
+    state = layer.fp8_activation_scale
+    assert state.phase == DYNAMIC and "outlier tokens" in state.reason
+    assert rel_err(method.apply(layer, x, layer.bias), reference(x)) < 0.05
+
+
+def test_forced_static_learns_even_with_outlier_tokens():
+    _, layer, method = calibrated_layer(scheme="static")
+    x = outlier_input(4, 64, 256, seed=4)
+    for _ in range(method_policy_calls()):
+        method.apply(layer, x, layer.bias)
+    assert layer.fp8_activation_scale.phase == STATIC
+
+
+def test_static_scale_follows_activations_that_outgrow_it(caplog):
+    reference, layer, method = calibrated_layer()
+    x = quiet_tokens(64, 256, seed=5)
+    for _ in range(method_policy_calls()):
+        method.apply(layer, x, layer.bias)
+    state = layer.fp8_activation_scale
+    assert state.phase == STATIC
+    state.policy = ScalePolicy(check_every=1)
+    big = x * 10  # five times past the static range (margin 2)
+    with caplog.at_level(logging.INFO, logger="fp8_quant"):
+        clamped = method.apply(layer, big, layer.bias)
+        assert rel_err(clamped, reference(big)) > 0.3  # that call was clamped: the bound below can fail
+        followed = method.apply(layer, big, layer.bias)
+        method.apply(layer, big, layer.bias)
+    assert rel_err(followed, reference(big)) < 0.05
+    torch.testing.assert_close(state.scale, big.abs().max() * 2 / 448, rtol=1e-5, atol=0)
+    assert any("past the static fp8 range" in record.getMessage() for record in caplog.records)
+
+
+def test_one_summary_line_once_every_layer_decided(caplog):
+    _, layer, method = calibrated_layer()
+    _, other, _ = calibrated_layer(seed=2)
+    x = quiet_tokens(8, 256, seed=6)
+    with caplog.at_level(logging.INFO, logger="fp8_quant"):
+        for _ in range(method_policy_calls()):
+            method.apply(layer, x, layer.bias)
+            method.apply(other, outlier_input(4, 64, 256, seed=7), other.bias)
+    lines = [r.getMessage() for r in caplog.records if "after calibration" in r.getMessage()]
+    assert lines == ["fp8 activation scales after calibration: 1 dynamic per-token (outlier tokens), "
+                     "1 static per-tensor (calibrated)"]
+
+
+def test_nothing_is_learnt_where_activations_stay_in_high_precision():
+    _, layer, method = calibrated_layer(kernel=DequantLinearKernel.name)
+    for _ in range(3):
+        method.apply(layer, quiet_tokens(8, 256), layer.bias)
+    assert "fp8_activation_scale" not in layer.__dict__
+
+
+def test_compiled_calls_never_change_phase(monkeypatch):
+    """Inside torch.compile the host bookkeeping is skipped: an observing layer runs dynamic and stays observing."""
+    _, layer, method = calibrated_layer()
+    x = quiet_tokens(8, 256)
+    method.apply(layer, x, layer.bias)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for _ in range(5):
+        method.apply(layer, x, layer.bias)
+    state = layer.fp8_activation_scale
+    assert state.phase == OBSERVING and state.calls == 1
+
+
+@pytest.mark.parametrize("scheme", ["calibrated", "static"])
+def test_torch_compile_runs_learnt_scales(scheme):
+    reference, layer, method = calibrated_layer(scheme=scheme)
+    x = quiet_tokens(8, 256, seed=8)
+    for _ in range(method_policy_calls()):
+        method.apply(layer, x, layer.bias)
+    compiled = torch.compile(lambda inp: method.apply(layer, inp, layer.bias), backend="eager", fullgraph=True)
+    assert rel_err(compiled(x), reference(x)) < 0.05
+
+
+def test_first_call_compiled_in_one_graph():
+    """Kernels chosen at load (prepare_kernels): a model compiled before it ever ran traces with no graph break."""
+    reference, layer, method = calibrated_layer()
+    method.prepare_kernels(layer, "cpu")
+    x = quiet_tokens(8, 256, seed=9)
+    compiled = torch.compile(lambda inp: method.apply(layer, inp, layer.bias), backend="eager", fullgraph=True)
+    assert rel_err(compiled(x), reference(x)) < 0.05
+    assert "fp8_activation_scale" not in layer.__dict__  # nothing learnt inside the graph
