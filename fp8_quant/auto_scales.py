@@ -10,9 +10,9 @@ Activations, with no host synchronisation on the forward path:
 - observing: the first ``policy.calls`` calls run dynamic per-token; device tensors record the largest amax and
   the largest token spread (the largest token amax over the 10th percentile of them). A non-blocking copy to the
   host and a CUDA event follow; once the event has completed (a later call), the host decides.
-- static: one-pass quantization with ``scale = margin * amax / 448``; each call's quantizer raises ``amax`` to what
-  it saw (values past the range are clamped for that call, and logged) and the scale follows for the next call
-  ("delayed scaling", as in Transformer Engine).
+- static: one-pass quantization with ``scale = margin * amax / 448`` from the largest amax of earlier calls; the
+  same pass raises that history to what it saw (values past the range are clamped for that call, and logged), so
+  the scale follows for the next call ("delayed scaling", as in Transformer Engine), with no extra kernel.
 - dynamic: a layer with outlier tokens keeps its per-token scales.
 Inside ``torch.compile`` nothing changes phase (that would take host decisions and recompilation): a layer runs the
 path of its phase, and an observing layer runs dynamic per-token.
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fp8_utils import AMAX_FLOOR, fp8_max
+from .quant_fp8 import QuantFP8
 from .report import count_labels
 from .scheme import PER_CHANNEL, PER_TENSOR, GroupShape
 
@@ -85,35 +86,44 @@ class RuntimeActivationScale:
         self.phase = OBSERVING
         self.reason = ""
         self.calls = 0
-        self.amax: torch.Tensor | None = None  # float32 [1] on the compute device: the largest |x| seen
+        self.history: torch.Tensor | None = None  # float32 [1] on the compute device: the largest |x| seen
+        self.spare: torch.Tensor | None = None  # the fused kernel's second history buffer
         self.spread: torch.Tensor | None = None  # float32 [1]: the largest token spread seen
-        self.scale: torch.Tensor | None = None  # float32 []: the static scale of the next call
+        self.scale: torch.Tensor | None = None  # float32 [1]: the static scale of the last call
         self.overshoot: torch.Tensor | None = None  # float32 [1]: largest amax / static range seen (> 1: clamped)
+        self._static_quant = QuantFP8(True, PER_TENSOR)
         self._pending: tuple[object, torch.Tensor] | None = None
         self._warned = False
         tally.started += 1
 
     def buffers_on(self, device: torch.device) -> None:
-        if self.amax is None or self.amax.device != device:
-            self.amax = torch.zeros(1, dtype=torch.float32, device=device)
-            self.spread = torch.zeros(1, dtype=torch.float32, device=device)
-            self.scale = torch.ones((), dtype=torch.float32, device=device)
-            self.overshoot = torch.zeros(1, dtype=torch.float32, device=device)
+        if self.history is None or self.history.device != device:
+            self.history, self.spare, self.spread, self.scale, self.overshoot = (
+                torch.zeros(1, dtype=torch.float32, device=device) for _ in range(5)
+            )
 
-    def observe_tokens(self, x_scale: torch.Tensor) -> None:
-        """Observing calls: the per-token scales the dynamic quantizer computed (amax / 448 per token)."""
-        rows = x_scale.detach().reshape(-1).float()
-        peak = rows.max()
-        torch.maximum(self.amax, (peak * _E4M3_MAX).reshape(1), out=self.amax)
-        quiet = torch.quantile(rows, 0.1) if rows.numel() > 1 else peak
-        torch.maximum(self.spread, (peak / quiet).reshape(1), out=self.spread)
+    def observing_quantizer(self, dynamic: QuantFP8):
+        """Observing calls: the dynamic quantizer, whose per-token scales (amax / 448 each) are recorded."""
 
-    def follow_amax(self, _x_scale: torch.Tensor) -> None:
-        """Static calls: the quantizer has raised ``amax``; note whether it passed this call's range, and let the
-        next call's scale cover it with the margin."""
-        amax = self.amax.reshape(())
-        torch.maximum(self.overshoot, (amax / (self.scale * _E4M3_MAX)).reshape(1), out=self.overshoot)
-        torch.maximum(self.scale, amax * (self.policy.margin / _E4M3_MAX), out=self.scale)
+        def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x_fp8, x_scale = dynamic(x)
+            rows = x_scale.detach().reshape(-1).float()
+            peak = rows.max()
+            torch.maximum(self.history, (peak * _E4M3_MAX).reshape(1), out=self.history)
+            quiet = torch.quantile(rows, 0.1) if rows.numel() > 1 else peak
+            torch.maximum(self.spread, (peak / quiet).reshape(1), out=self.spread)
+            return x_fp8, x_scale
+
+        return quantize
+
+    def quantize_static(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static calls: one pass, the scale from the history; the history follows this call's amax."""
+        x_fp8, scale, history = self._static_quant.running(
+            x, self.history, self.spare, self.scale, self.overshoot, self.policy.margin
+        )
+        if history is not self.history:
+            self.history, self.spare = history, self.history
+        return x_fp8, scale
 
     def after_call(self) -> None:
         """Host bookkeeping after a call (never inside ``torch.compile``): decide, or check for clamping."""
@@ -131,7 +141,7 @@ class RuntimeActivationScale:
         """(amax, spread, overshoot) from the device without waiting for it: the copy is requested once, read once
         it is done."""
         if self._pending is None:
-            values = torch.cat([self.amax, self.spread, self.overshoot])
+            values = torch.cat([self.history, self.spread, self.overshoot])
             if values.device.type != "cuda":
                 return tuple(values.tolist())
             host = torch.empty(3, dtype=torch.float32, pin_memory=True)
@@ -151,8 +161,6 @@ class RuntimeActivationScale:
             self.phase, self.reason = DYNAMIC, "dynamic per-token (outlier tokens)"
         else:
             self.phase, self.reason = STATIC, "static per-tensor (calibrated)"
-            # From the device's own amax (it may have grown since the copy), with the margin.
-            self.scale.copy_((self.amax.reshape(()).clamp(min=AMAX_FLOOR)) * (self.policy.margin / _E4M3_MAX))
         logger.debug("%s: activations amax %.3g, token spread %.0fx -> %s", self.name, amax, spread, self.reason)
         self.tally.record(self.reason)
 

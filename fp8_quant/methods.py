@@ -161,14 +161,14 @@ class Fp8LinearMethod:
             state = RuntimeActivationScale(DEFAULT_POLICY, may_stay_dynamic, self.calibration, _layer_name(layer))
             layer.fp8_activation_scale = state
         if state.phase == STATIC:
-            static = params._replace(input_scale=state.scale, input_amax=state.amax)
-            static = static._replace(activation_observer=state.follow_amax)
+            static = params._replace(activation_quantizer=state.quantize_static)
             out = self.kernel_for(layer, x.device, kFp8StaticTensorSym).apply(static, x, bias)
         elif state.phase == DYNAMIC or compiling:
             out = dynamic.apply(params, x, bias)
         else:
             state.buffers_on(x.device)
-            out = dynamic.apply(params._replace(activation_observer=state.observe_tokens), x, bias)
+            observing = params._replace(activation_quantizer=state.observing_quantizer(dynamic.input_quant))
+            out = dynamic.apply(observing, x, bias)
         if not compiling:
             state.after_call()
             if state.phase == STATIC:

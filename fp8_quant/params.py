@@ -9,8 +9,8 @@ Layout (what every method produces and every kernel reads):
   operand it wants, and the parameter keeps the ``nn.Linear`` shape that LoRA and state dicts expect.
 - ``weight_scale``: float32, shaped by ``weight_group`` as ``scheme.weight_scale_shape`` says.
 - ``input_scale``: float32 ``[]`` for static activations, else ``None``.
-- ``input_amax``: for static scales learnt at run time, a float32 ``[1]`` the quantizer raises to each call's amax.
-- ``activation_observer``: called with the activation scales of each call (``auto_scales``), or ``None``.
+- ``activation_quantizer``: where activation scales are learnt at run time (``auto_scales``), the function that
+  quantizes this call's activations ``x -> (x_fp8, scale)`` in place of the kernel's own; else ``None``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ class Fp8LinearParams(NamedTuple):
     weight_scale: torch.Tensor
     input_scale: torch.Tensor | None
     weight_group: GroupShape
-    input_amax: torch.Tensor | None = None
-    activation_observer: Callable[[torch.Tensor], None] | None = None
+    activation_quantizer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> Fp8LinearParams:

@@ -26,10 +26,9 @@ DISABLE_TRITON_ENV = "FP8_QUANT_DISABLE_TRITON"
 class QuantFP8:
     """Quantize activations ``[..., K]`` to fp8.
 
-    ``__call__(x, scale=None, amax_out=None)`` returns ``(x_fp8, scale)`` where ``x_fp8`` has ``x``'s shape and
-    ``scale`` is ``[..., 1]`` per token or ``[]`` per tensor. Static quantization needs ``scale`` and, given
-    ``amax_out`` (a float32 one-element tensor), also raises it to ``x``'s amax in the same pass; dynamic ignores
-    both.
+    ``__call__(x, scale=None)`` returns ``(x_fp8, scale)`` where ``x_fp8`` has ``x``'s shape and ``scale`` is
+    ``[..., 1]`` per token or ``[]`` per tensor. Static quantization needs ``scale``; dynamic ignores it.
+    ``running`` is the static quantizer whose scale follows the activations (``auto_scales``).
     """
 
     def __init__(
@@ -55,21 +54,43 @@ class QuantFP8:
     def from_key(cls, key: QuantKey, use_triton: bool | None = None) -> QuantFP8:
         return cls(key.scale.static, key.scale.group_shape, key.dtype, use_triton)
 
-    def __call__(
-        self, x: torch.Tensor, scale: torch.Tensor | None = None, amax_out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        triton = self.use_triton and x.is_cuda and x.numel() and not torch.compiler.is_compiling()
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.static:
             if scale is None:
                 raise ValueError("static QuantFP8 needs the calibrated input scale")
-            if triton:
-                return _triton_kernels().quantize_static_triton(x, scale, self.dtype, amax_out), scale
-            if amax_out is not None:
-                torch.maximum(amax_out, x.abs().amax().float().reshape(amax_out.shape), out=amax_out)
+            if self._triton(x):
+                return _triton_kernels().quantize_static_triton(x, scale, self.dtype), scale
             return fp8_utils.quantize_input_static(x, scale, self.dtype), scale
-        if triton:
+        if self._triton(x):
             return _triton_kernels().quantize_dynamic_triton(x, self.dtype, self.per_token)
         return fp8_utils.quantize_input_dynamic(x, self.dtype, self.per_token)
+
+    def running(
+        self,
+        x: torch.Tensor,
+        history: torch.Tensor,
+        spare: torch.Tensor,
+        scale_out: torch.Tensor,
+        overshoot: torch.Tensor,
+        margin: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static quantization with ``scale = margin * history / fp8 max``, where ``history`` (float32 ``[1]``) is the
+        largest amax seen; this call's amax joins the history and, where it passes the scale's range, ``overshoot``.
+        Returns ``(x_fp8, scale, history)``, the last being the buffer that now holds the history: the fused kernel
+        writes it into ``spare`` (no program reads what another writes), the eager path updates ``history``."""
+        if self._triton(x):
+            kernels = _triton_kernels()
+            x_fp8 = kernels.quantize_running_triton(x, self.dtype, history, spare, scale_out, overshoot, margin)
+            return x_fp8, scale_out.reshape(()), spare
+        limit = fp8_utils.fp8_max(self.dtype)
+        scale = history.reshape(()).clamp(min=fp8_utils.AMAX_FLOOR) * (margin / limit)
+        amax = x.detach().abs().amax().float()
+        torch.maximum(overshoot, (amax / (scale * limit)).reshape(1), out=overshoot)
+        torch.maximum(history, amax.reshape(1), out=history)
+        return fp8_utils.quantize_input_static(x, scale, self.dtype), scale, history
+
+    def _triton(self, x: torch.Tensor) -> bool:
+        return bool(self.use_triton and x.is_cuda and x.numel()) and not torch.compiler.is_compiling()
 
 
 @functools.cache

@@ -1,8 +1,16 @@
 """Fused Triton kernels for activation quantization (CUDA only; imported lazily by ``quant_fp8``).
 
-One program per row: pass 1 reads the row for its amax, pass 2 reads it again (from L2) and writes fp8.
-For the row lengths of DiTs and text encoders (K <= 16384) the whole row fits in one block, so both passes
-read registers and the kernel moves each input byte once.
+One program per row (several short rows per program). For the row lengths of DiTs and text encoders (K <= 16384)
+the whole row fits in one block, so the amax and the cast read registers and the kernel moves each input byte once;
+longer rows take a second pass from L2. Three modes:
+
+- dynamic: each row's scale is its own amax / fp8 max (written out per row).
+- static: one given scale.
+- running: the scale follows the activations without a host round trip ("delayed scaling"): it is computed from
+  ``history`` (the largest amax of earlier calls) times a margin, written out for the GEMM, and every row raises
+  ``next_history`` to ``max(history, its amax)``; the caller swaps the two buffers after the call, so no program
+  reads a value another program of the same launch is writing. Rows that pass the scale's range raise
+  ``overshoot`` (their amax over the range), so a clamped call can be reported later.
 """
 
 from __future__ import annotations
@@ -14,89 +22,111 @@ import triton.language as tl
 from .fp8_utils import AMAX_FLOOR, fp8_max
 
 _ONE_BLOCK_MAX = 16384
+_ELEMENTS_PER_PROGRAM = 8192  # short rows are grouped so that each program moves at least this many elements
+DYNAMIC, STATIC, RUNNING = 0, 1, 2
 
 
 @triton.jit
 def _quant_rows_kernel(
     x_ptr,
     q_ptr,
+    row_scale_ptr,
     scale_ptr,
-    static_scale_ptr,
+    history_ptr,
+    next_history_ptr,
+    overshoot_ptr,
+    n_rows,
     n_cols,
     x_row_stride,
     q_row_stride,
-    amax_ptr,
     fp8_limit,
     amax_floor,
-    STATIC: tl.constexpr,
-    TRACK_AMAX: tl.constexpr,
+    margin,
+    MODE: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    q_row = q_ptr + row * q_row_stride
-    cols = tl.arange(0, BLOCK)
+    # ROWS rows per program (short rows: enough work per program); ROWS is 1 when a row needs several blocks.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    x_rows = x_ptr + rows[:, None] * x_row_stride
+    q_rows = q_ptr + rows[:, None] * q_row_stride
+    cols = tl.arange(0, BLOCK)[None, :]
     if ONE_BLOCK:
-        mask = cols < n_cols
-        values = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if STATIC:
-            scale = tl.load(static_scale_ptr).to(tl.float32)
-            if TRACK_AMAX:  # the range this call really had: the next call's static scale follows it
-                tl.atomic_max(amax_ptr, tl.max(tl.abs(values), axis=0))
-        else:
-            scale = tl.maximum(tl.max(tl.abs(values), axis=0), amax_floor) / fp8_limit
-            tl.store(scale_ptr + row, scale)
-        quantized = tl.clamp(values / scale, -fp8_limit, fp8_limit)
-        tl.store(q_row + cols, quantized.to(q_ptr.dtype.element_ty), mask=mask)
+        mask = row_mask[:, None] & (cols < n_cols)
+        values = tl.load(x_rows + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(values), axis=1)
     else:
-        if STATIC:
-            scale = tl.load(static_scale_ptr).to(tl.float32)
-            if TRACK_AMAX:
-                running = tl.zeros([BLOCK], dtype=tl.float32)
-                for start in range(0, n_cols, BLOCK):
-                    mask = start + cols < n_cols
-                    values = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                    running = tl.maximum(running, tl.abs(values))
-                tl.atomic_max(amax_ptr, tl.max(running, axis=0))
-        else:
-            running = tl.zeros([BLOCK], dtype=tl.float32)
+        running = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        if MODE != 1:  # static needs no amax
             for start in range(0, n_cols, BLOCK):
-                mask = start + cols < n_cols
-                values = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                running = tl.maximum(running, tl.abs(values))
-            scale = tl.maximum(tl.max(running, axis=0), amax_floor) / fp8_limit
-            tl.store(scale_ptr + row, scale)
+                part_mask = row_mask[:, None] & (start + cols < n_cols)
+                part = tl.load(x_rows + start + cols, mask=part_mask, other=0.0).to(tl.float32)
+                running = tl.maximum(running, tl.abs(part))
+        amax = tl.max(running, axis=1)
+    if MODE == 0:
+        scale = tl.maximum(amax, amax_floor) / fp8_limit
+        tl.store(row_scale_ptr + rows, scale, mask=row_mask)
+        scale = scale[:, None]
+    elif MODE == 1:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        history = tl.load(history_ptr)
+        scale = tl.maximum(history, amax_floor) * margin / fp8_limit
+        if tl.program_id(0) == 0:
+            tl.store(scale_ptr, scale)
+        block_amax = tl.max(amax, axis=0)
+        tl.atomic_max(next_history_ptr, tl.maximum(block_amax, history))
+        ratio = block_amax / (scale * fp8_limit)
+        tl.atomic_max(overshoot_ptr, ratio, mask=ratio > 1.0)
+    if ONE_BLOCK:
+        quantized = tl.clamp(values / scale, -fp8_limit, fp8_limit)
+        tl.store(q_rows + cols, quantized.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
         for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            values = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            quantized = tl.clamp(values / scale, -fp8_limit, fp8_limit)
-            tl.store(q_row + start + cols, quantized.to(q_ptr.dtype.element_ty), mask=mask)
+            part_mask = row_mask[:, None] & (start + cols < n_cols)
+            part = tl.load(x_rows + start + cols, mask=part_mask, other=0.0).to(tl.float32)
+            quantized = tl.clamp(part / scale, -fp8_limit, fp8_limit)
+            tl.store(q_rows + start + cols, quantized.to(q_ptr.dtype.element_ty), mask=part_mask)
 
 
 def _launch(
-    x2d: torch.Tensor, dtype: torch.dtype, static_scale: torch.Tensor | None, amax_out: torch.Tensor | None = None
+    x2d: torch.Tensor,
+    dtype: torch.dtype,
+    mode: int,
+    scale: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    next_history: torch.Tensor | None = None,
+    overshoot: torch.Tensor | None = None,
+    margin: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x2d.shape
     quantized = torch.empty((rows, cols), dtype=dtype, device=x2d.device)
-    row_scales = torch.empty((rows, 1), dtype=torch.float32, device=x2d.device)
+    row_scales = torch.empty((rows, 1), dtype=torch.float32, device=x2d.device) if mode == DYNAMIC else None
     one_block = cols <= _ONE_BLOCK_MAX
     block = triton.next_power_of_2(cols) if one_block else 4096
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _quant_rows_kernel[(rows,)](
+    rows_per_program = max(1, min(16, _ELEMENTS_PER_PROGRAM // block)) if one_block else 1
+    num_warps = 4 if block * rows_per_program <= 2048 else (8 if block * rows_per_program <= 8192 else 16)
+    unused = quantized  # pointers a mode does not touch
+    _quant_rows_kernel[(triton.cdiv(rows, rows_per_program),)](
         x2d,
         quantized,
-        row_scales,
-        static_scale if static_scale is not None else row_scales,
+        row_scales if row_scales is not None else unused,
+        scale if scale is not None else unused,
+        history if history is not None else unused,
+        next_history if next_history is not None else unused,
+        overshoot if overshoot is not None else unused,
+        rows,
         cols,
         x2d.stride(0),
         quantized.stride(0),
-        amax_out if amax_out is not None else row_scales,
         fp8_max(dtype),
         AMAX_FLOOR,
-        STATIC=static_scale is not None,
-        TRACK_AMAX=amax_out is not None,
+        margin,
+        MODE=mode,
         ONE_BLOCK=one_block,
+        ROWS=rows_per_program,
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -110,21 +140,39 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_dynamic_triton(x: torch.Tensor, dtype: torch.dtype, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x2d = _as_rows(x)
+    quantized, row_scales = _launch(x2d, dtype, DYNAMIC)
     if per_token:
-        quantized, row_scales = _launch(x2d, dtype, None)
         return quantized.view(x.shape), row_scales.view(*x.shape[:-1], 1)
     # Per tensor: the row pass gives every row's amax for free; the tensor scale is their maximum.
-    _, row_scales = _launch(x2d, dtype, None)
     scale = row_scales.max()
-    quantized, _ = _launch(x2d, dtype, scale.reshape(1))
+    quantized, _ = _launch(x2d, dtype, STATIC, scale=scale.reshape(1))
     return quantized.view(x.shape), scale
 
 
-def quantize_static_triton(
-    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax_out: torch.Tensor | None = None
+def quantize_static_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    quantized, _ = _launch(_as_rows(x), dtype, STATIC, scale=scale.to(device=x.device, dtype=torch.float32).reshape(1))
+    return quantized.view(x.shape)
+
+
+def quantize_running_triton(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    history: torch.Tensor,
+    next_history: torch.Tensor,
+    scale_out: torch.Tensor,
+    overshoot: torch.Tensor,
+    margin: float,
 ) -> torch.Tensor:
-    """One pass with a fixed scale; with ``amax_out`` (float32, one element, on x's device) the pass also raises it
-    to the tensor's amax, for scales that follow the activations (``calibration``)."""
-    x2d = _as_rows(x)
-    quantized, _ = _launch(x2d, dtype, scale.to(device=x.device, dtype=torch.float32).reshape(1), amax_out)
+    """Quantize with the scale ``history`` gives, in the same pass raising ``next_history`` and ``overshoot``
+    (float32 one-element buffers on x's device); ``scale_out`` receives the scale used."""
+    quantized, _ = _launch(
+        _as_rows(x),
+        dtype,
+        RUNNING,
+        scale=scale_out,
+        history=history,
+        next_history=next_history,
+        overshoot=overshoot,
+        margin=margin,
+    )
     return quantized.view(x.shape)

@@ -82,6 +82,8 @@ def _load_from_state_dict(
         error_msgs.append(f"{name}: weight has shape {list(weight.shape)}, the model expects {expected}")
         return
     bias = state_dict.get(prefix + "bias")
+    if bias is not None and layer.fp8_model_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        bias = bias.to(layer.fp8_model_dtype)  # the compute dtype: the fp8 GEMM fuses a bias of its output dtype
     layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
     decision = plan.recipe.decide(name, weight, has_input_scale=prefix + "input_scale" in state_dict)
     plan.report.layers.append(_load_layer(layer, decision, weight, state_dict, prefix, plan))

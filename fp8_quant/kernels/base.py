@@ -77,14 +77,16 @@ class FP8ScaledMMLinearKernel(ABC):
         out_dtype = self.output_dtype(x)
         rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         params = params.to(x.device)
-        if bias is not None and bias.device != x.device:
-            bias = bias.to(x.device, non_blocking=True)
-        if self.input_quant is not None:
-            rows, x_scale = self.input_quant(rows, params.input_scale, params.input_amax)
-            if params.activation_observer is not None:
-                params.activation_observer(x_scale)
-        else:
+        if bias is not None and (bias.device != x.device or bias.dtype != out_dtype):
+            # A bias in the output dtype is fused into the GEMM; a bf16 bias on an fp16 model would cost an extra
+            # pass over the whole output instead of this N-element cast.
+            bias = bias.to(x.device, out_dtype, non_blocking=True)
+        if self.input_quant is None:
             x_scale = None
+        elif params.activation_quantizer is not None:
+            rows, x_scale = params.activation_quantizer(rows)
+        else:
+            rows, x_scale = self.input_quant(rows, params.input_scale)
         out, bias_applied = self.matmul(rows, x_scale, params, bias, out_dtype)
         # Each skipped no-op saves a dispatcher round trip: small-M layers (text encoders) are host-bound.
         if bias is not None and not bias_applied:

@@ -12,44 +12,40 @@ import torch
 from comfy_runtime import setup_comfy
 
 
-def wan_model(operations) -> torch.nn.Module:
-    """A Wan 2.1 text-to-video DiT, 2 blocks."""
+def wan_model(operations, **sizes) -> torch.nn.Module:
+    """A Wan 2.1 text-to-video DiT, 2 blocks of width 256 unless ``sizes`` (dim, ffn_dim, num_heads, num_layers,
+    dtype, device) say otherwise."""
     from comfy.ldm.wan.model import WanModel
 
+    options = {"dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 2, "text_len": 32}
+    options.update({"dtype": torch.float32, "device": "cpu", **sizes})
     return WanModel(
         model_type="t2v",
         patch_size=(1, 2, 2),
-        text_len=32,
         in_dim=16,
-        dim=256,
-        ffn_dim=512,
         freq_dim=256,
         text_dim=4096,
         out_dim=16,
-        num_heads=2,
-        num_layers=2,
         operations=operations,
-        dtype=torch.float32,
-        device="cpu",
+        **options,
     )
 
 
-def flux_model(operations) -> torch.nn.Module:
-    """A Flux.1-dev DiT (2 heads of 128, Flux's rotary split), 2 double and 2 single blocks, with guidance and
-    pooled-vector inputs."""
+def flux_model(operations, **sizes) -> torch.nn.Module:
+    """A Flux.1-dev DiT (heads of 128, Flux's rotary split) with guidance and pooled-vector inputs: 2 heads, 2 double
+    and 2 single blocks unless ``sizes`` (hidden_size, num_heads, depth, depth_single_blocks, dtype, device) say
+    otherwise."""
     from comfy.ldm.flux.model import Flux
 
+    options = {"hidden_size": 256, "num_heads": 2, "depth": 2, "depth_single_blocks": 2}
+    options.update({"dtype": torch.float32, "device": "cpu", **sizes})
     return Flux(
         image_model="flux",
         in_channels=16,
         out_channels=16,
         vec_in_dim=768,
         context_in_dim=4096,
-        hidden_size=256,
         mlp_ratio=4.0,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=2,
         axes_dim=[16, 56, 56],
         theta=10000,
         patch_size=2,
@@ -57,8 +53,7 @@ def flux_model(operations) -> torch.nn.Module:
         guidance_embed=True,
         txt_ids_dims=[],
         operations=operations,
-        dtype=torch.float32,
-        device="cpu",
+        **options,
     )
 
 

@@ -1,0 +1,271 @@
+"""End-to-end DiT benchmark inside a real ComfyUI (COMFYUI_DIR): one ``apply_model`` call of a Wan 2.1 or Flux.1
+DiT at real width, every FP8 path side by side, error against the same model run by the stock loader in float32.
+
+Paths: the stock ``UNETLoader`` in its default dtype (ComfyUI's choice: fp16 for Wan, bf16 for Flux on a recent GPU),
+in ``fp8_e4m3fn`` and ``fp8_e4m3fn_fast``, and on fp8 files our ``convert`` wrote (comfy-quant: the newest ComfyUI's
+``QuantizedTensor`` path with comfy-kitchen; comfy-scaled); Load FP8 DiT on the bf16 file (auto: per-layer scales
+calibrated at the first calls), on the comfy-quant file, dynamic per-token, static, weight-only. ``--compile``
+adds ComfyUI's own TorchCompileModel (inductor) on the stock default, ``fp8_e4m3fn_fast``, stock comfy-quant and ours.
+
+The model is random (ComfyUI's ``WanModel`` / ``Flux``; fewer blocks than the real model where the preset says so:
+each block is the same work), saved in bf16. Per path: ms per call (median of back-to-back rounds, after warm-up
+calls that also let calibration finish), GiB the weights take on the GPU, load seconds, relative L2 error of the
+output vs float32. Writes a JSON result with the GPU and the versions.
+
+Usage (ComfyUI's Python, or any with ComfyUI's packages):
+    COMFYUI_DIR=... python bench/bench_comfy_dit.py --preset wan14b-4layers [--compile] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+
+from bench_linear import bench_ms  # noqa: E402
+from comfy_fixtures import flux_model, randomize_dit, wan_model  # noqa: E402
+from comfy_runtime import import_pack, setup_comfy  # noqa: E402
+
+PRESETS = {
+    # name: (family, model sizes, latent shape)
+    "wan14b-4layers": ("wan", {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 4}, (1, 16, 9, 60, 104)),
+    "wan1.3b": ("wan", {"dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30}, (1, 16, 9, 60, 104)),
+    "flux-2d4s": (
+        "flux",
+        {"hidden_size": 3072, "num_heads": 24, "depth": 2, "depth_single_blocks": 4},
+        (1, 16, 128, 128),
+    ),
+    "wan-tiny": ("wan", {}, (1, 16, 2, 16, 16)),
+}
+BUILDERS = {"wan": wan_model, "flux": flux_model}
+
+
+def write_model(path: Path, family: str, sizes: dict) -> None:
+    import comfy.ops
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = BUILDERS[family](comfy.ops.disable_weight_init, dtype=torch.bfloat16, device="cuda", **sizes)
+    randomize_dit(model, channel_spread=False)
+    state = {f"model.diffusion_model.{k}": v.contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def inputs_for(family: str, latent: tuple[int, ...], device):
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(*latent, generator=generator).to(device)
+    context = torch.randn(1, 512, 4096, generator=generator).to(device)
+    extra = {}
+    if family == "flux":
+        pooled = torch.randn(1, 768, generator=generator).to(device)
+        extra = {"y": pooled, "guidance": torch.tensor([3.5], device=device)}
+    return x, torch.tensor([0.6], device=device), context, extra
+
+
+def versions() -> dict:
+    import torch
+
+    result = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name()}
+    for package in ("triton", "comfy-kitchen", "comfy-aimdo"):
+        try:
+            result[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            result[package] = None
+    try:
+        import comfyui_version
+
+        result["comfyui"] = comfyui_version.__version__
+    except ImportError:
+        result["comfyui"] = None
+    return result
+
+
+def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, tuple[Callable, bool]]:
+    """Path name -> (load function, compile it)."""
+    import comfy.sd
+    import torch
+
+    bf16 = str(folder / name)
+    quant = str(folder / name.replace("_bf16", "_comfy_quant"))
+    scaled = str(folder / name.replace("_bf16", "_comfy_scaled"))
+
+    def stock(path: str, **options):
+        return lambda: comfy.sd.load_diffusion_model(path, model_options=options)
+
+    def ours(file: str, **options):
+        def load():
+            output = loader.load(Path(file).name, **options)
+            print("   ", output["ui"]["text"][0])
+            return output["result"][0]
+
+        return load
+
+    fast = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
+    paths = {
+        "fp32 reference": (stock(bf16, dtype=torch.float32), False),
+        "stock default dtype": (stock(bf16), False),
+        "stock fp8_e4m3fn": (stock(bf16, dtype=torch.float8_e4m3fn), False),
+        "stock fp8_e4m3fn_fast": (stock(bf16, **fast), False),
+        "stock on our comfy-quant file": (stock(quant), False),
+        "stock on our comfy-scaled file": (stock(scaled), False),
+        "ours auto (bf16 file)": (ours(bf16), False),
+        "ours auto (comfy-quant file)": (ours(quant), False),
+        "ours dynamic per-token": (ours(bf16, activation_scheme="dynamic"), False),
+        "ours static": (ours(bf16, activation_scheme="static"), False),
+        "ours weight-only": (ours(bf16, activation_scheme="none"), False),
+    }
+    if compile_too:
+        paths.update(
+            {
+                "stock default dtype +compile": (stock(bf16), True),
+                "stock fp8_e4m3fn_fast +compile": (stock(bf16, **fast), True),
+                "stock on our comfy-quant file +compile": (stock(quant), True),
+                "ours auto (bf16 file) +compile": (ours(bf16), True),
+            }
+        )
+    return paths
+
+
+def compiled(patcher):
+    """What ComfyUI's TorchCompileModel node does (inductor, its guard filter), as users put it before the sampler
+    (the node's module itself needs PyAV, which a benchmark machine may not have)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    def skip_torch_compile_dict(guard_entries):
+        return [("transformer_options" not in entry.name) for entry in guard_entries]
+
+    clone = patcher.clone(disable_dynamic=True) if _takes_disable_dynamic(patcher.clone) else patcher.clone()
+    set_torch_compile_wrapper(model=clone, backend="inductor", options={"guard_filter_fn": skip_torch_compile_dict})
+    return clone
+
+
+def _takes_disable_dynamic(function) -> bool:
+    import inspect
+
+    return "disable_dynamic" in inspect.signature(function).parameters
+
+
+def run_path(load, compile_it: bool, inputs, warmup: int) -> dict:
+    import comfy.model_management
+    import torch
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    before = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    patcher = load()
+    comfy.model_management.load_models_gpu([patcher])
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - started
+    weights = torch.cuda.memory_allocated() - before
+    if compile_it:
+        patcher = compiled(patcher)
+    x, t, context, extra = inputs
+    # As ComfyUI's sampler does (sampler_helpers): the patcher's wrappers (torch.compile's among them) join the
+    # transformer options that apply_model reads.
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    options["wrappers"] = getattr(patcher, "wrappers", {})
+    model = patcher.model
+
+    def step():
+        with torch.inference_mode():
+            return model.apply_model(x, t, c_crossattn=context, transformer_options=options, **extra)
+
+    started = time.perf_counter()
+    for _ in range(warmup):  # compiles where asked; lets calibrated layers decide their scales
+        step()
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - started
+    out = step().float()
+    ms = bench_ms(step, warmup=1, reps=3, rounds=5)
+    return {"out": out, "ms": ms, "weights_gib": weights / 2**30, "load_s": load_s, "warmup_s": warm_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=list(PRESETS), default="wan14b-4layers")
+    parser.add_argument("--compile", action="store_true", help="also ComfyUI's TorchCompileModel (inductor) paths")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only paths that match")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    setup_comfy()
+    import comfy.model_management
+    import folder_paths
+    import torch
+
+    from fp8_quant.formats import convert_checkpoint
+
+    pack = import_pack(REPO)
+    family, sizes, latent = PRESETS[args.preset]
+    folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
+    name = f"{args.preset}_bf16.safetensors"
+    started = time.perf_counter()
+    write_model(folder / name, family, sizes)
+    for output_format in ("comfy-quant", "comfy-scaled"):
+        target = folder / name.replace("_bf16", "_" + output_format.replace("-", "_"))
+        convert_checkpoint(folder / name, target, output_format, device="cuda")
+    print(f"model {args.preset} ({family} {sizes}); files written in {time.perf_counter() - started:.1f}s")
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+    device = comfy.model_management.get_torch_device()
+    inputs = inputs_for(family, latent, device)
+    meta = {"preset": args.preset, "family": family, "sizes": sizes, "latent": list(latent), **versions()}
+    meta["date"] = datetime.date.today().isoformat()
+    print(json.dumps(meta))
+    only = [word for word in args.only.split(",") if word]
+    results: dict[str, dict] = {}
+    reference = None
+    for path_name, (load, compile_it) in paths_for(folder, name, loader, args.compile).items():
+        if only and path_name != "fp32 reference" and not any(word in path_name for word in only):
+            continue
+        try:
+            row = run_path(load, compile_it, inputs, warmup=6 if compile_it else 4)
+        except Exception as error:  # a path that fails is reported, the others still run
+            traceback.print_exc()
+            results[path_name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+            print(f"{path_name:42s} FAILED {results[path_name]['error']}")
+            continue
+        out = row.pop("out")
+        if reference is None:
+            reference = out
+        row["rel_err_vs_fp32"] = ((out - reference).norm() / reference.norm()).item()
+        results[path_name] = row
+        print(f"{path_name:42s} {row['ms']:8.2f} ms  err {row['rel_err_vs_fp32']:.5f}  {row['weights_gib']:.2f} GiB")
+        del out
+        torch.cuda.empty_cache()
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps({**meta, "results": results}, indent=1))
+
+
+def print_table(results: dict[str, dict]) -> None:
+    rows = {key: value for key, value in results.items() if "ms" in value}
+    stock_quant = rows.get("stock on our comfy-quant file")
+    header = ("ms/call", "x stock", "x quant", "err vs fp32", "GiB", "load s")
+    print(f"{'path':42s} " + " ".join(f"{title:>11s}" for title in header))
+    stock = rows.get("stock default dtype")
+    for key, row in rows.items():
+        speed = stock["ms"] / row["ms"] if stock else float("nan")
+        quant = stock_quant["ms"] / row["ms"] if stock_quant else float("nan")
+        values = (row["ms"], speed, quant, row["rel_err_vs_fp32"], row["weights_gib"], row["load_s"])
+        print(f"{key:42s} " + " ".join(f"{value:11.4f}" for value in values))
+
+
+if __name__ == "__main__":
+    main()
