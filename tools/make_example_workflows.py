@@ -116,6 +116,16 @@ TE_DEFAULTS = {
 }
 
 
+STAGE_TITLES = ("1 · Load models", "2 · Text encoder to FP8, prompts", "3 · Sample", "4 · Decode and save")
+
+
+def stages(*columns: list[str]) -> list[Stage]:
+    """Every example shows the same stages, one column of node keys each, in STAGE_TITLES' order."""
+    if len(columns) != len(STAGE_TITLES):
+        raise ValueError(f"{len(columns)} columns for {len(STAGE_TITLES)} stages")
+    return list(zip(STAGE_TITLES, columns))
+
+
 def wan_t2v() -> tuple[dict, list[Stage]]:
     prompt = {
         "1": {
@@ -173,13 +183,7 @@ def wan_t2v() -> tuple[dict, list[Stage]]:
             },
         },
     }
-    stages = [
-        ("1 · Load models", ["1", "3", "9"]),
-        ("2 · Text encoder to FP8, prompts", ["4", "5", "6"]),
-        ("3 · Sample", ["2", "7", "8"]),
-        ("4 · Decode and save", ["10", "11"]),
-    ]
-    return prompt, stages
+    return prompt, stages(["1", "3", "9"], ["4", "5", "6"], ["2", "7", "8"], ["10", "11"])
 
 
 def flux_t2i() -> tuple[dict, list[Stage]]:
@@ -222,13 +226,7 @@ def flux_t2i() -> tuple[dict, list[Stage]]:
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "flux_fp8"}},
     }
-    stages = [
-        ("1 · Load models", ["1", "2", "9"]),
-        ("2 · Text encoder to FP8, prompts", ["3", "4", "6"]),
-        ("3 · Sample", ["5", "7", "8"]),
-        ("4 · Decode and save", ["10", "11"]),
-    ]
-    return prompt, stages
+    return prompt, stages(["1", "2", "9"], ["3", "4", "6"], ["5", "7", "8"], ["10", "11"])
 
 
 def layout(prompt: dict, stages: list[Stage]) -> tuple[dict[str, tuple[list[int], list[int]]], list[dict]]:
