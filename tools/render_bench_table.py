@@ -1,0 +1,149 @@
+"""Render the README's performance tables from the benchmark results in bench/results/*.json.
+
+Run: python tools/render_bench_table.py [--check]. The README holds the rendered tables between the markers
+``<!-- bench:start -->`` and ``<!-- bench:end -->``; this script rewrites that part (``--check``: only say whether
+it is up to date, exit status 1 if not), so the numbers users read are always the ones a benchmark wrote.
+
+Result files (what ``--json PATH`` of the benchmark scripts writes; the optional keys ``device``, ``torch``,
+``comfyui`` and ``date`` at the top level are shown with the table):
+
+- ``bench/bench_comfy_wan.py``: ``{"preset": ..., "tokens": N, "results": {path: {"ms", "weights_gib",
+  "rel_err"}}}``, one diffusion step inside ComfyUI;
+- ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
+  ``{"rows": [...], ...}``), one linear layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+STEP_BF16, STEP_FAST = "bf16 (stock UNETLoader)", "ComfyUI fp8_e4m3fn_fast"
+LINEAR_BF16, LINEAR_FAST = "bf16 F.linear", "ComfyUI fp8_e4m3fn_fast"
+CONTEXT_KEYS = ("device", "torch", "comfyui", "date")
+PLACEHOLDER = (
+    "No measurements in `bench/results/` yet. On a GPU, `COMFYUI_DIR=... python bench/bench_comfy_wan.py --json "
+    "bench/results/wan14b.json` (a Wan step inside ComfyUI) and `python bench/bench_linear.py --json "
+    "bench/results/linear.json` (single layers) write them; `python tools/render_bench_table.py` then fills "
+    "this section. Earlier measurements, with how they were taken: `bench/NOTES.md`."
+)
+
+
+class ResultError(ValueError):
+    """A result file this script cannot read; the message names the file."""
+
+
+def ratio(baseline: float | None, ms: float) -> str:
+    return f"{baseline / ms:.2f}" if baseline else "—"
+
+
+def context_line(path: Path, data: dict) -> str:
+    known = [f"{key} {data[key]}" for key in CONTEXT_KEYS if data.get(key)]
+    return f"From `bench/results/{path.name}`" + (f" ({', '.join(known)})." if known else ".")
+
+
+def step_table(path: Path, data: dict) -> str:
+    results = data["results"]
+    bf16 = results.get(STEP_BF16, {}).get("ms")
+    fast = results.get(STEP_FAST, {}).get("ms")
+    lines = [
+        f"**{data['preset']}**, one diffusion step inside ComfyUI, {data.get('tokens', '?')} latent tokens:",
+        "",
+        "| path | ms/step | × bf16 | × ComfyUI fp8 fast | weights GiB | rel. error vs bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        lines.append(
+            f"| {name} | {row['ms']:.1f} | {ratio(bf16, row['ms'])} | {ratio(fast, row['ms'])} "
+            f"| {row['weights_gib']:.2f} | {row['rel_err']:.4f} |"
+        )
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
+def linear_table(path: Path, data: dict) -> str:
+    rows = data["rows"]
+    lines = [
+        "One linear layer (ms per call; × = the other's time / this one's):",
+        "",
+        "| shape (M×K×N) | method | ms | TFLOP/s | × bf16 | × ComfyUI fp8 fast | rel. error vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_shape: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shape.setdefault(row["shape"], []).append(row)
+    for shape, shape_rows in by_shape.items():
+        times = {row["method"]: row["ms"] for row in shape_rows}
+        m, k, n = shape_rows[0]["mkn"]
+        for row in shape_rows:
+            lines.append(
+                f"| {shape} {m}×{k}×{n} | {row['method']} | {row['ms']:.3f} | {row['tflops']:.0f} "
+                f"| {ratio(times.get(LINEAR_BF16), row['ms'])} | {ratio(times.get(LINEAR_FAST), row['ms'])} "
+                f"| {row['rel_err']:.4f} |"
+            )
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
+def render_file(path: Path) -> tuple[int, str]:
+    """(0 for a model step, 1 for single layers: the order in the README, whole models first; the table)."""
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, list):
+            data = {"rows": data}
+        if "results" in data and "preset" in data:
+            return 0, step_table(path, data)
+        if "rows" in data:
+            return 1, linear_table(path, data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ResultError(f"{path}: not a benchmark result this script knows ({error!r})") from None
+    raise ResultError(f"{path}: neither a bench_comfy_wan.py nor a bench_linear.py result")
+
+
+def render(results: Path = RESULTS) -> str:
+    """The README section: every result file's table, step results first, or the placeholder."""
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    if not files:
+        return PLACEHOLDER
+    tables = sorted((render_file(path) for path in files), key=lambda kind_table: kind_table[0])
+    return "\n\n".join(table for _, table in tables)
+
+
+def replace_section(readme: str, section: str) -> str:
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
+        raise ResultError(f"{README}: needs one {START} ... {END} pair")
+    head, rest = readme.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{section}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README is not what this would write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        current = README.read_text()
+        wanted = replace_section(current, render())
+    except ResultError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if wanted != current:
+            print(f"error: {README}: performance section is stale; run python tools/render_bench_table.py")
+            return 1
+        return 0
+    README.write_text(wanted)
+    logger.info("wrote the performance section of %s", README)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
