@@ -1,12 +1,24 @@
-"""Command line: ``python -m fp8_quant demo | inspect FILE | convert IN OUT``."""
+"""Command line: ``fp8-quant demo | inspect FILE | convert IN OUT`` (also ``python -m fp8_quant``).
+
+A mistake is one line, ``error: <file>: <cause>``, and exit status 2: someone converting a 30 GB checkpoint needs
+to know which file and why, not a traceback. Ctrl-C or SIGTERM during ``convert`` leaves no partial output (exit
+status 128 + the signal's number, as shells expect), and an existing output is only replaced with ``--force``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
 
 from . import demo
 from .config import parse_weight_dtype
@@ -14,14 +26,25 @@ from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.inspect import format_inspection, inspect_checkpoint
 from .scheme import PER_CHANNEL, PER_TENSOR
 
+EXIT_ERROR = 2
+
+
+class Interrupted(Exception):
+    """A signal that ends the program, raised where Python was so that cleanup (``finally``) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 class ProgressBar:
-    """A one-line text progress bar on stderr (no extra dependency)."""
+    """A one-line text progress bar on stderr (no extra dependency); only for a terminal, not a log file."""
 
     def __init__(self, label: str, stream=None) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.last = 0.0
+        self.open_line = False
 
     def __call__(self, done: int, total: int, name: str = "") -> None:
         now = time.monotonic()
@@ -31,13 +54,20 @@ class ProgressBar:
         width = 30
         filled = int(width * done / max(total, 1))
         self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:50]:50s}")
-        if done >= total:
+        self.open_line = done < total
+        if not self.open_line:
             self.stream.write("\n")
         self.stream.flush()
 
+    def end(self) -> None:
+        """End a bar cut short, so that the error after it starts on a line of its own."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fp8_quant", description=__doc__)
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp8-quant", description=__doc__.splitlines()[0])
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", help="log kernel choices and details")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,17 +91,34 @@ def main(argv: list[str] | None = None) -> int:
     convert_parser.add_argument("--skip", action="append", default=[], help="extra layer pattern to keep (repeat)")
     convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
     convert_parser.add_argument("--device", default="cpu", help="where to quantize each tensor (cuda is faster)")
-    args = parser.parse_args(argv)
+    convert_parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return _run(args)
     except (CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
+    except OSError as error:  # the disk filled up, a folder is read-only, ...
+        return _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
+    except (Interrupted, KeyboardInterrupt) as error:
+        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+        where = f"{args.output}: " if args.command == "convert" else ""
+        print(f"error: {where}interrupted by {signal.Signals(signum).name}; nothing written", file=sys.stderr)
+        return 128 + signum
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        _check_device(args.device, "demo")
         result = demo.run_demo(args.width, args.depth, device=args.device)
         print(result["summary"])
         print(
@@ -79,22 +126,77 @@ def _run(args: argparse.Namespace) -> int:
             f"linear weights {result['bytes_before'] / 2**20:.1f} MiB -> {result['bytes_after'] / 2**20:.1f} MiB"
         )
     elif args.command == "inspect":
+        _check_input(args.file)
         result = inspect_checkpoint(args.file)
         print(json.dumps(result, indent=1) if args.json else format_inspection(result))
     elif args.command == "convert":
-        report = convert_checkpoint(
-            args.input,
-            args.output,
-            args.format,
-            weight_dtype=parse_weight_dtype(args.weight_dtype),
-            weight_group=PER_CHANNEL if args.per_channel else PER_TENSOR,
-            skip_patterns=args.skip,
-            default_skips=not args.no_default_skips,
-            device=args.device,
-            progress=ProgressBar("convert"),
-        )
-        print(f"{args.output}: {args.format}; {report.summary()}")
+        _convert(args)
     return 0
+
+
+def _check_input(path: str) -> None:
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a .safetensors file")
+
+
+def _check_device(name: str | None, subject: str) -> None:
+    """A device torch cannot use is the user's error, said before any work, not a CUDA traceback midway."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{subject}: --device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch finds no CUDA GPU"
+        raise ValueError(f"{subject}: --device {name}, but {why}; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{subject}: --device {name}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    _check_input(args.input)
+    _check_device(args.device, args.input)
+    if Path(args.output).is_file() and not args.force:
+        raise CheckpointError(f"{args.output}: already exists; pass --force to replace it")
+    progress = ProgressBar("convert") if sys.stderr.isatty() else None
+    try:
+        with _signals_raise(signal.SIGTERM):
+            report = convert_checkpoint(
+                args.input,
+                args.output,
+                args.format,
+                weight_dtype=parse_weight_dtype(args.weight_dtype),
+                weight_group=PER_CHANNEL if args.per_channel else PER_TENSOR,
+                skip_patterns=args.skip,
+                default_skips=not args.no_default_skips,
+                device=args.device,
+                progress=progress,
+            )
+    finally:
+        if progress is not None:
+            progress.end()
+    print(f"{args.output}: {args.format}; {report.summary()}")
+
+
+@contextlib.contextmanager
+def _signals_raise(*signums: int) -> Iterator[None]:
+    """Within the block, the given signals raise ``Interrupted``: their default would end the process at once,
+    past the writer's cleanup of its partial file. Only the main thread can install signal handlers."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, _raise_interrupted) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

@@ -348,7 +348,7 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
     dst = tmp_path / "fp8.safetensors"
     assert main(["convert", str(src), str(dst), "--format", "comfy-quant", "--skip", "blocks.0.ffn"]) == 0
     out = capsys.readouterr()
-    assert "2 layers quantized" in out.out and "convert [" in out.err
+    assert "2 layers quantized" in out.out and out.err == ""  # no progress bar: stderr is not a terminal
     assert main(["inspect", str(dst)]) == 0
     out = capsys.readouterr().out
     assert "dialect: comfy-quant" in out and "fp8 layers: 2" in out

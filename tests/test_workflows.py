@@ -46,3 +46,39 @@ def test_ui_workflow_is_consistent_with_api_twin(path):
             inputs = api[str(node["id"])]["inputs"]
             widgets = [inputs[name] for name in WIDGET_ORDER[node["type"]]]
             assert node["widgets_values"] == widgets
+
+
+def _rect(node: dict) -> tuple[float, float, float, float]:
+    title = 30  # the graph editor draws each node's title bar above its position
+    (x, y), (width, height) = node["pos"], node["size"]
+    return x, y - title, width, height + title
+
+
+def _meet(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _inside(inner, outer) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and all(
+        inner[i] + inner[i + 2] <= outer[i] + outer[i + 2] for i in (0, 1)
+    )
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_is_laid_out_in_titled_groups_without_overlaps(path):
+    """The layout as stored; tests/integration/test_browser.py checks it again as the real frontend draws it."""
+    ui = json.loads(path.read_text())
+    rects = [_rect(node) for node in ui["nodes"]]
+    groups = [group["bounding"] for group in ui["groups"]]
+    assert all(group["title"] for group in ui["groups"])
+    assert not [(a, b) for i, a in enumerate(rects) for b in rects[i + 1 :] if _meet(a, b)]
+    assert not [(a, b) for i, a in enumerate(groups) for b in groups[i + 1 :] if _meet(a, b)]
+    assert all(sum(_inside(rect, group) for group in groups) == 1 for rect in rects)
+    assert min(group[0] for group in groups) >= 80 and min(group[1] for group in groups) >= 120, "under the menus"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_each_workflow_has_a_small_jpeg_thumbnail_for_the_templates_browser(path):
+    thumbnail = path.with_suffix(".jpg")  # the name ComfyUI's Templates browser asks for
+    data = thumbnail.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < 100_000

@@ -1,15 +1,57 @@
-"""Write example_workflows/*.json (the graph editor's format) and their API-format twins.
+"""Write example_workflows/*.json (the graph editor's format), their API-format twins, and their thumbnails.
 
-Run: python tools/make_example_workflows.py. The graphs are described once here, as API prompts plus node
-positions, so the two formats cannot drift apart.
+Run: python tools/make_example_workflows.py [--thumbnails DIR]. The graphs are described once here, as API
+prompts plus the stages they are shown in, so the two formats cannot drift apart. Each stage is one column of
+nodes inside a titled group; columns run left to right in the order the data flows, and every node gets the
+height the graph editor gives it, so nothing overlaps when the workflow opens.
+
+Thumbnails: ComfyUI lists a pack's ``example_workflows/*.json`` in its Templates browser and asks for a
+same-named ``.jpg`` beside each (``/api/workflow_templates/<pack>/<name>.jpg``). The browser test
+(tests/integration/test_browser.py) screenshots each example as the real frontend shows it into
+tests/integration/artifacts/; ``--thumbnails tests/integration/artifacts`` turns those into small JPEGs
+(needs Pillow, which ComfyUI's own environment has).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
+Stage = tuple[str, list[str]]  # group title, node keys top to bottom
+
+# Body heights (below the title bar) that ComfyUI's frontend 1.47 gives each node for its widgets, rounded up;
+# this pack's nodes include their summary box. A text prompt gets room for a few lines.
+NODE_HEIGHTS = {
+    "LoadFP8DiT": 334,
+    "QuantizeTextEncoderFP8": 310,
+    "CLIPLoader": 106,
+    "DualCLIPLoader": 130,
+    "CLIPTextEncode": 150,
+    "ModelSamplingSD3": 58,
+    "FluxGuidance": 58,
+    "VAELoader": 58,
+    "EmptyHunyuanLatentVideo": 130,
+    "EmptySD3LatentImage": 106,
+    "KSampler": 262,
+    "VAEDecode": 46,
+    "SaveAnimatedWEBP": 300,  # and its preview once it has run
+    "SaveImage": 300,
+}
+WIDE_COLUMN, NARROW_COLUMN = 400, 320  # this pack's nodes and prompts need room for their text
+NODE_TITLE = 30  # the title bar above each node's position
+GROUP_TITLE = 50  # a group's title bar and the space below it
+PADDING, NODE_GAP, GROUP_GAP = 20, 30, 40
+# Where the first group starts and the zoom the workflow opens at: clear of the frontend's tab bar, side bar and
+# run button, and small enough that the whole graph fits a 1600x900 window (the browser test checks both).
+ORIGIN = (100, 140)
+VIEW_SCALE = 0.75
+GROUP_COLOR = "#3f789e"
+THUMBNAIL_WIDTH = 480
 
 # Output types of the nodes used, in slot order, and the order of their widgets in the frontend.
 OUTPUTS = {
@@ -74,7 +116,17 @@ TE_DEFAULTS = {
 }
 
 
-def wan_t2v() -> tuple[dict, dict]:
+STAGE_TITLES = ("1 · Load models", "2 · Text encoder to FP8, prompts", "3 · Sample", "4 · Decode and save")
+
+
+def stages(*columns: list[str]) -> list[Stage]:
+    """Every example shows the same stages, one column of node keys each, in STAGE_TITLES' order."""
+    if len(columns) != len(STAGE_TITLES):
+        raise ValueError(f"{len(columns)} columns for {len(STAGE_TITLES)} stages")
+    return list(zip(STAGE_TITLES, columns))
+
+
+def wan_t2v() -> tuple[dict, list[Stage]]:
     prompt = {
         "1": {
             "class_type": "LoadFP8DiT",
@@ -131,23 +183,10 @@ def wan_t2v() -> tuple[dict, dict]:
             },
         },
     }
-    positions = {
-        "1": (0, 0),
-        "2": (380, 0),
-        "3": (0, 260),
-        "4": (380, 260),
-        "5": (760, 160),
-        "6": (760, 420),
-        "7": (760, 680),
-        "8": (1200, 0),
-        "9": (1200, 520),
-        "10": (1560, 0),
-        "11": (1800, 0),
-    }
-    return prompt, positions
+    return prompt, stages(["1", "3", "9"], ["4", "5", "6"], ["2", "7", "8"], ["10", "11"])
 
 
-def flux_t2i() -> tuple[dict, dict]:
+def flux_t2i() -> tuple[dict, list[Stage]]:
     prompt = {
         "1": {"class_type": "LoadFP8DiT", "inputs": {"unet_name": "flux1-dev.safetensors", **LOAD_DEFAULTS}},
         "2": {
@@ -187,23 +226,34 @@ def flux_t2i() -> tuple[dict, dict]:
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "flux_fp8"}},
     }
-    positions = {
-        "1": (0, 0),
-        "2": (0, 260),
-        "3": (380, 260),
-        "4": (760, 160),
-        "5": (1100, 160),
-        "6": (760, 420),
-        "7": (760, 680),
-        "8": (1400, 0),
-        "9": (1400, 520),
-        "10": (1760, 0),
-        "11": (2000, 0),
-    }
-    return prompt, positions
+    return prompt, stages(["1", "2", "9"], ["3", "4", "6"], ["5", "7", "8"], ["10", "11"])
 
 
-def to_ui(prompt: dict, positions: dict) -> dict:
+def layout(prompt: dict, stages: list[Stage]) -> tuple[dict[str, tuple[list[int], list[int]]], list[dict]]:
+    """Position and size of every node, and the titled groups around each stage's column."""
+    placed: dict[str, tuple[list[int], list[int]]] = {}
+    groups = []
+    left = ORIGIN[0]
+    for title, keys in stages:
+        types = [prompt[key]["class_type"] for key in keys]
+        width = WIDE_COLUMN if set(types) & {*TITLES, "CLIPTextEncode"} else NARROW_COLUMN
+        top = ORIGIN[1] + GROUP_TITLE
+        for key, kind in zip(keys, types):
+            top += NODE_TITLE
+            placed[key] = ([left + PADDING, top], [width, NODE_HEIGHTS[kind]])
+            top += NODE_HEIGHTS[kind] + NODE_GAP
+        group_width = width + 2 * PADDING
+        bounding = [left, ORIGIN[1], group_width, top - NODE_GAP + PADDING - ORIGIN[1]]
+        groups.append({"title": title, "bounding": bounding, "color": GROUP_COLOR, "font_size": 24, "flags": {}})
+        left += group_width + GROUP_GAP
+    missing = set(prompt) - set(placed)
+    if missing:
+        raise ValueError(f"nodes in no stage: {sorted(missing)}")
+    return placed, groups
+
+
+def to_ui(prompt: dict, stages: list[Stage]) -> dict:
+    placed, groups = layout(prompt, stages)
     nodes, links = [], []
     link_id = 0
     outgoing: dict[tuple[str, int], list[int]] = {}
@@ -223,11 +273,12 @@ def to_ui(prompt: dict, positions: dict) -> dict:
             {"name": out, "type": out, "links": outgoing.get((key, slot), []), "slot_index": slot}
             for slot, out in enumerate(OUTPUTS[kind])
         ]
+        position, size = placed[key]
         entry = {
             "id": int(key),
             "type": kind,
-            "pos": list(positions[key]),
-            "size": [340, 130],
+            "pos": position,
+            "size": size,
             "flags": {},
             "order": order,
             "mode": 0,
@@ -244,9 +295,9 @@ def to_ui(prompt: dict, positions: dict) -> dict:
         "last_link_id": link_id,
         "nodes": nodes,
         "links": links,
-        "groups": [],
+        "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "extra": {"ds": {"scale": VIEW_SCALE, "offset": [0, 0]}},
         "version": 0.4,
     }
 
@@ -261,13 +312,37 @@ def api(prompt: dict) -> dict:
     }
 
 
-def main() -> None:
-    OUT.mkdir(exist_ok=True)
-    for name, build in (("wan2.1_t2v_fp8", wan_t2v), ("flux_t2i_fp8", flux_t2i)):
-        prompt, positions = build()
-        (OUT / f"{name}.json").write_text(json.dumps(to_ui(prompt, positions), indent=1) + "\n")
-        (OUT / "api").mkdir(exist_ok=True)
+WORKFLOWS = {"wan2.1_t2v_fp8": wan_t2v, "flux_t2i_fp8": flux_t2i}
+
+
+def write_thumbnails(screenshots: Path) -> None:
+    """``<name>.jpg`` beside each workflow, from the browser test's ``workflow-<name>.png`` screenshots."""
+    from PIL import Image  # ComfyUI's environment has Pillow; the pack itself does not need it
+
+    for name in WORKFLOWS:
+        source = screenshots / f"workflow-{name}.png"
+        if not source.is_file():
+            raise SystemExit(f"error: {source}: no such screenshot; run the browser test first")
+        with Image.open(source) as image:
+            height = round(image.height * THUMBNAIL_WIDTH / image.width)
+            image.convert("RGB").resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(
+                OUT / f"{name}.jpg", quality=80, optimize=True
+            )
+        logger.info("wrote %s", OUT / f"{name}.jpg")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--thumbnails", type=Path, help="folder with the browser test's workflow-*.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    (OUT / "api").mkdir(parents=True, exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        prompt, stages = build()
+        (OUT / f"{name}.json").write_text(json.dumps(to_ui(prompt, stages), indent=1) + "\n")
         (OUT / "api" / f"{name}.json").write_text(json.dumps(api(prompt), indent=1) + "\n")
+    if args.thumbnails:
+        write_thumbnails(args.thumbnails)
 
 
 if __name__ == "__main__":

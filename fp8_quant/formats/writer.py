@@ -92,8 +92,7 @@ def convert_checkpoint(
     if not is_fp8_dtype(weight_dtype):
         raise ValueError(f"weight_dtype: {weight_dtype} is not an fp8 dtype")
     source, destination = Path(source), Path(destination)
-    if source.resolve() == destination.resolve():
-        raise ValueError(f"{destination}: refusing to overwrite the source file")
+    _check_destination(source, destination)
     scan = scan_header(read_header(source))
     if scan.dialect != HIGH_PRECISION:
         raise CheckpointError(f"{source}: already an fp8 checkpoint ({scan.dialect}); convert a bf16/fp16/fp32 file")
@@ -115,7 +114,7 @@ def convert_checkpoint(
         assert layer is not None
         report.quantized.append(layer)
         cache: dict[str, torch.Tensor] = {}
-        quantize = _quantizer(handle, key, weight_dtype, weight_group, device, cache)
+        quantize = _quantizer(handle, source, key, weight_dtype, weight_group, device, cache)
         # Per-channel scales are written [N, 1], the shape vLLM and FastVideo files use.
         scale_shape = weight_scale_shape(weight_group, *info.shape)
         scale_shape = (*scale_shape, 1) if weight_group.is_per_channel() else scale_shape
@@ -158,11 +157,11 @@ def _constant(payload: bytes) -> Callable[[], torch.Tensor]:
     return lambda: torch.tensor(list(payload), dtype=torch.uint8)
 
 
-def _quantizer(handle, key, weight_dtype, weight_group, device, cache):
+def _quantizer(handle, source, key, weight_dtype, weight_group, device, cache):
     def quantize() -> tuple[torch.Tensor, torch.Tensor]:
         weight = handle.get_tensor(key).to(device)
         if not bool(torch.isfinite(weight).all()):
-            raise CheckpointError(f"{key!r} holds NaN or inf values; refusing to quantize it")
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or inf values; refusing to quantize it")
         fp8_weight, scale = quantize_weight(weight, weight_dtype, weight_group)
         cache["scale"] = scale.cpu()
         return fp8_weight.cpu(), scale
@@ -173,6 +172,17 @@ def _quantizer(handle, key, weight_dtype, weight_group, device, cache):
 def _scale_from(cache: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
     # The weight is always written (and so quantized) just before its scale.
     return lambda: cache.pop("scale").reshape(shape)
+
+
+def _check_destination(source: Path, destination: Path) -> None:
+    """Refuse an output that cannot be written before anything is read, saying why: opening the partial file
+    beside it would fail with an OSError about ``<output>.partial``, a name the user never gave."""
+    if destination.is_dir():
+        raise CheckpointError(f"{destination}: is a directory; name the output file")
+    if not destination.parent.is_dir():
+        raise CheckpointError(f"{destination}: folder {destination.parent} does not exist")
+    if source.resolve() == destination.resolve():
+        raise ValueError(f"{destination}: refusing to overwrite the source file")
 
 
 def _write_streaming(

@@ -1,6 +1,6 @@
 """Integration tests in a real ComfyUI (COMFYUI_DIR): API prompts through a server, and in-process checks.
 
-Skipped with a clear reason when COMFYUI_DIR is unset (CI has no ComfyUI).
+Skipped, with how to point them at a ComfyUI, when COMFYUI_DIR is unset; CI sets it (.ci/run).
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COMFYUI_DIR, COMFYUI_PYTHON, REPO, SKIP_REASON, write_fixture
+from prompts import FLUX_INPUTS, our_loader, sampling_prompt, stock_loader
 from safetensors.torch import load_file, save_file
 
 from fp8_quant.formats import convert_checkpoint
 from fp8_quant.scheme import PER_CHANNEL
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON)]
-
-SEED = 42
 
 
 def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -46,71 +45,6 @@ def tiny_wan(comfyui) -> str:
     nan_weight["model.diffusion_model.blocks.0.cross_attn.k.weight"][3, 5] = float("nan")
     save_file(nan_weight, str(folder / "nan_weight.safetensors"))
     return bf16.name
-
-
-WAN_LATENT = {
-    "class_type": "EmptyHunyuanLatentVideo",
-    "inputs": {"width": 32, "height": 32, "length": 1, "batch_size": 1},
-}
-FLUX_LATENT = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-FLUX_INPUTS = {"latent": FLUX_LATENT, "pooled_width": 768}  # and Flux's pooled CLIP-L vector
-
-
-def sampling_prompt(
-    loader: dict,
-    name: str,
-    lora: str | None = None,
-    shift: float | None = None,
-    latent: dict = WAN_LATENT,
-    pooled_width: int = 0,
-) -> dict:
-    def conditioning(seed: int) -> dict:
-        inputs = {"width": 4096, "tokens": 8, "seed": seed, "pooled_width": pooled_width}
-        return {"class_type": "FP8TestRandomConditioning", "inputs": inputs}
-
-    prompt = {
-        "1": loader,
-        "2": conditioning(1),
-        "3": conditioning(2),
-        "4": latent,
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": SEED,
-                "steps": 4,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "FP8TestSaveLatent", "inputs": {"samples": ["5", 0], "name": name}},
-    }
-    if lora is not None:
-        prompt["7"] = {
-            "class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": ["1", 0], "lora_name": lora, "strength_model": 1.0},
-        }
-        prompt["5"]["inputs"]["model"] = ["7", 0]
-    if shift is not None:  # ModelSamplingSD3, as Wan and Flux workflows use it, after the loader (and LoRA)
-        prompt["8"] = {
-            "class_type": "ModelSamplingSD3",
-            "inputs": {"model": prompt["5"]["inputs"]["model"], "shift": shift},
-        }
-        prompt["5"]["inputs"]["model"] = ["8", 0]
-    return prompt
-
-
-def stock_loader(name: str, weight_dtype: str = "default") -> dict:
-    return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": weight_dtype}}
-
-
-def our_loader(name: str, **options) -> dict:
-    return {"class_type": "LoadFP8DiT", "inputs": {"unet_name": name, **options}}
 
 
 def sample(comfyui, loader: dict, name: str, lora: str | None = None, shift: float | None = None, **kwargs):

@@ -1,0 +1,73 @@
+"""tools/render_bench_table.py: the README's performance section comes from bench/results/*.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import render_bench_table as bench_table
+
+STEP = {
+    "preset": "wan14b-4layers",
+    "latent": [1, 16, 9, 60, 104],
+    "gpu": "H100 80GB HBM3",
+    "results": {
+        "stock default dtype": {"ms": 112.4, "weights_gib": 3.06, "rel_err_vs_fp32": 0.0005},
+        "stock on our comfy-quant file": {"ms": 93.0, "weights_gib": 1.63, "rel_err_vs_fp32": 0.0032},
+        "ours auto (bf16 file)": {"ms": 93.6, "weights_gib": 1.62, "rel_err_vs_fp32": 0.0033},
+        "stock on our comfy-quant file +compile": {"error": "AssertionError: vr must not be None"},
+    },
+}
+LOAD = {
+    "preset": "wan14b-4layers",
+    "cycles": 8,
+    "summary": {
+        "stock_bf16_load_s_median": 0.8,
+        "ours_load_s_median": 0.9,
+        "load_ratio": 1.125,
+        "max_allocated_drift_mib": 2.0,
+        "max_staged_peak_over_bound": 0.56,
+    },
+    "runs": [],
+}
+LINEAR = [
+    {"shape": "Flux qkv", "mkn": [4608, 3072, 9216], "method": m, "ms": ms, "tflops": 1000.0, "rel_err": 0.03}
+    for m, ms in (("bf16 F.linear", 0.360), ("ComfyUI fp8_e4m3fn_fast", 0.263), ("ours dynamic per-token", 0.233))
+]
+
+
+def test_tables_from_every_kind_of_result_model_steps_first(tmp_path):
+    (tmp_path / "a_linear.json").write_text(json.dumps(LINEAR))
+    (tmp_path / "b_step.json").write_text(json.dumps(STEP))
+    (tmp_path / "c_load.json").write_text(json.dumps(LOAD))
+    text = bench_table.render(tmp_path)
+    assert text.index("wan14b-4layers") < text.index("Flux qkv") < text.index("Loading")
+    assert "| ours auto (bf16 file) | 93.6 | 1.20 | 0.99 | 0.0033 | 1.62 |" in text
+    assert "| stock on our comfy-quant file +compile | failed: AssertionError: vr must not be None | | | | |" in text
+    assert "| Flux qkv 4608×3072×9216 | ours dynamic per-token | 0.233 | 1000 | 1.55 | 1.13 | 0.0300 |" in text
+    assert "From `bench/results/b_step.json` (gpu H100 80GB HBM3)." in text
+    assert "| 0.80 | 0.90 | 1.12 | 2 | 0.56 |" in text
+
+
+def test_placeholder_without_results(tmp_path):
+    assert bench_table.render(tmp_path / "none") == bench_table.PLACEHOLDER
+
+
+def test_unknown_result_names_the_file(tmp_path):
+    (tmp_path / "odd.json").write_text(json.dumps({"something": 1}))
+    with pytest.raises(bench_table.ResultError, match="odd.json"):
+        bench_table.render(tmp_path)
+
+
+def test_section_replaced_between_markers_only():
+    readme = f"intro\n{bench_table.START}\nold\n{bench_table.END}\nrest\n"
+    once = bench_table.replace_section(readme, "new")
+    assert once == f"intro\n{bench_table.START}\nnew\n{bench_table.END}\nrest\n"
+    assert bench_table.replace_section(once, "new") == once
+    with pytest.raises(bench_table.ResultError):
+        bench_table.replace_section("no markers", "new")
+
+
+def test_readme_performance_section_is_up_to_date():
+    assert bench_table.main(["--check"]) == 0, "run python tools/render_bench_table.py"

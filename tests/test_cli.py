@@ -1,0 +1,182 @@
+"""The command line's failures: one line naming the file and the cause, exit status 2, no traceback, and never a
+partial or silently replaced output."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import source_weights
+from safetensors.torch import save_file
+
+from fp8_quant.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bf16_file(tmp_path) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_file({key: value.to(torch.bfloat16) for key, value in source_weights().items()}, str(path))
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """Exit status and stderr of one command."""
+    status = main(list(argv))
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(err: str, *named: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and all(name in lines[0] for name in named), err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.endswith(".partial"))
+
+
+def test_output_in_a_missing_folder(capsys, bf16_file, tmp_path):
+    output = tmp_path / "no" / "such" / "out.safetensors"
+    status, err = run_cli(capsys, "convert", str(bf16_file), str(output))
+    assert status == 2
+    assert_one_line_error(err, str(output), "does not exist")
+    assert ".partial" not in err
+
+
+def test_output_that_is_a_folder(capsys, bf16_file, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    status, err = run_cli(capsys, "convert", str(bf16_file), str(folder))
+    assert status == 2
+    assert_one_line_error(err, str(folder), "is a directory")
+    assert list(folder.iterdir()) == []
+
+
+def test_device_cuda_without_cuda(capsys, bf16_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    output = tmp_path / "out.safetensors"
+    status, err = run_cli(capsys, "convert", str(bf16_file), str(output), "--device", "cuda")
+    assert status == 2
+    assert_one_line_error(err, str(bf16_file), "--device cuda", "--device cpu")
+    assert not output.exists()
+    status, err = run_cli(capsys, "demo", "--device", "cuda")
+    assert status == 2
+    assert_one_line_error(err, "--device cuda")
+
+
+def test_unknown_device_name(capsys, bf16_file, tmp_path):
+    status, err = run_cli(capsys, "convert", str(bf16_file), str(tmp_path / "out.safetensors"), "--device", "gpu0")
+    assert status == 2
+    assert_one_line_error(err, "'gpu0'", "not a device name")
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_a_folder_as_input_is_called_a_folder(capsys, tmp_path, command):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    extra = [str(tmp_path / "out.safetensors")] if command == "convert" else []
+    status, err = run_cli(capsys, command, str(folder), *extra)
+    assert status == 2
+    assert_one_line_error(err, str(folder), "is a directory")
+    assert "no such file" not in err
+
+
+def test_nan_weight_names_the_file_and_the_tensor(capsys, tmp_path):
+    weights = {key: value.to(torch.bfloat16) for key, value in source_weights().items()}
+    weights["blocks.0.attn.k.weight"][3, 5] = float("nan")
+    source = tmp_path / "nan.safetensors"
+    save_file(weights, str(source))
+    output = tmp_path / "out.safetensors"
+    status, err = run_cli(capsys, "convert", str(source), str(output))
+    assert status == 2
+    assert_one_line_error(err, str(source), "blocks.0.attn.k.weight", "NaN")
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(capsys, bf16_file, tmp_path):
+    output = tmp_path / "out.safetensors"
+    output.write_bytes(b"precious")
+    status, err = run_cli(capsys, "convert", str(bf16_file), str(output))
+    assert status == 2
+    assert_one_line_error(err, str(output), "--force")
+    assert output.read_bytes() == b"precious"
+    assert main(["convert", str(bf16_file), str(output), "--force"]) == 0
+    assert output.read_bytes() != b"precious"
+
+
+# Runs the command in a child process that signals itself while quantizing the second weight, with the partial
+# file open (the child exits 99 if it is not): deterministic, and a broken handler ends the child, not pytest.
+SIGNAL_ITSELF = """
+import os, sys
+import fp8_quant.formats.writer as writer
+from fp8_quant.__main__ import main
+
+signum, output, argv = int(sys.argv[1]), sys.argv[3], sys.argv[2:]
+quantize, calls = writer.quantize_weight, []
+
+def quantize_then_signal(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        if not os.path.exists(output + ".partial"):
+            sys.exit(99)
+        os.kill(os.getpid(), signum)
+    return quantize(*args, **kwargs)
+
+writer.quantize_weight = quantize_then_signal
+sys.exit(main(["convert", *argv]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_convert_leaves_no_partial_file(bf16_file, tmp_path, signum):
+    output = tmp_path / "out.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ITSELF, str(int(signum)), str(bf16_file), str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 128 + signum, (done.returncode, done.stderr[-2000:])
+    assert_one_line_error(done.stderr, str(output), signal.Signals(signum).name)
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_only_on_a_terminal(bf16_file, tmp_path, monkeypatch, terminal):
+    stderr = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["convert", str(bf16_file), str(tmp_path / "out.safetensors")]) == 0
+    assert ("convert [" in stderr.getvalue()) == terminal
+
+
+def test_fp8_quant_command_runs_from_any_folder(tmp_path):
+    """``pip install .`` (or ``-e .``) gives the ``fp8-quant`` command; it must not need the checkout as its folder."""
+    scripts = {entry.name: entry.value for entry in metadata.entry_points(group="console_scripts")}
+    if "fp8-quant" not in scripts:
+        pytest.skip("the pack is not installed here (pip install -e .): no fp8-quant command to run")
+    assert scripts["fp8-quant"] == "fp8_quant.__main__:main"
+    command = Path(sys.executable).with_name("fp8-quant")
+    done = subprocess.run(
+        [str(command), "demo", "--width", "64", "--depth", "1", "--device", "cpu"],
+        cwd=tmp_path,
+        env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "relative error vs fp32" in done.stdout, done.stderr[-2000:]

@@ -1,0 +1,176 @@
+"""Render the README's performance tables from the benchmark results in bench/results/*.json.
+
+Run: python tools/render_bench_table.py [--check]. The README holds the rendered tables between the markers
+``<!-- bench:start -->`` and ``<!-- bench:end -->``; this script rewrites that part (``--check``: only say whether
+it is up to date, exit status 1 if not), so the numbers users read are always the ones a benchmark wrote.
+
+Result files (what ``--json PATH`` of the benchmark scripts writes; the optional keys ``gpu``, ``torch``,
+``comfyui``, ``comfy-kitchen`` and ``date`` at the top level are shown with the table):
+
+- ``bench/bench_comfy_dit.py``: ``{"preset": ..., "latent": [...], "results": {path: {"ms", "weights_gib",
+  "rel_err_vs_fp32"} or {"error"}}}``, one ``apply_model`` call of a DiT inside ComfyUI;
+- ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
+  ``{"rows": [...], ...}``), one linear layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+STEP_STOCK, STEP_QUANT = "stock default dtype", "stock on our comfy-quant file"
+LINEAR_BF16, LINEAR_FAST = "bf16 F.linear", "ComfyUI fp8_e4m3fn_fast"
+CONTEXT_KEYS = ("gpu", "torch", "comfyui", "comfy-kitchen", "date")
+PLACEHOLDER = (
+    "No measurements in `bench/results/` yet. On a GPU, `COMFYUI_DIR=... python bench/bench_comfy_dit.py --json "
+    "bench/results/wan14b.json` (a Wan step inside ComfyUI) and `python bench/bench_linear.py --json "
+    "bench/results/linear.json` (single layers) write them; `python tools/render_bench_table.py` then fills "
+    "this section. Earlier measurements, with how they were taken: `bench/NOTES.md`."
+)
+
+
+class ResultError(ValueError):
+    """A result file this script cannot read; the message names the file."""
+
+
+def ratio(baseline: float | None, ms: float) -> str:
+    return f"{baseline / ms:.2f}" if baseline else "—"
+
+
+def context_line(path: Path, data: dict) -> str:
+    known = [f"{key} {data[key]}" for key in CONTEXT_KEYS if data.get(key)]
+    line = f"From `bench/results/{path.name}`" + (f" ({', '.join(known)})." if known else ".")
+    return f"{line} {data['notes']}" if data.get("notes") else line
+
+
+def step_table(path: Path, data: dict) -> str:
+    results = data["results"]
+    stock = results.get(STEP_STOCK, {}).get("ms")
+    quant = results.get(STEP_QUANT, {}).get("ms")
+    latent = "×".join(str(size) for size in data.get("latent", [])) or "?"
+    lines = [
+        f"**{data['preset']}**, one `apply_model` call inside ComfyUI, latent {latent}, error vs the same model in "
+        "float32 (× = the other's time / this one's):",
+        "",
+        "| path | ms | × stock | × stock comfy-quant | rel. error vs fp32 | weights GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        if "ms" not in row:
+            lines.append(f"| {name} | failed: {row.get('error', '?')} | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['ms']:.1f} | {ratio(stock, row['ms'])} | {ratio(quant, row['ms'])} "
+            f"| {row['rel_err_vs_fp32']:.4f} | {row['weights_gib']:.2f} |"
+        )
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
+def linear_table(path: Path, data: dict) -> str:
+    rows = data["rows"]
+    lines = [
+        "One linear layer (ms per call; × = the other's time / this one's):",
+        "",
+        "| shape (M×K×N) | method | ms | TFLOP/s | × bf16 | × ComfyUI fp8 fast | rel. error vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_shape: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shape.setdefault(row["shape"], []).append(row)
+    for shape, shape_rows in by_shape.items():
+        times = {row["method"]: row["ms"] for row in shape_rows}
+        m, k, n = shape_rows[0]["mkn"]
+        for row in shape_rows:
+            lines.append(
+                f"| {shape} {m}×{k}×{n} | {row['method']} | {row['ms']:.3f} | {row['tflops']:.0f} "
+                f"| {ratio(times.get(LINEAR_BF16), row['ms'])} | {ratio(times.get(LINEAR_FAST), row['ms'])} "
+                f"| {row['rel_err']:.4f} |"
+            )
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
+def load_table(path: Path, data: dict) -> str:
+    summary = data["summary"]
+    return "\n".join(
+        [
+            f"**Loading** ({data['preset']}, {data['cycles']} load/unload cycles through Load FP8 DiT, options "
+            "alternating, full and lowvram loads):",
+            "",
+            "| stock bf16 load s | ours, quantizing on the fly, s | ratio | GPU memory left after unload, MiB (max) "
+            "| staged peak / (1.05 × fp8 model + one bf16 layer) |",
+            "|---|---|---|---|---|",
+            f"| {summary['stock_bf16_load_s_median']:.2f} | {summary['ours_load_s_median']:.2f} "
+            f"| {summary['load_ratio']:.2f} | {summary['max_allocated_drift_mib']:.0f} "
+            f"| {summary['max_staged_peak_over_bound']:.2f} |",
+            "",
+            context_line(path, data),
+        ]
+    )
+
+
+def render_file(path: Path) -> tuple[int, str]:
+    """(0 for a model step, 1 for single layers, 2 for loading: the order in the README; the table)."""
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, list):
+            data = {"rows": data}
+        if "results" in data and "preset" in data:
+            return 0, step_table(path, data)
+        if "summary" in data and "runs" in data:
+            return 2, load_table(path, data)
+        if "rows" in data:
+            return 1, linear_table(path, data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ResultError(f"{path}: not a benchmark result this script knows ({error!r})") from None
+    raise ResultError(f"{path}: not a bench_comfy_dit.py, bench_linear.py or bench_load_cycles.py result")
+
+
+def render(results: Path = RESULTS) -> str:
+    """The README section: every result file's table, step results first, or the placeholder."""
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    if not files:
+        return PLACEHOLDER
+    tables = sorted((render_file(path) for path in files), key=lambda kind_table: kind_table[0])
+    return "\n\n".join(table for _, table in tables)
+
+
+def replace_section(readme: str, section: str) -> str:
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
+        raise ResultError(f"{README}: needs one {START} ... {END} pair")
+    head, rest = readme.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{section}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README is not what this would write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        current = README.read_text()
+        wanted = replace_section(current, render())
+    except ResultError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if wanted != current:
+            print(f"error: {README}: performance section is stale; run python tools/render_bench_table.py")
+            return 1
+        return 0
+    README.write_text(wanted)
+    logger.info("wrote the performance section of %s", README)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
