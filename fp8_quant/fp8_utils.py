@@ -151,8 +151,9 @@ def dequantize(
     return (x_fp8.to(torch.float32) * scale).to(dtype)
 
 
-def _row_chunks(weight: torch.Tensor, multiple: int = 1, max_elements: int = 1 << 24) -> list[tuple[int, int]]:
-    """Row ranges of about ``max_elements`` each, starting at multiples of ``multiple`` (whole scale blocks)."""
+def _row_chunks(weight: torch.Tensor, multiple: int = 1, max_elements: int = 1 << 22) -> list[tuple[int, int]]:
+    """Row ranges of about ``max_elements`` each (16 MiB of float32 temporaries: loading a model stages little more
+    than its fp8 bytes), starting at multiples of ``multiple`` (whole scale blocks)."""
     rows = weight.shape[0]
     step = max(1, max_elements // max(1, weight.shape[1]) // multiple) * multiple
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]

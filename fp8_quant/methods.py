@@ -51,9 +51,15 @@ class Fp8LinearMethod:
         layer.input_scale = _parameter(torch.ones((), dtype=torch.float32, device=device)) if static else None
 
     def process_weights_after_loading(
-        self, layer: nn.Module, name: str = "", quantize_device: torch.device | str | None = None
+        self,
+        layer: nn.Module,
+        name: str = "",
+        quantize_device: torch.device | str | None = None,
+        result_device: torch.device | str | None = None,
     ) -> None:
-        """Validate what was loaded and normalise it: contiguous [N, K] fp8, float32 scales of the layer's group."""
+        """Validate what was loaded and normalise it: contiguous [N, K] fp8, float32 scales of the layer's group.
+
+        ``result_device``: where the layer's tensors end up (default: where the weight came from)."""
         what = name or type(layer).__name__
         weight = _checked_weight(layer, what)
         if not is_fp8_dtype(weight.dtype):
@@ -68,7 +74,10 @@ class Fp8LinearMethod:
             check_scale(input_scale, f"{what}.input_scale")
         else:
             input_scale = None
-        self._install(layer, weight.detach().contiguous(), weight_scale, input_scale)
+        home = torch.device(result_device) if result_device is not None else weight.device
+        if input_scale is not None:
+            input_scale = input_scale.to(home)
+        self._install(layer, weight.detach().to(home).contiguous(), weight_scale.to(home), input_scale)
         layer.fp8_name = what
 
     def _install(
@@ -187,14 +196,20 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         layer.input_scale = None
 
     def process_weights_after_loading(
-        self, layer: nn.Module, name: str = "", quantize_device: torch.device | str | None = None
+        self,
+        layer: nn.Module,
+        name: str = "",
+        quantize_device: torch.device | str | None = None,
+        result_device: torch.device | str | None = None,
     ) -> None:
-        """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it."""
+        """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it; the
+        fp8 weight goes to ``result_device`` (default: where the weight came from). A loader that will put the model
+        on the GPU anyway keeps it there, instead of a copy back to the host and another one over later."""
         what = name or type(layer).__name__
         weight = _checked_weight(layer, what)
         if not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
             raise ValueError(f"{what}: online quantization needs a bf16/fp16/fp32 weight, got {weight.dtype}")
-        home = weight.device
+        home = torch.device(result_device) if result_device is not None else weight.device
         source = weight.detach()
         if quantize_device is not None:
             source = source.to(quantize_device)

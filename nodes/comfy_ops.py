@@ -25,10 +25,12 @@ from .fp8_linear import Fp8ComfyLinearMixin, WeightCaster
 
 @dataclass
 class LoadPlan:
-    """One model load: the recipe, where to quantize, how offloaded weights travel, and the report being filled."""
+    """One model load: the recipe, where to quantize and where the fp8 layers stay, how offloaded weights travel,
+    and the report being filled."""
 
     recipe: Fp8Recipe
     quantize_device: torch.device | str | None = None
+    result_device: torch.device | str | None = None
     progress: Callable[[str], None] | None = None
     weight_caster: WeightCaster | None = None
     report: Fp8Report = field(init=False)
@@ -101,7 +103,9 @@ def _load_layer(
         if is_fp8_dtype(weight.dtype):
             layer.weight_scale = state_dict.get(prefix + "weight_scale")
             layer.input_scale = state_dict.get(prefix + "input_scale")
-        decision.method.process_weights_after_loading(layer, decision.name, plan.quantize_device)
+        decision.method.process_weights_after_loading(
+            layer, decision.name, plan.quantize_device, plan.result_device
+        )
         layer.fp8_method = decision.method
         return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer))
     if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values

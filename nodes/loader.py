@@ -72,6 +72,7 @@ class LoadFP8DiT:
             recipe = Fp8Recipe.for_checkpoint(checkpoint.config, choices, forced_kernel(kernel))
         device = comfy.model_management.get_torch_device()
         plan = LoadPlan(recipe, quantize_device=device if device.type == "cuda" else None)
+        plan.result_device = device if keeps_fp8_on_gpu(scan, device) else None
         plan.progress, plan.weight_caster = (lambda name: progress.step()), comfy_weight_caster()
         with node_error(NODE_TITLE, path):
             model = load_fp8_diffusion_model(checkpoint.state_dict, plan, device)
@@ -106,6 +107,30 @@ def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan
         # not read; the classic patcher (full, partial and lowvram loading) drives these layers.
         load_options["disable_dynamic"] = True
     return comfy.sd.load_diffusion_model_state_dict(state_dict, **load_options)
+
+
+def keeps_fp8_on_gpu(scan, device: torch.device) -> bool:
+    """Whether the fp8 layers stay on the GPU where they were quantized: where the whole fp8 model takes under half
+    of the free VRAM and ComfyUI manages memory normally, it would load the model there next anyway, and a round
+    trip through host memory would double the transfers of loading. Elsewhere (low VRAM, dynamic VRAM, the CPU) the
+    layers go to the host, as ComfyUI's own loader leaves a model until it is needed."""
+    import comfy.model_management
+
+    if device.type != "cuda" or _dynamic_vram_on():
+        return False
+    states = comfy.model_management.VRAMState
+    if comfy.model_management.vram_state not in (states.NORMAL_VRAM, states.HIGH_VRAM):
+        return False
+    fp8_bytes = sum(layer.weight.numel for layer in scan.layers.values())  # at most one byte per weight
+    return fp8_bytes < 0.5 * comfy.model_management.get_free_memory(device)
+
+
+def _dynamic_vram_on() -> bool:
+    try:
+        import comfy.memory_management
+    except ImportError:  # older ComfyUI: no dynamic VRAM
+        return False
+    return bool(getattr(comfy.memory_management, "aimdo_enabled", False))
 
 
 def comfy_compute_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:

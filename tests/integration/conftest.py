@@ -85,10 +85,29 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             return None, json.loads(error.read() or b"{}")
 
+    def post(self, path: str, body: dict) -> None:
+        """A POST with a JSON body and no answer to read (/free, /interrupt)."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (Linux /proc)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         """Run a prompt to the end; returns its history entry (status, outputs)."""
         prompt_id, error = self.post_prompt(prompt)
         assert prompt_id is not None, f"prompt refused: {error}"
+        return self.wait(prompt_id, timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """The history entry of a queued prompt, once it has finished."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")
