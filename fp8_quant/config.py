@@ -175,7 +175,7 @@ class Fp8Config:
         if self.weight_granularity == AUTO:
             weights = weights.replace("per-channel", "per-tensor or per-channel by layer")
         if self.activation_scheme == "calibrated":
-            acts = "fp8 e4m3, calibrated by layer at the first step (static per-tensor, or per-token)"
+            acts = "calibrated by layer at the first step"
         else:
             acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
         return f"weights {weights}; activations {acts}"

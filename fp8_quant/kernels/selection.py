@@ -73,12 +73,15 @@ def explain_choice(
         if reason is None:
             return chosen, f"{chosen.name} (forced)"
         rejected.append(f"forced {forced_name}: {reason}")
+    passed_over: dict[str, list[str]] = {}  # reason -> kernels it ruled out (one sentence per reason)
     for candidate in KERNELS:
         reason = _verdict(candidate, config, device, forced=False)
         if reason is None:
+            rejected += [f"{', '.join(names)}: {why}" for why, names in passed_over.items()]
             why = "; ".join(rejected) if rejected else "fastest kernel that can run it"
             return candidate, f"{candidate.name} because {why}"
-        rejected.append(f"{candidate.name}: {reason}")
+        passed_over.setdefault(reason, []).append(candidate.name)
+    rejected += [f"{', '.join(names)}: {why}" for why, names in passed_over.items()]
     raise RuntimeError(f"no fp8 kernel can run {config.describe()} on {device}: {'; '.join(rejected)}")
 
 
