@@ -186,6 +186,7 @@ def run_path(load, compile_it: bool, inputs, warmup: int) -> dict:
         with torch.inference_mode():
             return model.apply_model(x, t, c_crossattn=context, transformer_options=options, **extra)
 
+    breaks_before, graphs_before = _dynamo_counts()
     started = time.perf_counter()
     for _ in range(warmup):  # compiles where asked; lets calibrated layers decide their scales
         step()
@@ -193,7 +194,18 @@ def run_path(load, compile_it: bool, inputs, warmup: int) -> dict:
     warm_s = time.perf_counter() - started
     out = step().float()
     ms = bench_ms(step, warmup=1, reps=3, rounds=5)
-    return {"out": out, "ms": ms, "weights_gib": weights / 2**30, "load_s": load_s, "warmup_s": warm_s}
+    row = {"out": out, "ms": ms, "weights_gib": weights / 2**30, "load_s": load_s, "warmup_s": warm_s}
+    if compile_it:
+        breaks, graphs = _dynamo_counts()
+        row.update(graph_breaks=breaks - breaks_before, compiled_graphs=graphs - graphs_before)
+    return row
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """Graph breaks and compiled graphs so far (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
 def main() -> None:

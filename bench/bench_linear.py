@@ -12,6 +12,7 @@ Usage: python bench/bench_linear.py [--quick] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -139,6 +140,12 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
             "scaled_mm_tensor",
             False,
         ),
+        (
+            "ours static per-tensor (learnt scale)",
+            Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor"),
+            None,
+            False,
+        ),
         ("ours dynamic per-token (eager quant)", Fp8Config(), "scaled_mm_rowwise", True),
         ("ours weight-only (dequant)", Fp8Config(activation_scheme="none"), "dequant", False),
     ]
@@ -159,12 +166,14 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         by_shape.setdefault(row["shape"], []).append(row)
     header = (
-        f"{'method':38s} {'ms':>8s} {'TFLOP/s':>8s} {'x bf16':>7s} {'x raw rw':>8s} {'x comfy':>8s} {'rel err':>8s}"
+        f"{'method':38s} {'ms':>8s} {'TFLOP/s':>8s} {'x bf16':>7s} {'x raw rw':>8s} {'x raw pt':>8s} {'x comfy':>8s} "
+        f"{'rel err':>8s}"
     )
     for shape, shape_rows in by_shape.items():
         base = {r["method"]: r for r in shape_rows}
         bf16 = base["bf16 F.linear"]["ms"]
         raw = base["raw _scaled_mm row-wise"]["ms"]
+        raw_tensor = base["raw _scaled_mm per-tensor"]["ms"]
         comfy = base["ComfyUI fp8_e4m3fn_fast"]["ms"]
         m, k, n = shape_rows[0]["mkn"]
         print(f"\n== {shape}  ({m}x{k}x{n})")
@@ -172,7 +181,7 @@ def print_table(rows: list[dict]) -> None:
         for r in shape_rows:
             print(
                 f"{r['method']:38s} {r['ms']:8.3f} {r['tflops']:8.0f} {bf16 / r['ms']:7.2f} {raw / r['ms']:8.2f} "
-                f"{comfy / r['ms']:8.2f} {r['rel_err']:8.4f}"
+                f"{raw_tensor / r['ms']:8.2f} {comfy / r['ms']:8.2f} {r['rel_err']:8.4f}"
             )
 
 
@@ -192,7 +201,8 @@ def main() -> int:
         rows.extend(run_shape(name, m, k, n, args.quick))
     print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(datetime.date.today())}
+        Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return 0
 
 

@@ -14,8 +14,11 @@ Activations, with no host synchronisation on the forward path:
   same pass raises that history to what it saw (values past the range are clamped for that call, and logged), so
   the scale follows for the next call ("delayed scaling", as in Transformer Engine), with no extra kernel.
 - dynamic: a layer with outlier tokens keeps its per-token scales.
-Inside ``torch.compile`` nothing changes phase (that would take host decisions and recompilation): a layer runs the
-path of its phase, and an observing layer runs dynamic per-token.
+Inside ``torch.compile`` a layer runs the path of its phase (the observing statistics are tensor operations, so
+they run in the graph too), but its per-call host bookkeeping cannot: ``CalibrationTally.after_model_call``, called
+once per model call from outside the compiled region (the ComfyUI loader installs it as a model wrapper), does it
+for all such layers at once with one batched copy, so that they change phase together and the graph is
+recompiled once.
 """
 
 from __future__ import annotations
@@ -64,15 +67,48 @@ def choose_weight_group(weight: torch.Tensor, policy: ScalePolicy = DEFAULT_POLI
 
 @dataclass
 class CalibrationTally:
-    """What the layers of one model decided, logged once all of them have."""
+    """The learnt scales of one model's layers: what they decided (logged once all have), and the model-level
+    bookkeeping for layers that run inside a compiled graph."""
 
     started: int = 0
     decisions: list[str] = field(default_factory=list)
+    states: list[RuntimeActivationScale] = field(default_factory=list)
+    model_calls: int = 0
+    _pending: tuple[object, torch.Tensor, list[RuntimeActivationScale]] | None = None
 
     def record(self, reason: str) -> None:
         self.decisions.append(reason)
         if len(self.decisions) == self.started:
             logger.info("fp8 activation scales after calibration: %s", count_labels(self.decisions))
+
+    def after_model_call(self) -> None:
+        """Once per model call, outside ``torch.compile``: layers still observing that never ran eagerly (their
+        calls counted 0) decide together, from one non-blocking copy of all their statistics."""
+        self.model_calls += 1
+        if self._pending is None:
+            waiting = [state for state in self.states if state.phase == OBSERVING and state.calls == 0]
+            if not waiting or self.model_calls < waiting[0].policy.calls or waiting[0].history is None:
+                return
+            values = torch.cat([torch.cat([s.history, s.spread, s.overshoot]) for s in waiting])
+            self._pending = (*_copy_to_host(values), waiting)
+            return
+        event, host, waiting = self._pending
+        if event is not None and not event.query():
+            return
+        self._pending = None
+        for state, (amax, spread, overshoot) in zip(waiting, host.view(-1, 3).tolist()):
+            state.decide(amax, spread, overshoot)
+
+
+def _copy_to_host(values: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """A copy of ``values`` on the host that does not make the host wait: (event to poll, host tensor)."""
+    if values.device.type != "cuda":
+        return None, values.detach().clone()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return event, host
 
 
 class RuntimeActivationScale:
@@ -95,6 +131,7 @@ class RuntimeActivationScale:
         self._pending: tuple[object, torch.Tensor] | None = None
         self._warned = False
         tally.started += 1
+        tally.states.append(self)
 
     def buffers_on(self, device: torch.device) -> None:
         if self.history is None or self.history.device != device:
@@ -131,7 +168,7 @@ class RuntimeActivationScale:
         if self.phase == OBSERVING and self.calls >= self.policy.calls:
             values = self._poll()
             if values is not None:
-                self._decide(*values)
+                self.decide(*values)
         elif self.phase == STATIC and self.calls % self.policy.check_every == 0 and not self._warned:
             values = self._poll()
             if values is not None:
@@ -141,13 +178,9 @@ class RuntimeActivationScale:
         """(amax, spread, overshoot) from the device without waiting for it: the copy is requested once, read once
         it is done."""
         if self._pending is None:
-            values = torch.cat([self.history, self.spread, self.overshoot])
-            if values.device.type != "cuda":
-                return tuple(values.tolist())
-            host = torch.empty(3, dtype=torch.float32, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            event, host = _copy_to_host(torch.cat([self.history, self.spread, self.overshoot]))
+            if event is None:
+                return tuple(host.tolist())
             self._pending = (event, host)
             return None
         event, host = self._pending
@@ -156,7 +189,7 @@ class RuntimeActivationScale:
         self._pending = None
         return tuple(host.tolist())
 
-    def _decide(self, amax: float, spread: float, _overshoot: float) -> None:
+    def decide(self, amax: float, spread: float, _overshoot: float) -> None:
         if self.may_stay_dynamic and spread > self.policy.max_spread:
             self.phase, self.reason = DYNAMIC, "dynamic per-token (outlier tokens)"
         else:

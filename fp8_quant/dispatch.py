@@ -120,6 +120,10 @@ class Fp8Recipe:
             reason = STATIC_WITHOUT_INPUT_SCALE
         return LayerDecision(name, self._method(self.stored, online=False), reason)
 
+    def methods(self) -> list[Fp8LinearMethod]:
+        """The methods this recipe has handed out so far (one per scheme)."""
+        return list(self._methods.values())
+
     def _method(self, config: Fp8Config, online: bool) -> Fp8LinearMethod:
         """One method object per scheme, shared by the layers that use it."""
         method = self._methods.get((config, online))

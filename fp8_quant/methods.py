@@ -129,9 +129,11 @@ class Fp8LinearMethod:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.kernel_for(layer, device)
-        if self.config.learns_activation_scales:
-            self.kernel_for(layer, device, self._dynamic_key)
+        if self.config.learns_activation_scales and layer.input_scale is None:
+            dynamic = self.kernel_for(layer, device, self._dynamic_key)
             self.kernel_for(layer, device, kFp8StaticTensorSym)
+            if dynamic.input_quant is not None:  # its statistics live on the device, made before any compile
+                self._activation_scale(layer).buffers_on(device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
@@ -146,6 +148,14 @@ class Fp8LinearMethod:
         if dynamic.input_quant is None:  # activations stay in high precision: no scale to learn
             return dynamic.apply(params, x, bias)
         return self._apply_learnt_scale(layer, dynamic, params, x, bias)
+
+    def _activation_scale(self, layer: nn.Module) -> RuntimeActivationScale:
+        state = layer.__dict__.get("fp8_activation_scale")
+        if state is None:
+            may_stay_dynamic = self.config.activation_scheme == "calibrated"
+            state = RuntimeActivationScale(DEFAULT_POLICY, may_stay_dynamic, self.calibration, _layer_name(layer))
+            layer.fp8_activation_scale = state
+        return state
 
     @property
     def _dynamic_key(self) -> QuantKey:
@@ -163,19 +173,18 @@ class Fp8LinearMethod:
         """A layer whose activation scale is learnt while it runs (``auto_scales``): observe, then static or not."""
         compiling = torch.compiler.is_compiling()
         state = layer.__dict__.get("fp8_activation_scale")
-        if state is None:
-            if compiling:  # no new state inside a compiled graph: the layer runs dynamic there
+        if state is None or (compiling and state.history is None):
+            if compiling:  # no new state inside a compiled graph (prepare_kernels makes it): dynamic there
                 return dynamic.apply(params, x, bias)
-            may_stay_dynamic = self.config.activation_scheme == "calibrated"
-            state = RuntimeActivationScale(DEFAULT_POLICY, may_stay_dynamic, self.calibration, _layer_name(layer))
-            layer.fp8_activation_scale = state
+            state = self._activation_scale(layer)
         if state.phase == STATIC:
             static = params._replace(activation_quantizer=state.quantize_static)
             out = self.kernel_for(layer, x.device, kFp8StaticTensorSym).apply(static, x, bias)
-        elif state.phase == DYNAMIC or compiling:
+        elif state.phase == DYNAMIC:
             out = dynamic.apply(params, x, bias)
         else:
-            state.buffers_on(x.device)
+            if not compiling:
+                state.buffers_on(x.device)
             observing = params._replace(activation_quantizer=state.observing_quantizer(dynamic.input_quant))
             out = dynamic.apply(observing, x, bias)
         if not compiling:

@@ -79,6 +79,7 @@ class LoadFP8DiT:
         if model is None:
             raise RuntimeError(f"{NODE_TITLE}: ComfyUI could not detect the model type of {path}")
         summary = f"{unet_name} ({scan.dialect}): {_kernel_summary(model, plan, device)}"
+        add_calibration_hook(model, plan)
         logger.info(summary)
         return {"ui": {"text": [summary]}, "result": (model,)}
 
@@ -157,6 +158,28 @@ def comfy_compute_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
         model_params=parameters, supported_dtypes=supported, weight_dtype=file_dtype
     )
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+CALIBRATION_WRAPPER_KEY = "fp8_quant.calibration"
+
+
+def add_calibration_hook(patcher, plan: LoadPlan) -> None:
+    """Once per ``apply_model`` call, outside any ``torch.compile`` region (ComfyUI runs model wrappers around the
+    compiled module), the learnt activation scales of layers that run compiled get their host bookkeeping
+    (``CalibrationTally.after_model_call``). Eager layers do theirs per call and need none of this."""
+    tallies = {id(method.calibration): method.calibration for method in plan.recipe.methods()}
+    if not tallies or not hasattr(patcher, "add_wrapper_with_key"):
+        return
+    import comfy.patcher_extension
+
+    def calibration_wrapper(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        for tally in tallies.values():
+            tally.after_model_call()
+        return out
+
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    patcher.add_wrapper_with_key(apply_model, CALIBRATION_WRAPPER_KEY, calibration_wrapper)
 
 
 def _kernel_summary(model, plan: LoadPlan, device: torch.device) -> str:

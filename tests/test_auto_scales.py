@@ -145,11 +145,19 @@ def test_torch_compile_runs_learnt_scales(scheme):
     assert rel_err(compiled(x), reference(x)) < 0.05
 
 
-def test_first_call_compiled_in_one_graph():
-    """Kernels chosen at load (prepare_kernels): a model compiled before it ever ran traces with no graph break."""
+def test_first_call_compiled_in_one_graph_and_calibrated_by_the_model_hook():
+    """Kernels and statistics made at load (prepare_kernels): a model compiled before it ever ran traces with no graph
+    break, observes inside the graph, and the model-level hook (run outside the graph once per model call) decides
+    the layers together; the graph then recompiles once onto the static path."""
     reference, layer, method = calibrated_layer()
     method.prepare_kernels(layer, "cpu")
     x = quiet_tokens(8, 256, seed=9)
     compiled = torch.compile(lambda inp: method.apply(layer, inp, layer.bias), backend="eager", fullgraph=True)
-    assert rel_err(compiled(x), reference(x)) < 0.05
-    assert "fp8_activation_scale" not in layer.__dict__  # nothing learnt inside the graph
+    state = layer.fp8_activation_scale
+    for _ in range(ScalePolicy().calls + 1):
+        out = compiled(x)
+        method.calibration.after_model_call()
+    assert state.calls == 0 and state.phase == STATIC  # decided by the hook, not by per-call bookkeeping
+    torch.testing.assert_close(state.history.reshape(()), x.abs().max())
+    assert rel_err(out, reference(x)) < 0.05
+    assert rel_err(compiled(x), reference(x)) < 0.05  # the static path, recompiled

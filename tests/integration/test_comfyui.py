@@ -59,9 +59,12 @@ def test_pack_registers_its_nodes_without_errors(comfyui):
     assert info["QuantizeTextEncoderFP8"]["display_name"] == "Quantize Text Encoder (FP8)"
     assert list(info["LoadFP8DiT"]["input"]["required"]) == ["unet_name"]
     assert list(info["QuantizeTextEncoderFP8"]["input"]["required"]) == ["clip"]
-    log = comfyui.log_text()
-    assert "IMPORT FAILED" not in log, log[-4000:]
-    assert "Cannot import" not in log, log[-4000:]
+    # ComfyUI's own optional nodes may fail to import where their extras are missing; ours and the test nodes may not.
+    ours = ("comfyui-fp8-quant", "fp8_test_nodes")
+    failures = [
+        line for line in comfyui.log_text().splitlines() if ("IMPORT FAILED" in line or "Cannot import" in line)
+    ]
+    assert not [line for line in failures if any(name in line for name in ours)], failures
 
 
 def test_load_fp8_dit_samples_close_to_bf16_and_beats_stock_fp8(comfyui, tiny_wan):
