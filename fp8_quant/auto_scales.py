@@ -56,9 +56,10 @@ class ScalePolicy:
 DEFAULT_POLICY = ScalePolicy()
 
 
-def choose_weight_group(weight: torch.Tensor, policy: ScalePolicy = DEFAULT_POLICY) -> tuple[GroupShape, str]:
-    """Per tensor where the weight's rows share a range (the faster GEMM, the same precision), else per channel."""
-    rows = weight.detach().abs().amax(dim=1).float().clamp(min=AMAX_FLOOR)
+def choose_weight_group(row_amax: torch.Tensor, policy: ScalePolicy = DEFAULT_POLICY) -> tuple[GroupShape, str]:
+    """Per tensor where the weight's rows (``row_amax``: each row's largest magnitude) share a range (the faster
+    GEMM, the same precision), else per channel."""
+    rows = row_amax.float().clamp(min=AMAX_FLOOR)
     spread = (rows.max() / rows.min()).item()
     if spread <= policy.max_spread:
         return PER_TENSOR, f"weight rows within {spread:.0f}x"

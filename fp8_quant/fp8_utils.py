@@ -107,7 +107,7 @@ def quantize_weight(
     scale = torch.empty(weight_scale_shape(group, out_features, in_features), dtype=torch.float32, device=weight.device)
     out = torch.empty(weight.shape, dtype=fp8_dtype, device=weight.device)
     if group.is_per_tensor():
-        scale.copy_(scale_from_amax(weight.abs().amax(), fp8_dtype))
+        scale.copy_(scale_from_amax(weight_row_amax(weight).amax(), fp8_dtype))
     block_rows = group.col if group.is_block() else 1  # weight rows per scale row
     for start, stop in _row_chunks(weight, block_rows):
         rows = weight[start:stop].float()
@@ -122,6 +122,12 @@ def quantize_weight(
             row_scale = expand_block_scale(blocks, rows.shape, group)
         out[start:stop] = cast_to_fp8(rows / row_scale, fp8_dtype)
     return out, scale
+
+
+def weight_row_amax(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude, without a weight-sized temporary (``weight.abs()`` would double a layer's memory
+    on the GPU while loading). NaN and inf propagate, so the result also says whether the weight is finite."""
+    return torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).float()
 
 
 def _block_amax(rows: torch.Tensor, group: GroupShape) -> torch.Tensor:

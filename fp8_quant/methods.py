@@ -16,7 +16,7 @@ from torch import nn
 
 from .auto_scales import DEFAULT_POLICY, DYNAMIC, STATIC, CalibrationTally, RuntimeActivationScale, choose_weight_group
 from .config import AUTO, Fp8Config
-from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight
+from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight, weight_row_amax
 from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, select_kernel
 from .params import Fp8LinearParams
 from .scheme import (
@@ -222,11 +222,12 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         source = weight.detach()
         if quantize_device is not None:
             source = source.to(quantize_device)
-        if not bool(torch.isfinite(source).all()):
+        row_amax = weight_row_amax(source)  # NaN and inf propagate: one small tensor says if the weight is finite
+        if not bool(torch.isfinite(row_amax).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
         group = self.config.weight_group
         if self.config.weight_granularity == AUTO:
-            group, _ = choose_weight_group(source)
+            group, _ = choose_weight_group(row_amax)
         fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group)
         self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
         layer.fp8_name = what

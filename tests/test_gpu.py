@@ -142,3 +142,11 @@ def test_calibrated_model_on_cuda_learns_without_host_sync_and_compiles():
         assert rel_err(out.float(), reference) < 0.08  # two fp8 layers in fp16; a lost scale would be far off
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(x).float(), out.float(), rtol=0.02, atol=0.02)
+
+
+def test_nan_weight_is_refused_when_quantized_on_the_gpu():
+    layer = random_linear(256, 128, seed=51)
+    with torch.no_grad():
+        layer.weight[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="lin: weight holds NaN"):
+        Fp8OnlineLinearMethod(Fp8Config()).process_weights_after_loading(layer, "lin", quantize_device="cuda")

@@ -55,16 +55,20 @@ def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tens
         "umt5": lambda: comfy.text_encoders.wan.WanT5Model(model_options={option: config}),
         "clip_l": lambda: SD1ClipModel(model_options={option: config}),
     }
-    import comfy.memory_management
-
+    try:
+        import comfy.memory_management as memory_management
+    except ImportError:  # an older ComfyUI: no dynamic VRAM
+        memory_management = None
     # With ComfyUI's dynamic VRAM on, its layers leave their weights unset until a state dict brings them: build
     # the template the classic way to read the keys and shapes.
-    dynamic = comfy.memory_management.aimdo_enabled
-    comfy.memory_management.aimdo_enabled = False
+    dynamic = getattr(memory_management, "aimdo_enabled", False)
+    if memory_management is not None:
+        memory_management.aimdo_enabled = False
     try:
         model = builders[family]()
     finally:
-        comfy.memory_management.aimdo_enabled = dynamic
+        if memory_management is not None:
+            memory_management.aimdo_enabled = dynamic
     transformer = getattr(model, model.clip).transformer
     generator = torch.Generator().manual_seed(seed)
     state = {}
