@@ -35,10 +35,14 @@ def flux_model(operations, **sizes) -> torch.nn.Module:
     """A Flux.1-dev DiT (heads of 128, Flux's rotary split) with guidance and pooled-vector inputs: 2 heads, 2 double
     and 2 single blocks unless ``sizes`` (hidden_size, num_heads, depth, depth_single_blocks, dtype, device) say
     otherwise."""
-    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.flux.model import Flux, FluxParams
 
     options = {"hidden_size": 256, "num_heads": 2, "depth": 2, "depth_single_blocks": 2}
     options.update({"dtype": torch.float32, "device": "cpu", **sizes})
+    if "txt_ids_dims" not in getattr(FluxParams, "__dataclass_fields__", {"txt_ids_dims": None}):
+        extra = {}  # older ComfyUI's Flux has no such parameter
+    else:
+        extra = {"txt_ids_dims": []}
     return Flux(
         image_model="flux",
         in_channels=16,
@@ -51,8 +55,8 @@ def flux_model(operations, **sizes) -> torch.nn.Module:
         patch_size=2,
         qkv_bias=True,
         guidance_embed=True,
-        txt_ids_dims=[],
         operations=operations,
+        **extra,
         **options,
     )
 

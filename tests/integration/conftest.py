@@ -46,6 +46,16 @@ def skip_unless_required(reason: str) -> None:
     pytest.skip(reason)
 
 
+def comfyui_has(relative_path: str) -> bool:
+    """Whether the ComfyUI under test has a file (features of newer versions, e.g. ``comfy/quant_ops.py``)."""
+    return bool(COMFYUI_DIR) and (Path(COMFYUI_DIR) / relative_path).exists()
+
+
+# ComfyUI 0.16 and later read .comfy_quant files (QuantizedTensor); older versions load them with their scales
+# ignored, as the README says.
+HAS_COMFY_QUANT = comfyui_has("comfy/quant_ops.py")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -129,12 +130,12 @@ def tiny_text_encoder(family: str, seed: int = 0, storage: str = "bf16"):
         from comfy.supported_models_base import ClipTarget
 
         target = ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, comfy.text_encoders.wan.te())
-        return comfy.sd.CLIP(
-            target,
-            tokenizer_data={"spiece_model": tiny_spiece_model()},
-            state_dict=[state],
-            model_options=model_options,
-        )
+        tokenizer_data = {"spiece_model": tiny_spiece_model()}
+        if "state_dict" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+            return comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, state_dict=[state], model_options=model_options)
+        clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, model_options=model_options)  # older ComfyUI
+        clip.load_sd(state)
+        return clip
     return comfy.sd.load_text_encoder_state_dicts(
         [state], clip_type=getattr(comfy.sd.CLIPType, clip_type_name), model_options=model_options
     )

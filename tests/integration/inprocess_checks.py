@@ -131,7 +131,8 @@ def check_lowvram(model_path: str) -> dict:
     for patched in (False, True):
         for mode in ("full", "lowvram"):
             patcher = build()
-            if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or patcher.is_dynamic():
+            dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+            if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or dynamic:
                 raise SystemExit(f"expected a classic ModelPatcher, got {type(patcher).__name__}")
             if patched:
                 patcher.add_patches(diff_patches(patcher.model.diffusion_model, "diffusion_model.", targets, 0.5, 7))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMFYUI_DIR, COMFYUI_PYTHON, REPO, SKIP_REASON, write_fixture
+from conftest import COMFYUI_DIR, COMFYUI_PYTHON, HAS_COMFY_QUANT, REPO, SKIP_REASON, write_fixture
 from prompts import FLUX_INPUTS, our_loader, sampling_prompt, stock_loader
 from safetensors.torch import load_file, save_file
 
@@ -94,7 +94,7 @@ def test_every_layer_skipped_reproduces_the_stock_model(comfyui, tiny_wan):
 def test_same_fp8_file_as_accurate_as_the_stock_loader(comfyui, tiny_wan):
     """On identical fp8 weights (our comfy-quant file) Load FP8 DiT matches the newest stock loader; quantizing the
     bf16 file itself (per-layer scales) does better than the stock loader on the converted file."""
-    quant_file = tiny_wan.replace("_bf16", "_fp8_quant")
+    quant_file = tiny_wan.replace("_bf16", "_fp8_quant" if HAS_COMFY_QUANT else "_fp8_scaled")
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_same")
     errors = {
         "stock_on_file": rel_err(sample(comfyui, stock_loader(quant_file), "stock_same_file"), reference),
@@ -119,6 +119,9 @@ def test_load_fp8_dit_flux_samples_close_to_bf16_and_beats_stock_fp8(comfyui, ti
     pooled vector), on the fly and from a file our writer made, against the stock loader in bf16 and
     fp8_e4m3fn. A 2+2-block model at 24 tokens amplifies rounding more than the Wan one (errors 0.05-0.1)."""
     scaled = tiny_flux.replace("_bf16", "_fp8_scaled")
+    entry = comfyui.run(sampling_prompt(stock_loader(tiny_flux), "flux_bf16", **FLUX_INPUTS))
+    if "size mismatch" in json.dumps(entry["status"]):
+        pytest.skip("this ComfyUI detects Flux at its full width only: the tiny Flux does not load in it")
     reference = sample(comfyui, stock_loader(tiny_flux), "flux_bf16", **FLUX_INPUTS)
     runs = {
         "ours": our_loader(tiny_flux),
@@ -145,7 +148,16 @@ def test_converted_files_load_in_our_loader(comfyui, tiny_wan, file):
     assert rel_err(sample(comfyui, our_loader(file), f"ours_{file}"), reference) < 0.15
 
 
-@pytest.mark.parametrize("file", ["tiny_wan_fp8_scaled.safetensors", "tiny_wan_fp8_quant.safetensors"])
+@pytest.mark.parametrize(
+    "file",
+    [
+        "tiny_wan_fp8_scaled.safetensors",
+        pytest.param(
+            "tiny_wan_fp8_quant.safetensors",
+            marks=pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files"),
+        ),
+    ],
+)
 def test_our_converted_files_load_in_stock_unet_loader(comfyui, tiny_wan, file):
     """comfy-scaled (scale_weight + scaled_fp8) and comfy-quant (.comfy_quant) files from our writer, through
     ComfyUI's own UNETLoader."""
@@ -246,6 +258,7 @@ def test_quantize_text_encoder_leaves_input_clip_alone(family):
     assert result.get("pooled_rel_err", 0.0) < bound, result
 
 
+@pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files")
 def test_text_encoder_comfyui_already_quantized_comes_back_unchanged():
     """A .comfy_quant text encoder, loaded by ComfyUI's own mixed-precision ops: not an error, nothing to do."""
     result = run_inprocess("text_encoder", "t5", "comfy_quant")
