@@ -208,6 +208,23 @@ def _dynamo_counts() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
+def bench_model(preset: str) -> tuple[Path, str, object]:
+    """ComfyUI set up, the preset's random bf16 model written to a new models folder: (folder, file name, the pack's
+    Load FP8 DiT node)."""
+    setup_comfy()
+    import folder_paths
+
+    pack = import_pack(REPO)
+    family, sizes, _ = PRESETS[preset]
+    folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
+    name = f"{preset}_bf16.safetensors"
+    started = time.perf_counter()
+    write_model(folder / name, family, sizes)
+    print(f"model {preset} ({family} {sizes}) written in {time.perf_counter() - started:.1f}s")
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    return folder, name, pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=list(PRESETS), default="wan14b-4layers")
@@ -216,25 +233,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    setup_comfy()
+    folder, name, loader = bench_model(args.preset)
     import comfy.model_management
-    import folder_paths
     import torch
 
     from fp8_quant.formats import convert_checkpoint
 
-    pack = import_pack(REPO)
     family, sizes, latent = PRESETS[args.preset]
-    folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
-    name = f"{args.preset}_bf16.safetensors"
-    started = time.perf_counter()
-    write_model(folder / name, family, sizes)
     for output_format in ("comfy-quant", "comfy-scaled"):
         target = folder / name.replace("_bf16", "_" + output_format.replace("-", "_"))
         convert_checkpoint(folder / name, target, output_format, device="cuda")
-    print(f"model {args.preset} ({family} {sizes}); files written in {time.perf_counter() - started:.1f}s")
-    folder_paths.add_model_folder_path("diffusion_models", str(folder))
-    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
     device = comfy.model_management.get_torch_device()
     inputs = inputs_for(family, latent, device)
     meta = {"preset": args.preset, "family": family, "sizes": sizes, "latent": list(latent), **versions()}

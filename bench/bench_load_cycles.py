@@ -18,7 +18,6 @@ import gc
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +26,7 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from bench_comfy_dit import PRESETS, inputs_for, versions, write_model  # noqa: E402
-from comfy_runtime import import_pack, setup_comfy  # noqa: E402
+from bench_comfy_dit import PRESETS, bench_model, inputs_for, versions  # noqa: E402
 
 OPTION_CYCLE = (
     ("auto", {}, False),
@@ -45,19 +43,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    setup_comfy()
+    folder, name, loader = bench_model(args.preset)
     import comfy.model_management
     import comfy.sd
-    import folder_paths
     import torch
 
-    pack = import_pack(REPO)
-    family, sizes, latent = PRESETS[args.preset]
-    folder = Path(tempfile.mkdtemp(prefix="fp8_load_"))
-    name = f"{args.preset}_bf16.safetensors"
-    write_model(folder / name, family, sizes)
-    folder_paths.add_model_folder_path("diffusion_models", str(folder))
-    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+    family, _, latent = PRESETS[args.preset]
     device = comfy.model_management.get_torch_device()
     x, t, context, extra = inputs_for(family, latent, device)
 

@@ -30,6 +30,7 @@ from .scheme import (
 
 logger = logging.getLogger(__name__)
 Dtype = torch.dtype | None
+Device = torch.device | str | None
 
 
 class Fp8LinearMethod:
@@ -51,11 +52,7 @@ class Fp8LinearMethod:
         layer.input_scale = _parameter(torch.ones((), dtype=torch.float32, device=device)) if static else None
 
     def process_weights_after_loading(
-        self,
-        layer: nn.Module,
-        name: str = "",
-        quantize_device: torch.device | str | None = None,
-        result_device: torch.device | str | None = None,
+        self, layer: nn.Module, name: str = "", quantize_device: Device = None, result_device: Device = None
     ) -> None:
         """Validate what was loaded and normalise it: contiguous [N, K] fp8, float32 scales of the layer's group.
 
@@ -205,11 +202,7 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         layer.input_scale = None
 
     def process_weights_after_loading(
-        self,
-        layer: nn.Module,
-        name: str = "",
-        quantize_device: torch.device | str | None = None,
-        result_device: torch.device | str | None = None,
+        self, layer: nn.Module, name: str = "", quantize_device: Device = None, result_device: Device = None
     ) -> None:
         """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it; the
         fp8 weight goes to ``result_device`` (default: where the weight came from). A loader that will put the model
