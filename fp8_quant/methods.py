@@ -17,11 +17,12 @@ from torch import nn
 from .auto_scales import DEFAULT_POLICY, DYNAMIC, STATIC, CalibrationTally, RuntimeActivationScale, choose_weight_group
 from .config import AUTO, Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight
-from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, select_kernel
+from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, block_groups_at_speed, select_kernel
 from .params import Fp8LinearParams
 from .scheme import (
     QuantKey,
     activation_key,
+    expected_scale_shapes,
     kFp8StaticTensorSym,
     weight_group_of_scale,
     weight_key,
@@ -189,7 +190,10 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
     def process_weights_after_loading(
         self, layer: nn.Module, name: str = "", quantize_device: torch.device | str | None = None
     ) -> None:
-        """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it."""
+        """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it.
+
+        ``auto`` granularity asks the device the layer will run on (``quantize_device``, else the weight's own, as the
+        nodes pass them) whether groups of 128 inputs run at full speed there."""
         what = name or type(layer).__name__
         weight = _checked_weight(layer, what)
         if not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
@@ -200,10 +204,12 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             source = source.to(quantize_device)
         if not bool(torch.isfinite(source).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
-        group = self.config.weight_group
+        group, fit = self.config.weight_group, False
         if self.config.weight_granularity == AUTO:
-            group, _ = choose_weight_group(source)
-        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group)
+            choice = choose_weight_group(source, groups_at_speed=block_groups_at_speed(source.device))
+            group, fit = choice.group, choice.fit
+            logger.debug("%s: %s", what, choice.reason)
+        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group, fit=fit)
         self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
         layer.fp8_name = what
 
@@ -234,7 +240,7 @@ def normalize_weight_scale(weight_scale: torch.Tensor | None, weight_shape: tupl
     if group is None:
         raise ValueError(
             f"{what}: weight_scale of shape {tuple(scale.shape)} fits no granularity for weight "
-            f"{list(weight_shape)} (expected [], [1], [{out_features}] or [{out_features}, 1])"
+            f"{list(weight_shape)} (expected {expected_scale_shapes(out_features, in_features)})"
         )
     scale = scale.reshape(weight_scale_shape(group, out_features, in_features))
     check_scale(scale, f"{what}.weight_scale")

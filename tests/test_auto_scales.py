@@ -41,8 +41,8 @@ def test_weight_group_follows_the_rows_spread():
     even = torch.randn(64, 32)
     assert choose_weight_group(even)[0] == PER_TENSOR
     uneven = even * torch.logspace(-3, 0, 64)[:, None]
-    group, reason = choose_weight_group(uneven)
-    assert group == PER_CHANNEL and "apart" in reason
+    group, reason, fit = choose_weight_group(uneven)
+    assert group == PER_CHANNEL and "apart" in reason and not fit
     dead_row = even.clone()
     dead_row[5] = 0
     assert choose_weight_group(dead_row)[0] == PER_CHANNEL

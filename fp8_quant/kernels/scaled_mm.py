@@ -35,6 +35,8 @@ def _layer_support(config: FP8ScaledMMLinearLayerConfig) -> str | None:
         return "e5m2 x e5m2 is not supported by _scaled_mm"
     if not (weight_key.per_tensor or weight_key.group_shape.is_per_channel()):
         return f"{weight_key.group_shape.describe()} weight scales need a block-scaled kernel"
+    if config.activation_quant_key.group_shape.is_per_group():
+        return "1x128 activation groups need the block-scaled kernel"
     if config.in_features % 16 or config.out_features % 16:
         return f"_scaled_mm needs in/out features divisible by 16, layer is {config.out_features}x{config.in_features}"
     return None
