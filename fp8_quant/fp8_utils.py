@@ -188,6 +188,12 @@ def _expand_rows(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group
     return scale[:, None] if group.is_per_channel() else expand_block_scale(scale, shape, group)
 
 
+def broadcast_weight_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group: GroupShape) -> torch.Tensor:
+    """A stored weight scale of ``group`` made to broadcast against the weight ``[N, K]`` (``[]``, ``[N, 1]`` or
+    the blocks repeated), for code that multiplies or divides a whole weight by its scale."""
+    return scale if group.is_per_tensor() else _expand_rows(scale, shape, group)
+
+
 def expand_block_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group: GroupShape) -> torch.Tensor:
     """A block scale ``[ceil(N/bn), ceil(K/bk)]`` repeated to the weight's ``[N, K]`` (for dequantization)."""
     n, k = shape
