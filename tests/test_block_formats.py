@@ -190,3 +190,24 @@ def test_inspect_shows_block_shapes_and_scale_health(tmp_path):
     assert report["mxfp8_zero_groups"] == 128 and report["scale_nonpositive"] == 0 and not report["warnings"]
     assert 0 < report["scale_min"] <= report["scale_max"] < 1
     assert "mxfp8 all-zero groups 128" in format_inspection(report)
+
+
+def test_mxfp8_layer_runs_dequantized_and_says_why(tmp_path):
+    from fp8_quant import Fp8Recipe, UserOptions
+    from fp8_quant.kernels import ChannelWiseScaledMMKernel, explain_choice
+
+    checkpoint = load_checkpoint(write_mxfp8(tmp_path / "mx.safetensors", source_weights()))
+    recipe = Fp8Recipe.for_checkpoint(checkpoint.config, UserOptions())
+    layer = torch.nn.Linear(64, 128)
+    layer.weight = torch.nn.Parameter(checkpoint.state_dict["blocks.0.ffn.0.weight"], requires_grad=False)
+    layer.weight_scale = checkpoint.state_dict["blocks.0.ffn.0.weight_scale"]
+    layer.input_scale = None
+    method = recipe.decide("blocks.0.ffn.0", layer.weight).method
+    method.process_weights_after_loading(layer, "blocks.0.ffn.0")
+    assert layer.fp8_layer_config.weight_quant_key.group_shape == MX_BLOCK
+    ok, reason = ChannelWiseScaledMMKernel.can_implement(layer.fp8_layer_config)
+    assert not ok and "mxfp8" in reason and "capability 10.0+" in reason
+    assert explain_choice(layer.fp8_layer_config, "cpu")[0].name == "dequant"
+    x = torch.randn(5, 64)
+    expected = x @ source_weights()["blocks.0.ffn.0.weight"].t() + layer.bias
+    assert rel_err(method.apply(layer, x, layer.bias), expected) < 0.04
