@@ -11,6 +11,7 @@ import time
 from . import demo
 from .config import parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
+from .formats.calibration import read_input_scales
 from .formats.inspect import format_inspection, inspect_checkpoint
 from .scheme import PER_CHANNEL, PER_TENSOR
 
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     convert_parser.add_argument("--skip", action="append", default=[], help="extra layer pattern to keep (repeat)")
     convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
     convert_parser.add_argument("--device", default="cpu", help="where to quantize each tensor (cuda is faster)")
+    convert_parser.add_argument(
+        "--calibrated",
+        metavar="FILE",
+        default=None,
+        help="write calibrated input scales taken from FILE: an fp8 checkpoint with input scales (e.g. one saved by "
+        "Save FP8 Model after a sampling step) or a JSON {layer: scale}",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -92,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             default_skips=not args.no_default_skips,
             device=args.device,
             progress=ProgressBar("convert"),
+            input_scales=read_input_scales(args.calibrated) if args.calibrated else None,
         )
         print(f"{args.output}: {args.format}; {report.summary()}")
     return 0

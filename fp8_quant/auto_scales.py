@@ -158,6 +158,13 @@ class RuntimeActivationScale:
             self.history, self.spare = history, self.history
         return x_fp8, scale
 
+    def static_input_scale(self) -> torch.Tensor | None:
+        """The static scale this layer's activations call for (``margin * amax / 448`` over every call seen, whatever
+        phase it chose), for a file's ``input_scale``; ``None`` before its first call."""
+        if self.history is None or not bool(self.history.max() > 0):
+            return None
+        return (self.history.detach().float().max() * (self.policy.margin / _E4M3_MAX)).cpu().reshape(())
+
     def after_call(self) -> None:
         """Host bookkeeping after a call (never inside ``torch.compile``): decide, or check for clamping."""
         self.calls += 1

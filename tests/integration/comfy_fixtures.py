@@ -1,8 +1,11 @@
 """Run under ComfyUI's Python (COMFYUI_PYTHON) with COMFYUI_DIR on sys.path: writes tiny random models.
 
 Usage: python comfy_fixtures.py wan|wan_outliers|flux OUT.safetensors
+       python comfy_fixtures.py comfy-quantize FORMAT SOURCE.safetensors OUT.safetensors
 DiTs of width 256 built with ComfyUI's own classes, so ComfyUI detects them from their keys and shapes.
-``wan_outliers`` is the Wan model with a few large input columns in its block linears.
+``wan_outliers`` is the Wan model with a few large input columns in its block linears. ``comfy-quantize`` writes a
+file the way ComfyUI itself saves quantized layers (its quantizer, its state dict, ``.comfy_quant``), for the
+block linears of SOURCE, in one of ComfyUI's formats (mxfp8, nvfp4, int8_tensorwise, float8_e4m3fn).
 """
 
 from __future__ import annotations
@@ -104,5 +107,30 @@ def randomize_dit(
                     param[:, torch.randperm(param.shape[1])[:outlier_columns]] *= outlier_factor
 
 
+def write_comfy_quantized(fmt: str, source: str, path: str) -> None:
+    """The block linears of ``source`` quantized by ComfyUI's own code into ``fmt``, saved as its checkpoint
+    savers do (``QuantizedTensor.state_dict`` and a ``.comfy_quant`` JSON per layer); the rest as it is."""
+    setup_comfy()
+    import json
+
+    from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        layer = key.removesuffix(".weight")
+        if key.endswith(".weight") and value.dim() == 2 and ".blocks." in key:
+            quantized = QuantizedTensor.from_float(value.float(), QUANT_ALGOS[fmt]["comfy_tensor_layout"])
+            out.update(quantized.state_dict(key))
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+        else:
+            out[key] = value
+    save_file({key: value.contiguous() for key, value in out.items()}, path)
+
+
 if __name__ == "__main__":
-    write_tiny_dit(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "comfy-quantize":
+        write_comfy_quantized(*sys.argv[2:5])
+    else:
+        write_tiny_dit(sys.argv[1], sys.argv[2])
