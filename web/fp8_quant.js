@@ -2,7 +2,7 @@
 // after it runs, instead of only in the server log.
 import { app } from "../../scripts/app.js";
 
-const FP8_NODES = new Set(["LoadFP8DiT", "QuantizeTextEncoderFP8"]);
+const FP8_NODES = new Set(["LoadFP8DiT", "QuantizeTextEncoderFP8", "SaveFP8Model"]);
 const WIDGET_NAME = "fp8_summary";
 
 app.registerExtension({
