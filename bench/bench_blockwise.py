@@ -12,8 +12,6 @@ Usage: python bench/bench_blockwise.py [--quick] [--json PATH]
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_linear import SHAPES, bench_ms, make_input, our_layer, rel_err
+from bench_linear import make_input, our_layer, recorder, rows_by_shape, run_benchmark
 
 from fp8_quant import Fp8Config
 from fp8_quant.fp8_utils import quantize_input_groups, quantize_weight
@@ -59,22 +57,8 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
     weight = outlier_column_weight(n, k)
     x = make_input(m, k, seed=1)
     reference = x.float() @ weight.float().t()
-    flops = 2.0 * m * k * n
-    reps = 20 if quick else 50
     rows: list[dict] = []
-
-    def record(label: str, fn) -> None:
-        ms = bench_ms(fn, reps=reps)
-        rows.append(
-            {
-                "shape": name,
-                "mkn": [m, k, n],
-                "method": label,
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "rel_err": rel_err(fn(), reference),
-            }
-        )
+    record = recorder(rows, name, (m, k, n), reference, 20 if quick else 50)
 
     record("bf16 F.linear", lambda: F.linear(x, weight))
     for label, config, kernel in VARIANTS:
@@ -95,10 +79,7 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    by_shape: dict[str, list[dict]] = {}
-    for row in rows:
-        by_shape.setdefault(row["shape"], []).append(row)
-    for shape, shape_rows in by_shape.items():
+    for shape, shape_rows in rows_by_shape(rows).items():
         base = {r["method"]: r for r in shape_rows}
         baseline = base[BASELINE]["ms"] if BASELINE in base else float("nan")
         m, k, n = shape_rows[0]["mkn"]
@@ -109,28 +90,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark runs on the GPU only")
-        return 1
-    torch.backends.cuda.matmul.allow_tf32 = False
-    device = torch.device("cuda", torch.cuda.current_device())
-    capability = torch.cuda.get_device_capability()
-    print(f"device {torch.cuda.get_device_name()} capability {capability} torch {torch.__version__}")
+    return run_benchmark(__doc__, run_shape, print_table, check=block_kernel_missing)
+
+
+def block_kernel_missing(device: torch.device) -> str | None:
     ok, reason = BlockScaledMMKernel.is_supported(device)
-    print(f"block-scaled _scaled_mm: {'available' if ok else reason}")
-    if not ok:
-        return 1
-    rows: list[dict] = []
-    for name, m, k, n in SHAPES:
-        rows.extend(run_shape(name, m, k, n, args.quick))
-    print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0
+    return None if ok else f"block-scaled _scaled_mm does not run here: {reason}"
 
 
 if __name__ == "__main__":

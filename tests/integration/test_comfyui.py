@@ -188,12 +188,18 @@ def test_same_fp8_file_as_accurate_as_the_stock_loader(comfyui, tiny_wan):
     assert errors["ours_on_the_fly"] <= errors["stock_on_file"], errors
 
 
+def fixture_and_conversion(comfyui, kind: str, output_format: str) -> str:
+    """``tiny_<kind>_bf16.safetensors`` and its conversion by our writer, ``tiny_<kind>_fp8_<scaled|quant>``."""
+    folder = comfyui.models / "diffusion_models"
+    bf16 = write_fixture(kind, folder / f"tiny_{kind}_bf16.safetensors")
+    suffix = output_format.removeprefix("comfy-")
+    convert_checkpoint(bf16, folder / f"tiny_{kind}_fp8_{suffix}.safetensors", output_format)
+    return bf16.name
+
+
 @pytest.fixture(scope="module")
 def tiny_flux(comfyui) -> str:
-    folder = comfyui.models / "diffusion_models"
-    bf16 = write_fixture("flux", folder / "tiny_flux_bf16.safetensors")
-    convert_checkpoint(bf16, folder / "tiny_flux_fp8_scaled.safetensors", "comfy-scaled")
-    return bf16.name
+    return fixture_and_conversion(comfyui, "flux", "comfy-scaled")
 
 
 def test_load_fp8_dit_flux_samples_close_to_bf16_and_beats_stock_fp8(comfyui, tiny_flux):
@@ -249,10 +255,7 @@ OUTLIER_INPUTS = {
 @pytest.fixture(scope="module")
 def tiny_wan_outliers(comfyui) -> str:
     """The tiny Wan with 4 of each block linear's input columns x8."""
-    folder = comfyui.models / "diffusion_models"
-    bf16 = write_fixture("wan_outliers", folder / "tiny_wan_outliers_bf16.safetensors")
-    convert_checkpoint(bf16, folder / "tiny_wan_outliers_fp8_quant.safetensors", "comfy-quant")
-    return bf16.name
+    return fixture_and_conversion(comfyui, "wan_outliers", "comfy-quant")
 
 
 def test_outlier_input_columns_are_handled_automatically(comfyui, tiny_wan_outliers):
