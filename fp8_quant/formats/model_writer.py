@@ -66,7 +66,10 @@ class SaveReport:
         if self.requantized:
             parts.append(f"{self.requantized} re-quantized per tensor for the {self.output_format} format")
         if self.fp8_layers > self.input_scales:
-            parts.append("layers without an input scale have not run yet: sample a step before saving to calibrate")
+            parts.append(
+                f"{self.fp8_layers - self.input_scales} without one: not run yet, or run with high-precision "
+                "activations (no FP8 GPU and no activation scheme chosen); sample a step first to calibrate them"
+            )
         return f"{self.path.name} ({self.output_format}): " + "; ".join(parts) + f"; {self.bytes_out / 2**20:.1f} MiB"
 
 
