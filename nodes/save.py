@@ -45,6 +45,9 @@ class SaveFP8Model:
         import comfy.model_management
         import folder_paths
 
+        diffusion_model = model.model.diffusion_model
+        if not any(hasattr(module, "fp8_layer_config") for module in diffusion_model.modules()):
+            raise RuntimeError(f"{NODE_TITLE}: this model has no FP8 layers to save; connect Load FP8 DiT's MODEL")
         folder = _diffusion_models_folder(folder_paths.get_folder_paths("diffusion_models"))
         with node_error(NODE_TITLE):
             directory, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
@@ -52,7 +55,7 @@ class SaveFP8Model:
             path = os.path.join(directory, f"{name}_{counter:05}_.safetensors")
             _load_with_patches(comfy.model_management, model)
             report = save_quantized_model(
-                model.model.diffusion_model, path, format, key_prefix=KEY_PREFIX, params_of=_current_params
+                diffusion_model, path, format, key_prefix=KEY_PREFIX, params_of=_current_params
             )
         summary = report.summary()
         logger.info("%s: %s", NODE_TITLE, summary)

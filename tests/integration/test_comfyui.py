@@ -349,6 +349,13 @@ def test_save_fp8_model_writes_the_model_as_it_runs(comfyui, tiny_wan, saved_mod
     assert max(to_bf16.values()) < 1.5 * fp8, to_bf16
 
 
+def test_save_fp8_model_refuses_a_model_without_fp8_layers(comfyui, tiny_wan):
+    node = {"class_type": "SaveFP8Model", "inputs": {"model": ["1", 0], "filename_prefix": "saved/never"}}
+    entry = comfyui.run({"1": stock_loader(tiny_wan), "2": node})
+    assert entry["status"]["status_str"] == "error"
+    assert "connect Load FP8 DiT's MODEL" in json.dumps(entry["status"]["messages"])
+
+
 def stock_runs_on_saved(comfyui, files: dict) -> dict[str, torch.Tensor]:
     """The stock UNETLoader on the comfy-quant and comfy-scaled files Save FP8 Model wrote."""
     return {
