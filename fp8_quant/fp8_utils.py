@@ -205,9 +205,14 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of the quantizers above. ``scale``: ``[]``, ``[N]`` (per row of a weight), a block scale or
     activation groups ``[..., ceil(K/g)]`` (give its ``group``), or anything that broadcasts against ``x_fp8``
-    (activation scales ``[..., 1]``)."""
+    (activation scales ``[..., 1]``). Whole blocks are scaled through a view, so no scale of the weight's size is
+    made (the dequantize kernel runs this on every call)."""
     scale = scale.float()
     if group is not None and group.is_block():
+        n, k = x_fp8.shape
+        if n % group.col == 0 and k % group.row == 0:
+            blocks = x_fp8.to(torch.float32).view(n // group.col, group.col, k // group.row, group.row)
+            return (blocks * scale[:, None, :, None]).view(n, k).to(dtype)
         scale = expand_block_scale(scale, x_fp8.shape, group)
     elif group is not None and group.is_per_group():
         scale = expand_groups(scale, x_fp8.shape[-1], group.col)
