@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,23 +99,9 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
     x = make_input(m, k, seed=1)
     reference = x.float() @ weight.float().t()
-    flops = 2.0 * m * k * n
     reps = 20 if quick else 50
     rows: list[dict] = []
-
-    def record(label: str, fn, out: torch.Tensor | None = None) -> None:
-        ms = bench_ms(fn, reps=reps)
-        result = out if out is not None else fn()
-        rows.append(
-            {
-                "shape": name,
-                "mkn": [m, k, n],
-                "method": label,
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "rel_err": rel_err(result, reference),
-            }
-        )
+    record = recorder(rows, name, (m, k, n), reference, reps)
 
     record("bf16 F.linear", lambda: F.linear(x, weight))
     w_tensor, s_tensor = quantize_weight(weight, group=PER_TENSOR)
@@ -161,15 +148,31 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def recorder(rows: list[dict], name: str, mkn: tuple[int, int, int], reference: torch.Tensor, reps: int):
+    """``record(label, fn)``: time ``fn`` and append its row (speed, relative error vs ``reference``) to ``rows``."""
+    m, k, n = mkn
+
+    def record(label: str, fn) -> None:
+        ms = bench_ms(fn, reps=reps)
+        row = {"shape": name, "mkn": [m, k, n], "method": label, "ms": ms, "tflops": 2.0 * m * k * n / ms / 1e9}
+        rows.append({**row, "rel_err": rel_err(fn(), reference)})
+
+    return record
+
+
+def rows_by_shape(rows: list[dict]) -> dict[str, list[dict]]:
     by_shape: dict[str, list[dict]] = {}
     for row in rows:
         by_shape.setdefault(row["shape"], []).append(row)
+    return by_shape
+
+
+def print_table(rows: list[dict]) -> None:
     header = (
         f"{'method':38s} {'ms':>8s} {'TFLOP/s':>8s} {'x bf16':>7s} {'x raw rw':>8s} {'x raw pt':>8s} {'x comfy':>8s} "
         f"{'rel err':>8s}"
     )
-    for shape, shape_rows in by_shape.items():
+    for shape, shape_rows in rows_by_shape(rows).items():
         base = {r["method"]: r for r in shape_rows}
         bf16 = base["bf16 F.linear"]["ms"]
         raw = base["raw _scaled_mm row-wise"]["ms"]
@@ -186,7 +189,13 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_benchmark(__doc__, run_shape, print_table)
+
+
+def run_benchmark(doc: str, run: Callable[..., list[dict]], table: Callable[[list[dict]], None], check=None) -> int:
+    """The command line every linear benchmark shares: ``--quick``, ``--json``, the device line, every shape of
+    ``SHAPES`` through ``run``, then ``table``. ``check(device)``: ``None`` to go on, else why not (printed)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -196,10 +205,14 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     capability = torch.cuda.get_device_capability()
     print(f"device {torch.cuda.get_device_name()} capability {capability} torch {torch.__version__}")
+    reason = check(torch.device("cuda", torch.cuda.current_device())) if check is not None else None
+    if reason is not None:
+        print(reason)
+        return 1
     rows: list[dict] = []
     for name, m, k, n in SHAPES:
-        rows.extend(run_shape(name, m, k, n, args.quick))
-    print_table(rows)
+        rows.extend(run(name, m, k, n, args.quick))
+    table(rows)
     if args.json:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(datetime.date.today())}
         Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))

@@ -23,6 +23,7 @@ import torch
 from . import demo
 from .config import parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
+from .formats.calibration import read_input_scales
 from .formats.inspect import format_inspection, inspect_checkpoint
 from .scheme import PER_CHANNEL, PER_TENSOR
 
@@ -92,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
     convert_parser.add_argument("--device", default="cpu", help="where to quantize each tensor (cuda is faster)")
     convert_parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    convert_parser.add_argument(
+        "--calibrated",
+        metavar="FILE",
+        default=None,
+        help="write calibrated input scales taken from FILE: an fp8 checkpoint with input scales (e.g. one saved by "
+        "Save FP8 Model after a sampling step) or a JSON {layer: scale}",
+    )
     return parser
 
 
@@ -174,6 +182,7 @@ def _convert(args: argparse.Namespace) -> None:
                 default_skips=not args.no_default_skips,
                 device=args.device,
                 progress=progress,
+                input_scales=read_input_scales(args.calibrated) if args.calibrated else None,
             )
     finally:
         if progress is not None:

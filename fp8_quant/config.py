@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 
-from .scheme import PER_CHANNEL, PER_TENSOR, PER_TOKEN, GroupShape, QuantKey, activation_key, weight_key
+from .scheme import (
+    BLOCK_128,
+    PER_CHANNEL,
+    PER_TENSOR,
+    PER_TOKEN,
+    PER_TOKEN_GROUP_128,
+    GroupShape,
+    QuantKey,
+    activation_key,
+    weight_key,
+)
 
 WEIGHT_DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
@@ -37,10 +47,12 @@ OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
     "float32": torch.float32,
 }
 # Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
-WEIGHT_GROUPS: dict[str, GroupShape] = {"channel": PER_CHANNEL, "tensor": PER_TENSOR}
-ACTIVATION_GROUPS: dict[str, GroupShape] = {"tensor": PER_TENSOR, "token": PER_TOKEN}
+# "block": DeepSeek-style 128x128 weight blocks; "group": 1x128 activation groups (what block-scaled GEMMs take).
+WEIGHT_GROUPS: dict[str, GroupShape] = {"channel": PER_CHANNEL, "tensor": PER_TENSOR, "block": BLOCK_128}
+ACTIVATION_GROUPS: dict[str, GroupShape] = {"tensor": PER_TENSOR, "token": PER_TOKEN, "group": PER_TOKEN_GROUP_128}
 AUTO = "auto"
-# "auto" weights: per tensor or per channel, chosen per layer at load (auto_scales.choose_weight_group).
+# "auto" weights: per tensor, per channel or (outlier input columns) fitted groups, chosen per layer at load
+# (auto_scales.choose_weight_group).
 WEIGHT_GRANULARITIES = (AUTO, *WEIGHT_GROUPS)
 # "calibrated": learnt per layer at run time, static per-tensor or dynamic per-token (auto_scales).
 ACTIVATION_SCHEMES = ("dynamic", "static", "calibrated", "none")
@@ -77,11 +89,12 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 class Fp8Config:
     """How the linears of one model are quantized.
 
-    ``weight_granularity``: ``channel``, ``tensor``, or ``auto`` (per layer: per tensor where the rows share a
-    range). ``activation_scheme``: ``dynamic`` computes an activation scale per call; ``static`` uses one
-    per-tensor scale, the checkpoint's ``input_scale`` or else one learnt at run time; ``calibrated`` learns per
-    layer at run time whether a static per-tensor scale serves or per-token scales are needed; ``none`` keeps
-    activations in high precision (weight-only fp8). ``activation_granularity`` is that of dynamic scales.
+    ``weight_granularity``: ``channel``, ``tensor``, ``block`` (128x128), or ``auto`` (per layer: per tensor where
+    the rows share a range, fitted scales where a few input columns dominate). ``activation_scheme``: ``dynamic``
+    computes an activation scale per call; ``static`` uses one per-tensor scale, the checkpoint's ``input_scale``
+    or else one learnt at run time; ``calibrated`` learns per layer at run time whether a static per-tensor scale
+    serves or per-token scales are needed; ``none`` keeps activations in high precision (weight-only fp8).
+    ``activation_granularity`` is that of dynamic scales (``group``: one per token and 128 inputs).
     ``output_dtype`` ``None`` means "the input's dtype". ``round_activations_on_dequant``: where the product runs
     in high precision (the dequantize kernel: CPUs, GPUs without FP8 tensor cores, odd shapes), also round the
     activations to fp8 as the fp8 product would; off by default, since it only adds error there, and on where a
@@ -105,7 +118,7 @@ class Fp8Config:
         if self.activation_scheme == "static" and self.activation_granularity != "tensor":
             raise ValueError(
                 "activation_granularity: a static activation scale is one calibrated scalar, so it must be "
-                "'tensor' (got 'token'); use activation_scheme='dynamic' for per-token scales"
+                f"'tensor' (got {self.activation_granularity!r}); use activation_scheme='dynamic' for per-token scales"
             )
         object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
 
@@ -173,7 +186,7 @@ class Fp8Config:
     def describe(self) -> str:
         weights = str(self.weight_quant_key)
         if self.weight_granularity == AUTO:
-            weights = weights.replace("per-channel", "per-tensor or per-channel by layer")
+            weights = weights.replace("per-channel", "per-tensor, per-channel or fitted groups by layer")
         if self.activation_scheme == "calibrated":
             acts = "calibrated by layer at the first step"
         else:

@@ -87,6 +87,24 @@ def quantize_input_dynamic(
     return cast_to_fp8(x_float / scale, fp8_dtype), scale
 
 
+def quantize_input_groups(
+    x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn, group: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic quantization with one scale per token and ``group`` inputs (1x128 groups: what block-scaled GEMMs
+    take). Returns ``(x_fp8, scale)`` with ``scale`` of shape ``[..., ceil(K/group)]``."""
+    x_float = x.float()
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(x_float, (0, -k % group))
+    amax = padded.abs().view(*x.shape[:-1], -1, group).amax(dim=-1)
+    scale = scale_from_amax(amax, fp8_dtype)
+    return cast_to_fp8(x_float / expand_groups(scale, k, group), fp8_dtype), scale
+
+
+def expand_groups(scale: torch.Tensor, length: int, group: int) -> torch.Tensor:
+    """Group scales ``[..., ceil(K/group)]`` repeated along the last dimension to ``[..., K]``."""
+    return scale.repeat_interleave(group, dim=-1)[..., :length]
+
+
 def quantize_input_static(
     x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn
 ) -> torch.Tensor:
@@ -95,9 +113,19 @@ def quantize_input_static(
 
 
 def quantize_weight(
-    weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn, group: GroupShape = PER_CHANNEL
+    weight: torch.Tensor,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    group: GroupShape = PER_CHANNEL,
+    fit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight ``[N, K]``; the scale has ``weight_scale_shape(group, N, K)``: ``[]``, ``[N]`` or blocks.
+
+    ``fit``: each scale is the one of ``FIT_STEPS`` candidates between ``amax / max`` and twice that which gives
+    its group the least squared error, instead of ``amax / max`` itself. e4m3's relative precision is the same
+    everywhere in its range, so where a group's values are many and alike no scale does better than another; but
+    where a few large values carry most of a group (a weight with a few large input columns), the scale decides
+    whether those few land on the fp8 grid, and fitting it cuts the error that matters most. Per tensor there
+    is nothing to fit (too many values), so ``fit`` applies to channels and blocks.
 
     Rows are processed in chunks so that a large weight never exists in float32 all at once.
     """
@@ -112,15 +140,13 @@ def quantize_weight(
     for start, stop in _row_chunks(weight, block_rows):
         rows = weight[start:stop].float()
         if group.is_per_tensor():
-            row_scale = scale
-        elif group.is_per_channel():
-            scale[start:stop] = scale_from_amax(rows.abs().amax(dim=1), fp8_dtype)
-            row_scale = scale[start:stop, None]
-        else:
-            blocks = scale[start // block_rows : -(-stop // block_rows)]
-            blocks.copy_(scale_from_amax(_block_amax(rows, group), fp8_dtype))
-            row_scale = expand_block_scale(blocks, rows.shape, group)
-        out[start:stop] = cast_to_fp8(rows / row_scale, fp8_dtype)
+            out[start:stop] = cast_to_fp8(rows / scale, fp8_dtype)
+            continue
+        chunk_scale = scale[start // block_rows : -(-stop // block_rows)]
+        chunk_scale.copy_(scale_from_amax(_per_scale(rows.abs(), group, torch.amax), fp8_dtype))
+        if fit:
+            chunk_scale.copy_(_fitted_scale(rows, chunk_scale, group, fp8_dtype))
+        out[start:stop] = cast_to_fp8(rows / _expand_rows(chunk_scale, rows.shape, group), fp8_dtype)
     return out, scale
 
 
@@ -132,10 +158,48 @@ def weight_row_amax(weight: torch.Tensor) -> torch.Tensor:
 
 def _block_amax(rows: torch.Tensor, group: GroupShape) -> torch.Tensor:
     """amax per (group.col rows) x (group.row columns) block of a weight slice ``[n, K]``, padded with zeros."""
+FIT_STEPS = 16
+
+
+def _fitted_scale(rows: torch.Tensor, base: torch.Tensor, group: GroupShape, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Per scale entry, the candidate ``base * 2**(i / FIT_STEPS)`` with the least squared error of its group.
+    Candidates only grow from ``amax / max``: a smaller scale would clip the largest value, the one that matters."""
+    best, best_error = base.clone(), None
+    for step in range(FIT_STEPS):
+        candidate = base * 2.0 ** (step / FIT_STEPS)
+        expanded = _expand_rows(candidate, rows.shape, group)
+        error = (cast_to_fp8(rows / expanded, fp8_dtype).float() * expanded - rows).square()
+        error = _per_scale(error, group, torch.sum)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best = torch.where(better, candidate, best)
+        best_error = torch.minimum(error, best_error)
+    return best
+
+
+def _per_scale(values: torch.Tensor, group: GroupShape, reduce) -> torch.Tensor:
+    """``reduce`` (``torch.amax``, ``torch.sum``) of a weight slice ``[n, K]`` over each scale's values: ``[n]`` per
+    channel, ``[ceil(n/bn), ceil(K/bk)]`` per block (padded with zeros)."""
+    if group.is_per_channel():
+        return reduce(values, dim=1)
     block_n, block_k = group.col, group.row
-    n, k = rows.shape
-    padded = torch.nn.functional.pad(rows.abs(), (0, -k % block_k, 0, -n % block_n))
-    return padded.view(padded.shape[0] // block_n, block_n, padded.shape[1] // block_k, block_k).amax(dim=(1, 3))
+    n, k = values.shape
+    padded = torch.nn.functional.pad(values, (0, -k % block_k, 0, -n % block_n))
+    blocks = padded.view(padded.shape[0] // block_n, block_n, padded.shape[1] // block_k, block_k)
+    return reduce(blocks, dim=(1, 3))
+
+
+def _expand_rows(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group: GroupShape) -> torch.Tensor:
+    """A slice's scale broadcastable against the slice: ``[n, 1]`` per channel, blocks repeated to ``[n, K]``."""
+    return scale[:, None] if group.is_per_channel() else expand_block_scale(scale, shape, group)
+
+
+def broadcast_weight_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group: GroupShape) -> torch.Tensor:
+    """A stored weight scale of ``group`` made to broadcast against the weight ``[N, K]`` (``[]``, ``[N, 1]`` or
+    the blocks repeated), for code that multiplies or divides a whole weight by its scale."""
+    return scale if group.is_per_tensor() else _expand_rows(scale, shape, group)
 
 
 def expand_block_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int], group: GroupShape) -> torch.Tensor:
@@ -147,11 +211,19 @@ def expand_block_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int],
 def dequantize(
     x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, group: GroupShape | None = None
 ) -> torch.Tensor:
-    """Inverse of the quantizers above. ``scale``: ``[]``, ``[N]`` (per row of a weight), a block scale (give its
-    ``group``), or anything that broadcasts against ``x_fp8`` (activation scales ``[..., 1]``)."""
+    """Inverse of the quantizers above. ``scale``: ``[]``, ``[N]`` (per row of a weight), a block scale or
+    activation groups ``[..., ceil(K/g)]`` (give its ``group``), or anything that broadcasts against ``x_fp8``
+    (activation scales ``[..., 1]``). Whole blocks are scaled through a view, so no scale of the weight's size is
+    made (the dequantize kernel runs this on every call)."""
     scale = scale.float()
     if group is not None and group.is_block():
+        n, k = x_fp8.shape
+        if n % group.col == 0 and k % group.row == 0:
+            blocks = x_fp8.to(torch.float32).view(n // group.col, group.col, k // group.row, group.row)
+            return (blocks * scale[:, None, :, None]).view(n, k).to(dtype)
         scale = expand_block_scale(scale, x_fp8.shape, group)
+    elif group is not None and group.is_per_group():
+        scale = expand_groups(scale, x_fp8.shape[-1], group.col)
     elif scale.dim() == 1 and x_fp8.dim() == 2 and scale.shape[0] == x_fp8.shape[0]:
         scale = scale[:, None]
     return (x_fp8.to(torch.float32) * scale).to(dtype)

@@ -17,11 +17,12 @@ from torch import nn
 from .auto_scales import DEFAULT_POLICY, DYNAMIC, STATIC, CalibrationTally, RuntimeActivationScale, choose_weight_group
 from .config import AUTO, Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight, weight_row_amax
-from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, select_kernel
+from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, block_groups_at_speed, select_kernel
 from .params import Fp8LinearParams
 from .scheme import (
     QuantKey,
     activation_key,
+    expected_scale_shapes,
     kFp8StaticTensorSym,
     weight_group_of_scale,
     weight_key,
@@ -206,7 +207,10 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
     ) -> None:
         """Quantize ``layer.weight`` (on ``quantize_device`` if given, e.g. the GPU for speed) in place of it; the
         fp8 weight goes to ``result_device`` (default: where the weight came from). A loader that will put the model
-        on the GPU anyway keeps it there, instead of a copy back to the host and another one over later."""
+        on the GPU anyway keeps it there, instead of a copy back to the host and another one over later.
+
+        ``auto`` granularity asks the device the layer will run on (``quantize_device``, else the weight's own, as the
+        nodes pass them) whether groups of 128 inputs run at full speed there."""
         what = name or type(layer).__name__
         weight = _checked_weight(layer, what)
         if not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
@@ -218,10 +222,12 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         row_amax = weight_row_amax(source)  # NaN and inf propagate: one small tensor says if the weight is finite
         if not bool(torch.isfinite(row_amax).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
-        group = self.config.weight_group
+        group, fit = self.config.weight_group, False
         if self.config.weight_granularity == AUTO:
-            group, _ = choose_weight_group(row_amax)
-        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group)
+            choice = choose_weight_group(source, groups_at_speed=block_groups_at_speed(source.device), rows=row_amax)
+            group, fit = choice.group, choice.fit
+            logger.debug("%s: %s", what, choice.reason)
+        fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group, fit=fit)
         self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
         layer.fp8_name = what
 
@@ -252,7 +258,7 @@ def normalize_weight_scale(weight_scale: torch.Tensor | None, weight_shape: tupl
     if group is None:
         raise ValueError(
             f"{what}: weight_scale of shape {tuple(scale.shape)} fits no granularity for weight "
-            f"{list(weight_shape)} (expected [], [1], [{out_features}] or [{out_features}, 1])"
+            f"{list(weight_shape)} (expected {expected_scale_shapes(out_features, in_features)})"
         )
     scale = scale.reshape(weight_scale_shape(group, out_features, in_features))
     check_scale(scale, f"{what}.weight_scale")

@@ -1,4 +1,5 @@
-"""QuantFP8: activation quantization, dynamic or static, per tensor or per token.
+"""QuantFP8: activation quantization, dynamic or static, per tensor or per token (or in 1x128 groups per token,
+for block-scaled GEMMs).
 
 On CUDA a fused Triton kernel reads each row once for its amax and once for the cast (the row stays in L2),
 instead of the four passes of the eager expression; that overhead is what separates a dynamic FP8 linear
@@ -16,7 +17,7 @@ import os
 import torch
 
 from . import fp8_utils
-from .scheme import PER_TENSOR, PER_TOKEN, GroupShape, QuantKey
+from .scheme import PER_TENSOR, PER_TOKEN, PER_TOKEN_GROUP_128, GroupShape, QuantKey
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class QuantFP8:
     """Quantize activations ``[..., K]`` to fp8.
 
     ``__call__(x, scale=None)`` returns ``(x_fp8, scale)`` where ``x_fp8`` has ``x``'s shape and ``scale`` is
-    ``[..., 1]`` per token or ``[]`` per tensor. Static quantization needs ``scale``; dynamic ignores it.
+    ``[..., 1]`` per token, ``[..., ceil(K/128)]`` per 1x128 group or ``[]`` per tensor. Static quantization needs
+    ``scale``; dynamic ignores it.
     ``running`` is the static quantizer whose scale follows the activations (``auto_scales``).
     """
 
@@ -38,13 +40,14 @@ class QuantFP8:
         dtype: torch.dtype = torch.float8_e4m3fn,
         use_triton: bool | None = None,
     ) -> None:
-        if group_shape not in (PER_TENSOR, PER_TOKEN):
-            raise ValueError(f"QuantFP8 supports per-tensor and per-token groups, not {group_shape}")
+        if group_shape not in (PER_TENSOR, PER_TOKEN, PER_TOKEN_GROUP_128):
+            raise ValueError(f"QuantFP8 supports per-tensor, per-token and 1x128 groups, not {group_shape}")
         if static and group_shape != PER_TENSOR:
             raise ValueError("static activation quantization is per-tensor (one calibrated scale)")
         fp8_utils.fp8_max(dtype)  # validates the dtype
         self.static = static
         self.per_token = group_shape == PER_TOKEN
+        self.group = group_shape.col if group_shape.is_per_group() else 0
         self.dtype = dtype
         # Decided once: the environment and the import are not looked at again on the hot path.
         disabled = os.environ.get(DISABLE_TRITON_ENV, "") not in ("", "0")
@@ -61,6 +64,10 @@ class QuantFP8:
             if self._triton(x):
                 return _triton_kernels().quantize_static_triton(x, scale, self.dtype), scale
             return fp8_utils.quantize_input_static(x, scale, self.dtype), scale
+        if self.group:
+            if self._triton(x) and x.shape[-1] % self.group == 0:
+                return _triton_kernels().quantize_groups_triton(x, self.dtype, self.group)
+            return fp8_utils.quantize_input_groups(x, self.dtype, self.group)
         if self._triton(x):
             return _triton_kernels().quantize_dynamic_triton(x, self.dtype, self.per_token)
         return fp8_utils.quantize_input_dynamic(x, self.dtype, self.per_token)

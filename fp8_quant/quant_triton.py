@@ -176,3 +176,11 @@ def quantize_running_triton(
         margin=margin,
     )
     return quantized.view(x.shape)
+
+
+def quantize_groups_triton(x: torch.Tensor, dtype: torch.dtype, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x``group`` groups per token: the per-row kernel on ``x`` seen as rows of ``group`` values (one group each).
+    Returns ``(x_fp8, scale [..., K / group])``; ``K`` must be a multiple of ``group`` (the caller checks)."""
+    rows = _as_rows(x)
+    quantized, scales = _launch(rows.reshape(-1, group), dtype, DYNAMIC)
+    return quantized.view(x.shape), scales.view(*x.shape[:-1], x.shape[-1] // group)

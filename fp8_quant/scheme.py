@@ -7,10 +7,12 @@ FP8 linears need.
 Axis convention (vLLM's): a ``GroupShape`` describes an operand **as it enters the matrix product**
 ``out[M, N] = A[M, K] @ B[K, N]``. For the activation ``A``, rows are tokens; for the weight ``B = W.T``,
 columns are output channels. So one scale per token is ``(1, -1)`` and one scale per output channel is
-``(-1, 1)``; a 128x128 weight block is ``(128, 128)`` and a 1x128 activation group ``(1, 128)``. Weights are
-*stored* as ``nn.Linear`` holds them, ``W[N, K]``, and their scales in the transposed order of the groups:
-``[]`` per tensor, ``[N]`` per channel, ``[ceil(N/bn), ceil(K/bk)]`` per block (the layout of DeepSeek/vLLM
-``weight_scale_inv`` files). ``weight_scale_shape`` and ``weight_group_of_scale`` are that rule, written once.
+``(-1, 1)``; a 128x128 weight block is ``(128, 128)`` and a 1x128 activation group ``(1, 128)``. A weight block
+may be one output channel wide: ``(128, 1)`` is one scale per output channel and 128 inputs (DeepSeek's "1x128"
+for a weight row), ``(32, 1)`` the layout of ``mxfp8``. Weights are *stored* as ``nn.Linear`` holds them,
+``W[N, K]``, and their scales in the transposed order of the groups: ``[]`` per tensor, ``[N]`` per channel,
+``[ceil(N/bn), ceil(K/bk)]`` per block (the layout of DeepSeek/vLLM ``weight_scale_inv`` files).
+``weight_scale_shape`` and ``weight_group_of_scale`` are that rule, written once.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class GroupShape(NamedTuple):
         return self.row == 1 and self.col > 1
 
     def is_block(self) -> bool:
-        """Weight blocks of rows x cols (both > 1): 128x128 in DeepSeek-style checkpoints."""
-        return self.row > 1 and self.col > 1
+        """Weight blocks of ``row`` inputs x ``col`` output channels: 128x128 in DeepSeek-style checkpoints, 128x1
+        (one output channel, 128 inputs) and 32x1 (``mxfp8``) along the rows of ``W[N, K]``."""
+        return self.row > 1 and self.col >= 1
 
     def describe(self) -> str:
         if self.is_per_tensor():
@@ -52,6 +55,8 @@ class GroupShape(NamedTuple):
             return "per-token"
         if self.is_per_channel():
             return "per-channel"
+        if self.is_block() and self.col == 1:
+            return f"groups of {self.row} per channel"
         return f"{'block' if self.is_block() else 'group'} {self.row}x{self.col}"
 
 
@@ -59,6 +64,11 @@ PER_TENSOR = GroupShape(-1, -1)
 PER_TOKEN = GroupShape(1, -1)
 PER_CHANNEL = GroupShape(-1, 1)
 BLOCK_128 = GroupShape(128, 128)
+GROUP_128 = GroupShape(128, 1)  # a weight row in groups of 128 inputs
+MX_BLOCK = GroupShape(32, 1)  # mxfp8: a weight row in groups of 32 inputs, power-of-two scales
+PER_TOKEN_GROUP_128 = GroupShape(1, 128)  # an activation row in groups of 128 (what block-scaled GEMMs take)
+# Block shapes recognised from a stored scale's shape (first match wins; see weight_group_of_scale).
+KNOWN_BLOCKS: tuple[GroupShape, ...] = (BLOCK_128, GROUP_128, MX_BLOCK)
 
 
 def weight_scale_shape(group: GroupShape, out_features: int, in_features: int) -> tuple[int, ...]:
@@ -73,20 +83,32 @@ def weight_scale_shape(group: GroupShape, out_features: int, in_features: int) -
 
 
 def weight_group_of_scale(
-    shape: tuple[int, ...], out_features: int, in_features: int, block: GroupShape | None = None
+    shape: tuple[int, ...], out_features: int, in_features: int, blocks: tuple[GroupShape, ...] = KNOWN_BLOCKS
 ) -> GroupShape | None:
     """The granularity a stored weight scale of ``shape`` stands for, or ``None`` if it fits none.
 
     Checkpoints write a per-tensor scale as ``[]`` or ``[1]`` and a per-channel one as ``[N]`` or ``[N, 1]``; a
-    2-D scale of ``[ceil(N/b), ceil(K/b)]`` is a block scale where ``block`` names the block size to accept.
+    2-D scale of ``[ceil(N/bn), ceil(K/bk)]`` is a block scale of the first of ``blocks`` it fits. Where two
+    readings coincide (a weight of at most one block) they mean the same scales, so the first is as good.
     """
     if math.prod(shape) == 1 and len(shape) <= 2:
         return PER_TENSOR
     if tuple(shape) in ((out_features,), (out_features, 1)):
         return PER_CHANNEL
-    if block is not None and len(shape) == 2 and tuple(shape) == weight_scale_shape(block, out_features, in_features):
-        return block
+    if len(shape) == 2:
+        for block in blocks:
+            if tuple(shape) == weight_scale_shape(block, out_features, in_features):
+                return block
     return None
+
+
+def expected_scale_shapes(out_features: int, in_features: int) -> str:
+    """The scale shapes a weight ``[N, K]`` may carry, for error messages."""
+    shapes = ["[]", "[1]", f"[{out_features}]", f"[{out_features}, 1]"]
+    shapes += [
+        f"{list(weight_scale_shape(block, out_features, in_features))} ({block.describe()})" for block in KNOWN_BLOCKS
+    ]
+    return ", ".join(shapes)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fp8_quant import Fp8Recipe, LayerDecision
+from fp8_quant.formats.comfy_formats import crop_mx_padding
 from fp8_quant.fp8_utils import dequantize, is_fp8_dtype
 from fp8_quant.methods import normalize_weight_scale
 from fp8_quant.report import Fp8Report, LayerReport, fp8_layer_bytes, tensor_bytes
@@ -80,6 +81,10 @@ def _load_from_state_dict(
         missing_keys.append(prefix + "weight")
         return
     expected = [layer.out_features, layer.in_features]
+    scale = state_dict.get(prefix + "weight_scale")
+    cropped = crop_mx_padding(weight, scale, *expected) if is_fp8_dtype(weight.dtype) and scale is not None else None
+    if cropped is not None:  # an mxfp8 weight stored padded to 32
+        weight, scale = cropped
     if list(weight.shape) != expected:
         error_msgs.append(f"{name}: weight has shape {list(weight.shape)}, the model expects {expected}")
         return
@@ -88,29 +93,33 @@ def _load_from_state_dict(
         bias = bias.to(layer.fp8_model_dtype)  # the compute dtype: the fp8 GEMM fuses a bias of its output dtype
     layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
     decision = plan.recipe.decide(name, weight, has_input_scale=prefix + "input_scale" in state_dict)
-    plan.report.layers.append(_load_layer(layer, decision, weight, state_dict, prefix, plan))
+    scales = (scale, state_dict.get(prefix + "input_scale"))
+    plan.report.layers.append(_load_layer(layer, decision, weight, scales, plan))
     if plan.progress is not None:
         plan.progress(name)
 
 
 def _load_layer(
-    layer: nn.Module, decision: LayerDecision, weight: torch.Tensor, state_dict: dict, prefix: str, plan: LoadPlan
+    layer: nn.Module,
+    decision: LayerDecision,
+    weight: torch.Tensor,
+    scales: tuple[torch.Tensor | None, torch.Tensor | None],
+    plan: LoadPlan,
 ) -> LayerReport:
-    """Give ``layer`` its weight as ``decision`` says: fp8 through the method, or high precision."""
+    """Give ``layer`` its weight as ``decision`` says: fp8 through the method, or high precision. ``scales``: the
+    file's weight and input scales for an fp8 weight."""
     size = tensor_bytes(weight)
     layer.weight = nn.Parameter(weight, requires_grad=False)
     if decision.method is not None:
         if is_fp8_dtype(weight.dtype):
-            layer.weight_scale = state_dict.get(prefix + "weight_scale")
-            layer.input_scale = state_dict.get(prefix + "input_scale")
+            layer.weight_scale, layer.input_scale = scales
         decision.method.process_weights_after_loading(
             layer, decision.name, plan.quantize_device, plan.result_device
         )
         layer.fp8_method = decision.method
         return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer))
     if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values
-        stored_scale = state_dict.get(prefix + "weight_scale")
-        layer.weight = nn.Parameter(_dequantized(layer, weight, stored_scale, decision.name), requires_grad=False)
+        layer.weight = nn.Parameter(_dequantized(layer, weight, scales[0], decision.name), requires_grad=False)
     return LayerReport(decision.name, False, decision.reason, size, tensor_bytes(layer.weight))
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8_quant import Fp8LinearMethod, Fp8LinearParams
-from fp8_quant.fp8_utils import cast_to_fp8, dequantize, quantize_weight
+from fp8_quant.fp8_utils import broadcast_weight_scale, cast_to_fp8, dequantize, quantize_weight
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Fp8ComfyLinearMixin:
         """Stored fp8 values (already upcast by ComfyUI) -> real weight values, for LoRA math."""
         if not self.is_fp8():
             return weight
-        scale = _per_row(self.current_weight_scale(), weight)
+        scale = self._scale_like(weight)
         if inplace:
             weight *= scale
             return weight
@@ -91,7 +91,7 @@ class Fp8ComfyLinearMixin:
         if return_weight:
             return weight
         if inplace_update:  # the weight object stays, so its scale must too: out-of-range values saturate
-            scale = _per_row(self.current_weight_scale(), weight).float()
+            scale = self._scale_like(weight).float()
             self.weight.data.copy_(cast_to_fp8(weight.float() / scale, self.weight.dtype))
             return None
         group = self.fp8_layer_config.weight_quant_key.group_shape
@@ -99,6 +99,12 @@ class Fp8ComfyLinearMixin:
         self.weight = nn.Parameter(stored, requires_grad=False)
         self.patched_weight = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
         return None
+
+    def _scale_like(self, weight: torch.Tensor) -> torch.Tensor:
+        """The current weight scale on ``weight``'s device and dtype, broadcastable against it (blocks repeated)."""
+        group = self.fp8_layer_config.weight_quant_key.group_shape
+        scale = self.current_weight_scale().to(device=weight.device, dtype=weight.dtype)
+        return broadcast_weight_scale(scale, weight.shape, group)
 
     def _set_high_precision_weight(
         self, weight: torch.Tensor, inplace_update: bool, return_weight: bool
@@ -161,11 +167,6 @@ class Fp8ComfyLinearMixin:
             cached = (scale, scale.detach().to(device))
             cache[key] = cached
         return cached[1]
-
-
-def _per_row(weight_scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    scale = weight_scale.to(device=like.device, dtype=like.dtype)
-    return scale.reshape(-1, 1) if scale.dim() else scale
 
 
 def _take_real_values(function) -> None:

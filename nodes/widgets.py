@@ -26,12 +26,21 @@ TOOLTIPS = {
     "activation_granularity": "For per-call (dynamic) scales: auto = per token, which keeps quiet tokens precise "
     "when a few are huge (DiT activations); tensor = one scale per call.",
     "weight_granularity": "For on-the-fly quantization: auto = one scale per tensor where the layer's rows share a "
-    "range (the faster kernel, the same precision), else per output channel; or force channel / tensor.",
+    "range (the faster kernel, the same precision), else per output channel; where a few input columns are large, "
+    "scales fitted to the weight, in groups of 128 inputs where the GPU multiplies those at full speed (H100/H200) "
+    "or dequantizes anyway. Or force channel / tensor / block (128x128, DeepSeek-style).",
     "kernel": "auto picks the fastest kernel the GPU supports (FP8 tensor cores need capability 8.9+), else "
     "dequantize + matmul. Forcing one that cannot run a layer falls back, with the reason in the log.",
     "skip_layers": "Extra layers to keep in high precision: names, prefixes, globs (*norm*) or re:regex, comma or "
     "newline separated. Norms, embeddings, modulation and heads are always kept.",
 }
+
+
+SAVE_FORMAT_TOOLTIP = (
+    "comfy-quant: fp8 with ComfyUI's .comfy_quant entries (ComfyUI 0.16 and newer); comfy-scaled: the older "
+    "scaled-fp8 layout every ComfyUI reads. Both hold one scale per tensor: layers with finer scales are "
+    "re-quantized per tensor. weight-scale: every scale as it is, for Load FP8 DiT."
+)
 
 
 def _combo(name: str, values, default: str) -> tuple[list[str], dict]:

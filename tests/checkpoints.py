@@ -80,3 +80,46 @@ def write_dialect(
         metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": quant_layers})
     save_file(tensors, str(path), metadata=metadata or None)
     return path
+
+
+def to_blocked(matrix: torch.Tensor) -> torch.Tensor:
+    """cuBLAS's swizzled layout of block scales, written as ComfyUI's kitchen writes it (view/permute, not the byte
+    formula the reader uses): 128x4 tiles, rows within a tile interleaved in four groups of 32."""
+    rows, cols = matrix.shape
+    n_row_blocks, n_col_blocks = -(-rows // 128), -(-cols // 4)
+    padded = torch.zeros(n_row_blocks * 128, n_col_blocks * 4, dtype=matrix.dtype)
+    padded[:rows, :cols] = matrix
+    blocks = padded.view(n_row_blocks, 128, n_col_blocks, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(n_row_blocks * 128, n_col_blocks * 4)
+
+
+def quantize_mxfp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ComfyUI's mxfp8 quantization: pad to 32, one power-of-two scale per 32 inputs (rounded up so nothing
+    clips). Returns (fp8 weight padded, stored e8m0 scale swizzled, float32 scales [rows, K/32])."""
+    rows, cols = weight.shape
+    padded = torch.nn.functional.pad(weight.float(), (0, -cols % 32, 0, -rows % 32))
+    groups = padded.view(padded.shape[0], -1, 32)
+    amax = groups.abs().amax(-1)
+    exponent = torch.ceil(torch.log2(torch.clamp(amax / 448, min=2**-127))).to(torch.int32) + 127
+    exponent = torch.where(amax == 0, torch.zeros_like(exponent), exponent.clamp(0, 254))
+    scale = torch.where(exponent == 0, torch.ones_like(amax), torch.exp2(exponent.float() - 127))
+    data = (groups / scale[..., None]).clamp(-448, 448).reshape(padded.shape).to(torch.float8_e4m3fn)
+    stored = to_blocked(exponent.to(torch.uint8)).view(torch.float8_e8m0fnu)
+    return data, stored, scale
+
+
+def write_mxfp8(path: Path, source: dict[str, torch.Tensor], prefix: str = "", scale_as_uint8: bool = False) -> Path:
+    """A comfy-quant file whose LAYERS are ``mxfp8`` (and the rest bf16), as ComfyUI 0.30 saves one."""
+    tensors: dict[str, torch.Tensor] = {}
+    entry = torch.tensor(list(json.dumps({"format": "mxfp8"}).encode()), dtype=torch.uint8)
+    for key, value in source.items():
+        layer = key.removesuffix(".weight")
+        if not key.endswith(".weight") or layer not in LAYERS:
+            tensors[prefix + key] = value.to(torch.bfloat16)
+            continue
+        data, stored, _ = quantize_mxfp8(value)
+        tensors[prefix + key] = data
+        tensors[f"{prefix}{layer}.weight_scale"] = stored.view(torch.uint8) if scale_as_uint8 else stored
+        tensors[f"{prefix}{layer}.comfy_quant"] = entry.clone()
+    save_file(tensors, str(path))
+    return path

@@ -12,7 +12,6 @@ from helpers import outlier_input, random_linear, rel_err
 
 from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
 from fp8_quant.auto_scales import DYNAMIC, OBSERVING, STATIC, ScalePolicy, choose_weight_group
-from fp8_quant.fp8_utils import weight_row_amax
 from fp8_quant.kernels import ChannelWiseScaledMMKernel, DequantLinearKernel
 from fp8_quant.kernels.scaled_mm import cpu_rowwise_supported
 from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
@@ -40,13 +39,13 @@ def quiet_tokens(*shape, seed=0, scale=1.0):
 
 def test_weight_group_follows_the_rows_spread():
     even = torch.randn(64, 32)
-    assert choose_weight_group(weight_row_amax(even))[0] == PER_TENSOR
+    assert choose_weight_group(even)[0] == PER_TENSOR
     uneven = even * torch.logspace(-3, 0, 64)[:, None]
-    group, reason = choose_weight_group(weight_row_amax(uneven))
-    assert group == PER_CHANNEL and "apart" in reason
+    group, reason, fit = choose_weight_group(uneven)
+    assert group == PER_CHANNEL and "apart" in reason and not fit
     dead_row = even.clone()
     dead_row[5] = 0
-    assert choose_weight_group(weight_row_amax(dead_row))[0] == PER_CHANNEL
+    assert choose_weight_group(dead_row)[0] == PER_CHANNEL
 
 
 def test_even_activations_become_static_per_tensor_with_a_margin():

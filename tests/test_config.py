@@ -37,7 +37,7 @@ def test_from_dict_round_trip_and_aliases():
     "values, field_name",
     [
         ({"weight_dtype": "int8"}, "weight_dtype"),
-        ({"weight_granularity": "block"}, "weight_granularity"),
+        ({"weight_granularity": "blocky"}, "weight_granularity"),
         ({"activation_scheme": "smooth"}, "activation_scheme"),
         ({"activation_granularity": "channel"}, "activation_granularity"),
         ({"output_dtype": "int4"}, "output_dtype"),

@@ -295,7 +295,8 @@ def test_scale_without_weight(tmp_path):
     "payload, message",
     [
         (b"{not json", "not valid JSON"),
-        (b'{"format": "nvfp4"}', "names format 'nvfp4'"),
+        (b'{"format": "nvfp4"}', "layer 'blocks.0.attn.q' is in ComfyUI's nvfp4 format, which is not FP8; load"),
+        (b'{"format": "int5"}', "names format 'int5'"),
         (b"[1]", "must be a JSON object"),
     ],
 )

@@ -1,9 +1,11 @@
 """Recognise a checkpoint's FP8 dialect from its header alone, layer by layer.
 
-Dialects: ``weight-scale`` (vLLM, FastVideo, newer ComfyUI), ``comfy-scaled`` (ComfyUI's
-``scale_weight``/``scale_input`` with the ``scaled_fp8`` marker), ``comfy-quant`` (per-layer ``.comfy_quant``
-JSON or ``_quantization_metadata``), ``plain-fp8`` (fp8 weights, no scales) and ``high-precision`` (nothing
-fp8: quantize on the fly). Files mix fp8 layers with bf16/fp32 ones; those are kept as they are. An unknown
+Dialects: ``weight-scale`` (vLLM, FastVideo, newer ComfyUI; DeepSeek-style ``weight_scale_inv`` per 128x128
+block), ``comfy-scaled`` (ComfyUI's ``scale_weight``/``scale_input`` with the ``scaled_fp8`` marker),
+``comfy-quant`` (per-layer ``.comfy_quant`` JSON or ``_quantization_metadata``; each layer's format, ``mxfp8``
+included, is checked by the reader), ``plain-fp8`` (fp8 weights, no scales) and ``high-precision`` (nothing fp8:
+quantize on the fly). A weight scale of block shape is recognised from its shape (``scheme.KNOWN_BLOCKS``).
+Files mix fp8 layers with bf16/fp32 ones; those are kept as they are. An unknown
 or inconsistent layout is an error, never a guess.
 """
 
@@ -17,7 +19,8 @@ import torch
 
 from ..config import Fp8Config
 from ..fp8_utils import is_fp8_dtype
-from ..scheme import GroupShape, weight_group_of_scale
+from ..scheme import MX_BLOCK, GroupShape, expected_scale_shapes, weight_group_of_scale
+from .comfy_formats import MXFP8
 from .header import CheckpointError, SafetensorsHeader, TensorInfo
 
 WEIGHT_SCALE = "weight-scale"
@@ -27,8 +30,10 @@ PLAIN_FP8 = "plain-fp8"
 HIGH_PRECISION = "high-precision"
 DIALECTS = (WEIGHT_SCALE, COMFY_SCALED, COMFY_QUANT, PLAIN_FP8, HIGH_PRECISION)
 
-# The one place where old scale names map to the new ones.
-SCALE_ALIASES = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
+# The one place where other scale names map to the canonical ones. DeepSeek and vLLM block-quantized files call
+# the weight's scale ``weight_scale_inv`` (it multiplies the fp8 values, like every scale here).
+COMFY_SCALED_NAMES = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
+SCALE_ALIASES = {**COMFY_SCALED_NAMES, "weight_scale_inv": "weight_scale"}
 SCALE_NAMES = ("weight_scale", "input_scale", *SCALE_ALIASES)
 COMFY_QUANT_SUFFIX = "comfy_quant"
 SCALED_FP8_MARKER = "scaled_fp8"
@@ -46,6 +51,7 @@ class LayerInfo:
     input_scale: TensorInfo | None = None
     comfy_quant: TensorInfo | None = None
     scale_names: tuple[str, ...] = ()
+    quant_format: str | None = None  # a comfy-quant layer's declared format, once the reader has read it
 
     @property
     def is_fp8(self) -> bool:
@@ -56,11 +62,13 @@ class LayerInfo:
         """The granularity of the weight's scale (``None``: no scale); shapes were checked when the file was scanned."""
         if self.weight_scale is None:
             return None
+        if self.quant_format == MXFP8:
+            return MX_BLOCK
         return weight_group_of_scale(self.weight_scale.shape, *_out_in(self.weight))
 
     @property
     def granularity(self) -> str | None:
-        """"tensor" or "channel", as configs and reports name it."""
+        """"tensor", "channel" or the block's description, as configs and reports name it."""
         group = self.weight_group
         if group is None:
             return None
@@ -96,6 +104,13 @@ class CheckpointScan:
         """The layer name without the file's key prefix (what skip patterns and models use)."""
         return layer_name[len(self.prefix) :] if layer_name.startswith(self.prefix) else layer_name
 
+    def has_format_entry(self, layer: LayerInfo) -> bool:
+        """Whether a comfy-quant layer declares its format (a ``.comfy_quant`` tensor or a metadata entry)."""
+        if layer.comfy_quant is not None:
+            return True
+        listed = self.quant_metadata or {}
+        return layer.name in listed or self.short_name(layer.name) in listed
+
 
 def scan_header(header: SafetensorsHeader) -> CheckpointScan:
     path = header.path
@@ -105,6 +120,7 @@ def scan_header(header: SafetensorsHeader) -> CheckpointScan:
         if key.endswith(".weight"):
             layers[key[: -len(".weight")]] = LayerInfo(key[: -len(".weight")], info)
     marker = None
+    scales: list[tuple[str, TensorInfo, LayerInfo, str]] = []
     for key, info in tensors.items():
         if key.endswith(".weight"):
             continue
@@ -122,18 +138,22 @@ def scan_header(header: SafetensorsHeader) -> CheckpointScan:
             continue
         canonical = SCALE_ALIASES.get(suffix, suffix)
         if getattr(layer, canonical) is not None:
-            raise CheckpointError(f"{path}: layer {layer_name!r} has both {canonical} and its old name {suffix}")
-        _check_scale_shape(path, key, info, layer.weight, canonical)
+            raise CheckpointError(f"{path}: layer {layer_name!r} has both {canonical} and its other name {suffix}")
         setattr(layer, canonical, info)
         layer.scale_names += (suffix,)
+        scales.append((key, info, layer, canonical))
     metadata_layers = _metadata_layers(header)
     dialect = _dialect(layers, marker, metadata_layers)
     scan = CheckpointScan(header, dialect, _prefix(layers), layers, marker, metadata_layers)
+    for key, info, layer, canonical in scales:
+        if not scan.has_format_entry(layer):  # a declared format's scales are checked by the reader, per format
+            check_scale_shape(path, key, info, layer.weight, canonical)
     _check_consistency(scan)
     return scan
 
 
-def _check_scale_shape(path, key: str, info: TensorInfo, weight: TensorInfo, canonical: str) -> None:
+def check_scale_shape(path, key: str, info: TensorInfo, weight: TensorInfo, canonical: str) -> None:
+    """A float scale of a shape that fits the weight (an input scale: one scalar); else a ``CheckpointError``."""
     if info.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise CheckpointError(f"{path}: {key!r} has dtype {info.dtype}; scales are float32 (or bf16/fp16)")
     if canonical == "input_scale":
@@ -142,10 +162,9 @@ def _check_scale_shape(path, key: str, info: TensorInfo, weight: TensorInfo, can
         return
     if weight_group_of_scale(info.shape, *_out_in(weight)) is not None:
         return
-    out_features = _out_in(weight)[0]
     raise CheckpointError(
         f"{path}: {key!r} has shape {list(info.shape)}, which fits no granularity for weight "
-        f"{list(weight.shape)} (expected [], [1], [{out_features}] or [{out_features}, 1])"
+        f"{list(weight.shape)} (expected {expected_scale_shapes(*_out_in(weight))})"
     )
 
 
@@ -170,7 +189,7 @@ def _metadata_layers(header: SafetensorsHeader) -> dict[str, object] | None:
 def _dialect(layers: dict[str, LayerInfo], marker: TensorInfo | None, metadata_layers: dict | None) -> str:
     if metadata_layers is not None or any(layer.comfy_quant is not None for layer in layers.values()):
         return COMFY_QUANT
-    old_names = any(name in SCALE_ALIASES for layer in layers.values() for name in layer.scale_names)
+    old_names = any(name in COMFY_SCALED_NAMES for layer in layers.values() for name in layer.scale_names)
     if marker is not None or old_names:
         return COMFY_SCALED
     if any(layer.weight_scale is not None for layer in layers.values()):
@@ -188,7 +207,6 @@ def _prefix(layers: dict[str, LayerInfo]) -> str:
 
 def _check_consistency(scan: CheckpointScan) -> None:
     path = scan.path
-    metadata_layers = scan.quant_metadata
     needs_scale = scan.dialect in (WEIGHT_SCALE, COMFY_SCALED, COMFY_QUANT)
     for layer in scan.layers.values():
         if layer.is_fp8 and needs_scale and layer.weight_scale is None:
@@ -200,15 +218,12 @@ def _check_consistency(scan: CheckpointScan) -> None:
             raise CheckpointError(
                 f"{path}: fp8 weight {layer.name + '.weight'!r} is not 2-D: {list(layer.weight.shape)}"
             )
-        if not layer.is_fp8 and layer.weight_scale is not None:
+        if not layer.is_fp8 and layer.weight_scale is not None and not scan.has_format_entry(layer):
             scan.warnings.append(
                 f"{layer.name}: {layer.weight.dtype} weight carries a scale; it is applied at load, as ComfyUI does"
             )
         if scan.dialect == COMFY_QUANT and layer.is_fp8 and layer.comfy_quant is None:
-            listed = metadata_layers is not None and (
-                layer.name in metadata_layers or scan.short_name(layer.name) in metadata_layers
-            )
-            if not listed:
+            if not scan.has_format_entry(layer):
                 raise CheckpointError(
                     f"{path}: fp8 weight {layer.name + '.weight'!r} has neither a .comfy_quant entry nor a "
                     f"{QUANT_METADATA_KEY} entry"
@@ -236,11 +251,15 @@ def infer_config(scan: CheckpointScan) -> Fp8Config | None:
     if not fp8_layers:
         return None
     weight_dtype = Counter(layer.weight.dtype for layer in fp8_layers).most_common(1)[0][0]
-    channel = any(layer.granularity == "channel" for layer in fp8_layers)
+    granularities = {layer.granularity for layer in fp8_layers}
     static = all(layer.input_scale is not None for layer in fp8_layers)
+    # The stored layers' own scale shapes decide how each runs; this names the file's finest granularity.
+    granularity = "tensor" if granularities <= {"tensor", None} else "channel"
+    if any(layer.weight_group is not None and layer.weight_group.is_block() for layer in fp8_layers):
+        granularity = "block"
     return Fp8Config(
         weight_dtype=weight_dtype,
-        weight_granularity="channel" if channel else "tensor",
+        weight_granularity=granularity,
         activation_scheme="static" if static else "dynamic",
         activation_granularity="tensor" if static else "token",
     )

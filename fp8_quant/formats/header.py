@@ -20,6 +20,7 @@ MAX_HEADER_BYTES = 100 * 2**20
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # mxfp8 scales (ComfyUI 0.30)
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F32": torch.float32,

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from ..fp8_utils import invalid_scale_mask
-from .dialects import CheckpointScan
+from .comfy_formats import MXFP8, NON_FP8_FORMATS, mx_scale_to_float, unswizzle_mx_scale
+from .dialects import CheckpointScan, LayerInfo
 from .reader import read_layer_formats, scan_checkpoint
 
 
@@ -33,33 +34,73 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "granularity": dict(Counter(layer.granularity or "none" for layer in scan.fp8_layers)),
         "input_scales": sum(layer.input_scale is not None for layer in scan.fp8_layers),
         "formats": dict(Counter(formats.values())),
+        "blocks": _block_shapes(scan),
         "warnings": list(scan.warnings),
     }
+    not_fp8 = Counter(fmt for fmt in formats.values() if fmt in NON_FP8_FORMATS)
+    if not_fp8:
+        result["warnings"].append(
+            f"layers in formats that are not FP8 ({dict(not_fp8)}): ComfyUI's own loader reads this file, not this pack"
+        )
     result.update(_scale_health(scan, result["warnings"]))
     return result
 
 
+def _block_shapes(scan: CheckpointScan) -> dict[str, dict[str, Any]]:
+    """Per block granularity: how many layers, how their scale is stored, and the range of its shapes."""
+    blocks: dict[str, dict[str, Any]] = {}
+    for layer in scan.fp8_layers:
+        group = layer.weight_group
+        if group is None or not group.is_block() or layer.weight_scale is None:
+            continue
+        scale = layer.weight_scale
+        stored = "e8m0, swizzled" if layer.quant_format == MXFP8 else str(scale.dtype).removeprefix("torch.")
+        entry = blocks.setdefault(
+            group.describe(), {"layers": 0, "scale": f"{layer.scale_names[0]} ({stored})", "shapes": set()}
+        )
+        entry["layers"] += 1
+        entry["shapes"].add(tuple(scale.shape))
+    for entry in blocks.values():
+        shapes = sorted(entry.pop("shapes"))
+        entry["scale_shapes"] = [list(shapes[0]), list(shapes[-1])]
+    return blocks
+
+
+def _scale_values(handle, layer: LayerInfo, stored: str) -> tuple[torch.Tensor, int]:
+    """A stored scale's values as float32 (mxfp8's e8m0 bytes decoded), and how many all-zero mxfp8 groups it
+    marks (scale byte 0: a group of zeros, not a bad scale)."""
+    tensor = handle.get_tensor(f"{layer.name}.{stored}")
+    if layer.quant_format != MXFP8 or stored != "weight_scale":
+        return tensor.float().flatten(), 0
+    rows, in_features = layer.weight.shape
+    exponents = unswizzle_mx_scale(tensor, rows, in_features // 32)
+    return mx_scale_to_float(exponents).flatten(), int((exponents == 0).sum())
+
+
 def _scale_health(scan: CheckpointScan, warnings: list[str]) -> dict[str, Any]:
-    keys = [f"{layer.name}.{stored}" for layer in scan.layers.values() for stored in layer.scale_names]
-    if not keys:
+    entries = [(layer, stored) for layer in scan.layers.values() for stored in layer.scale_names]
+    if not entries:
         return {"scales": 0}
     values = []
     bad: list[str] = []
+    zero_groups = 0
     with safe_open(str(scan.path), framework="pt", device="cpu") as handle:
-        for key in keys:
-            scale = handle.get_tensor(key).float().flatten()
+        for layer, stored in entries:
+            scale, zeros = _scale_values(handle, layer, stored)
+            zero_groups += zeros
             if bool(invalid_scale_mask(scale).any()):
-                bad.append(key)
+                bad.append(f"{layer.name}.{stored}")
             values.append(scale)
     flat = torch.cat(values)
     finite = flat[torch.isfinite(flat)]
     health = {
-        "scales": len(keys),
+        "scales": len(entries),
         "scale_min": finite.min().item() if finite.numel() else None,
         "scale_max": finite.max().item() if finite.numel() else None,
         "scale_nan": int(torch.isnan(flat).sum()),
         "scale_inf": int(torch.isinf(flat).sum()),
         "scale_nonpositive": int((flat <= 0).sum()),
+        "mxfp8_zero_groups": zero_groups,
     }
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -78,10 +119,15 @@ def format_inspection(result: dict[str, Any]) -> str:
         f"{result['input_scales']} with input scales{formats})",
         f"bytes: fp8 layers {result['fp8_bytes'] / mib:.1f} MiB, the rest {result['other_bytes'] / mib:.1f} MiB",
     ]
+    for block, entry in result["blocks"].items():
+        first, last = entry["scale_shapes"]
+        shapes = str(first) if first == last else f"{first} .. {last}"
+        lines.append(f"blocks: {block} in {entry['layers']} layers, scales {entry['scale']} {shapes}")
     if result.get("scales"):
         lines.append(
             f"scales: {result['scales']} tensors, min {result['scale_min']:.3g}, max {result['scale_max']:.3g}, "
             f"NaN {result['scale_nan']}, inf {result['scale_inf']}, <=0 {result['scale_nonpositive']}"
+            + (f", mxfp8 all-zero groups {result['mxfp8_zero_groups']}" if result["mxfp8_zero_groups"] else "")
         )
     lines += [f"warning: {warning}" for warning in result["warnings"]]
     return "\n".join(lines)

@@ -1,9 +1,12 @@
 """Load an FP8 checkpoint of any dialect into one canonical state dict.
 
-Canonical form: ``<layer>.weight`` (fp8 or high precision), ``<layer>.weight_scale`` (float32, ``[]`` or
-``[N]``) and ``<layer>.input_scale`` (float32 ``[]``) for fp8 layers; markers (``scaled_fp8``,
-``.comfy_quant``) are consumed, old scale names mapped, and a plain fp8 cast gets explicit unit scales. The
-config inferred from the file comes with it, so loading a pre-quantized file needs no user choices.
+Canonical form: ``<layer>.weight`` (fp8 or high precision), ``<layer>.weight_scale`` (float32, ``[]``, ``[N]``
+or blocks, ``scheme.weight_scale_shape``) and ``<layer>.input_scale`` (float32 ``[]``) for fp8 layers; markers
+(``scaled_fp8``, ``.comfy_quant``) are consumed, other scale names mapped, ``mxfp8`` e8m0 scales unswizzled to
+float32 groups of 32 (the weight keeps ComfyUI's padding to 32; the loader crops it to the model's shape), and
+a plain fp8 cast gets explicit unit scales. The config inferred from the file comes with it, so loading a
+pre-quantized file needs no user choices. Layers in a format that is not FP8 (``nvfp4``, ...) are an error
+that names ComfyUI's own loader.
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ from safetensors import SafetensorError, safe_open
 from ..config import Fp8Config
 from ..fp8_utils import check_scale
 from ..scheme import weight_scale_shape
+from .comfy_formats import (
+    FP8_FORMATS,
+    MX_SCALE_DTYPES,
+    MXFP8,
+    NON_FP8_FORMATS,
+    mx_scale_shape,
+    mx_scale_to_float,
+    unswizzle_mx_scale,
+    weight_dtype_of,
+)
 from .dialects import (
     COMFY_QUANT,
     COMFY_QUANT_SUFFIX,
@@ -27,14 +40,13 @@ from .dialects import (
     SCALE_ALIASES,
     CheckpointScan,
     LayerInfo,
+    check_scale_shape,
     infer_config,
     scan_header,
 )
 from .header import CheckpointError, read_header
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_COMFY_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
 @dataclass
@@ -67,6 +79,7 @@ def load_checkpoint(
     for warning in scan.warnings:
         logger.warning("%s: %s", scan.path, warning)
     formats = read_layer_formats(scan)
+    refuse_non_fp8_formats(scan, formats)
     state_dict: dict[str, torch.Tensor] = {}
     names = list(scan.header.tensors)
     consumed = _consumed_keys(scan)
@@ -85,7 +98,8 @@ def load_checkpoint(
 
 
 def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
-    """Each comfy-quant layer's declared format, validated against its weight dtype."""
+    """Each comfy-quant layer's declared format, validated against its weight and scales (FP8 formats) and noted on
+    its ``LayerInfo``; formats that are not FP8 are returned as they are (``refuse_non_fp8_formats``)."""
     if scan.dialect != COMFY_QUANT:
         return {}
     formats: dict[str, str] = {}
@@ -108,21 +122,52 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
         layer = scan.layers.get(name)
         if layer is None:
             raise CheckpointError(f"{scan.path}: quantization entry for {name!r} has no matching weight")
-        if layer.weight.dtype != SUPPORTED_COMFY_FORMATS[fmt]:
-            raise CheckpointError(
-                f"{scan.path}: layer {name!r} declares format {fmt} but its weight is {layer.weight.dtype}"
-            )
+        layer.quant_format = fmt
+        if fmt in FP8_FORMATS:
+            _check_fp8_format(scan, layer, fmt)
     return formats
+
+
+def refuse_non_fp8_formats(scan: CheckpointScan, formats: dict[str, str]) -> None:
+    """The one-line error for a file whose layers use a format that is not FP8."""
+    for name, fmt in formats.items():
+        if fmt in NON_FP8_FORMATS:
+            raise CheckpointError(
+                f"{scan.path}: layer {scan.short_name(name)!r} is in ComfyUI's {fmt} format, which is not FP8; "
+                "load this file with ComfyUI's own Load Diffusion Model node, which handles it"
+            )
+
+
+def _check_fp8_format(scan: CheckpointScan, layer: LayerInfo, fmt: str) -> None:
+    """The weight dtype and the scales an FP8 format stores (checked here, not at the header scan, per format)."""
+    if layer.weight.dtype != weight_dtype_of(fmt):
+        raise CheckpointError(
+            f"{scan.path}: layer {layer.name!r} declares format {fmt} but its weight is {layer.weight.dtype}"
+        )
+    input_scale = layer.input_scale
+    if input_scale is not None:
+        check_scale_shape(scan.path, _stored_name(layer, "input_scale"), input_scale, layer.weight, "input_scale")
+    scale = layer.weight_scale
+    if scale is None:
+        return  # the dialect check names the missing scale
+    if fmt != MXFP8:
+        check_scale_shape(scan.path, _stored_name(layer, "weight_scale"), scale, layer.weight, "weight_scale")
+        return
+    rows, in_features = layer.weight.shape
+    expected = mx_scale_shape(rows, in_features)
+    if in_features % 32 or scale.dtype not in MX_SCALE_DTYPES or tuple(scale.shape) != expected:
+        raise CheckpointError(
+            f"{scan.path}: mxfp8 layer {layer.name!r} has weight {list(layer.weight.shape)} and scale "
+            f"{scale.dtype} {list(scale.shape)}; mxfp8 stores inputs padded to 32 and e8m0 scales {list(expected)}"
+        )
 
 
 def _format_of(scan: CheckpointScan, where: str, entry: object) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
         raise CheckpointError(f"{scan.path}: {where} must be a JSON object with a 'format' string, got {entry!r}")
     fmt = entry["format"]
-    if fmt not in SUPPORTED_COMFY_FORMATS:
-        raise CheckpointError(
-            f"{scan.path}: {where} names format {fmt!r}; this pack reads {sorted(SUPPORTED_COMFY_FORMATS)}"
-        )
+    if fmt not in FP8_FORMATS and fmt not in NON_FP8_FORMATS:
+        raise CheckpointError(f"{scan.path}: {where} names format {fmt!r}; this pack reads {list(FP8_FORMATS)}")
     return fmt
 
 
@@ -152,6 +197,10 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
         return
     if layer.weight_scale is None:  # plain fp8 cast
         state_dict[scale_key] = torch.ones((), dtype=torch.float32, device=state_dict[weight_key].device)
+    if fmt == MXFP8:
+        rows, in_features = layer.weight.shape
+        exponents = unswizzle_mx_scale(state_dict[scale_key], rows, in_features // 32)
+        state_dict[scale_key] = mx_scale_to_float(exponents)
     scale = state_dict[scale_key].float()
     if layer.weight_group is not None:
         scale = scale.reshape(weight_scale_shape(layer.weight_group, *state_dict[weight_key].shape))
@@ -181,4 +230,4 @@ def _check_values(scan: CheckpointScan, key: str, scale: torch.Tensor) -> None:
         raise CheckpointError(str(error)) from None
 
 
-__all__ = ["Fp8Checkpoint", "load_checkpoint", "read_layer_formats", "scan_checkpoint"]
+__all__ = ["Fp8Checkpoint", "load_checkpoint", "read_layer_formats", "refuse_non_fp8_formats", "scan_checkpoint"]

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +44,12 @@ class ConvertReport:
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_in: int = 0
     bytes_out: int = 0
+    calibrated: int = 0
 
     def summary(self) -> str:
+        calibrated = f", {self.calibrated} with calibrated input scales" if self.calibrated else ""
         return (
-            f"{len(self.quantized)} layers quantized, {len(self.skipped)} weights kept; "
+            f"{len(self.quantized)} layers quantized{calibrated}, {len(self.skipped)} weights kept; "
             f"{self.bytes_in / 2**20:.1f} MiB -> {self.bytes_out / 2**20:.1f} MiB"
         )
 
@@ -75,10 +77,13 @@ def convert_checkpoint(
     default_skips: bool = True,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
+    input_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> ConvertReport:
     """Write ``destination``: every 2-D floating ``.weight`` not skipped becomes fp8 with its scale.
 
     ``weight_group``: per tensor (what ComfyUI's loaders read) or, in the ``weight-scale`` format, per channel.
+    ``input_scales``: calibrated static input scales by layer name without the key prefix
+    (``calibration.read_input_scales``); quantized layers that have one get it written as their input scale.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
@@ -121,6 +126,12 @@ def convert_checkpoint(
         scale_name = "scale_weight" if output_format == COMFY_SCALED_FORMAT else "weight_scale"
         plan.append(_Planned(key, weight_dtype, info.shape, lambda q=quantize: q()[0]))
         plan.append(_Planned(f"{layer}.{scale_name}", torch.float32, scale_shape, _scale_from(cache, scale_shape)))
+        calibrated = (input_scales or {}).get(scan.short_name(layer))
+        if calibrated is not None:
+            input_name = "scale_input" if output_format == COMFY_SCALED_FORMAT else "input_scale"
+            value = calibrated.float().reshape(())
+            plan.append(_Planned(f"{layer}.{input_name}", torch.float32, (), lambda v=value: v))
+            report.calibrated += 1
         if output_format == COMFY_QUANT_FORMAT:
             payload = json.dumps({"format": _COMFY_FORMAT_NAMES[weight_dtype]}).encode()
             plan.append(_Planned(f"{layer}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)))

@@ -22,6 +22,11 @@ from ..quant_fp8 import QuantFP8
 from ..scheme import QuantKey
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Why mxfp8 layers (ComfyUI 0.30) run on the dequantize kernel, wherever a GEMM kernel is asked.
+MX_REASON = (
+    "mxfp8 weights (groups of 32, power-of-two scales) need an MX GEMM (Blackwell GPUs, capability 10.0+, "
+    "torch 2.10+), which this pack does not drive: they are dequantized"
+)
 
 
 @dataclass(frozen=True)

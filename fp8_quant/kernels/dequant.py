@@ -38,5 +38,8 @@ class DequantLinearKernel(FP8ScaledMMLinearKernel):
     ) -> tuple[Tensor, bool]:
         compute_dtype = out_dtype if x_scale is not None or x.dtype not in _FLOAT_DTYPES else x.dtype
         weight = dequantize(params.weight, params.weight_scale, compute_dtype, params.weight_group)
-        x = dequantize(x, x_scale, compute_dtype) if x_scale is not None else x.to(compute_dtype)
+        if x_scale is not None:
+            x = dequantize(x, x_scale, compute_dtype, self.config.activation_quant_key.group_shape)  # type: ignore[union-attr]
+        else:
+            x = x.to(compute_dtype)
         return F.linear(x, weight, bias.to(compute_dtype) if bias is not None else None), True

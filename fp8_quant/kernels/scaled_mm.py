@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype
 from ..params import Fp8LinearParams
-from .base import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
+from ..scheme import MX_BLOCK
+from .base import MX_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 
 
 def _device_support(device: torch.device, forced: bool) -> tuple[bool, str | None]:
@@ -33,8 +34,12 @@ def _layer_support(config: FP8ScaledMMLinearLayerConfig) -> str | None:
         return f"weight dtype {weight_key.dtype} is not fp8"
     if weight_key.dtype == torch.float8_e5m2 and config.activation_quant_key.dtype == torch.float8_e5m2:
         return "e5m2 x e5m2 is not supported by _scaled_mm"
+    if weight_key.group_shape == MX_BLOCK:
+        return MX_REASON
     if not (weight_key.per_tensor or weight_key.group_shape.is_per_channel()):
         return f"{weight_key.group_shape.describe()} weight scales need a block-scaled kernel"
+    if config.activation_quant_key.group_shape.is_per_group():
+        return "1x128 activation groups need the block-scaled kernel"
     if config.in_features % 16 or config.out_features % 16:
         return f"_scaled_mm needs in/out features divisible by 16, layer is {config.out_features}x{config.in_features}"
     return None

@@ -14,7 +14,9 @@ import os
 
 import torch
 
+from ..fp8_utils import fp8_compute_unsupported
 from .base import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
+from .block_scaled_mm import BlockScaledMMKernel
 from .dequant import DequantLinearKernel
 from .scaled_mm import ChannelWiseScaledMMKernel, PerTensorScaledMMKernel
 
@@ -24,6 +26,7 @@ KERNEL_ENV = "FP8_QUANT_KERNEL"
 KERNELS: tuple[type[FP8ScaledMMLinearKernel], ...] = (
     PerTensorScaledMMKernel,
     ChannelWiseScaledMMKernel,
+    BlockScaledMMKernel,
     DequantLinearKernel,
 )
 KERNEL_NAMES: tuple[str, ...] = ("auto", *(kernel.name for kernel in KERNELS))
@@ -37,6 +40,15 @@ def kernel_class(name: str, option: str = "kernel") -> type[FP8ScaledMMLinearKer
         if kernel.name == name:
             return kernel
     raise ValueError(f"{option}: unknown fp8 kernel {name!r}; allowed values: {list(KERNEL_NAMES)}")
+
+
+def block_groups_at_speed(device: torch.device | str) -> bool:
+    """Whether weights in groups of 128 inputs cost no speed on ``device``: it runs them on the block-scaled fp8
+    GEMM, or it has no fp8 GEMM at all (every layer is dequantized there anyway: CPUs, pre-Ada GPUs)."""
+    device = torch.device(device)
+    if fp8_compute_unsupported(device) is not None:
+        return True
+    return BlockScaledMMKernel.is_supported(device)[0]
 
 
 def forced_kernel_name(forced: str | None = None) -> str | None:

@@ -1,7 +1,11 @@
 """Run under ComfyUI's Python (COMFYUI_PYTHON) with COMFYUI_DIR on sys.path: writes tiny random models.
 
-Usage: python comfy_fixtures.py wan|flux OUT.safetensors
+Usage: python comfy_fixtures.py wan|wan_outliers|flux OUT.safetensors
+       python comfy_fixtures.py comfy-quantize FORMAT SOURCE.safetensors OUT.safetensors
 DiTs of width 256 built with ComfyUI's own classes, so ComfyUI detects them from their keys and shapes.
+``wan_outliers`` is the Wan model with a few large input columns in its block linears. ``comfy-quantize`` writes a
+file the way ComfyUI itself saves quantized layers (its quantizer, its state dict, ``.comfy_quant``), for the
+block linears of SOURCE, in one of ComfyUI's formats (mxfp8, nvfp4, int8_tensorwise, float8_e4m3fn).
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def flux_model(operations, **sizes) -> torch.nn.Module:
 
 
 MODELS = {"wan": wan_model, "flux": flux_model}
+# Fixture kinds: the model and the ``randomize_dit`` options on top of the channel spread every fixture has.
+FIXTURES = {"wan": ("wan", {}), "flux": ("flux", {}), "wan_outliers": ("wan", {"outlier_columns": 4})}
 
 
 def write_tiny_dit(kind: str, path: str) -> None:
@@ -71,8 +77,9 @@ def write_tiny_dit(kind: str, path: str) -> None:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = MODELS[kind](comfy.ops.disable_weight_init)
-    randomize_dit(model, channel_spread=True)
+    model_kind, options = FIXTURES[kind]
+    model = MODELS[model_kind](comfy.ops.disable_weight_init)
+    randomize_dit(model, channel_spread=True, **options)
     state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, path)
 
@@ -80,11 +87,15 @@ def write_tiny_dit(kind: str, path: str) -> None:
 BLOCK_PREFIXES = ("blocks.", "double_blocks.", "single_blocks.")  # Wan, Flux
 
 
-def randomize_dit(model: torch.nn.Module, channel_spread: bool) -> None:
+def randomize_dit(
+    model: torch.nn.Module, channel_spread: bool, outlier_columns: int = 0, outlier_factor: float = 8.0
+) -> None:
     """Random weights of sensible scale: norms at 1, small biases, weights ~ 1/sqrt(fan_in).
 
     ``channel_spread``: output channels of very different magnitudes, as real checkpoints have: that is where
-    per-channel scales beat a plain fp8 cast.
+    per-channel scales beat a plain fp8 cast. ``outlier_columns``: that many input columns of each block linear,
+    chosen at random, ``outlier_factor`` times larger, as trained DiTs have along some input channels: a column
+    that crosses every row sets every row's scale.
     """
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -96,7 +107,34 @@ def randomize_dit(model: torch.nn.Module, channel_spread: bool) -> None:
                 param.normal_(0, 1.0 / max(1, param.shape[-1]) ** 0.5)
                 if channel_spread and param.dim() == 2 and name.startswith(BLOCK_PREFIXES):
                     param.mul_(torch.logspace(-1.5, 0.5, param.shape[0], device=param.device)[:, None])
+                if outlier_columns and param.dim() == 2 and name.startswith(BLOCK_PREFIXES):
+                    param[:, torch.randperm(param.shape[1])[:outlier_columns]] *= outlier_factor
+
+
+def write_comfy_quantized(fmt: str, source: str, path: str) -> None:
+    """The block linears of ``source`` quantized by ComfyUI's own code into ``fmt``, saved as its checkpoint
+    savers do (``QuantizedTensor.state_dict`` and a ``.comfy_quant`` JSON per layer); the rest as it is."""
+    setup_comfy()
+    import json
+
+    from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        layer = key.removesuffix(".weight")
+        if key.endswith(".weight") and value.dim() == 2 and ".blocks." in key:
+            quantized = QuantizedTensor.from_float(value.float(), QUANT_ALGOS[fmt]["comfy_tensor_layout"])
+            out.update(quantized.state_dict(key))
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+        else:
+            out[key] = value
+    save_file({key: value.contiguous() for key, value in out.items()}, path)
 
 
 if __name__ == "__main__":
-    write_tiny_dit(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "comfy-quantize":
+        write_comfy_quantized(*sys.argv[2:5])
+    else:
+        write_tiny_dit(sys.argv[1], sys.argv[2])

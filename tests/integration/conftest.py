@@ -187,7 +187,16 @@ def comfyui(tmp_path_factory) -> ComfyServer:
 
 
 def write_fixture(kind: str, path: Path) -> Path:
+    return _run_fixtures(kind, str(path))
+
+
+def write_comfy_quantized(fmt: str, source: Path, path: Path) -> Path:
+    """``source``'s block linears quantized and saved by ComfyUI's own code in ComfyUI's format ``fmt``."""
+    return _run_fixtures("comfy-quantize", fmt, str(source), str(path))
+
+
+def _run_fixtures(*args: str) -> Path:
     script = Path(__file__).with_name("comfy_fixtures.py")
     env = dict(os.environ, COMFYUI_DIR=str(COMFYUI_DIR))
-    subprocess.run([COMFYUI_PYTHON, str(script), kind, str(path)], check=True, env=env, cwd=COMFYUI_DIR)
-    return path
+    subprocess.run([COMFYUI_PYTHON, str(script), *args], check=True, env=env, cwd=COMFYUI_DIR)
+    return Path(args[-1])

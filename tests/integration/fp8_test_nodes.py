@@ -5,6 +5,7 @@
   loader (``comfy.sd.load_text_encoder_state_dicts``: detection from the keys, ComfyUI's model classes, its
   ``CLIP`` and patcher), made small through the ``<name>_model_config`` model option ComfyUI offers for that.
 - ``FP8TestSaveLatent`` / ``FP8TestSaveConditioning``: write results to the output folder for the test to read.
+- ``FP8TestLinearBytes``: the bytes a MODEL's block linears hold (weights and scales) next to their bf16 size.
 """
 
 from __future__ import annotations
@@ -256,7 +257,42 @@ class FP8TestSaveConditioning(_FP8TestSaveNode):
         return tensors
 
 
+class FP8TestLinearBytes:
+    """Writes ``output/<name>.json``: ``{"held": bytes, "bf16": bytes, "layers": n}`` over the linears whose names
+    start with ``prefix`` (the transformer blocks): each weight as the model holds it, plus its scales."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "measure"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "bytes"}), "prefix": ("STRING",)}}
+
+    def measure(self, model, name, prefix):
+        import json
+
+        import folder_paths
+
+        held = bf16 = layers = 0
+        for layer_name, module in model.model.diffusion_model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not layer_name.startswith(prefix) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            layers += 1
+            bf16 += weight.numel() * 2
+            for tensor in (weight, getattr(module, "weight_scale", None), getattr(module, "input_scale", None)):
+                if isinstance(tensor, torch.Tensor):
+                    held += tensor.numel() * tensor.element_size()
+        path = os.path.join(folder_paths.get_output_directory(), name + ".json")
+        with open(path, "w") as handle:
+            json.dump({"held": held, "bf16": bf16, "layers": layers}, handle)
+        return {"ui": {"path": [path]}}
+
+
 NODE_CLASS_MAPPINGS = {
+    "FP8TestLinearBytes": FP8TestLinearBytes,
     "FP8TestRandomConditioning": FP8TestRandomConditioning,
     "FP8TestTinyTextEncoder": FP8TestTinyTextEncoder,
     "FP8TestSaveLatent": FP8TestSaveLatent,

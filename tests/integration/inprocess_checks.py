@@ -1,7 +1,7 @@
 """In-process checks against ComfyUI's own classes; run by test_comfyui.py under COMFYUI_PYTHON.
 
 Usage: python inprocess_checks.py text_encoder t5|clip_l [lora] [fp8|comfy_quant] [dynamic]
-       python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic]
+       python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
@@ -210,6 +210,35 @@ def check_sampling(model_path: str) -> dict:
     }
 
 
+def stock_samples(seed: int, model_paths: list[str], out_path: str) -> dict:
+    """Each model through the stock loader (``comfy.sd.load_diffusion_model``) and KSampler's sampling with the server
+    tests' default prompt (conditioning seeds 1 and 2, a 32x32 Wan latent, 4 euler steps, cfg 2) and ``seed``; the
+    latents go to ``out_path``, so that a server run of another ComfyUI can be compared with this one's."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    def conditioning(seed: int):
+        return [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(seed)), {}]]
+
+    latent = torch.zeros(1, 16, 1, 4, 4)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    latents = {}
+    for index, path in enumerate(model_paths):
+        model = comfy.sd.load_diffusion_model(path)
+        latents[f"latent{index}"] = comfy.sample.sample(
+            model, noise, 4, 2.0, "euler", "simple", conditioning(1), conditioning(2), latent, seed=seed,
+            disable_pbar=True,
+        ).float().contiguous()
+        comfy.model_management.unload_all_models()
+        del model
+    save_file(latents, out_path)
+    import comfyui_version
+
+    return {"version": comfyui_version.__version__, "models": len(model_paths)}
+
+
 if __name__ == "__main__":
     dynamic = setup_comfy(dynamic_vram="dynamic" in sys.argv[2:])
     check = sys.argv[1]
@@ -222,6 +251,8 @@ if __name__ == "__main__":
         result = check_lowvram(argument)
     elif check == "sampling":
         result = check_sampling(argument)
+    elif check == "stock_sample":
+        result = stock_samples(int(sys.argv[2]), sys.argv[3:-1], sys.argv[-1])
     else:
         raise SystemExit(f"unknown check {check!r}")
     print("RESULT " + json.dumps({**result, "dynamic_vram": dynamic}))

@@ -19,7 +19,10 @@ def sampling_prompt(
     shift: float | None = None,
     latent: dict = WAN_LATENT,
     pooled_width: int = 0,
+    seed: int = SEED,
 ) -> dict:
+    """``seed``: the sampler's (another seed also makes ComfyUI run the sampler again on a cached model)."""
+
     def conditioning(seed: int) -> dict:
         inputs = {"width": 4096, "tokens": 8, "seed": seed, "pooled_width": pooled_width}
         return {"class_type": "FP8TestRandomConditioning", "inputs": inputs}
@@ -36,7 +39,7 @@ def sampling_prompt(
                 "positive": ["2", 0],
                 "negative": ["3", 0],
                 "latent_image": ["4", 0],
-                "seed": SEED,
+                "seed": seed,
                 "steps": 4,
                 "cfg": 2.0,
                 "sampler_name": "euler",

@@ -1,0 +1,180 @@
+"""Write a model as it runs: its fp8 layers with their scales and input scales, everything else as it is held.
+
+What Save FP8 Model (and anything holding a model quantized by this pack) writes, so that a graph's quantization,
+calibrated input scales included, outlives the running process and loads in stock ComfyUI. One layer at a time: the
+header is planned from the modules' shapes, then each tensor is made (copied to the host, re-quantized where the
+format needs it) just before it is written, so peak memory stays near one layer.
+
+Per format:
+- ``comfy-quant``: ``weight_scale`` + ``input_scale`` + a ``.comfy_quant`` JSON per fp8 layer (ComfyUI 0.16+ and
+  this pack). ``comfy-scaled``: ``scale_weight`` + ``scale_input`` + the ``scaled_fp8`` marker (any ComfyUI).
+  Both hold one scale per tensor, as ComfyUI's fp8 layers read them: a layer with per-channel or block scales is
+  re-quantized per tensor from its dequantized weight (one more fp8 rounding; the report counts them).
+- ``weight-scale``: this pack's own loader: every granularity as it is (per-channel ``[N, 1]``, blocks), exact.
+
+Input scales: a file's static ``input_scale`` as it is; a scale learnt at run time (``auto_scales``) as the static
+scale it stands for (``history * margin / 448``), also for layers that chose per-token scales, since stock ComfyUI
+otherwise quantizes at unit scale. A layer that has never run has none (the report says how many).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..fp8_utils import dequantize, quantize_weight
+from ..params import Fp8LinearParams
+from ..scheme import PER_TENSOR
+from .dialects import COMFY_QUANT_SUFFIX, SCALED_FP8_MARKER
+from .writer import (
+    _COMFY_FORMAT_NAMES,
+    COMFY_QUANT_FORMAT,
+    COMFY_SCALED_FORMAT,
+    OUTPUT_FORMATS,
+    WEIGHT_SCALE_FORMAT,
+    _constant,
+    _Planned,
+    _write_streaming,
+)
+
+logger = logging.getLogger(__name__)
+
+ParamsOf = Callable[[nn.Module], Fp8LinearParams]
+
+
+@dataclass
+class SaveReport:
+    """What a model save wrote."""
+
+    path: Path
+    output_format: str
+    fp8_layers: int = 0
+    requantized: int = 0
+    input_scales: int = 0
+    kept: list[str] = field(default_factory=list)
+    bytes_out: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.fp8_layers} fp8 layers ({self.input_scales} with calibrated input scales)"]
+        if self.requantized:
+            parts.append(f"{self.requantized} re-quantized per tensor for the {self.output_format} format")
+        if self.fp8_layers > self.input_scales:
+            parts.append(
+                f"{self.fp8_layers - self.input_scales} without one: not run yet, or run with high-precision "
+                "activations (no FP8 GPU and no activation scheme chosen); sample a step first to calibrate them"
+            )
+        return f"{self.path.name} ({self.output_format}): " + "; ".join(parts) + f"; {self.bytes_out / 2**20:.1f} MiB"
+
+
+def save_quantized_model(
+    model: nn.Module,
+    destination: str | os.PathLike,
+    output_format: str = COMFY_QUANT_FORMAT,
+    *,
+    key_prefix: str = "",
+    params_of: ParamsOf = Fp8LinearParams.from_layer,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> SaveReport:
+    """Write ``model``'s state as it runs to ``destination`` in ``output_format``; keys get ``key_prefix``.
+
+    ``params_of``: a quantized layer's current tensors (ComfyUI's layers give a LoRA-patched weight with its own
+    scale through theirs).
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
+    destination = Path(destination)
+    report = SaveReport(destination, output_format)
+    plan: list[_Planned] = []
+    fp8_layers = {name: module for name, module in model.named_modules() if hasattr(module, "fp8_layer_config")}
+    if not fp8_layers:
+        raise ValueError(f"{type(model).__name__} has no fp8 layers: nothing quantized to save")
+    weight_dtypes = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        layer_name, _, attribute = key.rpartition(".")
+        layer = fp8_layers.get(layer_name)
+        if layer is None:
+            plan.append(_as_stored(key_prefix + key, tensor))
+        elif attribute == "weight":
+            params = params_of(layer)
+            weight_dtypes.add(params.weight.dtype)
+            plan += _fp8_layer_plan(key_prefix + layer_name, layer, params, output_format, report)
+        elif attribute not in ("weight_scale", "input_scale"):
+            plan.append(_as_stored(key_prefix + key, tensor))
+    if output_format == COMFY_SCALED_FORMAT:
+        if len(weight_dtypes) > 1:
+            raise ValueError("comfy-scaled files hold one fp8 dtype; this model mixes e4m3 and e5m2: use comfy-quant")
+        marker = weight_dtypes.pop()
+        plan.append(_Planned(key_prefix + SCALED_FP8_MARKER, marker, (0,), lambda: torch.empty(0, dtype=marker)))
+    info = {"format": output_format, "writer": "save_quantized_model"}
+    _write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress)
+    report.bytes_out = destination.stat().st_size
+    logger.info(report.summary())
+    return report
+
+
+def learnt_input_scale(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's static input scale: its file's, else the one its activations taught it at run time."""
+    if getattr(layer, "input_scale", None) is not None:
+        return layer.input_scale.detach().float().reshape(())
+    state = layer.__dict__.get("fp8_activation_scale")
+    return state.static_input_scale() if state is not None else None
+
+
+def _fp8_layer_plan(
+    name: str, layer: nn.Module, params: Fp8LinearParams, output_format: str, report: SaveReport
+) -> list[_Planned]:
+    """The weight, its scale, the input scale and the format marker of one fp8 layer."""
+    report.fp8_layers += 1
+    weight, group = params.weight, params.weight_group
+    exact = output_format == WEIGHT_SCALE_FORMAT or group.is_per_tensor()
+    report.requantized += not exact
+    cache: dict[str, torch.Tensor] = {}
+
+    def stored_weight() -> torch.Tensor:
+        if exact:
+            cache["scale"] = params.weight_scale.detach().float().cpu()
+            return weight.detach().cpu()
+        real = dequantize(weight.detach(), params.weight_scale.detach(), torch.float32, group)
+        fp8_weight, scale = quantize_weight(real, weight.dtype, PER_TENSOR)
+        cache["scale"] = scale.cpu()
+        return fp8_weight.cpu()
+
+    scale_shape = tuple(params.weight_scale.shape) if exact else ()
+    if exact and group.is_per_channel():
+        scale_shape = (*scale_shape, 1)  # [N, 1], the shape vLLM and FastVideo files use
+    names = ("scale_weight", "scale_input") if output_format == COMFY_SCALED_FORMAT else ("weight_scale", "input_scale")
+    plan = [
+        _Planned(f"{name}.weight", weight.dtype, tuple(weight.shape), stored_weight),
+        _Planned(f"{name}.{names[0]}", torch.float32, scale_shape, lambda: cache.pop("scale").reshape(scale_shape)),
+    ]
+    input_scale = learnt_input_scale(layer)
+    if input_scale is not None:
+        report.input_scales += 1
+        value = input_scale.detach().float().cpu().reshape(())
+        plan.append(_Planned(f"{name}.{names[1]}", torch.float32, (), lambda: value))
+    if output_format == COMFY_QUANT_FORMAT:
+        payload = json.dumps({"format": _COMFY_FORMAT_NAMES[weight.dtype]}).encode()
+        plan.append(_Planned(f"{name}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)))
+    return plan
+
+
+def _as_stored(key: str, tensor: torch.Tensor) -> _Planned:
+    """A high-precision tensor: bf16 where that holds it exactly (weights loaded from a bf16 file, held in fp32 on a
+    CPU), else its own dtype (fp16 compute copies, values bf16 would round)."""
+    dtype = tensor.dtype
+    if dtype in (torch.float32, torch.float16) and _exact_in_bf16(tensor):
+        dtype = torch.bfloat16
+    return _Planned(key, dtype, tuple(tensor.shape), lambda: tensor.detach().to("cpu", dtype).contiguous())
+
+
+def _exact_in_bf16(tensor: torch.Tensor) -> bool:
+    values = tensor.detach()
+    return bool(torch.equal(values.to(torch.bfloat16).to(values.dtype), values))

@@ -1,0 +1,79 @@
+"""Save FP8 Model: write the model from Load FP8 DiT as it runs (fp8 weights, scales, calibrated input scales, layers
+kept in high precision) to ``models/diffusion_models``, in a format ComfyUI's stock loader reads."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+from fp8_quant.formats.model_writer import save_quantized_model
+from fp8_quant.formats.writer import COMFY_QUANT_FORMAT, OUTPUT_FORMATS
+
+from .loader import CATEGORY, node_error
+from .widgets import SAVE_FORMAT_TOOLTIP
+
+logger = logging.getLogger(__name__)
+NODE_TITLE = "Save FP8 Model"
+KEY_PREFIX = "model.diffusion_model."  # what ComfyUI's own checkpoint savers write, and its loaders detect
+
+
+class SaveFP8Model:
+    DESCRIPTION = (
+        "Saves a model from Load FP8 DiT as it runs now: fp8 weights and scales, the input scales it calibrated "
+        "while sampling, LoRA patches applied. The file goes to models/diffusion_models and loads with the stock "
+        "Load Diffusion Model node."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A model from Load FP8 DiT (sample with it first to calibrate)."}),
+                "filename_prefix": ("STRING", {"default": "fp8/ComfyUI"}),
+            },
+            "optional": {
+                "format": (list(OUTPUT_FORMATS), {"default": COMFY_QUANT_FORMAT, "tooltip": SAVE_FORMAT_TOOLTIP}),
+            },
+        }
+
+    def save(self, model, filename_prefix: str, format: str = COMFY_QUANT_FORMAT):
+        import comfy.model_management
+        import folder_paths
+
+        diffusion_model = model.model.diffusion_model
+        if not any(hasattr(module, "fp8_layer_config") for module in diffusion_model.modules()):
+            raise RuntimeError(f"{NODE_TITLE}: this model has no FP8 layers to save; connect Load FP8 DiT's MODEL")
+        folder = _diffusion_models_folder(folder_paths.get_folder_paths("diffusion_models"))
+        with node_error(NODE_TITLE):
+            directory, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, f"{name}_{counter:05}_.safetensors")
+            _load_with_patches(comfy.model_management, model)
+            report = save_quantized_model(
+                diffusion_model, path, format, key_prefix=KEY_PREFIX, params_of=_current_params
+            )
+        summary = report.summary()
+        logger.info("%s: %s", NODE_TITLE, summary)
+        return {"ui": {"text": [summary]}}
+
+
+def _diffusion_models_folder(folders: list[str]) -> str:
+    """``models/diffusion_models`` (ComfyUI lists the legacy ``models/unet`` first)."""
+    return next((folder for folder in folders if os.path.basename(folder) == "diffusion_models"), folders[0])
+
+
+def _load_with_patches(model_management, model) -> None:
+    """Load the model as the stock savers do, with LoRA and other weight patches applied to the weights."""
+    parameters = inspect.signature(model_management.load_models_gpu).parameters
+    options = {"force_patch_weights": True} if "force_patch_weights" in parameters else {}
+    model_management.load_models_gpu([model], **options)
+
+
+def _current_params(layer):
+    """A layer's tensors as it runs: a LoRA-patched weight comes with the scale it was quantized with."""
+    return layer.fp8_params()
