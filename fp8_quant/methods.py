@@ -224,7 +224,9 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
         group, fit = self.config.weight_group, False
         if self.config.weight_granularity == AUTO:
-            choice = choose_weight_group(source, groups_at_speed=block_groups_at_speed(source.device), rows=row_amax)
+            choice = choose_weight_group(
+                source, groups_at_speed=block_groups_at_speed(source.device, source.shape[1]), rows=row_amax
+            )
             group, fit = choice.group, choice.fit
             logger.debug("%s: %s", what, choice.reason)
         fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group, fit=fit)

@@ -28,6 +28,9 @@ from .base import MX_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConf
 
 BLOCK_WEIGHT_GROUPS: tuple[GroupShape, ...] = (BLOCK_128, GROUP_128)
 BLOCK_K = 128
+# torch 2.11's block-scaled _scaled_mm refuses ("Invalid scaling configuration") a K whose number of 128-blocks is
+# not a multiple of 4, in every scale layout tried on an H100: K must be a multiple of 512 (DiT widths are).
+K_MULTIPLE = 4 * BLOCK_K
 NEEDS = "torch 2.9+ and a GPU of capability 9.0 (H100/H200), where cuBLASLt scales 128-blocks"
 
 
@@ -65,11 +68,11 @@ def block_scaled_mm(
 
 
 def block_scaled_mm_problem(device: torch.device, group: GroupShape) -> tuple[Tensor, ...]:
-    """A small problem whose K blocks (3) are not a multiple of 4 (torch's padding bug), with uneven scales:
+    """A small problem of the K the kernel takes (a multiple of 512), with uneven scales:
     ``(x_fp8, x_scale [M, K/128], w_fp8, w_scale, reference)``; the reference is the dequantized product."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 384, generator=generator) * torch.logspace(-2, 1, 384)
-    w = torch.randn(256, 384, generator=generator) * torch.logspace(-2, 1, 256)[:, None]
+    x = torch.randn(64, K_MULTIPLE, generator=generator) * torch.logspace(-2, 1, K_MULTIPLE)
+    w = torch.randn(256, K_MULTIPLE, generator=generator) * torch.logspace(-2, 1, 256)[:, None]
     x_fp8, x_scale = quantize_input_groups(x, group=BLOCK_K)
     w_fp8, w_scale = quantize_weight(w, group=group)
     reference = dequantize(x_fp8, x_scale, group=PER_TOKEN_GROUP_128) @ dequantize(w_fp8, w_scale, group=group).t()
@@ -131,10 +134,10 @@ class BlockScaledMMKernel(FP8ScaledMMLinearKernel):
             return False, f"{weight_key.group_shape.describe()} weight scales are not 128-block scales"
         if weight_key.dtype != torch.float8_e4m3fn or activation_key.dtype != torch.float8_e4m3fn:
             return False, "block-scaled _scaled_mm needs e4m3fn weights and activations"
-        if config.in_features % BLOCK_K or config.out_features % 16:
+        if config.in_features % K_MULTIPLE or config.out_features % 16:
             return False, (
-                f"block-scaled _scaled_mm needs in features divisible by 128 and out features by 16, layer is "
-                f"{config.out_features}x{config.in_features}"
+                f"block-scaled _scaled_mm needs in features divisible by {K_MULTIPLE} and out features by 16, "
+                f"layer is {config.out_features}x{config.in_features}"
             )
         return True, None
 
