@@ -30,6 +30,8 @@ from .scheme import (
 
 logger = logging.getLogger(__name__)
 Dtype = torch.dtype | None
+# Layer name -> (fp8 weight [N, K], weight scale): values chosen ahead of time (``gptq``) instead of plain rounding.
+RoundedWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class Fp8LinearMethod:
@@ -177,7 +179,15 @@ class Fp8LinearMethod:
 
 
 class Fp8OnlineLinearMethod(Fp8LinearMethod):
-    """For bf16/fp16/fp32 layers quantized at load: weight scales of the config's granularity, from the weight."""
+    """For bf16/fp16/fp32 layers quantized at load: weight scales of the config's granularity, from the weight.
+
+    ``rounded``: per layer name, fp8 values and scales chosen ahead of time (error-compensating rounding); such a
+    layer installs them instead of rounding its weight to the nearest fp8 values.
+    """
+
+    def __init__(self, config: Fp8Config, kernel: str | None = None, rounded: RoundedWeights | None = None) -> None:
+        super().__init__(config, kernel)
+        self.rounded = rounded if rounded is not None else {}
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
@@ -200,6 +210,13 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             source = source.to(quantize_device)
         if not bool(torch.isfinite(source).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
+        if what in self.rounded:
+            fp8_weight, weight_scale = self.rounded[what]
+            if tuple(fp8_weight.shape) != tuple(weight.shape):
+                raise ValueError(f"{what}: rounded weight {list(fp8_weight.shape)} does not fit {list(weight.shape)}")
+            self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
+            layer.fp8_name = what
+            return
         group = self.config.weight_group
         if self.config.weight_granularity == AUTO:
             group, _ = choose_weight_group(source)
