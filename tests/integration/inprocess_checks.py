@@ -75,6 +75,10 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     if reference_pooled is not None:
         result["pooled_rel_err"] = rel_err(quantized_pooled, reference_pooled)
         result["input_encodes_as_before"] &= bool(torch.equal(again_pooled, reference_pooled))
+    if storage == "bf16" and not with_lora:
+        # ComfyUI's own --fp8_e4m3fn-text-enc: the same weights held as plain fp8 casts, upcast per layer.
+        stock = tiny_text_encoder(family, storage="fp8")
+        result["stock_fp8_rel_err"] = rel_err(stock.encode_from_tokens(tokens), reference)
     return {**result, **extra}
 
 
