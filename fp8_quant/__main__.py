@@ -1,4 +1,4 @@
-"""Command line: ``python -m fp8_quant demo | inspect FILE | convert IN OUT``."""
+"""Command line: ``python -m fp8_quant demo | inspect FILE | convert IN OUT | sensitivity MODEL_DIR``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from . import demo
+from . import demo, sensitivity_cli
 from .config import parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.inspect import format_inspection, inspect_checkpoint
@@ -61,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     convert_parser.add_argument("--skip", action="append", default=[], help="extra layer pattern to keep (repeat)")
     convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
     convert_parser.add_argument("--device", default="cpu", help="where to quantize each tensor (cuda is faster)")
+    sensitivity_parser = commands.add_parser(
+        "sensitivity",
+        parents=[verbose],
+        help="per-layer fp8 error of a text encoder (a BERT folder: config.json, vocab.txt, model.safetensors)",
+    )
+    sensitivity_parser.add_argument("model", help="folder of a BERT-family sentence encoder")
+    sensitivity_parser.add_argument("--recipe", choices=("quality", "speed"), default="quality")
+    sensitivity_parser.add_argument("--budget", type=float, default=0.55, help="linear bytes / their bf16 bytes")
+    sensitivity_parser.add_argument("--prompts", help="text file, one calibration prompt a line (default: built in)")
+    sensitivity_parser.add_argument("--plot", default="sensitivity.png", help="PNG to write (needs matplotlib)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -94,6 +104,11 @@ def _run(args: argparse.Namespace) -> int:
             progress=ProgressBar("convert"),
         )
         print(f"{args.output}: {args.format}; {report.summary()}")
+    elif args.command == "sensitivity":
+        report = sensitivity_cli.run_sensitivity(args.model, args.recipe, args.budget, args.prompts, args.plot)
+        print(report.sensitivity.table())
+        print(report.summary())
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Fp8Config
+from .cuda_graphs import GraphedForward
 from .dispatch import Fp8Recipe, LayerDecision
 from .fp8_utils import is_fp8_dtype
 from .kernels import explain_choice
@@ -166,6 +167,11 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
         new.fp8_kernels = {}
     new.__dict__.pop("fp8_activation_scale", None)  # learnt at run time, per model
     forward = new.__dict__.get("forward")
+    if isinstance(forward, GraphedForward):  # graphs of the original's memory: the copy runs eagerly
+        del new.forward
+        forward = forward.previous
+        if forward is not None:
+            new.forward = forward
     if isinstance(forward, types.MethodType) and forward.__self__ is module:
         new.forward = types.MethodType(forward.__func__, new)
     return new

@@ -73,8 +73,9 @@ def input_hessians(
     samples: Sequence[Sample],
     forward: Forward,
     max_bytes: int = HESSIAN_GROUP_BYTES,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, X^T X / rows)`` for each of ``layers``: float32 ``[K, K]`` on the layer's device.
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """``(name, X^T X / rows)`` for each of ``layers``: float32 ``[K, K]`` on the layer's device; ``None`` for a
+    layer the samples never reach (a vision tower beside a text model).
 
     Layers are taken in groups whose Hessians fit ``max_bytes``, one pass over the samples per group; a group is
     yielded layer by layer (the caller can free each once used).
@@ -92,9 +93,7 @@ def input_hessians(
         stats = _collect(model, {name: layers[name] for name in group}, samples, forward)
         for name in group:
             hessian, rows = stats.pop(name)
-            if rows == 0:
-                raise ValueError(f"{name}: the sample inputs never reached this layer; it cannot be calibrated")
-            yield name, hessian / rows
+            yield name, (hessian / rows if rows else None)
 
 
 def _collect(

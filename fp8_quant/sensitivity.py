@@ -72,7 +72,7 @@ class SensitivityReport:
         axes.bar(range(len(errors)), errors, color=colors)
         axes.set_yscale("log")
         axes.set_xlabel("linear layer (model order)")
-        axes.set_ylabel("output relative error, this layer alone in fp8")
+        axes.set_ylabel("output rel. error, layer alone in fp8")
         kept = len(self.kept)
         axes.set_title(f"fp8 sensitivity per layer: {kept} kept in bf16 (red), budget {self.budget:.2f}x bf16 bytes")
         ticks = range(0, len(errors), max(1, len(errors) // 24))
@@ -108,12 +108,13 @@ def measure_sensitivity(
     return results
 
 
-def choose_kept(layers: list[LayerSensitivity], other_bf16_bytes: int, budget: float) -> None:
+def choose_kept(layers: list[LayerSensitivity], budget: float, other_bytes: int = 0, other_bf16_bytes: int = 0) -> None:
     """Mark the layers to keep in high precision (``kept``): most error per byte first, while all linear weights
     stay within ``budget`` times their bf16 bytes. A quantized layer costs its fp8 weight and scales, a kept one 2
-    bytes a weight; linears that are not candidates (``other_bf16_bytes``) stay in high precision anyway."""
+    bytes a weight; the other linears (not measured: skipped, or fp8 without a choice) cost ``other_bytes`` of
+    ``other_bf16_bytes``."""
     total_bf16 = 2 * sum(layer.numel for layer in layers) + other_bf16_bytes
-    used = sum(layer.fp8_bytes for layer in layers) + other_bf16_bytes
+    used = sum(layer.fp8_bytes for layer in layers) + other_bytes
     allowed = budget * total_bf16
     if used > allowed:
         logger.info("fp8: even with every candidate in fp8 the linears take %.2fx their bf16 bytes", used / total_bf16)

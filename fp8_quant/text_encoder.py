@@ -113,11 +113,12 @@ def quantize_text_encoder(
     steps = _Steps(progress, 2 * len(candidates) + 1)
     references = run_samples(model, samples, forward)
     rounded = _round(model, candidates, samples, forward, config, quantize_device, steps)
+    reached = {name: module for name, module in candidates.items() if name in rounded}
     probe = samples[: max(1, sensitivity_samples)]
     sensitivity = SensitivityReport(
         measure_sensitivity(
             model,
-            candidates,
+            reached,
             rounded,
             probe,
             forward,
@@ -127,8 +128,7 @@ def quantize_text_encoder(
         ),
         budget,
     )
-    others = sum(2 * m.weight.numel() for n, m in _linears(model) if n not in candidates and m.weight is not None)
-    choose_kept(sensitivity.layers, others, budget)
+    choose_kept(sensitivity.layers, budget, *_other_bytes(model, reached, candidates))
     overrides = {name: LayerOverride(keep=True, reason="kept in bf16 (sensitive)") for name in sensitivity.kept}
     final = replace(base, overrides=overrides, rounded=rounded, _methods={})
     report = prepare_model_for_fp8(
@@ -148,6 +148,20 @@ def quantize_text_encoder(
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _other_bytes(model: nn.Module, measured: dict, candidates: dict) -> tuple[int, int]:
+    """(bytes, bf16 bytes) of the linears the sensitivity pass did not measure: candidates the samples never reach
+    go to fp8 (weight plus a float32 scale a row), fp8 weights stay fp8, skipped ones stay in 16 bits."""
+    cost = bf16 = 0
+    for name, module in _linears(model):
+        weight = module.weight
+        if name in measured or weight is None:
+            continue
+        bf16 += 2 * weight.numel()
+        fp8 = name in candidates or is_fp8_dtype(weight.dtype)
+        cost += weight.numel() + 4 * weight.shape[0] if fp8 else 2 * weight.numel()
+    return cost, bf16
 
 
 def _candidates(model: nn.Module, recipe: Fp8Recipe) -> dict[str, nn.Linear]:
@@ -178,9 +192,15 @@ def _round(
     quantize_device: torch.device | str | None,
     steps: _Steps,
 ) -> RoundedWeights:
-    """Error-compensating rounding of every candidate, on its inputs' statistics from the samples."""
+    """Error-compensating rounding of every candidate, on its inputs' statistics from the samples. Layers the
+    samples never reach (a vision tower beside the text model) are left to plain rounding."""
     rounded: RoundedWeights = {}
+    unreached = []
     for name, hessian in input_hessians(model, layers, samples, forward):
+        if hessian is None:
+            unreached.append(name)
+            steps.layer(0, 0, name)
+            continue
         weight = layers[name].weight.detach()
         device = torch.device(quantize_device) if quantize_device is not None else weight.device
         fp8_weight, scale = gptq_quantize(
@@ -188,6 +208,10 @@ def _round(
         )
         rounded[name] = (fp8_weight.to(weight.device), scale.to(weight.device))
         steps.layer(len(rounded), len(layers), name)
+    if unreached:
+        logger.info(
+            "fp8: %d linears not reached by the samples get plain rounding (e.g. %s)", len(unreached), unreached[0]
+        )
     return rounded
 
 

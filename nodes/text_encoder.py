@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fp8_quant import clone_module_tree
+from fp8_quant.cuda_graphs import graph_forward
 from fp8_quant.prompts import CALIBRATION_PROMPTS
 from fp8_quant.text_encoder import quantize_text_encoder
 
@@ -59,6 +60,8 @@ class QuantizeTextEncoderFP8:
         model = _private_copy(clip)
         with node_error(NODE_TITLE):
             report = _quantize(clip, model, recipe, choices, forced_kernel(kernel))
+        if recipe == "speed" and any(p.device.type == "cuda" for p in model.parameters()):
+            report.notes.append(f"CUDA graphs over {_graph_encoders(model)} encoder forward(s), one per prompt length")
         new_clip = _clip_with_model(clip, model)
         summary = report.summary() + (f"; {describe_comfy_quantized(kept)}" if kept else "")
         if report.sensitivity is not None:
@@ -105,6 +108,19 @@ def _quantize(clip, model: nn.Module, recipe: str, choices, kernel: str | None):
         )
     finally:
         model.reset_clip_options()
+
+
+def _graph_encoders(model: nn.Module) -> int:
+    """The speed recipe's launch saving: each transformer of ComfyUI's text-encoder wrappers (``SDClipModel``
+    and kin: a ``transformer`` under a module that encodes tokens) replays as CUDA graphs, one per prompt length.
+    Where the model is not on a CUDA GPU the wrapper runs it eagerly."""
+    count = 0
+    for module in model.modules():
+        transformer = getattr(module, "transformer", None)
+        if isinstance(transformer, nn.Module) and hasattr(module, "encode_token_weights"):
+            graph_forward(transformer)
+            count += 1
+    return count
 
 
 def _encode(model: nn.Module, tokens):
