@@ -151,16 +151,17 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def _other_bytes(model: nn.Module, measured: dict, candidates: dict) -> tuple[int, int]:
-    """(bytes, bf16 bytes) of the linears the sensitivity pass did not measure: candidates the samples never reach
-    go to fp8 (weight plus a float32 scale a row), fp8 weights stay fp8, skipped ones stay in 16 bits."""
+    """(bytes, bf16 bytes) of the linears the sensitivity pass did not measure but the samples run: fp8 weights a
+    model already holds stay fp8, skipped ones stay in 16 bits. Candidates the samples never reach (a vision tower
+    beside the text model) go to fp8 and are left out of the budget: the bytes they save must not buy precision
+    for layers elsewhere, or a large unused tower would keep a whole text model in bf16."""
     cost = bf16 = 0
     for name, module in _linears(model):
         weight = module.weight
-        if name in measured or weight is None:
+        if name in measured or name in candidates or weight is None:
             continue
         bf16 += 2 * weight.numel()
-        fp8 = name in candidates or is_fp8_dtype(weight.dtype)
-        cost += weight.numel() + 4 * weight.shape[0] if fp8 else 2 * weight.numel()
+        cost += weight.numel() + 4 * weight.shape[0] if is_fp8_dtype(weight.dtype) else 2 * weight.numel()
     return cost, bf16
 
 
