@@ -175,3 +175,31 @@ def test_sensitivity_cli_refuses_a_folder_without_a_model(tmp_path, capsys):
 
     assert main(["sensitivity", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_recipe_overrides_decide_per_layer():
+    """Per-layer choices computed for one model go through the one dispatcher: keep (stored in the keep dtype),
+    another scheme, or weights rounded ahead of time."""
+    from fp8_quant import Fp8Config, Fp8Recipe, prepare_model_for_fp8
+    from fp8_quant.dispatch import LayerOverride
+
+    model = TinyEncoder(width=32, depth=2)
+    weight = model.blocks[1][0].weight.detach()
+    codes, scale = quantize_weight(weight, torch.float8_e4m3fn, PER_CHANNEL)
+    recipe = Fp8Recipe.for_model(
+        Fp8Config(activation_scheme="dynamic"),
+        overrides={
+            "blocks.0.0": LayerOverride(keep=True, reason="kept for the test"),
+            "blocks.0.2": LayerOverride(config=Fp8Config(activation_scheme="none")),
+        },
+        rounded={"blocks.1.0": (codes, scale)},
+        keep_dtype=torch.bfloat16,
+    )
+    report = prepare_model_for_fp8(model, recipe)
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert reasons["blocks.0.0"] == "kept for the test"
+    assert model.blocks[0][0].weight.dtype == torch.bfloat16
+    assert not model.blocks[0][2].fp8_method.config.quantizes_activations
+    assert model.blocks[1][2].fp8_method.config.quantizes_activations
+    assert torch.equal(model.blocks[1][0].weight.view(torch.uint8), codes.view(torch.uint8))
+    assert model(torch.randn(3, 32)).isfinite().all()
