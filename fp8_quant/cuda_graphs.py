@@ -10,9 +10,12 @@ What makes a graph valid, and what is checked before each replay:
   input's GPU (a model moved, offloaded or LoRA-patched gets new graphs, or runs eagerly where it is not all on
   the GPU);
 - no per-call weight functions (ComfyUI's lowvram patches) on any submodule.
-Otherwise the forward runs as usual. Outputs are copied out of the graph's memory, so a later replay cannot
-change what a caller holds. A forward that cannot be captured (host synchronisation inside it) is logged once and
-runs eagerly from then on.
+Otherwise the forward runs as usual. The first call of a signature captures its graph (after a warm-up run on a
+side stream, whose output it returns), so a signature seen twice already pays. Outputs are copied out of the
+graph's memory, so a later replay cannot change what a caller holds. A forward that cannot be captured (host
+synchronisation inside it) is logged once and runs eagerly from then on. ``ignored``: keyword arguments the forward
+does not read (ComfyUI's T5 takes ``num_tokens`` and ignores it): left out of the signature, so prompts of one
+padded length share a graph.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ MAX_GRAPHS = 8  # per module: prompt lengths in use at once (each graph holds it
 class GraphedForward:
     """A callable that stands in for ``module.forward``: eager where a graph cannot serve, else a replay."""
 
-    def __init__(self, module: nn.Module, forward: Callable[..., Any], max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(
+        self, module: nn.Module, forward: Callable[..., Any], max_graphs: int = MAX_GRAPHS, ignored: tuple = ()
+    ) -> None:
         self.module = module
         self.forward = forward
         self.max_graphs = max_graphs
+        self.ignored = frozenset(ignored)
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.seen: set[tuple] = set()
         self.weights: tuple | None = None
         self.pool = None
         self.disabled = False
@@ -47,6 +52,8 @@ class GraphedForward:
         self.previous: Callable[..., Any] | None = None  # an instance forward the module had before
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ignored:
+            kwargs = {key: value for key, value in kwargs.items() if key not in self.ignored}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), None)
         if self.disabled or device is None or device.type != "cuda" or torch.compiler.is_compiling():
@@ -58,17 +65,14 @@ class GraphedForward:
             return self.forward(*args, **kwargs)
         if weights != self.weights:  # moved or patched: old graphs point at old memory
             self.graphs.clear()
-            self.seen.clear()
             self.weights = weights
-        key = (spec, *(_leaf_key(leaf) for leaf in leaves))
+        key = (spec, torch.is_inference_mode_enabled(), *(_leaf_key(leaf) for leaf in leaves))
         graph = self.graphs.get(key)
         if graph is None:
-            if key not in self.seen:  # the first call of a signature runs eagerly (lazy state, kernel choice)
-                self.seen.add(key)
+            captured = self._capture(key, leaves, spec, device)
+            if captured is None:
                 return self.forward(*args, **kwargs)
-            graph = self._capture(key, leaves, spec, device)
-            if graph is None:
-                return self.forward(*args, **kwargs)
+            return captured.warmup_output
         self.graphs.move_to_end(key)
         self.replays += 1
         return graph.replay(leaves)
@@ -102,8 +106,9 @@ class GraphedForward:
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list, outputs: Any) -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list, outputs: Any, warmup_output: Any) -> None:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.warmup_output = warmup_output  # the capturing call's own result (the warm-up's, outside the graph)
 
     @classmethod
     def capture(cls, forward: Callable, leaves: list, spec: Any, device: torch.device, pool) -> _Graph:
@@ -112,12 +117,12 @@ class _Graph:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            forward(*args, **kwargs)  # warm-up on a side stream, as capture requires
+            warmup_output = forward(*args, **kwargs)  # lazy state and kernel choices happen here, not in the graph
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = forward(*args, **kwargs)
-        return cls(graph, inputs, outputs)
+        return cls(graph, inputs, outputs, warmup_output)
 
     def replay(self, leaves: list) -> Any:
         for static, leaf in zip(self.inputs, leaves):
@@ -137,13 +142,14 @@ def _leaf_key(leaf: Any) -> Any:
         return repr(leaf)
 
 
-def graph_forward(module: nn.Module, max_graphs: int = MAX_GRAPHS) -> GraphedForward:
-    """Make ``module``'s forward replay CUDA graphs (one per input signature, at most ``max_graphs`` kept); returns
-    the installed callable (its ``replays`` counts replays). Undo with ``ungraph_forward``."""
+def graph_forward(module: nn.Module, max_graphs: int = MAX_GRAPHS, ignored: tuple = ()) -> GraphedForward:
+    """Make ``module``'s forward replay CUDA graphs (one per input signature, at most ``max_graphs`` kept; keyword
+    arguments in ``ignored`` are not passed on); returns the installed callable (its ``replays`` counts replays).
+    Undo with ``ungraph_forward``."""
     current = module.__dict__.get("forward")
     if isinstance(current, GraphedForward):
         return current
-    graphed = GraphedForward(module, current or module.forward, max_graphs)
+    graphed = GraphedForward(module, current or module.forward, max_graphs, ignored)
     graphed.previous = current
     module.forward = graphed
     return graphed

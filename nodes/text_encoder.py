@@ -118,9 +118,20 @@ def _graph_encoders(model: nn.Module) -> int:
     for module in model.modules():
         transformer = getattr(module, "transformer", None)
         if isinstance(transformer, nn.Module) and hasattr(module, "encode_token_weights"):
-            graph_forward(transformer)
+            graph_forward(transformer, ignored=_ignored_arguments(transformer))
             count += 1
     return count
+
+
+def _ignored_arguments(transformer: nn.Module) -> tuple[str, ...]:
+    """ComfyUI's T5 and Llama-family transformers take ``num_tokens`` (the real tokens of each prompt) and do not
+    read it; left out of the graph's signature, every prompt of one padded length shares a graph. CLIP reads it (the
+    pooled token), so it stays there."""
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.t5
+
+    known = (comfy.text_encoders.t5.T5, getattr(comfy.text_encoders.llama, "BaseLlama", ()))
+    return ("num_tokens",) if isinstance(transformer, known) else ()
 
 
 def _encode(model: nn.Module, tokens):
