@@ -124,9 +124,10 @@ def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tens
     _, option, config = TINY_TEXT_ENCODERS[family]
     import comfy.text_encoders.wan
 
-    if family in DIRECT_TEXT_ENCODERS:  # the whole text-encoder model's keys
+    if family in DIRECT_TEXT_ENCODERS:  # the whole text-encoder model's keys, shapes read from a model on "meta"
         target, _ = clip_target(family)
-        return _random_state(_template(lambda: target.clip(model_options=DIRECT_TEXT_ENCODERS[family])), seed)
+        options = DIRECT_TEXT_ENCODERS[family]
+        return _random_state(_template(lambda: target.clip(device="meta", model_options=options)), seed)
     builders = {
         "t5": lambda: comfy.text_encoders.sa_t5.SAT5Model(model_options={option: config}),
         "umt5": lambda: comfy.text_encoders.wan.WanT5Model(model_options={option: config}),
