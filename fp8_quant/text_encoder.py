@@ -28,7 +28,7 @@ from .bridge import ForwardInstaller, ProgressCallback, prepare_model_for_fp8
 from .calibration import Forward, Sample, call_model, input_hessians, output_error, run_samples
 from .config import AUTO, SENSITIVE_LAYER_PATTERNS, Fp8Config, UserOptions
 from .dispatch import Fp8Recipe, LayerOverride
-from .fp8_utils import is_fp8_dtype
+from .fp8_utils import is_fp8_dtype, quantize_weight
 from .gptq import gptq_quantize
 from .methods import Fp8OnlineLinearMethod, RoundedWeights
 from .prompts import SENSITIVITY_PROMPTS
@@ -38,6 +38,7 @@ from .sensitivity import SensitivityReport, choose_kept, measure_sensitivity
 logger = logging.getLogger(__name__)
 
 RECIPES = ("quality", "speed", "plain")
+ROUNDINGS = ("gptq", "nearest")
 DEFAULT_BUDGET = 0.55  # linear weights at most 0.55x their bf16 bytes: ~10% of them may stay in bf16
 # Damping of the input Hessian for error-compensating rounding, as a fraction of its mean diagonal. Built-in prompts
 # give fewer tokens than a wide layer has inputs, so the statistics are rank-deficient: strong damping keeps the
@@ -74,6 +75,7 @@ def quantize_text_encoder(
     recipe: str = "quality",
     options: UserOptions | None = None,
     budget: float = DEFAULT_BUDGET,
+    rounding: str = "gptq",
     forward: Forward | None = None,
     sensitivity_samples: int = SENSITIVITY_PROMPTS,
     kernel: str | None = None,
@@ -88,10 +90,13 @@ def quantize_text_encoder(
 
     ``sample_inputs``: keyword-argument dicts, each run as ``forward(model, **sample)`` (default ``model(**sample)``):
     the calibration data; the first ``sensitivity_samples`` of them also drive the sensitivity pass (one run per
-    layer). ``budget``: the linear weights' bytes allowed, as a fraction of their bf16 bytes. ``keep_dtype``: where
+    layer). ``budget``: the linear weights' bytes allowed, as a fraction of their bf16 bytes. ``rounding``: ``gptq``
+    (error-compensating, the default) or ``nearest`` (plain rounding; for comparisons). ``keep_dtype``: where
     layers kept in high precision are wider (an fp32 model), they are stored in this dtype. The model is run where
     it is; ``quantize_device`` is where the rounding works (the GPU is much faster).
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding: {rounding!r} is not allowed; allowed values: {list(ROUNDINGS)}")
     if not 0.5 < budget <= 2.0:
         raise ValueError(f"budget: {budget!r} must be in (0.5, 2.0], a fraction of the linears' bf16 bytes")
     config = text_encoder_config(options or UserOptions(), recipe)
@@ -112,7 +117,13 @@ def quantize_text_encoder(
     forward = forward or call_model
     steps = _Steps(progress, 2 * len(candidates) + 1)
     references = run_samples(model, samples, forward)
-    rounded = _round(model, candidates, samples, forward, config, quantize_device, steps)
+    if rounding == "gptq":
+        rounded = _round(model, candidates, samples, forward, config, quantize_device, steps)
+    else:
+        rounded = {
+            name: quantize_weight(m.weight.detach(), config.weight_dtype, config.weight_group)
+            for name, m in candidates.items()
+        }
     reached = {name: module for name, module in candidates.items() if name in rounded}
     probe = samples[: max(1, sensitivity_samples)]
     sensitivity = SensitivityReport(
