@@ -86,8 +86,9 @@ def _quantize(clip, model: nn.Module, recipe: str, choices, kernel: str | None):
     import comfy.utils
 
     device = comfy.model_management.get_torch_device()
-    if device.type == "cuda":
-        comfy.model_management.free_memory(_size(model), device)
+    elsewhere = _bytes_off(model, device)
+    if device.type == "cuda" and elsewhere:
+        comfy.model_management.free_memory(elsewhere, device)
         model.to(device)
     caster = comfy_weight_caster()
     progress = comfy.utils.ProgressBar(1)
@@ -147,8 +148,10 @@ def _set_clip_options(clip, model: nn.Module, device: torch.device) -> None:
     model.set_clip_options({"execution_device": device})
 
 
-def _size(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+def _bytes_off(model: nn.Module, device: torch.device) -> int:
+    """Bytes of the copy not yet on ``device`` (tensors the input already holds there are shared, not copied)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != device.type)
 
 
 def _clip_with_model(clip, model: nn.Module):
