@@ -323,6 +323,8 @@ def test_quantize_text_encoder_leaves_input_clip_alone(family):
     bound = TEXT_ENCODER_ERROR_BOUNDS[family.split()[0]]
     assert result["rel_err"] < bound, result
     assert result.get("pooled_rel_err", 0.0) < bound, result
+    if "fp8" not in family.split():  # fitted: the summary carries the sensitivity table
+        assert "quality recipe" in result["summary"] and "most sensitive layers" in result["summary"], result
     if "stock_fp8_rel_err" in result:
         ratio = result["rel_err"] / result["stock_fp8_rel_err"]
         assert ratio < STOCK_FP8_RATIO_BOUNDS.get(family.split()[0], 1.0), result
