@@ -43,7 +43,9 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     extra = {}
     if with_lora:
         base = clip.encode_from_tokens(tokens)
-        names = [n for n, m in clip.cond_stage_model.named_modules() if isinstance(m, torch.nn.Linear)][:6]
+        names = [n for n, m in clip.cond_stage_model.named_modules() if isinstance(m, torch.nn.Linear)]
+        # Beside an LLM (HunyuanVideo) CLIP-L only gives the pooled vector: patch the model the conditioning is from.
+        names = ([n for n in names if not n.startswith("clip_l.")] or names)[:6]
         clip = clip.clone()
         clip.add_patches(diff_patches(clip.cond_stage_model, "", names, 0.5, 11))
         extra["lora_effect"] = rel_err(clip.encode_from_tokens(tokens), base)
