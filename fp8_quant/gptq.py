@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .fp8_utils import cast_to_fp8, scale_from_amax
+from .fp8_utils import cast_to_fp8, fp8_max, scale_from_amax
 from .scheme import GroupShape
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ def _round_columns(
     """The GPTQ loop on ``w`` given as columns ([K, N], contiguous: each step reads and updates whole rows);
     ``hinv``: upper Cholesky factor of H^-1; ``rows``: the output channels' scales. Returns the fp8 codes [K, N]."""
     codes = torch.empty_like(w, dtype=fp8_dtype)
+    limit = fp8_max(fp8_dtype)
+    inverse_rows = 1.0 / rows
     k = w.shape[0]
     for start in range(0, k, block):
         stop = min(start + block, k)
@@ -70,12 +72,13 @@ def _round_columns(
         local = hinv[start:stop, start:stop]
         pivots = local.diagonal().tolist()
         for i in range(stop - start):
-            code = cast_to_fp8(chunk[i] / rows, fp8_dtype)
-            codes[start + i] = code
-            error = (chunk[i] - code.float() * rows) / pivots[i]
+            # One column: its fp8 codes, then its rounding error spread over the columns not yet rounded (a rank-1
+            # update). Few, in-place operations: this loop runs once per input feature.
+            code = codes[start + i]
+            code.copy_((chunk[i] * inverse_rows).clamp_(-limit, limit))
+            error = torch.addcmul(chunk[i], code.float(), rows, value=-1, out=errors[i]).div_(pivots[i])
             if i + 1 < stop - start:
-                chunk[i + 1 :].sub_(local[i, i + 1 :, None] * error)
-            errors[i] = error
+                chunk[i + 1 :].addr_(local[i, i + 1 :], error, alpha=-1)
         if stop < k:
             w[stop:].sub_(hinv[start:stop, stop:].t() @ errors)
     return codes
