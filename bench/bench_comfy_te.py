@@ -4,13 +4,15 @@ UMT5 is the same shape) loaded through ComfyUI's own text-encoder loader, encodi
 - bf16 weights (a bf16 file);
 - ComfyUI's fp8: the same file cast to fp8 (``t5xxl_fp8_e4m3fn.safetensors``), which ComfyUI keeps in fp8 and
   upcasts per layer;
-- Quantize Text Encoder (FP8) on the bf16 encoder (per-channel weights, dynamic per-token activations);
+- Quantize Text Encoder (FP8) on the bf16 encoder, each recipe: ``quality`` (the default: fitted on the built-in
+  prompts, weight-only), ``speed`` (fp8 x fp8, the encoder replayed as CUDA graphs), ``plain`` (no fitting);
 - Quantize Text Encoder (FP8) on the fp8 file's encoder (its fp8 weights used at unit scale).
 
 Per path: GPU memory of the encoder's weights, time of one ``encode_from_tokens`` (median of rounds), relative
-error of the conditioning against bf16.
+error of the conditioning against bf16, and the node's time to prepare the encoder. The issue's target: speed
+<= 0.35x the bf16 encode time.
 
-Usage: COMFYUI_DIR=... python bench/bench_comfy_te.py [--words 200]
+Usage: COMFYUI_DIR=... python bench/bench_comfy_te.py [--words 200] [--paths "ours speed,ours plain"] [--json FILE]
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def cast_to_fp8(value):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--words", type=int, default=200, help="prompt length in words (~1.3 T5 tokens each)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--paths",
+        help="comma-separated subset of the paths to run (bf16 always runs first: it is the reference)",
+    )
     args = parser.parse_args()
 
     setup_comfy()
@@ -81,17 +88,31 @@ def main() -> None:
     def load(state):
         return comfy.sd.load_text_encoder_state_dicts([dict(state)], clip_type=comfy.sd.CLIPType.SD3)
 
-    def ours(state):
-        output = quantize.quantize(load(state))
-        print("  " + output["ui"]["text"][0])
+    prepare_s = {}
+
+    def ours(state, name, recipe):
+        clip = load(state)
+        started = time.perf_counter()
+        output = quantize.quantize(clip, recipe=recipe)
+        torch.cuda.synchronize()
+        prepare_s[name] = time.perf_counter() - started
+        print(f"  {name}: prepared in {prepare_s[name]:.1f}s; " + output["ui"]["text"][0].splitlines()[0])
         return output["result"][0]
 
     paths = {
         "bf16": lambda: load(bf16_state),
         "ComfyUI fp8 file": lambda: load(fp8_state),
-        "ours on bf16": lambda: ours(bf16_state),
-        "ours on fp8 file": lambda: ours(fp8_state),
+        "ours quality": lambda: ours(bf16_state, "ours quality", "quality"),
+        "ours speed": lambda: ours(bf16_state, "ours speed", "speed"),
+        "ours plain": lambda: ours(bf16_state, "ours plain", "plain"),
+        "ours on fp8 file": lambda: ours(fp8_state, "ours on fp8 file", "plain"),
     }
+    if args.paths:
+        wanted = ["bf16", *(name.strip() for name in args.paths.split(",") if name.strip() != "bf16")]
+        unknown = [name for name in wanted if name not in paths]
+        if unknown:
+            raise SystemExit(f"--paths: unknown {unknown}; known: {list(paths)}")
+        paths = {name: paths[name] for name in wanted}
     words = ("a cinematic photo of a red fox jumping over a frozen river at dawn, " * 40).split()
     results, reference = {}, None
 
@@ -119,12 +140,19 @@ def main() -> None:
         del clip, encode, out
     comfy.model_management.unload_all_models()
     base_ms = results["bf16"][0]
-    fp8_ms = results["ComfyUI fp8 file"][0]
-    header = ("ms/encode", "x bf16", "x ComfyUI fp8", "weights GiB", "rel err")
+    fp8_ms = results.get("ComfyUI fp8 file", results["bf16"])[0]
+    header = ("ms/encode", "time/bf16", "x ComfyUI fp8", "weights GiB", "rel err", "prepare s")
     print(f"{'path':20s} " + " ".join(f"{title:>13s}" for title in header))
+    rows = {}
     for name, (ms, gib, error) in results.items():
-        values = (ms, base_ms / ms, fp8_ms / ms, gib, error)
+        values = (ms, ms / base_ms, fp8_ms / ms, gib, error, prepare_s.get(name, 0.0))
+        rows[name] = dict(zip(header, values))
         print(f"{name:20s} " + " ".join(f"{value:13.4f}" for value in values))
+    if args.json:
+        import json
+
+        info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "words": args.words}
+        Path(args.json).write_text(json.dumps({**info, "paths": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from .params import Fp8LinearParams
 from .quant_fp8 import QuantFP8
 from .report import Fp8Report, LayerReport
 from .scheme import GroupShape, QuantKey, ScaleDesc
+from .text_encoder import quantize_text_encoder
 
 __all__ = [
     "SENSITIVE_LAYER_PATTERNS",
@@ -34,5 +35,6 @@ __all__ = [
     "prepare_model_for_fp8",
     "quantize_input_dynamic",
     "quantize_input_static",
+    "quantize_text_encoder",
     "supports_fp8_compute",
 ]

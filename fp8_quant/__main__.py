@@ -1,4 +1,5 @@
-"""Command line: ``fp8-quant demo | inspect FILE | convert IN OUT`` (also ``python -m fp8_quant``).
+"""Command line: ``fp8-quant demo | inspect FILE | convert IN OUT | sensitivity MODEL_DIR`` (also
+``python -m fp8_quant``).
 
 A mistake is one line, ``error: <file>: <cause>``, and exit status 2: someone converting a 30 GB checkpoint needs
 to know which file and why, not a traceback. Ctrl-C or SIGTERM during ``convert`` leaves no partial output (exit
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo
+from . import demo, sensitivity_cli
 from .config import parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.calibration import read_input_scales
@@ -100,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
         help="write calibrated input scales taken from FILE: an fp8 checkpoint with input scales (e.g. one saved by "
         "Save FP8 Model after a sampling step) or a JSON {layer: scale}",
     )
+    sensitivity_parser = commands.add_parser(
+        "sensitivity",
+        parents=[verbose],
+        help="per-layer fp8 error of a text encoder (a BERT folder: config.json, vocab.txt, model.safetensors)",
+    )
+    sensitivity_parser.add_argument("model", help="folder of a BERT-family sentence encoder")
+    sensitivity_parser.add_argument("--recipe", choices=("quality", "speed"), default="quality")
+    sensitivity_parser.add_argument("--budget", type=float, default=0.55, help="linear bytes / their bf16 bytes")
+    sensitivity_parser.add_argument("--prompts", help="text file, one calibration prompt a line (default: built in)")
+    sensitivity_parser.add_argument("--plot", default="sensitivity.png", help="PNG to write (needs matplotlib)")
     return parser
 
 
@@ -139,6 +150,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1) if args.json else format_inspection(result))
     elif args.command == "convert":
         _convert(args)
+    elif args.command == "sensitivity":
+        report = sensitivity_cli.run_sensitivity(args.model, args.recipe, args.budget, args.prompts, args.plot)
+        print(report.sensitivity.table())
+        print(report.summary())
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -14,9 +14,11 @@ import types
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import Fp8Config
+from .cuda_graphs import GraphedForward
 from .dispatch import Fp8Recipe, LayerDecision
 from .fp8_utils import is_fp8_dtype
 from .kernels import explain_choice
@@ -32,7 +34,7 @@ ForwardInstaller = Callable[[nn.Linear], None]
 
 def prepare_model_for_fp8(
     model: nn.Module,
-    config: Fp8Config,
+    config: Fp8Config | Fp8Recipe,
     *,
     kernel: str | None = None,
     quantize_device: torch.device | str | None = None,
@@ -45,12 +47,14 @@ def prepare_model_for_fp8(
     ``quantize_device`` is where each weight is quantized (the GPU is much faster); results go back to the
     weight's own device. ``compute_device`` only fills the report's kernel choice (the kernel is chosen per
     device at forward time). Run it on ``clone_module_tree(model)`` or a deep copy to keep ``model`` as it is.
+    ``config`` may be a whole ``Fp8Recipe`` (per-layer overrides computed for this model, ``text_encoder``).
     """
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize to fp8")
-    recipe = Fp8Recipe.for_model(config, kernel)
-    report = Fp8Report(config)
+    recipe = config if isinstance(config, Fp8Recipe) else Fp8Recipe.for_model(config, kernel)
+    kernel = recipe.kernel
+    report = Fp8Report(recipe.config)
     for index, (name, module) in enumerate(linears):
         report.layers.append(_prepare_layer(name, module, recipe, quantize_device, install or install_instance_forward))
         if progress is not None:
@@ -75,13 +79,16 @@ def _prepare_layer(
     install: ForwardInstaller,
 ) -> LayerReport:
     size = tensor_bytes(module.weight)
+    bf16_size = 2 * module.weight.numel() if module.weight is not None else 0
     if hasattr(module, "fp8_layer_config"):
-        return LayerReport(name, False, "already fp8", size, size)
+        return LayerReport(name, False, "already fp8", size, size, bf16_size)
     weight = module.weight
     unit_scale = weight is not None and is_fp8_dtype(weight.dtype)
     decision: LayerDecision = recipe.decide(name, weight, unit_scale=unit_scale)
     if decision.method is None:
-        return LayerReport(name, False, decision.reason, size, size)
+        if _narrower(decision.keep_dtype, weight):
+            _store_in(module, decision.keep_dtype)
+        return LayerReport(name, False, decision.reason, size, tensor_bytes(module.weight), bf16_size)
     if unit_scale:
         # A plain fp8 cast (how ComfyUI holds an fp8 text-encoder file on a GPU): the stored values are the
         # weights, at unit scale. Re-quantizing cannot win back precision, so they are used as they are.
@@ -90,7 +97,25 @@ def _prepare_layer(
     decision.method.process_weights_after_loading(module, name, quantize_device)
     module.fp8_method = decision.method
     install(module)
-    return LayerReport(name, True, decision.reason, size, fp8_layer_bytes(module))
+    return LayerReport(name, True, decision.reason, size, fp8_layer_bytes(module), bf16_size)
+
+
+def _narrower(dtype: torch.dtype | None, weight: torch.Tensor | None) -> bool:
+    if dtype is None or weight is None or not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
+        return False
+    return torch.finfo(dtype).bits < torch.finfo(weight.dtype).bits
+
+
+def _store_in(module: nn.Linear, dtype: torch.dtype) -> None:
+    """A layer kept in high precision stored in ``dtype`` (an fp32 model's kept layers in bf16), computed in the
+    input's dtype. A new parameter: the old one may be shared with another model."""
+    module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    module.forward = types.MethodType(_upcast_linear_forward, module)
+
+
+def _upcast_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = self.bias.to(x.dtype) if self.bias is not None else None
+    return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 def install_instance_forward(module: nn.Linear) -> None:
@@ -142,6 +167,11 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
         new.fp8_kernels = {}
     new.__dict__.pop("fp8_activation_scale", None)  # learnt at run time, per model
     forward = new.__dict__.get("forward")
+    if isinstance(forward, GraphedForward):  # graphs of the original's memory: the copy runs eagerly
+        del new.forward
+        forward = forward.previous
+        if forward is not None:
+            new.forward = forward
     if isinstance(forward, types.MethodType) and forward.__self__ is module:
         new.forward = types.MethodType(forward.__func__, new)
     return new

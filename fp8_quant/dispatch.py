@@ -9,7 +9,9 @@ arrives (fp8 from a file, or high precision), and do what it says. Rules that li
   dequantizes it);
 - a static scheme takes the layer's ``input_scale`` from its file, and a layer without one learns its scale at
   run time (``auto_scales``), said in the reason;
-- a high-precision weight is quantized on the fly where there is an online config and no skip pattern matches.
+- a high-precision weight is quantized on the fly where there is an online config and no skip pattern matches;
+- per-layer overrides computed for one model (a sensitivity pass keeps some layers in high precision, or gives a
+  layer another scheme) win over the patterns, and weights rounded ahead of time (``gptq``) replace plain rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from .config import Fp8Config, UserOptions, matching_pattern, online_config, stored_config
 from .fp8_utils import is_fp8_dtype
 from .kernels import kernel_class
-from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod
+from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod, RoundedWeights
 
 QUANTIZED = "quantized"
 STORED_FP8 = "fp8 in file"
@@ -36,10 +38,21 @@ class LayerDecision:
     name: str
     method: Fp8LinearMethod | None
     reason: str
+    keep_dtype: torch.dtype | None = None  # a layer kept in high precision is stored in this dtype where wider
 
     @property
     def quantized(self) -> bool:
         return self.method is not None
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """One layer's choice, computed for one model: ``keep`` it in high precision (``reason`` says why), or
+    quantize it with ``config`` instead of the recipe's online config."""
+
+    keep: bool = False
+    reason: str = ""
+    config: Fp8Config | None = None
 
 
 @dataclass
@@ -49,13 +62,19 @@ class Fp8Recipe:
     ``stored``: the scheme of weights that arrive in fp8; ``online``: how high-precision weights are quantized
     (``None`` keeps them); ``stored_skips``: patterns that keep even an fp8 weight in high precision (the user's
     own, never the default sensitive-layer list: a file's author chose what to quantize); ``kernel``: a forced
-    kernel name, or ``None`` to choose per device.
+    kernel name, or ``None`` to choose per device. ``overrides``: per-layer choices by exact name (they win over
+    the patterns); ``rounded``: fp8 weights chosen ahead of time per layer (error-compensating rounding), used in
+    place of plain rounding; ``keep_dtype``: where set, layers kept in high precision are stored in it when their
+    weight is wider (an fp32 model's kept layers in bf16).
     """
 
     stored: Fp8Config = field(default_factory=lambda: Fp8Config(weight_granularity="tensor"))
     online: Fp8Config | None = None
     stored_skips: tuple[str, ...] = ()
     kernel: str | None = None
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    rounded: RoundedWeights = field(default_factory=dict)
+    keep_dtype: torch.dtype | None = None
     _methods: dict[tuple[Fp8Config, bool], Fp8LinearMethod] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,11 +93,12 @@ class Fp8Recipe:
         return cls(stored=stored_config(file_config, options), stored_skips=options.skip_layers, kernel=kernel)
 
     @classmethod
-    def for_model(cls, config: Fp8Config, kernel: str | None = None) -> Fp8Recipe:
+    def for_model(cls, config: Fp8Config, kernel: str | None = None, **per_model) -> Fp8Recipe:
         """A built model (the bridge): its high-precision linears quantized by ``config``; fp8 weights it already holds
-        (a plain fp8 cast) used as they are at unit scale unless ``config.ignored_layers`` skips them."""
+        (a plain fp8 cast) used as they are at unit scale unless ``config.ignored_layers`` skips them.
+        ``per_model``: ``overrides``, ``rounded``, ``keep_dtype`` (see the class)."""
         stored = replace(config, weight_granularity="tensor")
-        return cls(stored=stored, online=config, stored_skips=config.ignored_layers, kernel=kernel)
+        return cls(stored=stored, online=config, stored_skips=config.ignored_layers, kernel=kernel, **per_model)
 
     @property
     def config(self) -> Fp8Config:
@@ -104,12 +124,15 @@ class Fp8Recipe:
             return self._decide_stored(name, has_input_scale, unit_scale)
         if self.online is None:
             return LayerDecision(name, None, f"{weight.dtype} in file")
+        override = self.overrides.get(name, LayerOverride())
+        if override.keep:
+            return LayerDecision(name, None, override.reason or "kept in high precision", self.keep_dtype)
         pattern = matching_pattern(name, self.online.ignored_layers)
         if pattern is not None:
-            return LayerDecision(name, None, f"matched {pattern!r}")
+            return LayerDecision(name, None, f"matched {pattern!r}", self.keep_dtype)
         if not weight.dtype.is_floating_point or weight.dim() != 2:
             return LayerDecision(name, None, f"unsupported weight {weight.dtype} {tuple(weight.shape)}")
-        return LayerDecision(name, self._method(self.online, online=True), QUANTIZED)
+        return LayerDecision(name, self._method(override.config or self.online, online=True), QUANTIZED)
 
     def _decide_stored(self, name: str, has_input_scale: bool, unit_scale: bool) -> LayerDecision:
         pattern = matching_pattern(name, self.stored_skips)
@@ -128,6 +151,9 @@ class Fp8Recipe:
         """One method object per scheme, shared by the layers that use it."""
         method = self._methods.get((config, online))
         if method is None:
-            method = (Fp8OnlineLinearMethod if online else Fp8LinearMethod)(config, self.kernel)
+            if online:
+                method = Fp8OnlineLinearMethod(config, self.kernel, self.rounded)
+            else:
+                method = Fp8LinearMethod(config, self.kernel)
             self._methods[(config, online)] = method
         return method

@@ -32,6 +32,8 @@ from .scheme import (
 logger = logging.getLogger(__name__)
 Dtype = torch.dtype | None
 Device = torch.device | str | None
+# Layer name -> (fp8 weight [N, K], weight scale): values chosen ahead of time (``gptq``) instead of plain rounding.
+RoundedWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class Fp8LinearMethod:
@@ -193,7 +195,15 @@ class Fp8LinearMethod:
 
 
 class Fp8OnlineLinearMethod(Fp8LinearMethod):
-    """For bf16/fp16/fp32 layers quantized at load: weight scales of the config's granularity, from the weight."""
+    """For bf16/fp16/fp32 layers quantized at load: weight scales of the config's granularity, from the weight.
+
+    ``rounded``: per layer name, fp8 values and scales chosen ahead of time (error-compensating rounding); such a
+    layer installs them instead of rounding its weight to the nearest fp8 values.
+    """
+
+    def __init__(self, config: Fp8Config, kernel: str | None = None, rounded: RoundedWeights | None = None) -> None:
+        super().__init__(config, kernel)
+        self.rounded = rounded if rounded is not None else {}
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
@@ -222,6 +232,13 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         row_amax = weight_row_amax(source)  # NaN and inf propagate: one small tensor says if the weight is finite
         if not bool(torch.isfinite(row_amax).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
+        if what in self.rounded:
+            fp8_weight, weight_scale = self.rounded[what]
+            if tuple(fp8_weight.shape) != tuple(weight.shape):
+                raise ValueError(f"{what}: rounded weight {list(fp8_weight.shape)} does not fit {list(weight.shape)}")
+            self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
+            layer.fp8_name = what
+            return
         group, fit = self.config.weight_group, False
         if self.config.weight_granularity == AUTO:
             choice = choose_weight_group(

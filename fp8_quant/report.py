@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .config import Fp8Config
+
+if TYPE_CHECKING:
+    from .sensitivity import SensitivityReport
 
 
 @dataclass
@@ -18,6 +22,7 @@ class LayerReport:
     reason: str
     bytes_before: int
     bytes_after: int
+    bf16_bytes: int = 0  # the weight's size in bf16: the yardstick of memory budgets
 
 
 @dataclass
@@ -27,6 +32,8 @@ class Fp8Report:
     config: Fp8Config
     layers: list[LayerReport] = field(default_factory=list)
     kernel_choice: str = ""
+    notes: list[str] = field(default_factory=list)  # what a recipe measured (e.g. the error on its samples)
+    sensitivity: SensitivityReport | None = None  # the per-layer table, where a recipe measured one
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -44,6 +51,10 @@ class Fp8Report:
     def bytes_after(self) -> int:
         return sum(layer.bytes_after for layer in self.layers)
 
+    @property
+    def bf16_bytes(self) -> int:
+        return sum(layer.bf16_bytes for layer in self.layers)
+
     def summary(self) -> str:
         skipped = count_labels(layer.reason for layer in self.skipped)
         kept_fp8 = count_labels(layer.reason for layer in self.quantized if layer.reason != "quantized")
@@ -55,11 +66,11 @@ class Fp8Report:
         )
         if self.kernel_choice:
             text += f"; kernel {self.kernel_choice}"
-        return text
+        return "; ".join([text, *self.notes])
 
 
 def count_labels(labels: Iterable[str]) -> str:
-    """"2 a, 1 b": how many of each label, for one-line summaries."""
+    """ "2 a, 1 b": how many of each label, for one-line summaries."""
     counts: dict[str, int] = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1

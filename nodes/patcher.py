@@ -48,10 +48,11 @@ def forget_patcher_state(model: nn.Module) -> None:
     for name in _PATCHER_MODEL_ATTRIBUTES:
         model.__dict__.pop(name, None)
     for module in model.modules():
+        # The cast flag as the class made it (manual-cast ops cast their weights to the input's dtype); the input's
+        # patcher may have set it for its own load (lowvram, dynamic VRAM). The copy's patcher sets its own.
+        module.__dict__.pop("comfy_cast_weights", None)
         for name in _PATCHER_MODULE_ATTRIBUTES:
             module.__dict__.pop(name, None)
-        if "comfy_cast_weights" in module.__dict__:
-            module.comfy_cast_weights = False
         for name in ("weight_function", "bias_function"):
             if name in module.__dict__:
                 setattr(module, name, [])

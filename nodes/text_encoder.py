@@ -1,14 +1,22 @@
-"""Quantize Text Encoder (FP8): a new CLIP whose encoder linears are fp8; the input CLIP is left as it was."""
+"""Quantize Text Encoder (FP8): a new CLIP whose encoder linears are fp8; the input CLIP is left as it was.
+
+The recipe (quality / speed / plain) is ``fp8_quant.quantize_text_encoder``'s; this node hands it the copied encoder,
+the built-in prompts tokenized by the CLIP's own tokenizer as sample inputs, and ComfyUI's way of running them
+(``encode_token_weights`` with the CLIP's layer options, on the compute device).
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 
+import torch
 from torch import nn
 
-from fp8_quant import clone_module_tree, prepare_model_for_fp8
-from fp8_quant.config import online_config
+from fp8_quant import clone_module_tree
+from fp8_quant.cuda_graphs import graph_forward
+from fp8_quant.prompts import CALIBRATION_PROMPTS
+from fp8_quant.text_encoder import quantize_text_encoder
 
 from .comfy_cast import comfy_weight_caster
 from .fp8_linear import install_comfy_forward
@@ -40,19 +48,25 @@ class QuantizeTextEncoderFP8:
     def INPUT_TYPES(cls):
         return {"required": {"clip": ("CLIP",)}, "optional": text_encoder_optional_inputs()}
 
-    def quantize(self, clip, kernel: str = "auto", **options: str):
+    def quantize(self, clip, kernel: str = "auto", recipe: str = "quality", **options: str):
         """``options``: the other widgets, as for Load FP8 DiT."""
         with node_error(NODE_TITLE):
-            config = online_config(user_options(**options))
+            choices = user_options(**options)
         kept = comfy_quantized_layers(clip.cond_stage_model)
         if kept and not any(isinstance(m, nn.Linear) for m in clip.cond_stage_model.modules()):
             # A text encoder ComfyUI already loaded quantized (an fp8 "scaled" or .comfy_quant file): nothing to
             # do, and not an error, since the graph still works; the input goes out as it came in.
             return _result(clip, f"{describe_comfy_quantized(kept)}; unchanged")
         model = _private_copy(clip)
-        report = _quantize(model, config, forced_kernel(kernel))
+        with node_error(NODE_TITLE):
+            report = _quantize(clip, model, recipe, choices, forced_kernel(kernel))
+        if recipe == "speed" and any(p.device.type == "cuda" for p in model.parameters()):
+            report.notes.append(f"CUDA graphs over {_graph_encoders(model)} encoder forward(s), one per prompt length")
         new_clip = _clip_with_model(clip, model)
         summary = report.summary() + (f"; {describe_comfy_quantized(kept)}" if kept else "")
+        if report.sensitivity is not None:
+            summary += "\nmost sensitive layers (output error with only that layer in fp8):\n"
+            summary += report.sensitivity.table(limit=12)
         return _result(new_clip, summary)
 
 
@@ -64,22 +78,80 @@ def _private_copy(clip) -> nn.Module:
     return model
 
 
-def _quantize(model: nn.Module, config, kernel: str | None):
+def _quantize(clip, model: nn.Module, recipe: str, choices, kernel: str | None):
+    """The core's recipe on the copy, run where ComfyUI runs the encoder: a copy of an encoder still on the offload
+    device moves to the GPU first (its own parameters: the input stays where it is), since fitting runs it many
+    times."""
     import comfy.model_management
     import comfy.utils
 
     device = comfy.model_management.get_torch_device()
+    elsewhere = _bytes_off(model, device)
+    if device.type == "cuda" and elsewhere:
+        comfy.model_management.free_memory(elsewhere, device)
+        model.to(device)
     caster = comfy_weight_caster()
     progress = comfy.utils.ProgressBar(1)
-    return prepare_model_for_fp8(
-        model,
-        config,
-        kernel=kernel,
-        quantize_device=device if device.type == "cuda" else None,
-        compute_device=device,
-        progress=lambda done, total, name: progress.update_absolute(done, total),
-        install=lambda module: install_comfy_forward(module, caster),
-    )
+    _set_clip_options(clip, model, device)
+    try:
+        return quantize_text_encoder(
+            model,
+            [{"tokens": clip.tokenize(prompt)} for prompt in CALIBRATION_PROMPTS],
+            recipe=recipe,
+            options=choices,
+            forward=_encode,
+            kernel=kernel,
+            keep_dtype=None,  # layers kept in high precision stay as ComfyUI holds them
+            quantize_device=device if device.type == "cuda" else None,
+            compute_device=device,
+            progress=lambda done, total, name: progress.update_absolute(done, total),
+            install=lambda module: install_comfy_forward(module, caster),
+        )
+    finally:
+        model.reset_clip_options()
+
+
+def _graph_encoders(model: nn.Module) -> int:
+    """The speed recipe's launch saving: each transformer of ComfyUI's text-encoder wrappers (``SDClipModel``
+    and kin: a ``transformer`` under a module that encodes tokens) replays as CUDA graphs, one per prompt length.
+    Where the model is not on a CUDA GPU the wrapper runs it eagerly."""
+    count = 0
+    for module in model.modules():
+        transformer = getattr(module, "transformer", None)
+        if isinstance(transformer, nn.Module) and hasattr(module, "encode_token_weights"):
+            graph_forward(transformer, ignored=_ignored_arguments(transformer))
+            count += 1
+    return count
+
+
+def _ignored_arguments(transformer: nn.Module) -> tuple[str, ...]:
+    """ComfyUI's T5 and Llama-family transformers take ``num_tokens`` (the real tokens of each prompt) and do not
+    read it; left out of the graph's signature, every prompt of one padded length shares a graph. CLIP reads it (the
+    pooled token), so it stays there."""
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.t5
+
+    known = (comfy.text_encoders.t5.T5, getattr(comfy.text_encoders.llama, "BaseLlama", ()))
+    return ("num_tokens",) if isinstance(transformer, known) else ()
+
+
+def _encode(model: nn.Module, tokens):
+    """One prompt through the encoder, as ``CLIP.encode_from_tokens`` runs it: (cond, pooled[, extra])."""
+    return model.encode_token_weights(tokens)
+
+
+def _set_clip_options(clip, model: nn.Module, device: torch.device) -> None:
+    """The options ``CLIP.encode_from_tokens`` sets before it encodes (the CLIP's layer, the execution device)."""
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    model.set_clip_options({"execution_device": device})
+
+
+def _bytes_off(model: nn.Module, device: torch.device) -> int:
+    """Bytes of the copy not yet on ``device`` (tensors the input already holds there are shared, not copied)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != device.type)
 
 
 def _clip_with_model(clip, model: nn.Module):

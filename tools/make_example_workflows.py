@@ -85,6 +85,7 @@ WIDGETS = {
         "weight_granularity",
         "kernel",
         "skip_layers",
+        "recipe",
     ],
     "CLIPLoader": ["clip_name", "type", "device"],
     "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
@@ -108,11 +109,12 @@ LOAD_DEFAULTS = {
     "skip_layers": "",
 }
 TE_DEFAULTS = {
-    "activation_scheme": "dynamic",
+    "activation_scheme": "auto",
     "activation_granularity": "auto",
-    "weight_granularity": "channel",
+    "weight_granularity": "auto",
     "kernel": "auto",
     "skip_layers": "",
+    "recipe": "quality",
 }
 
 

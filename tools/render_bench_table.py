@@ -29,7 +29,7 @@ README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 STEP_STOCK, STEP_QUANT = "stock default dtype", "stock on our comfy-quant file"
 LINEAR_BF16, LINEAR_FAST = "bf16 F.linear", "ComfyUI fp8_e4m3fn_fast"
-CONTEXT_KEYS = ("gpu", "torch", "comfyui", "comfy-kitchen", "date")
+CONTEXT_KEYS = ("gpu", "device", "torch", "comfyui", "comfy-kitchen", "date")
 PLACEHOLDER = (
     "No measurements in `bench/results/` yet. On a GPU, `COMFYUI_DIR=... python bench/bench_comfy_dit.py --json "
     "bench/results/wan14b.json` (a Wan step inside ComfyUI) and `python bench/bench_linear.py --json "
@@ -117,6 +117,35 @@ def load_table(path: Path, data: dict) -> str:
     )
 
 
+def text_encoder_quality_table(path: Path, data: dict) -> str:
+    lines = [
+        f"**Text encoder, real weights** ({data['model']}; sentence-embedding cosine vs float32):",
+        "",
+        "| recipe | mean cosine | min cosine | linear bytes / bf16 |",
+        "|---|---|---|---|",
+    ]
+    for name, row in data["runs"].items():
+        lines.append(
+            f"| {name} | {row['mean_cosine']:.5f} | {row['min_cosine']:.5f} | {row['bytes_vs_bf16']:.3f} |"
+        )
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
+def text_encoder_speed_table(path: Path, data: dict) -> str:
+    lines = [
+        f"**Text encoder inside ComfyUI** (a random T5-XXL, {data.get('words', '?')} words; error vs bf16):",
+        "",
+        "| path | ms/encode | time / bf16 | × ComfyUI fp8 file | weights GiB | rel. error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in data["paths"].items():
+        lines.append(
+            f"| {name} | {row['ms/encode']:.1f} | {row['time/bf16']:.2f} | {row['x ComfyUI fp8']:.2f} "
+            f"| {row['weights GiB']:.2f} | {row['rel err']:.4f} |"
+        )
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
 def render_file(path: Path) -> tuple[int, str]:
     """(0 for a model step, 1 for single layers, 2 for loading: the order in the README; the table)."""
     try:
@@ -127,11 +156,15 @@ def render_file(path: Path) -> tuple[int, str]:
             return 0, step_table(path, data)
         if "summary" in data and "runs" in data:
             return 2, load_table(path, data)
+        if "model" in data and "runs" in data:
+            return 3, text_encoder_quality_table(path, data)
+        if "paths" in data:
+            return 3, text_encoder_speed_table(path, data)
         if "rows" in data:
             return 1, linear_table(path, data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ResultError(f"{path}: not a benchmark result this script knows ({error!r})") from None
-    raise ResultError(f"{path}: not a bench_comfy_dit.py, bench_linear.py or bench_load_cycles.py result")
+    raise ResultError(f"{path}: not a result of the scripts in bench/")
 
 
 def render(results: Path = RESULTS) -> str:

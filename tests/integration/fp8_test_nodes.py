@@ -1,9 +1,12 @@
 """Test-only ComfyUI nodes, linked into the test server's custom_nodes (and imported by inprocess_checks.py).
 
 - ``FP8TestRandomConditioning``: random text conditioning of a given width, so DiT tests need no text encoder.
-- ``FP8TestTinyTextEncoder``: a tiny random T5 or CLIP-L text encoder loaded through ComfyUI's own text-encoder
-  loader (``comfy.sd.load_text_encoder_state_dicts``: detection from the keys, ComfyUI's model classes, its
-  ``CLIP`` and patcher), made small through the ``<name>_model_config`` model option ComfyUI offers for that.
+- ``FP8TestTinyTextEncoder``: a tiny random text encoder of ComfyUI's own classes, made small through the
+  ``<name>_model_config`` model options ComfyUI offers for that: T5 and CLIP-L through ComfyUI's text-encoder loader
+  (``comfy.sd.load_text_encoder_state_dicts``: detection from the keys, its ``CLIP`` and patcher); UMT5 (Wan),
+  CLIP-L + CLIP-G (SDXL), Qwen2.5-VL (Qwen-Image), Gemma 2 (Lumina 2) and CLIP-L + Llama (HunyuanVideo) built as
+  ``CLIP`` objects from the model's own tokenizer and text-encoder classes (ComfyUI detects those files by sizes a
+  tiny model does not have).
 - ``FP8TestSaveLatent`` / ``FP8TestSaveConditioning``: write results to the output folder for the test to read.
 - ``FP8TestLinearBytes``: the bytes a MODEL's block linears hold (weights and scales) next to their bf16 size.
 """
@@ -43,6 +46,77 @@ TINY_TEXT_ENCODERS = {
 }
 
 
+TINY_CLIP_L = TINY_TEXT_ENCODERS["clip_l"][2]
+# Built directly (clip type None): option name -> config. LLM configs keep the classes' head_dim (not a config field).
+DIRECT_TEXT_ENCODERS = {
+    "clip_g": {
+        "clip_l_model_config": TINY_CLIP_L,
+        "clip_g_model_config": {**TINY_CLIP_L, "hidden_size": 80, "num_attention_heads": 5, "projection_dim": 80},
+    },
+    "qwen_image": {
+        "qwen25_7b_model_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    },
+    "lumina2": {
+        "gemma2_2b_model_config": {
+            "vocab_size": 128,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,  # Lumina 2 takes the second-to-last layer
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    },
+    "hunyuan_video": {
+        "clip_l_model_config": TINY_CLIP_L,
+        "llama_model_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,  # HunyuanVideo takes the third-to-last layer
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+    },
+}
+for _family in DIRECT_TEXT_ENCODERS:
+    TINY_TEXT_ENCODERS[_family] = (None, "", {})
+
+
+def clip_target(family: str):
+    """(ComfyUI's ``ClipTarget`` of the model family, tokenizer data) for the families built directly."""
+    from comfy.supported_models_base import ClipTarget
+
+    if family == "umt5":
+        import comfy.text_encoders.wan
+
+        return ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, comfy.text_encoders.wan.te()), {
+            "spiece_model": tiny_spiece_model()
+        }
+    if family == "clip_g":
+        import comfy.sdxl_clip
+
+        return ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel), {}
+    if family == "qwen_image":
+        import comfy.text_encoders.qwen_image
+
+        return ClipTarget(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()), {}
+    if family == "lumina2":
+        import comfy.text_encoders.lumina2
+
+        target = ClipTarget(comfy.text_encoders.lumina2.LuminaTokenizer, comfy.text_encoders.lumina2.te())
+        return target, {"spiece_model": tiny_spiece_model(bos_id=2, unk_id=3)}
+    if family == "hunyuan_video":
+        import comfy.text_encoders.hunyuan_video as hunyuan
+
+        return ClipTarget(hunyuan.HunyuanVideoTokenizer, hunyuan.hunyuan_video_clip()), {}
+    raise ValueError(f"unknown text encoder family {family!r}")
+
+
 def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tensor]:
     """Random weights in the layout of the family's files (the keys and shapes of ComfyUI's own model)."""
     import comfy.sd
@@ -52,36 +126,47 @@ def tiny_text_encoder_state_dict(family: str, seed: int) -> dict[str, torch.Tens
     _, option, config = TINY_TEXT_ENCODERS[family]
     import comfy.text_encoders.wan
 
+    if family in DIRECT_TEXT_ENCODERS:  # the whole text-encoder model's keys, shapes read from a model on "meta"
+        target, _ = clip_target(family)
+        options = DIRECT_TEXT_ENCODERS[family]
+        return _random_state(_template(lambda: target.clip(device="meta", model_options=options)), seed)
     builders = {
         "t5": lambda: comfy.text_encoders.sa_t5.SAT5Model(model_options={option: config}),
         "umt5": lambda: comfy.text_encoders.wan.WanT5Model(model_options={option: config}),
         "clip_l": lambda: SD1ClipModel(model_options={option: config}),
     }
+    model = _template(builders[family])
+    return _random_state(getattr(model, model.clip).transformer, seed)
+
+
+def _template(build):
+    """A model built to read its keys and shapes. With ComfyUI's dynamic VRAM on, its layers leave their weights
+    unset until a state dict brings them: the template is built the classic way."""
     try:
         import comfy.memory_management as memory_management
     except ImportError:  # an older ComfyUI: no dynamic VRAM
         memory_management = None
-    # With ComfyUI's dynamic VRAM on, its layers leave their weights unset until a state dict brings them: build
-    # the template the classic way to read the keys and shapes.
     dynamic = getattr(memory_management, "aimdo_enabled", False)
     if memory_management is not None:
         memory_management.aimdo_enabled = False
     try:
-        model = builders[family]()
+        return build()
     finally:
         if memory_management is not None:
             memory_management.aimdo_enabled = dynamic
-    transformer = getattr(model, model.clip).transformer
+
+
+def _random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in transformer.state_dict().items():
-        if "position_ids" in key:
+    for key, value in model.state_dict().items():
+        if "position_ids" in key or not value.is_floating_point():
             tensor = value.clone()
         elif "norm" in key and key.endswith("weight"):
             # A few loud channels in the norm gains give the activation outlier channels real encoders have.
             tensor = torch.ones(value.shape)
             tensor[:: max(1, value.shape[0] // 8)] = 5.0
-        elif key.endswith("bias"):
+        elif key.endswith("bias") or value.dim() < 2:
             tensor = torch.randn(value.shape, generator=generator) * 0.02
         else:
             # Small enough that the random encoder is not chaotic (T5 does not scale its attention logits).
@@ -120,18 +205,26 @@ def tiny_text_encoder(family: str, seed: int = 0, storage: str = "bf16"):
     clip_type_name, option, config = TINY_TEXT_ENCODERS[family]
     state = tiny_text_encoder_state_dict(family, seed)
     # CLIP-L files go through ComfyUI's long-CLIP check, which rebuilds the clip_l option from "model_config".
-    model_options = {option: config, "model_config": dict(config)}
+    model_options = {option: config, "model_config": dict(config)} if option else {}
+    model_options.update(DIRECT_TEXT_ENCODERS.get(family, {}))
     if storage == "fp8":
         model_options["dtype"] = torch.float8_e4m3fn
     elif storage == "comfy_quant":
         state = comfy_quant_state_dict(state)
         model_options["quantization_metadata"] = {"mixed_ops": True}
-    if clip_type_name is None:
-        import comfy.text_encoders.wan
-        from comfy.supported_models_base import ClipTarget
+    if family in DIRECT_TEXT_ENCODERS:
+        import comfy.sd
 
-        target = ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, comfy.text_encoders.wan.te())
-        tokenizer_data = {"spiece_model": tiny_spiece_model()}
+        target, tokenizer_data = clip_target(family)
+        if storage == "comfy_quant":
+            raise ValueError(f"{family}: comfy_quant storage is only made for T5")
+        clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, model_options=model_options)
+        missing, unexpected = clip.cond_stage_model.load_state_dict(state, strict=False)
+        if [key for key in missing if "position_ids" not in key] or unexpected:
+            raise ValueError(f"{family}: state dict does not fit ({missing[:3]}, {unexpected[:3]})")
+        return clip
+    if clip_type_name is None:
+        target, tokenizer_data = clip_target(family)
         if "state_dict" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
             return comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, state_dict=[state], model_options=model_options)
         clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, model_options=model_options)  # older ComfyUI
@@ -142,8 +235,9 @@ def tiny_text_encoder(family: str, seed: int = 0, storage: str = "bf16"):
     )
 
 
-def tiny_spiece_model() -> bytes:
-    """A SentencePiece model trained here on a few sentences, with T5's special ids (pad 0, eos 1)."""
+def tiny_spiece_model(bos_id: int = -1, unk_id: int = 2) -> bytes:
+    """A SentencePiece model trained here on a few sentences, with T5's special ids (pad 0, eos 1) or, given
+    ``bos_id``, Gemma's (pad 0, eos 1, bos 2)."""
     import io
 
     import sentencepiece
@@ -161,8 +255,8 @@ def tiny_spiece_model() -> bytes:
         hard_vocab_limit=False,
         pad_id=0,
         eos_id=1,
-        unk_id=2,
-        bos_id=-1,
+        unk_id=unk_id,
+        bos_id=bos_id,
         minloglevel=2,
     )
     return model.getvalue()

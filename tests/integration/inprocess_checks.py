@@ -1,6 +1,6 @@
 """In-process checks against ComfyUI's own classes; run by test_comfyui.py under COMFYUI_PYTHON.
 
-Usage: python inprocess_checks.py text_encoder t5|clip_l [lora] [fp8|comfy_quant] [dynamic]
+Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [speed|plain] [dynamic]
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
@@ -29,7 +29,7 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
-def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf16") -> dict:
+def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf16", recipe: str = "quality") -> dict:
     """The input CLIP keeps every tensor byte for byte and encodes as before; the fp8 copy encodes close to it.
 
     ``with_lora``: the input carries weight patches and has been used (so ComfyUI patched its weights in place):
@@ -43,7 +43,9 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     extra = {}
     if with_lora:
         base = clip.encode_from_tokens(tokens)
-        names = [n for n, m in clip.cond_stage_model.named_modules() if isinstance(m, torch.nn.Linear)][:6]
+        names = [n for n, m in clip.cond_stage_model.named_modules() if isinstance(m, torch.nn.Linear)]
+        # Beside an LLM (HunyuanVideo) CLIP-L only gives the pooled vector: patch the model the conditioning is from.
+        names = ([n for n in names if not n.startswith("clip_l.")] or names)[:6]
         clip = clip.clone()
         clip.add_patches(diff_patches(clip.cond_stage_model, "", names, 0.5, 11))
         extra["lora_effect"] = rel_err(clip.encode_from_tokens(tokens), base)
@@ -53,7 +55,7 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     # compared is what the node did.
     before_state = {k: v.detach().clone() for k, v in clip.cond_stage_model.state_dict().items()}
     node = pack.NODE_CLASS_MAPPINGS["QuantizeTextEncoderFP8"]()
-    output = node.quantize(clip)
+    output = node.quantize(clip, recipe=recipe)
     changed = changed_keys(before_state, clip.cond_stage_model.state_dict())
     new_clip = output["result"][0]
     quantized, quantized_pooled = new_clip.encode_from_tokens(tokens, return_pooled=True)
@@ -75,6 +77,13 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     if reference_pooled is not None:
         result["pooled_rel_err"] = rel_err(quantized_pooled, reference_pooled)
         result["input_encodes_as_before"] &= bool(torch.equal(again_pooled, reference_pooled))
+    if storage == "bf16" and not with_lora and recipe == "quality":
+        # ComfyUI's own --fp8_e4m3fn-text-enc: the same weights held as plain fp8 casts, upcast per layer.
+        try:
+            stock = tiny_text_encoder(family, storage="fp8")
+            result["stock_fp8_rel_err"] = rel_err(stock.encode_from_tokens(tokens), reference)
+        except (RuntimeError, NotImplementedError) as error:  # e.g. Gemma's norms cannot add to fp8 weights
+            result["stock_fp8_failed"] = f"{type(error).__name__}: {error}"
     return {**result, **extra}
 
 
@@ -246,7 +255,8 @@ if __name__ == "__main__":
     if check == "text_encoder":
         words = sys.argv[3:]
         storage = next((word for word in words if word in ("fp8", "comfy_quant")), "bf16")
-        result = check_text_encoder(argument, with_lora="lora" in words, storage=storage)
+        recipe = next((word for word in words if word in ("speed", "plain")), "quality")
+        result = check_text_encoder(argument, with_lora="lora" in words, storage=storage, recipe=recipe)
     elif check == "lowvram":
         result = check_lowvram(argument)
     elif check == "sampling":

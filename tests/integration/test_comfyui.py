@@ -160,8 +160,7 @@ def test_load_fp8_dit_flux_samples_close_to_bf16_and_beats_stock_fp8(comfyui, ti
         "stock_fp8": stock_loader(tiny_flux, "fp8_e4m3fn"),
     }
     errors = {
-        key: rel_err(sample(comfyui, loader, f"flux_{key}", **FLUX_INPUTS), reference)
-        for key, loader in runs.items()
+        key: rel_err(sample(comfyui, loader, f"flux_{key}", **FLUX_INPUTS), reference) for key, loader in runs.items()
     }
     print(errors)
     assert errors["ours"] < 0.1, errors
@@ -411,7 +410,21 @@ def run_inprocess(check: str, *args: str, comfyui_dir: str | None = None) -> dic
 
 # fp8 keeps ~4 bits of each value. On these random encoders, bf16 weights alone give 0.004 / 0.009 / 0.005 and
 # fp8 weights alone (no activation quantization) 0.07 / 0.13 / 0.07 (t5 / umt5 / clip_l); a wrong scale gives ~1.
-TEXT_ENCODER_ERROR_BOUNDS = {"t5": 0.15, "umt5": 0.25, "clip_l": 0.15}
+# The quality recipe (default) measured 0.050 / 0.061 / 0.012, clip_g 0.012, Qwen2.5-VL 0.039, Gemma 2 0.020,
+# HunyuanVideo's CLIP-L + Llama 0.029.
+TEXT_ENCODER_ERROR_BOUNDS = {
+    "t5": 0.15,
+    "umt5": 0.25,
+    "clip_l": 0.15,
+    "clip_g": 0.15,
+    "qwen_image": 0.15,
+    "lumina2": 0.15,
+    "hunyuan_video": 0.15,
+}
+# The issue's bar: at most half the error of ComfyUI's own --fp8_e4m3fn-text-enc (a plain fp8 cast) on the tiny T5.
+# Measured: t5 0.34, umt5 0.50, clip_l 0.22, clip_g 0.18, qwen_image 0.35, hunyuan_video 0.26 (Gemma 2's stock
+# fp8 path fails in ComfyUI itself: its norms add 1 to an fp8 weight).
+STOCK_FP8_RATIO_BOUNDS = {"t5": 0.5}
 
 
 def skip_unless_dynamic(result: dict, wanted: bool) -> None:
@@ -423,12 +436,15 @@ def skip_unless_dynamic(result: dict, wanted: bool) -> None:
     "family",
     [
         *("t5", "umt5", "clip_l", "t5 lora", "umt5 lora", "t5 fp8", "umt5 fp8", "clip_l fp8"),
-        *("t5 lora dynamic", "umt5 dynamic", "clip_l dynamic", "t5 fp8 dynamic"),
+        *("clip_g", "qwen_image", "lumina2", "hunyuan_video", "hunyuan_video lora"),
+        *("t5 lora dynamic", "umt5 dynamic", "clip_l dynamic", "t5 fp8 dynamic", "hunyuan_video dynamic"),
     ],
 )
 def test_quantize_text_encoder_leaves_input_clip_alone(family):
-    """``fp8``: an encoder ComfyUI holds as fp8 casts (fp8 weight dtype) is used at unit scale, in fp8."""
+    """``fp8``: an encoder ComfyUI holds as fp8 casts (fp8 weight dtype) is used at unit scale, in fp8. Where ComfyUI's
+    own fp8 cast of the same weights runs, the default recipe must beat it (by 2x on the tiny T5)."""
     result = run_inprocess("text_encoder", *family.split())
+    print(family, {key: value for key, value in result.items() if key != "summary"})
     skip_unless_dynamic(result, "dynamic" in family)
     assert not result["returned_input"], result
     assert result.get("lora_effect", 1.0) > 0.1, result  # the patches matter, so following them is tested
@@ -438,6 +454,23 @@ def test_quantize_text_encoder_leaves_input_clip_alone(family):
     bound = TEXT_ENCODER_ERROR_BOUNDS[family.split()[0]]
     assert result["rel_err"] < bound, result
     assert result.get("pooled_rel_err", 0.0) < bound, result
+    if "fp8" not in family.split():  # fitted: the summary carries the sensitivity table
+        assert "quality recipe" in result["summary"] and "most sensitive layers" in result["summary"], result
+    if "stock_fp8_rel_err" in result:
+        ratio = result["rel_err"] / result["stock_fp8_rel_err"]
+        assert ratio < STOCK_FP8_RATIO_BOUNDS.get(family.split()[0], 1.0), result
+    assert family.split()[0] == "lumina2" or "stock_fp8_failed" not in result, result
+
+
+@pytest.mark.parametrize("family", ["t5", "hunyuan_video"])
+def test_text_encoder_recipes_side_by_side(family):
+    """speed (fp8 x fp8; activations rounded as the FP8 GPU rounds them, also on the CPU) and plain next to the
+    quality default: all close to the input, the default the most accurate."""
+    errors = {recipe: run_inprocess("text_encoder", family, recipe)["rel_err"] for recipe in ("speed", "plain")}
+    errors["quality"] = run_inprocess("text_encoder", family)["rel_err"]
+    print(family, errors)
+    assert max(errors.values()) < TEXT_ENCODER_ERROR_BOUNDS[family], errors
+    assert errors["quality"] <= min(errors.values()), errors
 
 
 @pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files")
@@ -448,7 +481,7 @@ def test_text_encoder_comfyui_already_quantized_comes_back_unchanged():
     assert "ComfyUI's own quantized ops kept as loaded (12 float8_e4m3fn); unchanged" in result["summary"], result
 
 
-@pytest.mark.parametrize("family", ["t5", "umt5", "clip_l"])
+@pytest.mark.parametrize("family", ["t5", "umt5", "clip_l", "clip_g", "lumina2", "hunyuan_video"])
 def test_quantize_text_encoder_through_clip_text_encode(comfyui, family):
     prompt = {
         "1": {"class_type": "FP8TestTinyTextEncoder", "inputs": {"family": family, "seed": 0, "storage": "bf16"}},

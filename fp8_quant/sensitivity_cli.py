@@ -1,0 +1,30 @@
+"""``python -m fp8_quant sensitivity``: fit a text encoder the CLI can build (a BERT-family folder) and show where
+fp8 hurts: the per-layer table, and a PNG of each layer's error with the layers kept in bf16 marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bert import WordPieceTokenizer, load_bert
+from .prompts import CALIBRATION_PROMPTS
+from .report import Fp8Report
+from .text_encoder import quantize_text_encoder
+
+
+def run_sensitivity(folder: str, recipe: str, budget: float, prompts_file: str | None, plot: str) -> Fp8Report:
+    """Quantize the encoder of ``folder`` by ``recipe`` on the prompts (one a line in ``prompts_file``, else the
+    built-in ones) and write the plot to ``plot``."""
+    path = Path(folder)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"{folder}: expected a folder with config.json, vocab.txt and model.safetensors")
+    prompts = list(CALIBRATION_PROMPTS)
+    if prompts_file is not None:
+        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{prompts_file}: no prompts in it")
+    model = load_bert(path, pooled=True)
+    tokenizer = WordPieceTokenizer(path / "vocab.txt")
+    report = quantize_text_encoder(model, [tokenizer([prompt]) for prompt in prompts], recipe=recipe, budget=budget)
+    assert report.sensitivity is not None  # both recipes measure it
+    report.sensitivity.plot(plot)
+    return report

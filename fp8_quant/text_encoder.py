@@ -1,0 +1,243 @@
+"""Text encoders: the most accurate fp8 copy at about half the memory (``quality``), or a fast one (``speed``).
+
+A text encoder runs once per prompt and its error reaches every sampling step, so the default is fitted to the
+encoder on sample inputs (the caller's, or ``prompts.CALIBRATION_PROMPTS`` encoded by the encoder itself):
+
+1. reference outputs and each linear's input statistics ``X^T X`` (``calibration``);
+2. each weight rounded to fp8 by error-compensating rounding on those statistics (``gptq``), per-channel scales;
+3. each layer's effect on the outputs alone in fp8 (``sensitivity``); the worst kept in bf16 while the linear
+   weights stay within ``budget`` times their bf16 bytes;
+4. the model quantized by one ``Fp8Recipe`` carrying those per-layer choices (``bridge``).
+
+``quality`` keeps activations in high precision (weight-only fp8: on a real sentence encoder, quantizing
+activations costs more accuracy than anything else). ``speed`` quantizes them per token for the fp8 tensor cores
+(fp8 x fp8), with the same rounding and kept layers. ``plain`` skips the fitting: per-channel scales, nothing
+measured, the fastest to prepare.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .bridge import ForwardInstaller, ProgressCallback, prepare_model_for_fp8
+from .calibration import Forward, Sample, call_model, input_hessians, output_error, run_samples
+from .config import AUTO, SENSITIVE_LAYER_PATTERNS, Fp8Config, UserOptions
+from .dispatch import Fp8Recipe, LayerOverride
+from .fp8_utils import is_fp8_dtype, quantize_weight
+from .gptq import gptq_quantize
+from .methods import Fp8OnlineLinearMethod, RoundedWeights
+from .prompts import SENSITIVITY_PROMPTS
+from .report import Fp8Report, mib
+from .sensitivity import SensitivityReport, choose_kept, measure_sensitivity
+
+logger = logging.getLogger(__name__)
+
+RECIPES = ("quality", "speed", "plain")
+ROUNDINGS = ("gptq", "nearest")
+DEFAULT_BUDGET = 0.55  # linear weights at most 0.55x their bf16 bytes: ~10% of them may stay in bf16
+# Damping of the input Hessian for error-compensating rounding, as a fraction of its mean diagonal. Built-in prompts
+# give fewer tokens than a wide layer has inputs, so the statistics are rank-deficient: strong damping keeps the
+# rounding from fitting the prompts (measured on a real sentence encoder, see tests/test_text_encoder_real.py).
+GPTQ_DAMP = 0.1
+
+
+def text_encoder_config(options: UserOptions, recipe: str) -> Fp8Config:
+    """The recipe's scheme with the user's explicit choices on top: ``quality`` weight-only, ``speed`` and
+    ``plain`` per-token activations; per-channel weight scales unless chosen otherwise."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe: {recipe!r} is not allowed; allowed values: {list(RECIPES)}")
+    scheme = options.activation_scheme
+    if scheme == AUTO:
+        scheme = "none" if recipe == "quality" else "dynamic"
+    granularity = options.activation_granularity
+    if granularity == AUTO:
+        granularity = "tensor" if scheme == "static" else "token"
+    return Fp8Config(
+        weight_granularity="channel" if options.weight_granularity == AUTO else options.weight_granularity,
+        activation_scheme=scheme,
+        activation_granularity=granularity,
+        ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
+        # Where the product runs dequantized (CPUs, older GPUs) activations are still rounded as fp8 x fp8 would:
+        # the reported error is the FP8 GPU's.
+        round_activations_on_dequant=scheme != "none",
+    )
+
+
+def quantize_text_encoder(
+    model: nn.Module,
+    sample_inputs: Sequence[Sample] = (),
+    *,
+    recipe: str = "quality",
+    options: UserOptions | None = None,
+    budget: float = DEFAULT_BUDGET,
+    rounding: str = "gptq",
+    forward: Forward | None = None,
+    sensitivity_samples: int = SENSITIVITY_PROMPTS,
+    kernel: str | None = None,
+    keep_dtype: torch.dtype | None = torch.bfloat16,
+    quantize_device: torch.device | str | None = None,
+    compute_device: torch.device | str | None = None,
+    progress: ProgressCallback | None = None,
+    install: ForwardInstaller | None = None,
+) -> Fp8Report:
+    """Quantize ``model``'s linears in place by ``recipe``; returns the report (``report.sensitivity`` holds the
+    per-layer table where one was measured).
+
+    ``sample_inputs``: keyword-argument dicts, each run as ``forward(model, **sample)`` (default ``model(**sample)``):
+    the calibration data; the first ``sensitivity_samples`` of them also drive the sensitivity pass (one run per
+    layer). ``budget``: the linear weights' bytes allowed, as a fraction of their bf16 bytes. ``rounding``: ``gptq``
+    (error-compensating, the default) or ``nearest`` (plain rounding; for comparisons). ``keep_dtype``: where
+    layers kept in high precision are wider (an fp32 model), they are stored in this dtype. The model is run where
+    it is; ``quantize_device`` is where the rounding works (the GPU is much faster).
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding: {rounding!r} is not allowed; allowed values: {list(ROUNDINGS)}")
+    if not 0.5 < budget <= 2.0:
+        raise ValueError(f"budget: {budget!r} must be in (0.5, 2.0], a fraction of the linears' bf16 bytes")
+    config = text_encoder_config(options or UserOptions(), recipe)
+    base = Fp8Recipe.for_model(config, kernel, keep_dtype=keep_dtype)
+    candidates = _candidates(model, base)
+    if recipe == "plain" or not candidates:
+        return prepare_model_for_fp8(
+            model,
+            base,
+            quantize_device=quantize_device,
+            compute_device=compute_device,
+            progress=progress,
+            install=install,
+        )
+    samples = list(sample_inputs)
+    if not samples:
+        raise ValueError(f"sample_inputs: the {recipe!r} recipe needs at least one sample input to calibrate on")
+    forward = forward or call_model
+    steps = _Steps(progress, 2 * len(candidates) + 1)
+    references = run_samples(model, samples, forward)
+    if rounding == "gptq":
+        rounded = _round(model, candidates, samples, forward, config, quantize_device, steps)
+    else:
+        rounded = {
+            name: quantize_weight(m.weight.detach(), config.weight_dtype, config.weight_group)
+            for name, m in candidates.items()
+        }
+    reached = {name: module for name, module in candidates.items() if name in rounded}
+    probe = samples[: max(1, sensitivity_samples)]
+    sensitivity = SensitivityReport(
+        measure_sensitivity(
+            model,
+            reached,
+            rounded,
+            probe,
+            forward,
+            references[: len(probe)],
+            config.quantizes_activations,
+            steps.layer,
+        ),
+        budget,
+    )
+    choose_kept(sensitivity.layers, budget, *_other_bytes(model, reached, candidates))
+    overrides = {name: LayerOverride(keep=True, reason="kept in bf16 (sensitive)") for name in sensitivity.kept}
+    final = replace(base, overrides=overrides, rounded=rounded, _methods={})
+    report = prepare_model_for_fp8(
+        model, final, quantize_device=quantize_device, compute_device=compute_device, install=install
+    )
+    steps.done()
+    report.sensitivity = sensitivity
+    error = output_error(run_samples(model, samples, forward), references)
+    report.notes.append(
+        f"{recipe} recipe: {len(sensitivity.kept)} sensitive layers kept in bf16, linear weights "
+        f"{report.bytes_after / max(1, report.bf16_bytes):.3f}x their bf16 bytes ({mib(report.bytes_after)}); "
+        f"output error vs high precision on {len(samples)} samples {error:.4f}"
+    )
+    logger.info("fp8 sensitivity per layer:\n%s", sensitivity.table())
+    return report
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _other_bytes(model: nn.Module, measured: dict, candidates: dict) -> tuple[int, int]:
+    """(bytes, bf16 bytes) of the linears the sensitivity pass did not measure but the samples run: fp8 weights a
+    model already holds stay fp8, skipped ones stay in 16 bits. Candidates the samples never reach (a vision tower
+    beside the text model) go to fp8 and are left out of the budget: the bytes they save must not buy precision
+    for layers elsewhere, or a large unused tower would keep a whole text model in bf16."""
+    cost = bf16 = 0
+    for name, module in _linears(model):
+        weight = module.weight
+        if name in measured or name in candidates or weight is None:
+            continue
+        bf16 += 2 * weight.numel()
+        cost += weight.numel() + 4 * weight.shape[0] if is_fp8_dtype(weight.dtype) else 2 * weight.numel()
+    return cost, bf16
+
+
+def _candidates(model: nn.Module, recipe: Fp8Recipe) -> dict[str, nn.Linear]:
+    """Linears the recipe quantizes on the fly: the ones to fit. fp8 weights a model already holds are used as
+    they are (nothing to round); skipped ones stay."""
+    linears = _linears(model)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize to fp8")
+    chosen = {}
+    for name, module in linears:
+        weight = module.weight
+        if weight is None or is_fp8_dtype(weight.dtype) or hasattr(module, "fp8_layer_config"):
+            continue
+        decision = recipe.decide(name, weight)
+        if isinstance(decision.method, Fp8OnlineLinearMethod):
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(f"{name}: weight holds NaN or inf values; refusing to quantize it")
+            chosen[name] = module
+    return chosen
+
+
+def _round(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    samples: list[Sample],
+    forward: Forward,
+    config: Fp8Config,
+    quantize_device: torch.device | str | None,
+    steps: _Steps,
+) -> RoundedWeights:
+    """Error-compensating rounding of every candidate, on its inputs' statistics from the samples. Layers the
+    samples never reach (a vision tower beside the text model) are left to plain rounding."""
+    rounded: RoundedWeights = {}
+    unreached = []
+    for name, hessian in input_hessians(model, layers, samples, forward):
+        if hessian is None:
+            unreached.append(name)
+            steps.layer(0, 0, name)
+            continue
+        weight = layers[name].weight.detach()
+        device = torch.device(quantize_device) if quantize_device is not None else weight.device
+        fp8_weight, scale = gptq_quantize(
+            weight.to(device), hessian.to(device), config.weight_dtype, config.weight_group, GPTQ_DAMP, name=name
+        )
+        rounded[name] = (fp8_weight.to(weight.device), scale.to(weight.device))
+        steps.layer(len(rounded), len(layers), name)
+    if unreached:
+        logger.info(
+            "fp8: %d linears not reached by the samples get plain rounding (e.g. %s)", len(unreached), unreached[0]
+        )
+    return rounded
+
+
+class _Steps:
+    """One progress bar over rounding and the sensitivity pass."""
+
+    def __init__(self, callback: Callable[[int, int, str], None] | None, total: int) -> None:
+        self.callback, self.total, self.count = callback, total, 0
+
+    def layer(self, _done: int, _of: int, name: str) -> None:
+        self.count += 1
+        if self.callback is not None:
+            self.callback(min(self.count, self.total), self.total, name)
+
+    def done(self) -> None:
+        if self.callback is not None:
+            self.callback(self.total, self.total, "")
