@@ -7,16 +7,16 @@ the tokens of an activation, lie within a few binades of each other; only a laye
 wildly (a weight with dead channels, "massive activation" tokens) needs a scale per channel or per token.
 
 Weights with a few large input columns (trained DiTs have them) are the other case. There the error is carried by
-the few large values of each row, and what helps is not more range but those values landing on the fp8 grid:
-scales fitted to the least squared error (``fp8_utils.quantize_weight(fit=True)``), one per 128 inputs of a row
-where the device multiplies such groups at full speed (fewer values per scale, so more of the large ones land
-well), else one per row. Measured on a tiny Wan 2.1 with 4 input columns x8 per block linear (CPU, latent error vs
-bf16 as a ratio to ComfyUI's fp8_e4m3fn cast; tests/integration): one scale per tensor 0.52 (what the stock loader
-reaches on a comfy-quant file), 128x128 blocks 0.52 (a block still holds 16k values), per channel 0.44, this
-choice (fitted groups of 128) 0.33. In simulation on the same model: a smoothing factor per input column folded
-into the activations 0.44 (it makes each column's largest value exact, nothing more), with fitted scales 0.36;
-fitted per-channel scales 0.39; fitted groups of 32 0.28, but no fp8 GEMM takes those (MX GEMMs take groups of 32
-with power-of-two scales, which cannot be fitted: 0.52).
+the few large values of each row, and what helps is not more range but those values landing on the fp8 grid: scales
+fitted to the least squared error (``fp8_utils.quantize_weight(fit=True)``), one per 128 inputs of a row where that
+costs no speed (devices that dequantize every layer anyway; on an H100 the block-scaled GEMM runs 0.75-0.8x the row-
+wise one, measured with bench/bench_blockwise.py), else one per row. Measured on a tiny Wan 2.1 with 4 input columns
+x8 per block linear (CPU, latent error vs bf16 as a ratio to ComfyUI's fp8_e4m3fn cast; tests/integration): one
+scale per tensor 0.52 (what the stock loader reaches on a comfy-quant file), 128x128 blocks 0.52 (a block still
+holds 16k values), per channel 0.44, this choice (fitted groups of 128) 0.33. In simulation on the same model: a
+smoothing factor per input column folded into the activations 0.44 (it makes each column's largest value exact,
+nothing more), with fitted scales 0.36; fitted per-channel scales 0.39; fitted groups of 32 0.28, but no fp8 GEMM
+takes those (MX GEMMs take groups of 32 with power-of-two scales, which cannot be fitted: 0.52).
 
 Activations, with no host synchronisation on the forward path:
 - observing: the first ``policy.calls`` calls run dynamic per-token; device tensors record the largest amax and

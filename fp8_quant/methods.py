@@ -242,7 +242,7 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
         group, fit = self.config.weight_group, False
         if self.config.weight_granularity == AUTO:
             choice = choose_weight_group(
-                source, groups_at_speed=block_groups_at_speed(source.device, source.shape[1]), rows=row_amax
+                source, groups_at_speed=block_groups_at_speed(source.device), rows=row_amax
             )
             group, fit = choice.group, choice.fit
             logger.debug("%s: %s", what, choice.reason)

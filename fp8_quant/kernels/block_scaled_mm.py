@@ -31,6 +31,7 @@ BLOCK_K = 128
 # torch 2.11's block-scaled _scaled_mm refuses ("Invalid scaling configuration") a K whose number of 128-blocks is
 # not a multiple of 4, in every scale layout tried on an H100: K must be a multiple of 512 (DiT widths are).
 K_MULTIPLE = 4 * BLOCK_K
+M_MULTIPLE = 4
 NEEDS = "torch 2.9+ and a GPU of capability 9.0 (H100/H200), where cuBLASLt scales 128-blocks"
 
 
@@ -56,15 +57,23 @@ def weight_block_scale(weight_scale: Tensor, group: GroupShape) -> Tensor:
 def block_scaled_mm(
     x: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, group: GroupShape, out_dtype: torch.dtype
 ) -> Tensor:
-    """``x [M, K]`` (fp8) times ``weight [N, K]`` (fp8) with block scales, as ``_scaled_mm`` takes them."""
+    """``x [M, K]`` (fp8) times ``weight [N, K]`` (fp8) with block scales, as ``_scaled_mm`` takes them.
+
+    torch 2.11 on an H100 refuses an M that is not a multiple of 4 (seen for M = 3 and 77): such inputs get zero
+    rows (unit scales) appended and the product is cropped, a small copy for the small M it happens to."""
     k_blocks = -(-x.shape[1] // BLOCK_K)
-    return torch._scaled_mm(
-        x,
-        weight.t(),
-        scale_a=activation_block_scale(x_scale, x.shape[0], k_blocks),
-        scale_b=weight_block_scale(weight_scale, group),
-        out_dtype=out_dtype,
+    rows = x.shape[0]
+    x_scale = activation_block_scale(x_scale, rows, k_blocks)
+    pad = -rows % M_MULTIPLE
+    if pad:
+        x = torch.cat([x, torch.zeros(pad, x.shape[1], dtype=x.dtype, device=x.device)])
+        padded_scale = torch.ones(rows + pad, k_blocks, dtype=x_scale.dtype, device=x.device)
+        padded_scale[:rows] = x_scale
+        x_scale = padded_scale.t().contiguous().t()
+    out = torch._scaled_mm(
+        x, weight.t(), scale_a=x_scale, scale_b=weight_block_scale(weight_scale, group), out_dtype=out_dtype
     )
+    return out[:rows] if pad else out
 
 
 def block_scaled_mm_problem(device: torch.device, group: GroupShape) -> tuple[Tensor, ...]:
