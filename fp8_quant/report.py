@@ -55,15 +55,19 @@ class Fp8Report:
     def bf16_bytes(self) -> int:
         return sum(layer.bf16_bytes for layer in self.layers)
 
-    def summary(self) -> str:
+    def headline(self) -> str:
+        """Layers quantized and kept, and the bytes: the first thing a summary says."""
         skipped = count_labels(layer.reason for layer in self.skipped)
         kept_fp8 = count_labels(layer.reason for layer in self.quantized if layer.reason != "quantized")
-        text = (
+        return (
             f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
             f"{f' ({kept_fp8})' if kept_fp8 else ''}"
             f"{f' (skipped: {skipped})' if skipped else ''}; linear weights "
-            f"{mib(self.bytes_before)} -> {mib(self.bytes_after)}; {self.config.describe()}"
+            f"{mib(self.bytes_before)} -> {mib(self.bytes_after)}"
         )
+
+    def summary(self) -> str:
+        text = f"{self.headline()}; {self.config.describe()}"
         if self.kernel_choice:
             text += f"; kernel {self.kernel_choice}"
         return "; ".join([text, *self.notes])

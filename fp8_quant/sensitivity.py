@@ -57,6 +57,18 @@ class SensitivityReport:
             lines.append(f"     ... {len(ranked) - limit} more layers, all fp8")
         return "\n".join(lines)
 
+    def compact(self, limit: int = 3) -> str:
+        """The most sensitive layers in one line, named without the prefix all layers share (for a node's summary;
+        the whole table goes to the log)."""
+        ranked = sorted(self.layers, key=lambda layer: layer.error, reverse=True)[:limit]
+        common = _shared_prefix([layer.name for layer in self.layers]) if len(self.layers) > 1 else ""
+        shown = ", ".join(
+            f"{layer.name[len(common) + 1 :] if common else layer.name} {layer.error:.4f}"
+            f"{' (bf16)' if layer.kept else ''}"
+            for layer in ranked
+        )
+        return f"most sensitive layers (error alone in fp8): {shown}"
+
     def plot(self, path: str) -> None:
         """A PNG of each layer's error in model order, the layers kept in high precision marked (needs matplotlib)."""
         try:
@@ -153,3 +165,13 @@ class _fake_fp8:
             del self.module.forward
         else:
             self.module.forward = self.previous
+
+
+def _shared_prefix(names: list[str]) -> str:
+    """The dotted components every name starts with ("transformer.encoder" of a T5's layers)."""
+    shared: list[str] = []
+    for parts in zip(*(name.split(".")[:-1] for name in names)):
+        if len(set(parts)) != 1:
+            break
+        shared.append(parts[0])
+    return ".".join(shared)

@@ -63,10 +63,14 @@ class QuantizeTextEncoderFP8:
         if recipe == "speed" and any(p.device.type == "cuda" for p in model.parameters()):
             report.notes.append(f"CUDA graphs over {_graph_encoders(model)} encoder forward(s), one per prompt length")
         new_clip = _clip_with_model(clip, model)
-        summary = report.summary() + (f"; {describe_comfy_quantized(kept)}" if kept else "")
+        logger.info("text encoder %s: %s", type(model).__name__, report.summary())
+        # On the node: what was done and how well; the kernel reasoning and the whole table are in the log.
+        kernel = report.kernel_choice.split(" ", 1)[0] if report.kernel_choice else ""
+        summary = "; ".join([report.headline(), *report.notes] + ([f"kernel {kernel}"] if kernel else []))
+        summary += f"; {describe_comfy_quantized(kept)}" if kept else ""
         if report.sensitivity is not None:
-            summary += "\nmost sensitive layers (output error with only that layer in fp8):\n"
-            summary += report.sensitivity.table(limit=12)
+            summary += "; " + report.sensitivity.compact()
+            logger.info("per-layer fp8 error of the text encoder:\n%s", report.sensitivity.table())
         return _result(new_clip, summary)
 
 

@@ -144,7 +144,7 @@ def test_block_layer_kernel_choice_says_why_on_cpu():
     method.process_weights_after_loading(layer, "layer")
     kernel, why = explain_choice(layer.fp8_layer_config, CPU)
     assert kernel is DequantLinearKernel
-    assert "scaled_mm_block: cpu has no FP8 tensor cores" in why
+    assert "cpu has no FP8 tensor cores" in why
     ok, reason = ChannelWiseScaledMMKernel.can_implement(layer.fp8_layer_config)
     assert not ok and reason == "block 128x128 weight scales need a block-scaled kernel"
     forced, why = explain_choice(layer.fp8_layer_config, CPU, BlockScaledMMKernel.name)

@@ -27,8 +27,8 @@ Stage = tuple[str, list[str]]  # group title, node keys top to bottom
 # Body heights (below the title bar) that ComfyUI's frontend 1.47 gives each node for its widgets, rounded up;
 # this pack's nodes include their summary box. A text prompt gets room for a few lines.
 NODE_HEIGHTS = {
-    "LoadFP8DiT": 334,
-    "QuantizeTextEncoderFP8": 310,
+    "LoadFP8DiT": 379,
+    "QuantizeTextEncoderFP8": 379,
     "CLIPLoader": 106,
     "DualCLIPLoader": 130,
     "CLIPTextEncode": 150,

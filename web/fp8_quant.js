@@ -10,7 +10,7 @@ import { app } from "../../scripts/app.js";
 
 const WIDGET_NAME = "fp8_summary";
 const PLACEHOLDER = "FP8 summary: shown here after the node runs";
-const BOX_LINES = 7;
+const BOX_LINES = 10;
 const LINE_HEIGHT_PX = 15;
 const BOX_PADDING_PX = 8;
 const BOX_HEIGHT_PX = BOX_LINES * LINE_HEIGHT_PX + 2 * BOX_PADDING_PX;

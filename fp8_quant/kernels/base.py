@@ -22,6 +22,8 @@ from ..quant_fp8 import QuantFP8
 from ..scheme import QuantKey
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Why an fp8 GEMM passes over a weight-only layer (one wording, so a summary names it once for every such kernel).
+WEIGHT_ONLY_REASON = "weight-only (activations stay in high precision)"
 # Why mxfp8 layers (ComfyUI 0.30) run on the dequantize kernel, wherever a GEMM kernel is asked.
 MX_REASON = (
     "mxfp8 weights (groups of 32, power-of-two scales) need an MX GEMM (Blackwell GPUs, capability 10.0+, "

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..fp8_utils import dequantize, fp8_compute_unsupported, quantize_input_groups, quantize_weight
 from ..params import Fp8LinearParams
 from ..scheme import BLOCK_128, GROUP_128, MX_BLOCK, PER_TOKEN_GROUP_128, GroupShape
-from .base import MX_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
+from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 
 BLOCK_WEIGHT_GROUPS: tuple[GroupShape, ...] = (BLOCK_128, GROUP_128)
 BLOCK_K = 128
@@ -136,7 +136,7 @@ class BlockScaledMMKernel(FP8ScaledMMLinearKernel):
     def can_implement(cls, config: FP8ScaledMMLinearLayerConfig) -> tuple[bool, str | None]:
         weight_key, activation_key = config.weight_quant_key, config.activation_quant_key
         if activation_key is None:
-            return False, "weight-only layers keep activations in high precision; _scaled_mm needs both in fp8"
+            return False, WEIGHT_ONLY_REASON
         if weight_key.group_shape == MX_BLOCK:
             return False, MX_REASON
         if weight_key.group_shape not in BLOCK_WEIGHT_GROUPS:

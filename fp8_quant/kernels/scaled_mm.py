@@ -14,7 +14,7 @@ from torch import Tensor
 from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype
 from ..params import Fp8LinearParams
 from ..scheme import MX_BLOCK
-from .base import MX_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
+from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 
 
 def _device_support(device: torch.device, forced: bool) -> tuple[bool, str | None]:
@@ -28,7 +28,7 @@ def _device_support(device: torch.device, forced: bool) -> tuple[bool, str | Non
 
 def _layer_support(config: FP8ScaledMMLinearLayerConfig) -> str | None:
     if config.activation_quant_key is None:
-        return "weight-only layers keep activations in high precision; _scaled_mm needs both operands in fp8"
+        return WEIGHT_ONLY_REASON
     weight_key = config.weight_quant_key
     if not is_fp8_dtype(weight_key.dtype):
         return f"weight dtype {weight_key.dtype} is not fp8"

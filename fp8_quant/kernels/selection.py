@@ -91,7 +91,10 @@ def explain_choice(
     for candidate in KERNELS:
         reason = _verdict(candidate, config, device, forced=False)
         if reason is None:
-            rejected += [f"{', '.join(names)}: {why}" for why, names in passed_over.items()]
+            if len(passed_over) == 1 and not rejected:  # one reason ruled out every faster kernel: just the reason
+                rejected = list(passed_over)
+            else:
+                rejected += [f"{', '.join(names)}: {why}" for why, names in passed_over.items()]
             why = "; ".join(rejected) if rejected else "fastest kernel that can run it"
             return candidate, f"{candidate.name} because {why}"
         passed_over.setdefault(reason, []).append(candidate.name)
