@@ -117,33 +117,37 @@ def load_table(path: Path, data: dict) -> str:
     )
 
 
-def text_encoder_quality_table(path: Path, data: dict) -> str:
-    lines = [
-        f"**Text encoder, real weights** ({data['model']}; sentence-embedding cosine vs float32):",
-        "",
-        "| recipe | mean cosine | min cosine | linear bytes / bf16 |",
-        "|---|---|---|---|",
-    ]
-    for name, row in data["runs"].items():
-        lines.append(
-            f"| {name} | {row['mean_cosine']:.5f} | {row['min_cosine']:.5f} | {row['bytes_vs_bf16']:.3f} |"
-        )
+def keyed_table(intro: str, columns: list[tuple[str, str, str]], rows: dict[str, dict], path: Path, data: dict) -> str:
+    """A table of named rows: ``columns`` are (title, key in each row, format spec)."""
+    lines = [intro, "", "| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        cells = [name, *(format(row[key], spec) for _, key, spec in columns[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", context_line(path, data)])
+
+
+def text_encoder_quality_table(path: Path, data: dict) -> str:
+    intro = f"**Text encoder, real weights** ({data['model']}; sentence-embedding cosine vs float32):"
+    columns = [
+        ("recipe", "", ""),
+        ("mean cosine", "mean_cosine", ".5f"),
+        ("min cosine", "min_cosine", ".5f"),
+        ("linear bytes / bf16", "bytes_vs_bf16", ".3f"),
+    ]
+    return keyed_table(intro, columns, data["runs"], path, data)
 
 
 def text_encoder_speed_table(path: Path, data: dict) -> str:
-    lines = [
-        f"**Text encoder inside ComfyUI** (a random T5-XXL, {data.get('words', '?')} words; error vs bf16):",
-        "",
-        "| path | ms/encode | time / bf16 | × ComfyUI fp8 file | weights GiB | rel. error |",
-        "|---|---|---|---|---|---|",
+    intro = f"**Text encoder inside ComfyUI** (a random T5-XXL, {data.get('words', '?')} words; error vs bf16):"
+    columns = [
+        ("path", "", ""),
+        ("ms/encode", "ms/encode", ".1f"),
+        ("time / bf16", "time/bf16", ".2f"),
+        ("× ComfyUI fp8 file", "x ComfyUI fp8", ".2f"),
+        ("weights GiB", "weights GiB", ".2f"),
+        ("rel. error", "rel err", ".4f"),
     ]
-    for name, row in data["paths"].items():
-        lines.append(
-            f"| {name} | {row['ms/encode']:.1f} | {row['time/bf16']:.2f} | {row['x ComfyUI fp8']:.2f} "
-            f"| {row['weights GiB']:.2f} | {row['rel err']:.4f} |"
-        )
-    return "\n".join([*lines, "", context_line(path, data)])
+    return keyed_table(intro, columns, data["paths"], path, data)
 
 
 def render_file(path: Path) -> tuple[int, str]:
