@@ -10,6 +10,16 @@
       step(count);
     });
 
+  // The frontend blocks the page with a fading mask while it loads a workflow (PrimeVue's BlockUI); what lies
+  // under it is only seen once it has gone. Waits for it, up to a bound, so a slow CI machine reads the graph as
+  // the user does a moment later, and a mask that never leaves still shows in the hit test.
+  const maskGone = async (timeoutMs = 15000) => {
+    const until = performance.now() + timeoutMs;
+    while (document.querySelector(".p-blockui-mask, .p-overlay-mask") && performance.now() < until) {
+      await frames(5);
+    }
+  };
+
   const toScreen = ([x, y]) => {
     const { offset, scale } = app.canvas.ds;
     const box = app.canvas.canvas.getBoundingClientRect();
@@ -71,6 +81,7 @@
       const workflow = await (await fetch(url)).json();
       await app.loadGraphData(workflow);
       await frames(3);
+      await maskGone();
       const groups = app.graph.groups.map((group) => ({ title: group.title, rect: [...group.pos, ...group.size] }));
       return {
         nodes: app.graph.nodes.map(describeNode),
@@ -89,6 +100,7 @@
         }
       }
       await frames(3);
+      await maskGone();
       return { rects: rectsById() };
     },
 
