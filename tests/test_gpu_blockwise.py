@@ -45,7 +45,9 @@ def test_block_kernel_reports_why_where_it_cannot_run():
     print("block-scaled _scaled_mm:", ok, reason, "capability", capability, "torch", torch.__version__)
     if capability != (9, 0):
         assert not ok and "capability 9.0" in reason
-    assert block_groups_at_speed(device) == ok
+    # Where fp8 GEMMs run, groups of 128 cost speed (the block GEMM measured 0.75-0.8x row-wise on an H100),
+    # so the automatic choice keeps per-channel scales whether or not the block GEMM exists.
+    assert block_groups_at_speed(device) is False
 
 
 @pytest.mark.parametrize("group", [BLOCK_128, GROUP_128])
@@ -67,27 +69,43 @@ def test_block_scaled_mm_matches_dequantized_product(group, out_dtype, m, k, n):
     assert rel_err(out.float().cpu(), x @ weight.t()) < 0.05
 
 
-@pytest.mark.parametrize("weight_granularity", ["block", "auto"])
 @pytest.mark.parametrize("activation_granularity", ["token", "group", "tensor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_block_layers_run_on_the_block_kernel(weight_granularity, activation_granularity, dtype):
+def test_block_layers_run_on_the_block_kernel(activation_granularity, dtype):
     device = block_kernel_or_skip()
     reference = random_linear(1024, 768, seed=3)
     with torch.no_grad():
         reference.weight.copy_(outlier_column_weight(768, 1024, seed=3))
     layer = copy.deepcopy(reference).to(dtype)
-    config = Fp8Config(weight_granularity=weight_granularity, activation_granularity=activation_granularity)
+    config = Fp8Config(weight_granularity="block", activation_granularity=activation_granularity)
     method = Fp8OnlineLinearMethod(config)
     method.process_weights_after_loading(layer, "layer", quantize_device=device)
     layer.to(device)
-    expected_group = BLOCK_128 if weight_granularity == "block" else GROUP_128
-    assert layer.fp8_layer_config.weight_quant_key.group_shape == expected_group
+    assert layer.fp8_layer_config.weight_quant_key.group_shape == BLOCK_128
     x = outlier_input(4, 77, 1024, seed=4) / 64  # inside float16's range
     out = method.apply(layer, x.to(device, dtype), layer.bias)
     assert type(method.kernel_for(layer, device)) is BlockScaledMMKernel
     assert out.dtype == dtype
     bound = 0.3 if activation_granularity == "tensor" else 0.05  # one scale per call crushes the quiet tokens
     assert rel_err(out.float().cpu(), F.linear(x, reference.weight, reference.bias)) < bound
+
+
+def test_auto_weights_keep_the_row_wise_gemm_on_fp8_gpus():
+    """Outlier input columns would earn groups of 128 where every layer is dequantized; on an fp8 GPU the
+    automatic choice keeps one scale per channel so the layer runs the faster row-wise GEMM."""
+    device = block_kernel_or_skip()
+    reference = random_linear(1024, 768, seed=3)
+    with torch.no_grad():
+        reference.weight.copy_(outlier_column_weight(768, 1024, seed=3))
+    layer = copy.deepcopy(reference).to(torch.bfloat16)
+    method = Fp8OnlineLinearMethod(Fp8Config(weight_granularity="auto", activation_granularity="token"))
+    method.process_weights_after_loading(layer, "layer", quantize_device=device)
+    layer.to(device)
+    assert layer.fp8_layer_config.weight_quant_key.group_shape != GROUP_128
+    assert type(method.kernel_for(layer, device)) is not BlockScaledMMKernel
+    x = outlier_input(4, 77, 1024, seed=4)
+    out = method.apply(layer, x.to(device, torch.bfloat16), layer.bias)
+    assert rel_err(out.float().cpu(), F.linear(x, reference.weight, reference.bias)) < 0.05
 
 
 @pytest.mark.parametrize("k", [128, 3072, 5120])
@@ -114,9 +132,15 @@ def test_compiled_model_with_block_layers_matches_eager():
     with torch.no_grad():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
-    # Inside the graph the 1x128 activation groups are quantized by Inductor's code, not the Triton kernel: a rare
-    # fp8 rounding tie goes the other way (seen on an H100: 0.3% of outputs, at most 0.05 apart), so the two agree
-    # in norm, far inside fp8's own error.
-    assert rel_err(compiled.float().cpu(), eager.float().cpu()) < 0.01
     expected = reference(x.float().cpu())
-    assert rel_err(eager.float().cpu(), expected) < 0.08 and rel_err(compiled.float().cpu(), expected) < 0.08
+    eager_err = rel_err(eager.float().cpu(), expected)
+    compiled_err = rel_err(compiled.float().cpu(), expected)
+    apart = rel_err(compiled.float().cpu(), eager.float().cpu())
+    print(f"vs fp32: eager {eager_err:.4f}, compiled {compiled_err:.4f}; compiled vs eager {apart:.4f}")
+    # Inside the graph Inductor fuses GELU with the 1x128 activation quantization and rounds the fp32 value to
+    # fp8 once, where eager rounds GELU's output to bf16 first: a few percent of the fp8 roundings go the other
+    # way (seen on an H100: 0.014 apart in norm). Compiled must be no less accurate than eager, and both inside
+    # fp8's own error.
+    assert eager_err < 0.08 and compiled_err < 0.08
+    assert compiled_err <= 1.05 * eager_err + 1e-3
+    assert apart < 0.03
