@@ -111,14 +111,24 @@ def randomize_dit(
                     param[:, torch.randperm(param.shape[1])[:outlier_columns]] *= outlier_factor
 
 
+FORMAT_UNKNOWN = 3  # exit status: the ComfyUI under test has no such format (older than the format)
+
+
 def write_comfy_quantized(fmt: str, source: str, path: str) -> None:
     """The block linears of ``source`` quantized by ComfyUI's own code into ``fmt``, saved as its checkpoint
     savers do (``QuantizedTensor.state_dict`` and a ``.comfy_quant`` JSON per layer); the rest as it is."""
     setup_comfy()
     import json
 
-    from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
     from safetensors.torch import load_file, save_file
+
+    try:
+        from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
+    except ImportError:  # ComfyUI before its quantized-tensor layer
+        QUANT_ALGOS = {}
+    if fmt not in QUANT_ALGOS:
+        print(f"this ComfyUI has no {fmt} format", file=sys.stderr)
+        sys.exit(FORMAT_UNKNOWN)
 
     state = load_file(source)
     out: dict[str, torch.Tensor] = {}

@@ -29,6 +29,12 @@ def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
+# The input CLIP encoding again after the node ran: bit-equal on a quiet machine, but a busy CPU's threaded GEMMs
+# may sum in another order (seen once: ComfyUI 0.16.3's Gemma 2 under load). Far below what any fp8 rounding of
+# the input's weights gives (~0.02 on these tiny encoders), so the check still fails if the node touches them.
+ENCODE_AGAIN_BOUND = 1e-4
+
+
 def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf16", recipe: str = "quality") -> dict:
     """The input CLIP keeps every tensor byte for byte and encodes as before; the fp8 copy encodes close to it.
 
@@ -69,14 +75,15 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
         "changed_by_node": changed[:5],
         "changed_after_copy_used": changed_after_use[:5],
         "input_classes_unchanged": before_classes == [type(m) for m in clip.cond_stage_model.modules()],
-        "input_encodes_as_before": bool(torch.equal(again, reference)),
+        "input_encodes_as_before": rel_err(again, reference) < ENCODE_AGAIN_BOUND,
+        "input_encode_drift": rel_err(again, reference),
         "fp8_layers": fp8_layers,
         "summary": output["ui"]["text"][0],
         "returned_input": new_clip is clip,
     }
     if reference_pooled is not None:
         result["pooled_rel_err"] = rel_err(quantized_pooled, reference_pooled)
-        result["input_encodes_as_before"] &= bool(torch.equal(again_pooled, reference_pooled))
+        result["input_encodes_as_before"] &= rel_err(again_pooled, reference_pooled) < ENCODE_AGAIN_BOUND
     if storage == "bf16" and not with_lora and recipe == "quality":
         # ComfyUI's own --fp8_e4m3fn-text-enc: the same weights held as plain fp8 casts, upcast per layer.
         try:

@@ -18,6 +18,7 @@ from conftest import (
     HAS_COMFY_QUANT,
     REPO,
     SKIP_REASON,
+    needs_comfy_format,
     write_comfy_quantized,
     write_fixture,
 )
@@ -248,6 +249,7 @@ def json_output(comfyui, node_output: dict) -> dict:
 def test_mxfp8_file_written_by_comfyui_reads_as_the_stock_loader_reads_it(comfyui, tiny_wan):
     """ComfyUI 0.30's own mxfp8 file: the same weights as the stock loader dequantizes (this CPU has no MX GEMM,
     nor does any GPU before Blackwell), so the same latent up to float rounding."""
+    needs_comfy_format(comfyui.models / "diffusion_models" / "tiny_wan_mxfp8.safetensors")
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_mx")
     stock = sample(comfyui, stock_loader("tiny_wan_mxfp8.safetensors"), "stock_mxfp8")
     ours, summary = sample_with_summary(comfyui, our_loader("tiny_wan_mxfp8.safetensors"), "ours_mxfp8")
@@ -384,6 +386,7 @@ def test_example_workflows_use_only_known_nodes(comfyui):
     ],
 )
 def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan, file, named):
+    needs_comfy_format(comfyui.models / "diffusion_models" / file)
     entry = comfyui.run(sampling_prompt(our_loader(file), "never"))
     assert entry["status"]["status_str"] == "error"
     messages = json.dumps(entry["status"]["messages"])
@@ -427,9 +430,18 @@ TEXT_ENCODER_ERROR_BOUNDS = {
 STOCK_FP8_RATIO_BOUNDS = {"t5": 0.5}
 
 
+DYNAMIC_VRAM_NEEDS = "ComfyUI's dynamic VRAM needs a CUDA GPU and comfy-aimdo"
+
+
+def skip_dynamic_without_cuda(wanted: bool) -> None:
+    """Before the check runs: no CUDA here means none for ComfyUI's python on this machine either."""
+    if wanted and not torch.cuda.is_available():
+        pytest.skip(DYNAMIC_VRAM_NEEDS)
+
+
 def skip_unless_dynamic(result: dict, wanted: bool) -> None:
     if wanted and not result["dynamic_vram"]:
-        pytest.skip("ComfyUI's dynamic VRAM needs a CUDA GPU and comfy-aimdo")
+        pytest.skip(DYNAMIC_VRAM_NEEDS)
 
 
 @pytest.mark.parametrize(
@@ -443,6 +455,7 @@ def skip_unless_dynamic(result: dict, wanted: bool) -> None:
 def test_quantize_text_encoder_leaves_input_clip_alone(family):
     """``fp8``: an encoder ComfyUI holds as fp8 casts (fp8 weight dtype) is used at unit scale, in fp8. Where ComfyUI's
     own fp8 cast of the same weights runs, the default recipe must beat it (by 2x on the tiny T5)."""
+    skip_dynamic_without_cuda("dynamic" in family)
     result = run_inprocess("text_encoder", *family.split())
     print(family, {key: value for key, value in result.items() if key != "summary"})
     skip_unless_dynamic(result, "dynamic" in family)
@@ -510,6 +523,7 @@ def test_sampling_in_process_close_to_bf16_and_beats_stock_fp8(tmp_path, vram):
     """The sampling comparison of the server test, in one process: on a GPU this runs the FP8 kernels, next to
     ComfyUI's own fp8 paths and, with ``dynamic``, under ComfyUI's default dynamic-VRAM model management."""
     model = write_fixture("wan", tmp_path / "tiny_wan.safetensors")
+    skip_dynamic_without_cuda(vram == "dynamic")
     result = run_inprocess("sampling", str(model), *(["dynamic"] if vram == "dynamic" else []))
     skip_unless_dynamic(result, vram == "dynamic")
     print(result)
