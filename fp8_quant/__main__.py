@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser(
         "demo", parents=[verbose], help="quantize a small random model; print error and bytes"
     )
-    demo_parser.add_argument("--width", type=int, default=512)
-    demo_parser.add_argument("--depth", type=int, default=4)
+    demo_parser.add_argument("--width", type=_positive_int, default=512)
+    demo_parser.add_argument("--depth", type=_positive_int, default=4)
     demo_parser.add_argument("--device", default=None)
     inspect_parser = commands.add_parser("inspect", parents=[verbose], help="describe a safetensors checkpoint")
     inspect_parser.add_argument("file")
@@ -110,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity_parser.add_argument("--recipe", choices=("quality", "speed"), default="quality")
     sensitivity_parser.add_argument("--budget", type=float, default=0.55, help="linear bytes / their bf16 bytes")
     sensitivity_parser.add_argument("--prompts", help="text file, one calibration prompt a line (default: built in)")
-    sensitivity_parser.add_argument("--plot", default="sensitivity.png", help="PNG to write (needs matplotlib)")
+    sensitivity_parser.add_argument(
+        "--plot", default="sensitivity.png", help="PNG to write (needs matplotlib), or none"
+    )
     return parser
 
 
@@ -128,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{args.output}: " if args.command == "convert" else ""
         print(f"error: {where}interrupted by {signal.Signals(signum).name}; nothing written", file=sys.stderr)
         return 128 + signum
+    except Exception as error:  # a case no check above foresaw: still one line, naming what was being read
+        if args.verbose:
+            traceback.print_exc()
+        subject = getattr(args, "file", None) or getattr(args, "input", None) or getattr(args, "model", None)
+        where = f"{subject}: " if subject else ""
+        return _fail(f"{where}{type(error).__name__}: {error} (run with -v for the traceback)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -151,10 +167,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "convert":
         _convert(args)
     elif args.command == "sensitivity":
-        report = sensitivity_cli.run_sensitivity(args.model, args.recipe, args.budget, args.prompts, args.plot)
+        plot = None if args.plot.lower() == "none" else args.plot
+        sensitivity_cli.check_folder(args.model)
+        if plot is not None:
+            sensitivity_cli.check_plot_possible()
+        report = sensitivity_cli.run_sensitivity(args.model, args.recipe, args.budget, args.prompts)
         print(report.sensitivity.table())
         print(report.summary())
-        print(f"plot: {args.plot}")
+        if plot is not None:
+            report.sensitivity.plot(plot)
+            print(f"plot: {plot}")
     return 0
 
 

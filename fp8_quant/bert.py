@@ -9,6 +9,7 @@ Why here: the ``sensitivity`` command needs a real text encoder it can build fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import unicodedata
@@ -38,6 +39,10 @@ class BertConfig:
             raise ValueError(f"{path}: model_type {values.get('model_type')!r} is not a BERT encoder")
         if values.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{path}: hidden_act {values['hidden_act']!r} is not supported (gelu only)")
+        required = [name for name, field in cls.__dataclass_fields__.items() if field.default is dataclasses.MISSING]
+        missing = [name for name in required if not isinstance(values.get(name), int)]
+        if missing:
+            raise ValueError(f"{path}: missing or not an integer: {', '.join(missing)}")
         return cls(**{name: values[name] for name in cls.__dataclass_fields__ if name in values})
 
 
@@ -128,7 +133,11 @@ class WordPieceTokenizer:
         words = Path(vocab_file).read_text(encoding="utf-8").splitlines()
         self.vocab = {word: index for index, word in enumerate(words)}
         self.max_length = max_length
-        self.cls, self.sep, self.pad, self.unk = (self.vocab[t] for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"))
+        special = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
+        missing = [token for token in special if token not in self.vocab]
+        if missing:
+            raise ValueError(f"{vocab_file}: not a BERT WordPiece vocabulary (no {', '.join(missing)})")
+        self.cls, self.sep, self.pad, self.unk = (self.vocab[token] for token in special)
 
     def ids(self, text: str) -> list[int]:
         pieces = [self.cls]

@@ -11,12 +11,10 @@ from .report import Fp8Report
 from .text_encoder import quantize_text_encoder
 
 
-def run_sensitivity(folder: str, recipe: str, budget: float, prompts_file: str | None, plot: str) -> Fp8Report:
+def run_sensitivity(folder: str, recipe: str, budget: float, prompts_file: str | None) -> Fp8Report:
     """Quantize the encoder of ``folder`` by ``recipe`` on the prompts (one a line in ``prompts_file``, else the
-    built-in ones) and write the plot to ``plot``."""
-    path = Path(folder)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ValueError(f"{folder}: expected a folder with config.json, vocab.txt and model.safetensors")
+    built-in ones); the report carries the per-layer sensitivity (``report.sensitivity.plot`` draws it)."""
+    path = check_folder(folder)
     prompts = list(CALIBRATION_PROMPTS)
     if prompts_file is not None:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -26,5 +24,19 @@ def run_sensitivity(folder: str, recipe: str, budget: float, prompts_file: str |
     tokenizer = WordPieceTokenizer(path / "vocab.txt")
     report = quantize_text_encoder(model, [tokenizer([prompt]) for prompt in prompts], recipe=recipe, budget=budget)
     assert report.sensitivity is not None  # both recipes measure it
-    report.sensitivity.plot(plot)
     return report
+
+
+def check_folder(folder: str) -> Path:
+    path = Path(folder)
+    if not all((path / name).is_file() for name in ("config.json", "vocab.txt", "model.safetensors")):
+        raise ValueError(f"{folder}: expected a folder with config.json, vocab.txt and model.safetensors")
+    return path
+
+
+def check_plot_possible() -> None:
+    """Before minutes of fitting: the plot needs matplotlib, which the pack does not require."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib), or pass --plot none") from None

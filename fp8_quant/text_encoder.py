@@ -100,6 +100,12 @@ def quantize_text_encoder(
     if not 0.5 < budget <= 2.0:
         raise ValueError(f"budget: {budget!r} must be in (0.5, 2.0], a fraction of the linears' bf16 bytes")
     config = text_encoder_config(options or UserOptions(), recipe)
+    group = config.weight_group
+    if recipe != "plain" and rounding == "gptq" and not (group.is_per_channel() or group.is_per_tensor()):
+        raise ValueError(
+            f"weight_granularity: {(options or UserOptions()).weight_granularity!r} needs recipe 'plain' (the "
+            f"{recipe!r} recipe's error-compensating rounding takes one scale per channel or per tensor)"
+        )
     base = Fp8Recipe.for_model(config, kernel, keep_dtype=keep_dtype)
     candidates = _candidates(model, base)
     if recipe == "plain" or not candidates:

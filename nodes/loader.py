@@ -35,6 +35,10 @@ def node_error(node: str, path: object = None) -> Iterator[None]:
     except (ValueError, RuntimeError) as error:
         where = f"{path}: " if path is not None and str(path) not in str(error) else ""
         raise RuntimeError(f"{node}: {where}{error}") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as error:  # unforeseen: one line, traceback logged
+        logger.exception("%s failed", node)
+        where = f"{path}: " if path is not None else ""
+        raise RuntimeError(f"{node}: {where}{type(error).__name__}: {error} (details in the console log)") from None
 
 
 class LoadFP8DiT:

@@ -4,8 +4,10 @@ partial or silently replaced output."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from importlib import metadata
@@ -180,3 +182,59 @@ def test_fp8_quant_command_runs_from_any_folder(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0 and "relative error vs fp32" in done.stdout, done.stderr[-2000:]
+
+
+def test_inspect_a_file_whose_every_scale_is_nan(capsys, tmp_path):
+    """The file the troubleshooting section sends users to inspect: described, not a crash."""
+    path = tmp_path / "nan.safetensors"
+    weight = torch.randn(32, 32).to(torch.float8_e4m3fn)
+    save_file({"blocks.0.q.weight": weight, "blocks.0.q.weight_scale": torch.tensor(float("nan"))}, str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "min -, max -" in out and "NaN 1" in out and "warning: 1 scale tensor(s) hold NaN" in out
+
+
+def test_a_header_entry_with_a_non_string_dtype(capsys, tmp_path):
+    header = json.dumps({"a.weight": {"dtype": ["BF16"], "shape": [2], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "bad_dtype.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    status, err = run_cli(capsys, "inspect", str(path))
+    assert status == 2
+    assert_one_line_error(err, str(path), "'a.weight'", "unsupported dtype")
+
+
+@pytest.mark.parametrize(
+    ("scales", "named"),
+    [
+        ({"something.else": 0.01}, "none of the 1 calibrated input scales names a quantized layer"),
+        ({"blocks.0.attn.q": True}, "expected a JSON object"),
+    ],
+)
+def test_calibration_that_fits_nothing_is_refused(capsys, bf16_file, tmp_path, scales, named):
+    calibration = tmp_path / "scales.json"
+    calibration.write_text(json.dumps(scales))
+    output = tmp_path / "out.safetensors"
+    status, err = run_cli(capsys, "convert", str(bf16_file), str(output), "--calibrated", str(calibration))
+    assert status == 2
+    assert_one_line_error(err, named)
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["--width", "0"], ["--depth", "-1"], ["--width", "x"]])
+def test_demo_sizes_must_be_positive(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a positive integer" in err or "invalid" in err
+    assert "Traceback" not in err
+
+
+def test_an_unforeseen_error_is_one_line(capsys, bf16_file, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr("fp8_quant.__main__.inspect_checkpoint", broken)
+    status, err = run_cli(capsys, "inspect", str(bf16_file))
+    assert status == 2
+    assert_one_line_error(err, str(bf16_file), "KeyError", "-v")

@@ -399,3 +399,17 @@ def test_random_corruption_only_ever_gives_checkpoint_errors(tmp_path):
             assert "fuzz.safetensors" in str(error)
             outcomes["error"] += 1
     assert outcomes["error"] > 100
+
+
+def test_block_scale_on_a_high_precision_weight_is_named(tmp_path):
+    """A bf16 weight with a scale ComfyUI would multiply in: only one value or one per row fits."""
+    path = write_dialect(tmp_path / "m.safetensors", WEIGHT_SCALE, source_weights())
+    weight = source_weights()["blocks.0.ffn.0.weight"].to(torch.bfloat16)  # 128 x 64
+    edit(
+        path,
+        lambda t: t.update({"blocks.0.ffn.0.weight": weight, "blocks.0.ffn.0.weight_scale": torch.ones(1, 1)}),
+    )
+    assert load_checkpoint(path).state_dict["blocks.0.ffn.0.weight"].dtype == torch.bfloat16  # one value: fine
+    edit(path, lambda t: t.__setitem__("blocks.0.ffn.0.weight_scale", torch.ones(128, 2)))  # groups of 32
+    with pytest.raises(CheckpointError, match=r"'blocks\.0\.ffn\.0\.weight_scale' of shape \[128, 2\] does not fit"):
+        load_checkpoint(path)

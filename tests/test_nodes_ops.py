@@ -340,3 +340,19 @@ def test_offloaded_layer_takes_its_weight_through_comfyui_caster(tmp_path, sourc
     layer.weight = nn.Parameter(torch.empty_like(stored, device="meta"), requires_grad=False)
     assert torch.equal(model(x), expected)
     assert calls == [("cast", torch.float8_e4m3fn, x.dtype), ("uncast", True, "handle")]
+
+
+@pytest.mark.parametrize(
+    ("raised", "shown"),
+    [
+        (ValueError("blocks.3.q: bad scale"), "Load FP8 DiT: model.safetensors: blocks.3.q: bad scale"),
+        (KeyError("weight"), "Load FP8 DiT: model.safetensors: KeyError: 'weight' (details in the console log)"),
+    ],
+)
+def test_node_errors_are_one_line_naming_node_and_file(raised, shown):
+    from nodes.loader import node_error
+
+    with pytest.raises(RuntimeError) as caught:
+        with node_error("Load FP8 DiT", "model.safetensors"):
+            raise raised
+    assert str(caught.value) == shown and caught.value.__cause__ is None and caught.value.__suppress_context__

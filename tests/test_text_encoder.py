@@ -4,6 +4,8 @@ byte budget, per-layer overrides through the recipe, errors that name the option
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,27 +138,35 @@ def test_no_linears_and_nan_weights_are_errors_naming_them():
         quantize_text_encoder(model, samples(2))
 
 
-def test_sensitivity_cli_on_a_tiny_bert_folder(tmp_path, capsys):
+BERT_CONFIG = {
+    "model_type": "bert",
+    "vocab_size": 40,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "cat", "dog", "red", "the", "sun", ",", ".", "##s"]
+
+
+def write_tiny_bert(folder: Path, config: dict = BERT_CONFIG, words: list[str] = BERT_WORDS) -> Path:
     from safetensors.torch import save_file
 
-    from fp8_quant.__main__ import main
     from fp8_quant.bert import BertConfig, BertEncoder
 
-    config = {
-        "model_type": "bert",
-        "vocab_size": 40,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    }
     torch.manual_seed(0)
-    model = BertEncoder(BertConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "cat", "dog", "red", "the", "sun", ",", ".", "##s"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(40 - len(words))]))
+    model = BertEncoder(BertConfig(**{k: v for k, v in BERT_CONFIG.items() if k != "model_type"}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(40 - len(words))]))
+    return folder
+
+
+def test_sensitivity_cli_on_a_tiny_bert_folder(tmp_path, capsys):
+    from fp8_quant.__main__ import main
+
+    write_tiny_bert(tmp_path)
     plot = tmp_path / "plot.png"
     try:
         import matplotlib  # noqa: F401
@@ -168,6 +178,46 @@ def test_sensitivity_cli_on_a_tiny_bert_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "encoder.layer.1.output.dense" in printed and "quality recipe" in printed
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sensitivity_cli_without_a_plot_needs_no_matplotlib(tmp_path, capsys, monkeypatch):
+    from fp8_quant.__main__ import main
+
+    write_tiny_bert(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["sensitivity", str(tmp_path), "--plot", "none"]) == 0
+    assert "encoder.layer.1.output.dense" in capsys.readouterr().out
+    # Asked for a plot without matplotlib: refused before the fit, in one line.
+    assert main(["sensitivity", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [
+        "error: --plot needs matplotlib (pip install matplotlib), or pass --plot none"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "words", "named"),
+    [
+        ({k: v for k, v in BERT_CONFIG.items() if k != "intermediate_size"}, BERT_WORDS, "intermediate_size"),
+        (BERT_CONFIG, [w for w in BERT_WORDS if w != "[PAD]"], "[PAD]"),
+    ],
+)
+def test_sensitivity_cli_names_what_a_bert_folder_lacks(tmp_path, capsys, config, words, named):
+    from fp8_quant.__main__ import main
+
+    write_tiny_bert(tmp_path, config, words)
+    assert main(["sensitivity", str(tmp_path), "--plot", "none"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err, err
+
+
+def test_block_weights_need_the_plain_recipe():
+    from fp8_quant.config import UserOptions
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    with pytest.raises(ValueError, match="weight_granularity: 'block' needs recipe 'plain'"):
+        quantize_text_encoder(model, [torch.randn(2, 256)], options=UserOptions(weight_granularity="block"))
+    assert model[0].weight.dtype == torch.float32  # refused before anything was touched
 
 
 def test_sensitivity_cli_refuses_a_folder_without_a_model(tmp_path, capsys):

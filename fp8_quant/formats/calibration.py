@@ -50,11 +50,15 @@ def _from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return scales
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true is not a scale of 1
+
+
 def _from_json(path: Path) -> dict[str, torch.Tensor]:
     try:
         entries = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not a readable JSON file of input scales ({error})") from None
-    if not isinstance(entries, dict) or not all(isinstance(v, (int, float)) for v in entries.values()):
+    if not isinstance(entries, dict) or not all(_is_number(value) for value in entries.values()):
         raise CheckpointError(f"{path}: expected a JSON object {{layer name: input scale}}")
     return {str(name): torch.tensor(float(value)) for name, value in entries.items()}

@@ -116,7 +116,7 @@ def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
 def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
     shape = entry["shape"]

@@ -108,6 +108,11 @@ def _scale_health(scan: CheckpointScan, warnings: list[str]) -> dict[str, Any]:
     return health
 
 
+def _number(value: float | None) -> str:
+    """A scale statistic; ``-`` where no scale value was finite (a file whose every scale is NaN or inf)."""
+    return "-" if value is None else f"{value:.3g}"
+
+
 def format_inspection(result: dict[str, Any]) -> str:
     mib = 2**20
     formats = f", formats {result['formats']}" if result["formats"] else ""
@@ -124,8 +129,9 @@ def format_inspection(result: dict[str, Any]) -> str:
         shapes = str(first) if first == last else f"{first} .. {last}"
         lines.append(f"blocks: {block} in {entry['layers']} layers, scales {entry['scale']} {shapes}")
     if result.get("scales"):
+        low, high = (_number(result[key]) for key in ("scale_min", "scale_max"))
         lines.append(
-            f"scales: {result['scales']} tensors, min {result['scale_min']:.3g}, max {result['scale_max']:.3g}, "
+            f"scales: {result['scales']} tensors, min {low}, max {high} (finite values), "
             f"NaN {result['scale_nan']}, inf {result['scale_inf']}, <=0 {result['scale_nonpositive']}"
             + (f", mxfp8 all-zero groups {result['mxfp8_zero_groups']}" if result["mxfp8_zero_groups"] else "")
         )

@@ -192,6 +192,12 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
             scale = state_dict.pop(scale_key).float()
             _check_values(scan, scale_key, scale)
             weight = state_dict[weight_key]
+            if scale.numel() not in (1, weight.shape[0]):
+                raise CheckpointError(
+                    f"{scan.path}: scale {_stored_name(layer, 'weight_scale')!r} of shape {list(scale.shape)} does "
+                    f"not fit the {str(weight.dtype).removeprefix('torch.')} weight {weight_key!r} of shape "
+                    f"{list(weight.shape)} (one value, or one per output row)"
+                )
             state_dict[weight_key] = (weight.float() * _broadcastable(scale, weight)).to(weight.dtype)
             state_dict.pop(input_key, None)
         return

@@ -139,12 +139,29 @@ def convert_checkpoint(
         plan.append(
             _Planned(prefix + SCALED_FP8_MARKER, weight_dtype, (0,), lambda: torch.empty(0, dtype=weight_dtype))
         )
+    _check_calibration_matched(source, input_scales, [scan.short_name(layer) for layer in report.quantized])
     metadata = dict(scan.header.metadata)
     metadata["fp8_quant"] = json.dumps({"format": output_format, "weight_group": weight_group.describe()})
     _write_streaming(destination, plan, metadata, progress)
     report.bytes_out = destination.stat().st_size
     logger.info("%s -> %s: %s", source, destination, report.summary())
     return report
+
+
+def _check_calibration_matched(source: Path, input_scales: dict | None, layers: list[str]) -> None:
+    """Calibrated scales for another model (or named with another prefix) would write a file with none: refused
+    before anything is written; a partial match is logged."""
+    if not input_scales:
+        return
+    unmatched = sorted(set(input_scales) - set(layers))
+    if len(unmatched) == len(input_scales):
+        example = f"; its layers are named like {layers[0]!r}" if layers else ""
+        raise CheckpointError(
+            f"{source}: none of the {len(input_scales)} calibrated input scales names a quantized layer of this "
+            f"file (e.g. {unmatched[0]!r}{example})"
+        )
+    if unmatched:
+        logger.warning("%d calibrated input scales match no quantized layer (e.g. %r)", len(unmatched), unmatched[0])
 
 
 def _skip_reason(layer: str | None, info, patterns: tuple[str, ...], short_name: str) -> str | None:
