@@ -292,7 +292,7 @@ def test_save_fp8_model_writes_the_model_as_it_runs(comfyui, tiny_wan, saved_mod
         assert "21 fp8 layers (21 with calibrated input scales)" in summary, (fmt, summary)
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_save", seed=SAVED_SEED)
     fp8 = rel_err(ours, reference)
-    stock_runs = stock_runs_on_saved(comfyui, files)
+    stock_runs = stock_runs_on_saved(comfyui, files, STOCK_READABLE)
     reloaded_loader = our_loader(files["weight-scale"], activation_scheme="static")
     reloaded = sample(comfyui, reloaded_loader, "ours_saved", seed=SAVED_SEED)
     errors = {fmt: rel_err(latent, ours) for fmt, latent in stock_runs.items()}
@@ -300,8 +300,16 @@ def test_save_fp8_model_writes_the_model_as_it_runs(comfyui, tiny_wan, saved_mod
     to_bf16 = {fmt: rel_err(latent, reference) for fmt, latent in stock_runs.items()}
     print({"saved_vs_running": errors, "running_vs_bf16": fp8, "saved_vs_bf16": to_bf16})
     assert errors["weight-scale"] < 0.5 * fp8, errors
-    assert max(errors.values()) < 1.25 * fp8, errors
-    assert max(to_bf16.values()) < 1.5 * fp8, to_bf16
+    if HAS_COMFY_QUANT:
+        assert max(errors.values()) < 1.25 * fp8, errors
+        assert max(to_bf16.values()) < 1.5 * fp8, to_bf16
+    else:
+        # A ComfyUI before .comfy_quant runs a comfy-scaled file as its own fp8 weights: measured on 0.3.64, 0.031
+        # from bf16 (its fp8_e4m3fn cast of the same model 0.031; the running model 0.015). The file must be no
+        # worse there than the stock fp8 path.
+        stock_fp8_run = sample(comfyui, stock_loader(tiny_wan, "fp8_e4m3fn"), "stock_fp8_save", seed=SAVED_SEED)
+        stock_fp8 = rel_err(stock_fp8_run, reference)
+        assert to_bf16["comfy-scaled"] < 1.25 * stock_fp8, (to_bf16, stock_fp8)
 
 
 def test_save_fp8_model_refuses_a_model_without_fp8_layers(comfyui, tiny_wan):
@@ -311,12 +319,13 @@ def test_save_fp8_model_refuses_a_model_without_fp8_layers(comfyui, tiny_wan):
     assert "connect Load FP8 DiT's MODEL" in json.dumps(entry["status"]["messages"])
 
 
-def stock_runs_on_saved(comfyui, files: dict) -> dict[str, torch.Tensor]:
+# What the stock loader of the ComfyUI under test reads with its scales (one before .comfy_quant ignores those).
+STOCK_READABLE = ("comfy-quant", "comfy-scaled") if HAS_COMFY_QUANT else ("comfy-scaled",)
+
+
+def stock_runs_on_saved(comfyui, files: dict, formats=("comfy-quant", "comfy-scaled")) -> dict[str, torch.Tensor]:
     """The stock UNETLoader on the comfy-quant and comfy-scaled files Save FP8 Model wrote."""
-    return {
-        fmt: sample(comfyui, stock_loader(files[fmt]), f"stock_saved_{fmt}", seed=SAVED_SEED)
-        for fmt in ("comfy-quant", "comfy-scaled")
-    }
+    return {fmt: sample(comfyui, stock_loader(files[fmt]), f"stock_saved_{fmt}", seed=SAVED_SEED) for fmt in formats}
 
 
 def test_saved_model_loads_in_the_stock_loader_of_an_older_comfyui(comfyui, tiny_wan, saved_models):
