@@ -156,8 +156,6 @@ def weight_row_amax(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).float()
 
 
-def _block_amax(rows: torch.Tensor, group: GroupShape) -> torch.Tensor:
-    """amax per (group.col rows) x (group.row columns) block of a weight slice ``[n, K]``, padded with zeros."""
 FIT_STEPS = 16
 
 
