@@ -32,16 +32,17 @@ from torch import nn
 from ..fp8_utils import dequantize, quantize_weight
 from ..params import Fp8LinearParams
 from ..scheme import PER_TENSOR
-from .dialects import COMFY_QUANT_SUFFIX, SCALED_FP8_MARKER
 from .writer import (
-    _COMFY_FORMAT_NAMES,
     COMFY_QUANT_FORMAT,
     COMFY_SCALED_FORMAT,
     OUTPUT_FORMATS,
     WEIGHT_SCALE_FORMAT,
-    _constant,
     _Planned,
     _write_streaming,
+    file_format_entries,
+    layer_format_entries,
+    scale_keys,
+    stored_scale_shape,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,11 +109,9 @@ def save_quantized_model(
             plan += _fp8_layer_plan(key_prefix + layer_name, layer, params, output_format, report)
         elif attribute not in ("weight_scale", "input_scale"):
             plan.append(_as_stored(key_prefix + key, tensor))
-    if output_format == COMFY_SCALED_FORMAT:
-        if len(weight_dtypes) > 1:
-            raise ValueError("comfy-scaled files hold one fp8 dtype; this model mixes e4m3 and e5m2: use comfy-quant")
-        marker = weight_dtypes.pop()
-        plan.append(_Planned(key_prefix + SCALED_FP8_MARKER, marker, (0,), lambda: torch.empty(0, dtype=marker)))
+    if output_format == COMFY_SCALED_FORMAT and len(weight_dtypes) > 1:
+        raise ValueError("comfy-scaled files hold one fp8 dtype; this model mixes e4m3 and e5m2: use comfy-quant")
+    plan += file_format_entries(key_prefix, output_format, weight_dtypes.pop())
     info = {"format": output_format, "writer": "save_quantized_model"}
     _write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress)
     report.bytes_out = destination.stat().st_size
@@ -147,23 +146,18 @@ def _fp8_layer_plan(
         cache["scale"] = scale.cpu()
         return fp8_weight.cpu()
 
-    scale_shape = tuple(params.weight_scale.shape) if exact else ()
-    if exact and group.is_per_channel():
-        scale_shape = (*scale_shape, 1)  # [N, 1], the shape vLLM and FastVideo files use
-    names = ("scale_weight", "scale_input") if output_format == COMFY_SCALED_FORMAT else ("weight_scale", "input_scale")
+    scale_shape = stored_scale_shape(tuple(params.weight_scale.shape), group) if exact else ()
+    scale_key, input_key = scale_keys(name, output_format)
     plan = [
         _Planned(f"{name}.weight", weight.dtype, tuple(weight.shape), stored_weight),
-        _Planned(f"{name}.{names[0]}", torch.float32, scale_shape, lambda: cache.pop("scale").reshape(scale_shape)),
+        _Planned(scale_key, torch.float32, scale_shape, lambda: cache.pop("scale").reshape(scale_shape)),
     ]
     input_scale = learnt_input_scale(layer)
     if input_scale is not None:
         report.input_scales += 1
         value = input_scale.detach().float().cpu().reshape(())
-        plan.append(_Planned(f"{name}.{names[1]}", torch.float32, (), lambda: value))
-    if output_format == COMFY_QUANT_FORMAT:
-        payload = json.dumps({"format": _COMFY_FORMAT_NAMES[weight.dtype]}).encode()
-        plan.append(_Planned(f"{name}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)))
-    return plan
+        plan.append(_Planned(input_key, torch.float32, (), lambda: value))
+    return plan + layer_format_entries(name, output_format, weight.dtype)
 
 
 def _as_stored(key: str, tensor: torch.Tensor) -> _Planned:

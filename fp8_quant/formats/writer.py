@@ -26,6 +26,7 @@ from safetensors import safe_open
 from ..config import SENSITIVE_LAYER_PATTERNS, matching_pattern
 from ..fp8_utils import is_fp8_dtype, quantize_weight
 from ..scheme import PER_TENSOR, GroupShape, weight_scale_shape
+from .comfy_formats import FLOAT8_FORMATS
 from .dialects import COMFY_QUANT_SUFFIX, HIGH_PRECISION, SCALED_FP8_MARKER, scan_header
 from .header import DTYPE_NAMES, CheckpointError, read_header
 
@@ -35,7 +36,7 @@ COMFY_SCALED_FORMAT = "comfy-scaled"
 COMFY_QUANT_FORMAT = "comfy-quant"
 WEIGHT_SCALE_FORMAT = "weight-scale"
 OUTPUT_FORMATS = (COMFY_SCALED_FORMAT, COMFY_QUANT_FORMAT, WEIGHT_SCALE_FORMAT)
-_COMFY_FORMAT_NAMES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+_COMFY_FORMAT_NAMES = {dtype: name for name, dtype in FLOAT8_FORMATS.items()}
 
 
 @dataclass
@@ -120,25 +121,17 @@ def convert_checkpoint(
         report.quantized.append(layer)
         cache: dict[str, torch.Tensor] = {}
         quantize = _quantizer(handle, source, key, weight_dtype, weight_group, device, cache)
-        # Per-channel scales are written [N, 1], the shape vLLM and FastVideo files use.
-        scale_shape = weight_scale_shape(weight_group, *info.shape)
-        scale_shape = (*scale_shape, 1) if weight_group.is_per_channel() else scale_shape
-        scale_name = "scale_weight" if output_format == COMFY_SCALED_FORMAT else "weight_scale"
+        scale_shape = stored_scale_shape(weight_scale_shape(weight_group, *info.shape), weight_group)
+        scale_key, input_key = scale_keys(layer, output_format)
         plan.append(_Planned(key, weight_dtype, info.shape, lambda q=quantize: q()[0]))
-        plan.append(_Planned(f"{layer}.{scale_name}", torch.float32, scale_shape, _scale_from(cache, scale_shape)))
+        plan.append(_Planned(scale_key, torch.float32, scale_shape, _scale_from(cache, scale_shape)))
         calibrated = (input_scales or {}).get(scan.short_name(layer))
         if calibrated is not None:
-            input_name = "scale_input" if output_format == COMFY_SCALED_FORMAT else "input_scale"
             value = calibrated.float().reshape(())
-            plan.append(_Planned(f"{layer}.{input_name}", torch.float32, (), lambda v=value: v))
+            plan.append(_Planned(input_key, torch.float32, (), lambda v=value: v))
             report.calibrated += 1
-        if output_format == COMFY_QUANT_FORMAT:
-            payload = json.dumps({"format": _COMFY_FORMAT_NAMES[weight_dtype]}).encode()
-            plan.append(_Planned(f"{layer}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)))
-    if output_format == COMFY_SCALED_FORMAT:
-        plan.append(
-            _Planned(prefix + SCALED_FP8_MARKER, weight_dtype, (0,), lambda: torch.empty(0, dtype=weight_dtype))
-        )
+        plan += layer_format_entries(layer, output_format, weight_dtype)
+    plan += file_format_entries(prefix, output_format, weight_dtype)
     _check_calibration_matched(source, input_scales, [scan.short_name(layer) for layer in report.quantized])
     metadata = dict(scan.header.metadata)
     metadata["fp8_quant"] = json.dumps({"format": output_format, "weight_group": weight_group.describe()})
@@ -148,7 +141,35 @@ def convert_checkpoint(
     return report
 
 
-def _check_calibration_matched(source: Path, input_scales: dict | None, layers: list[str]) -> None:
+def scale_keys(layer: str, output_format: str) -> tuple[str, str]:
+    """The keys of ``layer``'s weight scale and input scale in ``output_format`` (comfy-scaled: ComfyUI's names)."""
+    if output_format == COMFY_SCALED_FORMAT:
+        return f"{layer}.scale_weight", f"{layer}.scale_input"
+    return f"{layer}.weight_scale", f"{layer}.input_scale"
+
+
+def stored_scale_shape(scale_shape: tuple[int, ...], group: GroupShape) -> tuple[int, ...]:
+    """The shape a weight scale of ``group`` is written in: per-channel scales as ``[N, 1]``, the shape vLLM and
+    FastVideo files use; the others as they are."""
+    return (*scale_shape, 1) if group.is_per_channel() else tuple(scale_shape)
+
+
+def layer_format_entries(layer: str, output_format: str, weight_dtype: torch.dtype) -> list[_Planned]:
+    """What a fp8 layer carries beside its tensors in ``output_format``: comfy-quant's ``.comfy_quant`` JSON."""
+    if output_format != COMFY_QUANT_FORMAT:
+        return []
+    payload = json.dumps({"format": _COMFY_FORMAT_NAMES[weight_dtype]}).encode()
+    return [_Planned(f"{layer}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload))]
+
+
+def file_format_entries(prefix: str, output_format: str, weight_dtype: torch.dtype) -> list[_Planned]:
+    """What a whole file carries in ``output_format``: comfy-scaled's ``scaled_fp8`` marker of the fp8 dtype."""
+    if output_format != COMFY_SCALED_FORMAT:
+        return []
+    return [_Planned(prefix + SCALED_FP8_MARKER, weight_dtype, (0,), lambda: torch.empty(0, dtype=weight_dtype))]
+
+
+def _check_calibration_matched(source: Path, input_scales: Mapping | None, layers: list[str]) -> None:
     """Calibrated scales for another model (or named with another prefix) would write a file with none: refused
     before anything is written; a partial match is logged."""
     if not input_scales:
