@@ -21,6 +21,12 @@ from .scheme import GroupShape
 logger = logging.getLogger(__name__)
 
 
+def supports(group: GroupShape) -> bool:
+    """Whether error-compensating rounding can keep ``group``'s scales: one per output channel or per tensor (a
+    column's rounding error moves along its row, so each row needs one scale for all its inputs)."""
+    return group.is_per_channel() or group.is_per_tensor()
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -36,15 +42,15 @@ def gptq_quantize(
     diagonal added to ``H`` (numerical stability, as in the paper). Columns are processed in decreasing order of
     their input energy ("act order"). Where ``H`` cannot be factorised, plain rounding is used and logged.
     """
+    if not supports(group):
+        raise ValueError(f"{name}: error-compensating rounding supports per-channel or per-tensor scales only")
     w = weight.detach().float().clone()
     if group.is_per_tensor():
         scale = scale_from_amax(w.abs().amax(), fp8_dtype)
         rows = scale.expand(w.shape[0])
-    elif group.is_per_channel():
+    else:
         scale = scale_from_amax(w.abs().amax(dim=1), fp8_dtype)
         rows = scale
-    else:
-        raise ValueError(f"{name}: error-compensating rounding supports per-channel or per-tensor scales only")
     inverse = _inverse_cholesky(hessian.to(w.device, torch.float32), damp, name)
     if inverse is None:
         return cast_to_fp8(w / rows[:, None], fp8_dtype), scale

@@ -24,12 +24,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from . import gptq
 from .bridge import ForwardInstaller, ProgressCallback, prepare_model_for_fp8
 from .calibration import Forward, Sample, call_model, input_hessians, output_error, run_samples
 from .config import AUTO, SENSITIVE_LAYER_PATTERNS, Fp8Config, UserOptions
 from .dispatch import Fp8Recipe, LayerOverride
 from .fp8_utils import is_fp8_dtype, quantize_weight
-from .gptq import gptq_quantize
 from .methods import Fp8OnlineLinearMethod, RoundedWeights
 from .prompts import SENSITIVITY_PROMPTS
 from .report import Fp8Report, mib
@@ -99,12 +99,12 @@ def quantize_text_encoder(
         raise ValueError(f"rounding: {rounding!r} is not allowed; allowed values: {list(ROUNDINGS)}")
     if not 0.5 < budget <= 2.0:
         raise ValueError(f"budget: {budget!r} must be in (0.5, 2.0], a fraction of the linears' bf16 bytes")
-    config = text_encoder_config(options or UserOptions(), recipe)
-    group = config.weight_group
-    if recipe != "plain" and rounding == "gptq" and not (group.is_per_channel() or group.is_per_tensor()):
+    options = options or UserOptions()
+    config = text_encoder_config(options, recipe)
+    if recipe != "plain" and rounding == "gptq" and not gptq.supports(config.weight_group):
         raise ValueError(
-            f"weight_granularity: {(options or UserOptions()).weight_granularity!r} needs recipe 'plain' (the "
-            f"{recipe!r} recipe's error-compensating rounding takes one scale per channel or per tensor)"
+            f"weight_granularity: {options.weight_granularity!r} needs recipe 'plain' (the {recipe!r} recipe's "
+            "error-compensating rounding takes one scale per channel or per tensor)"
         )
     base = Fp8Recipe.for_model(config, kernel, keep_dtype=keep_dtype)
     candidates = _candidates(model, base)
@@ -221,7 +221,7 @@ def _round(
             continue
         weight = layers[name].weight.detach()
         device = torch.device(quantize_device) if quantize_device is not None else weight.device
-        fp8_weight, scale = gptq_quantize(
+        fp8_weight, scale = gptq.gptq_quantize(
             weight.to(device), hessian.to(device), config.weight_dtype, config.weight_group, GPTQ_DAMP, name=name
         )
         rounded[name] = (fp8_weight.to(weight.device), scale.to(weight.device))
