@@ -71,13 +71,12 @@ class SensitivityReport:
 
     def plot(self, path: str) -> None:
         """A PNG of each layer's error in model order, the layers kept in high precision marked (needs matplotlib)."""
-        try:
-            import matplotlib
+        require_matplotlib()
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ValueError("the sensitivity plot needs matplotlib (pip install matplotlib)") from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         errors = [layer.error for layer in self.layers]
         colors = ["tab:red" if layer.kept else "tab:blue" for layer in self.layers]
         figure, axes = plt.subplots(figsize=(max(8.0, 0.12 * len(errors)), 4.5))
@@ -93,6 +92,14 @@ class SensitivityReport:
         figure.tight_layout()
         figure.savefig(path, dpi=120)
         plt.close(figure)
+
+
+def require_matplotlib(subject: str = "the sensitivity plot", hint: str = "") -> None:
+    """The plot's one optional dependency, checked where a caller can still stop before long work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{subject} needs matplotlib (pip install matplotlib){hint}") from None
 
 
 def measure_sensitivity(

@@ -8,6 +8,7 @@ from pathlib import Path
 from .bert import WordPieceTokenizer, load_bert
 from .prompts import CALIBRATION_PROMPTS
 from .report import Fp8Report
+from .sensitivity import require_matplotlib
 from .text_encoder import quantize_text_encoder
 
 
@@ -36,7 +37,4 @@ def check_folder(folder: str) -> Path:
 
 def check_plot_possible() -> None:
     """Before minutes of fitting: the plot needs matplotlib, which the pack does not require."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib), or pass --plot none") from None
+    require_matplotlib("--plot", ", or pass --plot none")

@@ -30,15 +30,16 @@ def node_error(node: str, path: object = None) -> Iterator[None]:
     file), without the core's traceback."""
     try:
         yield
+        return
     except torch.OutOfMemoryError:
         raise  # ComfyUI frees memory and explains out-of-memory errors itself
     except (ValueError, RuntimeError) as error:
-        where = f"{path}: " if path is not None and str(path) not in str(error) else ""
-        raise RuntimeError(f"{node}: {where}{error}") from None
+        message = str(error)
     except (TypeError, KeyError, IndexError, AttributeError) as error:  # unforeseen: one line, traceback logged
         logger.exception("%s failed", node)
-        where = f"{path}: " if path is not None else ""
-        raise RuntimeError(f"{node}: {where}{type(error).__name__}: {error} (details in the console log)") from None
+        message = f"{type(error).__name__}: {error} (details in the console log)"
+    where = f"{path}: " if path is not None and str(path) not in message else ""
+    raise RuntimeError(f"{node}: {where}{message}") from None
 
 
 class LoadFP8DiT:

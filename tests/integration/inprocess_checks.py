@@ -68,6 +68,7 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     changed_after_use = changed_keys(before_state, clip.cond_stage_model.state_dict())
     again, again_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     unchanged = not changed and not changed_after_use
+    drift = rel_err(again, reference)
     fp8_layers = sum(1 for m in new_clip.cond_stage_model.modules() if getattr(m, "fp8_method", None) is not None)
     result = {
         "rel_err": rel_err(quantized, reference),
@@ -75,8 +76,8 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
         "changed_by_node": changed[:5],
         "changed_after_copy_used": changed_after_use[:5],
         "input_classes_unchanged": before_classes == [type(m) for m in clip.cond_stage_model.modules()],
-        "input_encodes_as_before": rel_err(again, reference) < ENCODE_AGAIN_BOUND,
-        "input_encode_drift": rel_err(again, reference),
+        "input_encodes_as_before": drift < ENCODE_AGAIN_BOUND,
+        "input_encode_drift": drift,
         "fp8_layers": fp8_layers,
         "summary": output["ui"]["text"][0],
         "returned_input": new_clip is clip,
