@@ -19,9 +19,12 @@ Usage (ComfyUI's Python, or any with ComfyUI's packages):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -95,8 +98,11 @@ def versions() -> dict:
     return result
 
 
-def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, tuple[Callable, bool]]:
-    """Path name -> (load function, compile it)."""
+EXACT_ACCUM = {"FP8_QUANT_FAST_ACCUM": "off"}
+
+
+def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, tuple[Callable, bool, dict]]:
+    """Path name -> (load function, compile it, environment while it loads and runs)."""
     import comfy.sd
     import torch
 
@@ -117,28 +123,54 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
 
     fast = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
     paths = {
-        "fp32 reference": (stock(bf16, dtype=torch.float32), False),
-        "stock default dtype": (stock(bf16), False),
-        "stock fp8_e4m3fn": (stock(bf16, dtype=torch.float8_e4m3fn), False),
-        "stock fp8_e4m3fn_fast": (stock(bf16, **fast), False),
-        "stock on our comfy-quant file": (stock(quant), False),
-        "stock on our comfy-scaled file": (stock(scaled), False),
-        "ours auto (bf16 file)": (ours(bf16), False),
-        "ours auto (comfy-quant file)": (ours(quant), False),
-        "ours dynamic per-token": (ours(bf16, activation_scheme="dynamic"), False),
-        "ours static": (ours(bf16, activation_scheme="static"), False),
-        "ours weight-only": (ours(bf16, activation_scheme="none"), False),
+        "fp32 reference": (stock(bf16, dtype=torch.float32), False, {}),
+        "stock default dtype": (stock(bf16), False, {}),
+        "stock fp8_e4m3fn": (stock(bf16, dtype=torch.float8_e4m3fn), False, {}),
+        "stock fp8_e4m3fn_fast": (stock(bf16, **fast), False, {}),
+        "stock on our comfy-quant file": (stock(quant), False, {}),
+        "stock on our comfy-scaled file": (stock(scaled), False, {}),
+        "ours auto (bf16 file)": (ours(bf16), False, {}),
+        "ours auto, exact accumulation (bf16 file)": (ours(bf16), False, EXACT_ACCUM),
+        "ours auto (comfy-quant file)": (ours(quant), False, {}),
+        "ours dynamic per-token": (ours(bf16, activation_scheme="dynamic"), False, {}),
+        "ours static": (ours(bf16, activation_scheme="static"), False, {}),
+        "ours weight-only": (ours(bf16, activation_scheme="none"), False, {}),
     }
     if compile_too:
         paths.update(
             {
-                "stock default dtype +compile": (stock(bf16), True),
-                "stock fp8_e4m3fn_fast +compile": (stock(bf16, **fast), True),
-                "stock on our comfy-quant file +compile": (stock(quant), True),
-                "ours auto (bf16 file) +compile": (ours(bf16), True),
+                "stock default dtype +compile": (stock(bf16), True, {}),
+                "stock fp8_e4m3fn_fast +compile": (stock(bf16, **fast), True, {}),
+                "stock on our comfy-quant file +compile": (stock(quant), True, {}),
+                "ours auto (bf16 file) +compile": (ours(bf16), True, {}),
             }
         )
     return paths
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``values`` set in ``os.environ`` for the block, the previous values back afterwards."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def accumulation_choices() -> list[dict]:
+    """The fast-accumulation choices this path's GEMMs made (``fp8_quant.kernels.fast_accum``)."""
+    from fp8_quant.kernels import fast_accum
+
+    return [
+        {"kernel": key[0], "mkn": list(key[1:4]), "dtype": str(key[4]).removeprefix("torch."), "fast": fast}
+        for key, fast in fast_accum.decisions().items()
+    ]
 
 
 def compiled(patcher):
@@ -233,6 +265,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    choices = logging.getLogger("fp8_quant.kernels.fast_accum")  # each timed GEMM's numbers, in the log
+    choices.setLevel(logging.INFO)
+    choices.addHandler(logging.StreamHandler(sys.stdout))
     folder, name, loader = bench_model(args.preset)
     import comfy.model_management
     import torch
@@ -251,11 +286,17 @@ def main() -> None:
     only = [word for word in args.only.split(",") if word]
     results: dict[str, dict] = {}
     reference = None
-    for path_name, (load, compile_it) in paths_for(folder, name, loader, args.compile).items():
+    from fp8_quant.kernels import fast_accum
+
+    for path_name, (load, compile_it, env) in paths_for(folder, name, loader, args.compile).items():
         if only and path_name != "fp32 reference" and not any(word in path_name for word in only):
             continue
+        fast_accum.forget()  # each path times its own GEMMs, as a fresh ComfyUI process would
         try:
-            row = run_path(load, compile_it, inputs, warmup=6 if compile_it else 4)
+            with environment(env):
+                row = run_path(load, compile_it, inputs, warmup=6 if compile_it else 4)
+            if path_name.startswith("ours"):
+                row["fast_accumulation"] = accumulation_choices()
         except Exception as error:  # a path that fails is reported, the others still run
             traceback.print_exc()
             results[path_name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}

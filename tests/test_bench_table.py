@@ -51,6 +51,37 @@ def test_tables_from_every_kind_of_result_model_steps_first(tmp_path):
     assert "| 0.80 | 0.90 | 1.12 | 2 | 0.56 |" in text
 
 
+def gemm_row(fused: dict | None) -> dict:
+    row = {
+        "shape": "Wan14B ffn down",
+        "mkn": [14040, 13824, 5120],
+        "dtype": "float16",
+        "cublas": {"ms": 1.634, "accum_err": 2.8e-4, "err": 0.0375},
+        "cublas_fast_accum": {"ms": 1.546, "accum_err": 3.1e-3, "err": 0.0376},
+        "rowwise": {"ms": 2.140},
+        "rowwise_fast_accum": {"ms": 1.609},
+        "quant_pass_ms": 0.199,
+        "today: quant + cublas": {"ms": 1.819},
+    }
+    if fused is not None:
+        row["triton_fused_quant_gemm"] = fused
+    return row
+
+
+def test_gemm_variants_table_shows_both_accumulations_and_the_fused_gemm_only_if_timed(tmp_path):
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"kind": "gemm-variants", "rows": [gemm_row(None)]}))
+    _, text = bench_table.render_file(path)
+    assert (
+        "| Wan14B ffn down 14040×13824×5120 | float16 | 1.634 | 1.546 | 1.06 | 2.8e-04 / 3.1e-03 | 0.0375 / 0.0376 "
+        "| 2.140 | 1.609 | 1.33 | 0.199 | 1.819 |" in text
+    )
+    assert "Triton" not in text
+    path.write_text(json.dumps({"kind": "gemm-variants", "rows": [gemm_row({"ms": 2.725}), gemm_row({"error": "x"})]}))
+    _, text = bench_table.render_file(path)
+    assert "| 1.819 | 2.725 |" in text and "| 1.819 | x |" in text
+
+
 def test_placeholder_without_results(tmp_path):
     assert bench_table.render(tmp_path / "none") == bench_table.PLACEHOLDER
 

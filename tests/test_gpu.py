@@ -150,3 +150,30 @@ def test_nan_weight_is_refused_when_quantized_on_the_gpu():
         layer.weight[7, 3] = float("nan")
     with pytest.raises(ValueError, match="lin: weight holds NaN"):
         Fp8OnlineLinearMethod(Fp8Config()).process_weights_after_loading(layer, "lin", quantize_device="cuda")
+
+
+def test_fast_accumulation_is_timed_once_per_problem_and_keeps_the_layer_error(monkeypatch):
+    from fp8_quant.kernels import fast_accum
+
+    fast_accum.forget()
+    reference = random_linear(8192, 4096, seed=47)  # 4096 x 8192 x 4096: 275 GFLOP, timed
+    x = outlier_input(4096, 8192, seed=48) / 8
+    expected = reference(x).double()
+    errors, outputs = {}, {}
+    for setting in ("off", "on", "auto"):
+        monkeypatch.setenv(fast_accum.FAST_ACCUM_ENV, setting)
+        layer = random_linear(8192, 4096, seed=47).half()
+        method = Fp8OnlineLinearMethod(Fp8Config(weight_granularity="tensor", activation_granularity="tensor"))
+        method.process_weights_after_loading(layer, "layer", quantize_device="cuda")
+        layer.cuda()
+        xs = x.to("cuda", torch.float16)
+        outputs[setting] = method.apply(layer, xs, layer.bias)
+        assert type(method.kernel_for(layer, xs.device)) is PerTensorScaledMMKernel
+        assert torch.equal(method.apply(layer, xs, layer.bias), outputs[setting])  # same choice, same output
+        errors[setting] = rel_err(outputs[setting].double().cpu(), expected)
+    (key, fast), *others = fast_accum.decisions().items()
+    assert not others and key[:6] == ("scaled_mm_tensor", 4096, 8192, 4096, torch.float16, True)
+    assert torch.equal(outputs["auto"], outputs["on" if fast else "off"])
+    assert errors["off"] < 0.05
+    assert abs(errors["on"] - errors["off"]) < 0.01 * errors["off"], errors  # lost in the fp8 rounding
+    fast_accum.forget()

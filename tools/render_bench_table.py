@@ -9,6 +9,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
 
 - ``bench/bench_comfy_dit.py``: ``{"preset": ..., "latent": [...], "results": {path: {"ms", "weights_gib",
   "rel_err_vs_fp32"} or {"error"}}}``, one ``apply_model`` call of a DiT inside ComfyUI;
+- ``bench/bench_gemm_variants.py``: ``{"kind": "gemm-variants", "rows": [...]}``, fast vs exact fp8 accumulation
+  and a Triton GEMM that quantizes its A operand, per DiT shape;
 - ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
   ``{"rows": [...], ...}``), one linear layer.
 """
@@ -98,6 +100,41 @@ def linear_table(path: Path, data: dict) -> str:
     return "\n".join([*lines, "", context_line(path, data)])
 
 
+def gemm_variants_table(path: Path, data: dict) -> str:
+    rows = data["rows"]
+    fused = any("ms" in row.get("triton_fused_quant_gemm", {}) for row in rows)
+    lines = [
+        "**fp8 GEMM variants** per DiT shape (ms per call; × = exact accumulation's time / fast accumulation's; "
+        "accumulation error vs an fp64 product of the same fp8 operands, layer error vs the unrounded operands' "
+        "product; \"today\" is the one-pass quantizer then per-tensor `_scaled_mm`):",
+        "",
+        "| shape (M×K×N) | dtype | per-tensor exact ms | fast ms | × | accum. error exact / fast | layer error exact / "
+        "fast | row-wise exact ms | fast ms | × | quant pass ms | today ms |"
+        + (" Triton fused-quant GEMM ms |" if fused else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fused else ""),
+    ]
+    for row in rows:
+        m, k, n = row["mkn"]
+        exact, fast = row["cublas"], row["cublas_fast_accum"]
+        rowwise, rowwise_fast = row.get("rowwise", {}), row.get("rowwise_fast_accum", {})
+        rowwise_cells = (
+            f"{rowwise['ms']:.3f} | {rowwise_fast['ms']:.3f} | {ratio(rowwise['ms'], rowwise_fast['ms'])}"
+            if "ms" in rowwise and "ms" in rowwise_fast
+            else "— | — | —"
+        )
+        line = (
+            f"| {row['shape']} {m}×{k}×{n} | {row['dtype']} | {exact['ms']:.3f} | {fast['ms']:.3f} "
+            f"| {ratio(exact['ms'], fast['ms'])} | {exact['accum_err']:.1e} / {fast['accum_err']:.1e} "
+            f"| {exact['err']:.4f} / {fast['err']:.4f} | {rowwise_cells} | {row['quant_pass_ms']:.3f} "
+            f"| {row['today: quant + cublas']['ms']:.3f} |"
+        )
+        if fused:
+            cell = row.get("triton_fused_quant_gemm", {})
+            line += f" {cell['ms']:.3f} |" if "ms" in cell else f" {cell.get('error', '—')} |"
+        lines.append(line)
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
 def load_table(path: Path, data: dict) -> str:
     summary = data["summary"]
     return "\n".join(
@@ -164,6 +201,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 3, text_encoder_quality_table(path, data)
         if "paths" in data:
             return 3, text_encoder_speed_table(path, data)
+        if data.get("kind") == "gemm-variants":
+            return 1, gemm_variants_table(path, data)
         if "rows" in data:
             return 1, linear_table(path, data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:

@@ -1,6 +1,7 @@
 """FP8 linear kernels: ``_scaled_mm`` per-tensor, row-wise and block-scaled, a dequantize fallback, and their
 selection."""
 
+from . import fast_accum
 from .base import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 from .block_scaled_mm import BlockScaledMMKernel
 from .dequant import DequantLinearKernel
@@ -27,6 +28,7 @@ __all__ = [
     "PerTensorScaledMMKernel",
     "block_groups_at_speed",
     "explain_choice",
+    "fast_accum",
     "kernel_class",
     "select_kernel",
 ]

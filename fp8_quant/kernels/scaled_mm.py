@@ -15,6 +15,7 @@ from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype
 from ..params import Fp8LinearParams
 from ..scheme import MX_BLOCK
 from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
+from .fast_accum import fast_accum_setting, use_fast_accum
 
 
 def _device_support(device: torch.device, forced: bool) -> tuple[bool, str | None]:
@@ -76,7 +77,25 @@ def cpu_rowwise_supported() -> bool:
     return True
 
 
-class PerTensorScaledMMKernel(FP8ScaledMMLinearKernel):
+class _ScaledMMKernel(FP8ScaledMMLinearKernel):
+    """What both ``_scaled_mm`` kernels share: the call, with fast accumulation where it was measured faster."""
+
+    def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.fast_accum = fast_accum_setting()
+
+    def _scaled_mm(
+        self, x: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+    ) -> Tensor:
+        def run(fast: bool) -> Tensor:
+            return torch._scaled_mm(
+                x, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype, use_fast_accum=fast
+            )
+
+        return run(use_fast_accum(self.fast_accum, self.name, x, weight, out_dtype, bias is not None, run))
+
+
+class PerTensorScaledMMKernel(_ScaledMMKernel):
     """Per-tensor weight and activation scales: the fastest ``_scaled_mm`` form, any output dtype."""
 
     name = "scaled_mm_tensor"
@@ -101,18 +120,12 @@ class PerTensorScaledMMKernel(FP8ScaledMMLinearKernel):
     ) -> tuple[Tensor, bool]:
         # CUDA refuses a fused bias with a float32 output.
         fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
-        out = torch._scaled_mm(
-            x,
-            params.weight.t(),
-            scale_a=x_scale.reshape(()),
-            scale_b=params.weight_scale.reshape(()),
-            bias=bias if fused_bias else None,
-            out_dtype=out_dtype,
-        )
+        scale_a, scale_b = x_scale.reshape(()), params.weight_scale.reshape(())
+        out = self._scaled_mm(x, params.weight, scale_a, scale_b, bias if fused_bias else None, out_dtype)
         return out, fused_bias
 
 
-class ChannelWiseScaledMMKernel(FP8ScaledMMLinearKernel):
+class ChannelWiseScaledMMKernel(_ScaledMMKernel):
     """Row-wise scales: ``scale_a`` [M, 1] per token and ``scale_b`` [1, N] per output channel.
 
     Per-tensor scales on either side are broadcast to rows, so this kernel takes every e4m3 combination. The
@@ -158,12 +171,5 @@ class ChannelWiseScaledMMKernel(FP8ScaledMMLinearKernel):
             out_dtype = torch.bfloat16
         # CUDA refuses a fused bias with a float32 output; the bias must be in the output dtype.
         fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
-        out = torch._scaled_mm(
-            x,
-            params.weight.t(),
-            scale_a=scale_a,
-            scale_b=scale_b,
-            bias=bias if fused_bias else None,
-            out_dtype=out_dtype,
-        )
+        out = self._scaled_mm(x, params.weight, scale_a, scale_b, bias if fused_bias else None, out_dtype)
         return out, fused_bias

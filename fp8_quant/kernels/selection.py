@@ -18,6 +18,7 @@ from ..fp8_utils import fp8_compute_unsupported
 from .base import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 from .block_scaled_mm import BlockScaledMMKernel
 from .dequant import DequantLinearKernel
+from .fast_accum import FAST_ACCUM_ENV
 from .scaled_mm import ChannelWiseScaledMMKernel, PerTensorScaledMMKernel
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def select_kernel(
 ) -> FP8ScaledMMLinearKernel:
     """A kernel instance for this layer config and device (cached); logs each distinct reason once."""
     device = torch.device(device)
-    key = (config, device.type, device.index, forced, os.environ.get(KERNEL_ENV))
+    key = (config, device.type, device.index, forced, os.environ.get(KERNEL_ENV), os.environ.get(FAST_ACCUM_ENV))
     kernel = _cache.get(key)
     if kernel is None:
         kernel_cls, why = explain_choice(config, device, forced)
