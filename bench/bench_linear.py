@@ -1,7 +1,8 @@
 """Benchmark the FP8 linear against bf16 and ComfyUI's own fp8 path, on the GPU, in one run.
 
 For each shape (M x K x N) it times: bf16 ``F.linear``; raw ``_scaled_mm`` per-tensor and row-wise on
-pre-quantized operands (the ceiling); ComfyUI's ``fp8_e4m3fn_fast`` linear (clamp, unit-scale cast,
+pre-quantized operands (the ceiling; row-wise also with fast accumulation, which our row-wise layers choose where
+it is faster, ``fp8_quant/kernels/fast_accum.py``); ComfyUI's ``fp8_e4m3fn_fast`` linear (clamp, unit-scale cast,
 per-tensor ``_scaled_mm``, as in ``comfy/ops.py``); and our layers (dynamic per-token and per-tensor,
 with the fused Triton quantizer and with the eager one). Prints TFLOP/s, ratios and the relative error
 vs a float32 reference. Inputs: N(0, 1) with K/256 outlier channels x20.
@@ -116,6 +117,17 @@ def run_shape(name: str, m: int, k: int, n: int, quick: bool) -> list[dict]:
         "raw _scaled_mm row-wise",
         lambda: torch._scaled_mm(
             x_token, w_channel.t(), scale_a=xs_token, scale_b=s_channel.view(1, -1), out_dtype=torch.bfloat16
+        ),
+    )
+    record(
+        "raw _scaled_mm row-wise, fast accumulation",
+        lambda: torch._scaled_mm(
+            x_token,
+            w_channel.t(),
+            scale_a=xs_token,
+            scale_b=s_channel.view(1, -1),
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
         ),
     )
     record("ComfyUI fp8_e4m3fn_fast", lambda: comfy_fp8_fast(x, w_tensor, s_tensor))
