@@ -152,27 +152,40 @@ def test_nan_weight_is_refused_when_quantized_on_the_gpu():
         Fp8OnlineLinearMethod(Fp8Config()).process_weights_after_loading(layer, "lin", quantize_device="cuda")
 
 
-def test_fast_accumulation_is_timed_once_per_problem_and_keeps_the_layer_error(monkeypatch):
+@pytest.mark.parametrize(
+    "config, kernel",
+    [
+        (Fp8Config(), ChannelWiseScaledMMKernel),
+        (Fp8Config(weight_granularity="tensor", activation_granularity="tensor"), PerTensorScaledMMKernel),
+    ],
+)
+def test_fast_accumulation_by_rule_or_timed_keeps_the_layer_error(config, kernel, monkeypatch):
     from fp8_quant.kernels import fast_accum
 
     fast_accum.forget()
-    reference = random_linear(8192, 4096, seed=47)  # 4096 x 8192 x 4096: 275 GFLOP, timed
+    timings = []
+    time_both = fast_accum.time_both
+    monkeypatch.setattr(fast_accum, "time_both", lambda *args: timings.append(args[1]) or time_both(*args))
+    reference = random_linear(8192, 4096, seed=47)  # 4096 x 8192 x 4096: 275 GFLOP, timed under auto
     x = outlier_input(4096, 8192, seed=48) / 8
     expected = reference(x).double()
     errors, outputs = {}, {}
-    for setting in ("off", "on", "auto"):
+    for setting in ("off", "on", "rowwise", "auto"):
         monkeypatch.setenv(fast_accum.FAST_ACCUM_ENV, setting)
         layer = random_linear(8192, 4096, seed=47).half()
-        method = Fp8OnlineLinearMethod(Fp8Config(weight_granularity="tensor", activation_granularity="tensor"))
+        method = Fp8OnlineLinearMethod(config)
         method.process_weights_after_loading(layer, "layer", quantize_device="cuda")
         layer.cuda()
         xs = x.to("cuda", torch.float16)
         outputs[setting] = method.apply(layer, xs, layer.bias)
-        assert type(method.kernel_for(layer, xs.device)) is PerTensorScaledMMKernel
+        assert type(method.kernel_for(layer, xs.device)) is kernel
         assert torch.equal(method.apply(layer, xs, layer.bias), outputs[setting])  # same choice, same output
         errors[setting] = rel_err(outputs[setting].double().cpu(), expected)
+    assert not torch.equal(outputs["on"], outputs["off"])  # the flag reaches the GEMM
+    assert torch.equal(outputs["rowwise"], outputs["on" if kernel.fast_accum_by_rule else "off"])
+    assert len(timings) == 1  # auto timed the problem once; the other settings never
     (key, fast), *others = fast_accum.decisions().items()
-    assert not others and key[:6] == ("scaled_mm_tensor", 4096, 8192, 4096, torch.float16, True)
+    assert not others and key[:6] == (kernel.name, 4096, 8192, 4096, torch.float16, True)
     assert torch.equal(outputs["auto"], outputs["on" if fast else "off"])
     assert errors["off"] < 0.05
     assert abs(errors["on"] - errors["off"]) < 0.01 * errors["off"], errors  # lost in the fp8 rounding

@@ -1,16 +1,20 @@
-"""Whether an fp8 GEMM runs with cuBLASLt's fast accumulation, decided per problem by timing both ways once.
+"""Whether an fp8 GEMM runs with fast accumulation: by kernel (the default), or timed per problem on request.
 
 Why: on Hopper, the fp8 GEMMs behind ``_scaled_mm`` promote their partial sums to fp32 every few K-steps unless
-told not to (``use_fast_accum=True``). Measured on an H100 with torch 2.11 (``bench/bench_gemm_variants.py``):
-the row-wise GEMM (per-token x per-channel scales) runs 1.06-1.28x faster without the promotion on every DiT shape,
-which brings it level with the per-tensor GEMM; the per-tensor GEMM gains 0-7% on some shapes, loses up to 8% on
-others, and its gain moves between runs. The error it adds, ~2e-3 relative per layer, is small beside the ~3.7e-2
-of rounding both operands to fp8 (a layer's error moved by 0.1-0.4%, a Wan step's not at all). The stock ComfyUI
-path keeps it off. So each distinct problem is timed on its real operands at its first call, and fast accumulation
-kept only where two independent timings both find it faster by ``MARGIN``: a shape near a tie keeps the exact
-accumulation, so the choice, and with it the output, stays the same from one run to the next.
+told not to (``use_fast_accum=True``). Measured on H100s with torch 2.11 (``bench/bench_gemm_variants.py``, three
+machines): the row-wise GEMM (per-token x per-channel scales) ran 1.06-1.33x faster without the promotion on every
+DiT shape, in every run, which brings it level with the per-tensor GEMM; the per-tensor GEMM gained 0-12% on some
+shapes, lost up to 8% on others, and a given shape's gain moved between runs and even between two timings in one
+process. The error it adds, ~2e-3 relative per layer, is small beside the ~3.7e-2 of rounding both operands to fp8
+(a layer's error moved by 0.1-0.4%, a Wan step's not at all). The stock ComfyUI path keeps it off.
 
-``FP8_QUANT_FAST_ACCUM``: ``auto`` (default: measure), ``on`` or ``off`` (everywhere).
+So the default (``rowwise``) is a fixed rule: fast accumulation for the row-wise kernel, exact for per-tensor. The
+same model then computes the same image in every run, which a choice timed at run time could not promise (timings
+of the per-tensor GEMM flipped). ``auto`` times each problem both ways at its first eager call instead, for GPUs
+where the rule may not hold, keeping fast accumulation only where two independent timings both find it faster by
+``MARGIN``. Under ``torch.compile`` and in CUDA-graph captures nothing is timed (the fixed rule still applies).
+
+``FP8_QUANT_FAST_ACCUM``: ``rowwise`` (default), ``auto``, ``on`` or ``off`` (everywhere).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAST_ACCUM_ENV = "FP8_QUANT_FAST_ACCUM"
-FAST_ACCUM_CHOICES = ("auto", "on", "off")
-# Smaller GEMMs are not timed (fast accumulation off): under ~50 GFLOP (~40 us on an H100; a DiT's 512 text
-# tokens) the host's launches set the pace, and the two ways timed within noise of each other, flipping between runs.
+DEFAULT_SETTING = "rowwise"
+FAST_ACCUM_CHOICES = (DEFAULT_SETTING, "auto", "on", "off")
+# ``auto`` does not time smaller GEMMs (exact accumulation): under ~50 GFLOP (~40 us on an H100; a DiT's 512 text
+# tokens) the host's launches set the pace, and the two ways timed within noise of each other.
 MIN_FLOP = 5e10
-# Fast accumulation must take at most this fraction of the exact time, in both timings, to be chosen. Per-tensor
-# gains of 4-7% came and went between runs on the same H100; the row-wise gains (15-28% on Wan) never did.
+# ``auto``: fast accumulation must take at most this fraction of the exact time, in both timings, to be chosen.
 MARGIN = 0.93
 _ROUNDS = 4  # per half
 _TARGET_ROUND_MS = 2.0
@@ -40,7 +44,7 @@ _decided: dict[tuple, bool] = {}
 
 def fast_accum_setting() -> str:
     """``FP8_QUANT_FAST_ACCUM``, checked: a wrong value is an error naming the variable, not a silent default."""
-    value = (os.environ.get(FAST_ACCUM_ENV) or "auto").strip().lower()
+    value = (os.environ.get(FAST_ACCUM_ENV) or DEFAULT_SETTING).strip().lower()
     if value not in FAST_ACCUM_CHOICES:
         raise ValueError(f"{FAST_ACCUM_ENV}: unknown value {value!r}; allowed values: {list(FAST_ACCUM_CHOICES)}")
     return value
@@ -59,6 +63,7 @@ def on_gpu(x: torch.Tensor) -> bool:
 def use_fast_accum(
     setting: str,
     kind: str,
+    by_rule: bool,
     x: torch.Tensor,
     weight: torch.Tensor,
     out_dtype: torch.dtype,
@@ -68,22 +73,28 @@ def use_fast_accum(
     """Whether ``x [M, K] @ weight [N, K].T`` should use fast accumulation; ``run(fast)`` computes it either way.
 
     ``setting`` is ``fast_accum_setting()``, read when the kernel was made (the forward stays free of environment
-    lookups). The first eager call of a problem times it (a few ms, once per shape per process). Inside
-    ``torch.compile`` a problem already timed keeps its choice, one not yet timed (or of symbolic size) keeps the
-    exact accumulation, as does any problem first met in a CUDA graph capture.
+    lookups); ``by_rule`` is the kernel's answer under the default rule. Under ``auto`` the first eager call of a
+    problem times it (a few ms, once per shape per process); while compiling (so that no guard ties a graph to a
+    token count) or capturing a CUDA graph, a problem keeps the exact accumulation.
     """
-    if setting != "auto":
-        return setting == "on" and on_gpu(x)
-    if not on_gpu(x) or not all(isinstance(size, int) for size in (*x.shape, *weight.shape)):
+    if not on_gpu(x) or setting == "off":
+        return False
+    if setting == "on":
+        return True
+    if setting == DEFAULT_SETTING:
+        return by_rule
+    if torch.compiler.is_compiling():
+        return False
+    flop = 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]
+    if flop < MIN_FLOP:
         return False
     key = problem_key(kind, x, weight, out_dtype, bias)
     decided = _decided.get(key)
     if decided is not None:
         return decided
-    flop = 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]
-    if flop < MIN_FLOP or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return False
-    halves = time_both(run, flop)
+    halves = time_both(run, flop, x.device)
     decided = decide(halves)
     _decided[key] = decided
     logger.info(
@@ -96,27 +107,38 @@ def use_fast_accum(
     return decided
 
 
-def time_both(run: Callable[[bool], torch.Tensor], flop: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """ms per call of ``run(False)`` and ``run(True)``, in two independent halves: ``((exact, fast), (exact, fast))``.
+def time_both(
+    run: Callable[[bool], torch.Tensor], flop: float, device: torch.device
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """ms per call of ``run(False)`` and ``run(True)`` on ``device``, in two independent halves:
+    ``((exact, fast), (exact, fast))``.
 
     Rounds alternate the two ways, so a change of clock or power between rounds falls on both alike; each half
     keeps each way's fastest round (noise only ever adds time). ``decide`` wants both halves to agree, so a shape
-    near a tie does not flip from one run to the next."""
+    near a tie keeps exact accumulation. One output at a time is alive; where even that does not fit (the GEMM
+    itself barely does), the problem is reported as a tie and keeps exact accumulation.
+    """
     calls = max(1, min(16, math.ceil(_TARGET_ROUND_MS / max(flop / 1e12, 1e-3))))  # >= ~2 ms a round at 1 PFLOP/s
-    run(False), run(True)  # warm-up: cuBLASLt's heuristics and workspace
-    halves = []
-    for _ in range(2):
-        best = {False: math.inf, True: math.inf}
-        for _ in range(_ROUNDS):
-            for fast in (False, True):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
-                    run(fast)
-                end.record()
-                end.synchronize()
-                best[fast] = min(best[fast], start.elapsed_time(end) / calls)
-        halves.append((best[False], best[True]))
+    try:
+        with torch.cuda.device(device):  # events on the GEMM's own device, whichever is current
+            run(False)  # warm-up: cuBLASLt's heuristics and workspace
+            run(True)
+            halves = []
+            for _ in range(2):
+                best = {False: math.inf, True: math.inf}
+                for _ in range(_ROUNDS):
+                    for fast in (False, True):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        for _ in range(calls):
+                            run(fast)
+                        end.record()
+                        end.synchronize()
+                        best[fast] = min(best[fast], start.elapsed_time(end) / calls)
+                halves.append((best[False], best[True]))
+    except torch.OutOfMemoryError:
+        logger.info("fp8 GEMM timing skipped: out of GPU memory; exact accumulation kept")
+        return (1.0, 1.0), (1.0, 1.0)
     return halves[0], halves[1]
 
 
@@ -126,7 +148,7 @@ def decide(halves: tuple[tuple[float, float], tuple[float, float]]) -> bool:
 
 
 def decisions() -> dict[tuple, bool]:
-    """The problems timed so far and their choice (for benchmarks and tests)."""
+    """The problems ``auto`` timed so far and their choice (for benchmarks and tests)."""
     return dict(_decided)
 
 

@@ -78,7 +78,10 @@ def cpu_rowwise_supported() -> bool:
 
 
 class _ScaledMMKernel(FP8ScaledMMLinearKernel):
-    """What both ``_scaled_mm`` kernels share: the call, with fast accumulation where it was measured faster."""
+    """What both ``_scaled_mm`` kernels share: the call, with fast accumulation where it is faster (``fast_accum``)."""
+
+    # The default rule: fast accumulation for this kernel or not (measured per kernel, see ``fast_accum``).
+    fast_accum_by_rule: bool = False
 
     def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
         super().__init__(config, device)
@@ -92,7 +95,10 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
                 x, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype, use_fast_accum=fast
             )
 
-        return run(use_fast_accum(self.fast_accum, self.name, x, weight, out_dtype, bias is not None, run))
+        fast = use_fast_accum(
+            self.fast_accum, self.name, self.fast_accum_by_rule, x, weight, out_dtype, bias is not None, run
+        )
+        return run(fast)
 
 
 class PerTensorScaledMMKernel(_ScaledMMKernel):
@@ -134,6 +140,8 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
     """
 
     name = "scaled_mm_rowwise"
+    # 1.06-1.33x faster without the fp32 promotion on every DiT shape timed on H100s, level with per-tensor then.
+    fast_accum_by_rule = True
 
     def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
         super().__init__(config, device)
