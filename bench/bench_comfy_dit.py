@@ -19,7 +19,6 @@ Usage (ComfyUI's Python, or any with ComfyUI's packages):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -31,6 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -146,21 +146,6 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
             }
         )
     return paths
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """``values`` set in ``os.environ`` for the block, the previous values back afterwards."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def accumulation_choices() -> list[dict]:
@@ -293,7 +278,7 @@ def main() -> None:
             continue
         fast_accum.forget()  # each path times its own GEMMs, as a fresh ComfyUI process would
         try:
-            with environment(env):
+            with mock.patch.dict(os.environ, env):  # the path's environment while it loads and runs
                 row = run_path(load, compile_it, inputs, warmup=6 if compile_it else 4)
             if path_name.startswith("ours") and fast_accum.decisions():
                 row["fast_accumulation"] = accumulation_choices()  # FP8_QUANT_FAST_ACCUM=auto's timed choices

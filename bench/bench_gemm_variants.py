@@ -146,40 +146,34 @@ def run_shape(name, m, k, n, dtype, fused_gemm) -> dict:
     flops = 2 * m * k * n
     row: dict = {"shape": name, "mkn": [m, k, n], "dtype": str(dtype).removeprefix("torch.")}
 
-    def mm(fast: bool):
-        return lambda: torch._scaled_mm(
-            x8, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=dtype, use_fast_accum=fast
+    w8c, wsc = quantize_weight(weight, group=PER_CHANNEL)
+    x8t, xst = quantize_input_dynamic(x, per_token=True)
+
+    def per_tensor(fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=dtype, use_fast_accum=fast)
+
+    def row_wise(fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(
+            x8t, w8c.t(), scale_a=xst, scale_b=wsc.view(1, -1), bias=bias, out_dtype=dtype, use_fast_accum=fast
         )
 
     for label, fast in (("cublas", False), ("cublas_fast_accum", True)):
-        fn = mm(fast)
-        out = fn()
-        ms = bench_ms(fn, warmup=5, reps=20, rounds=5)
+        out = per_tensor(fast)
+        ms = bench_ms(lambda fast=fast: per_tensor(fast), warmup=5, reps=20, rounds=5)
         row[label] = {
             "ms": ms,
             "tflops": flops / ms / 1e9,
             "accum_err": rel_err(out, same_operands),
             "err": rel_err(out, exact),
         }
-    w8c, wsc = quantize_weight(weight, group=PER_CHANNEL)
-    x8t, xst = quantize_input_dynamic(x, per_token=True)
     for label, fast in (("rowwise", False), ("rowwise_fast_accum", True)):
-        fn = lambda fast=fast: torch._scaled_mm(  # noqa: E731
-            x8t, w8c.t(), scale_a=xst, scale_b=wsc.view(1, -1), bias=bias, out_dtype=dtype, use_fast_accum=fast
-        )
-        out = fn()
-        ms = bench_ms(fn, warmup=5, reps=20, rounds=5)
+        out = row_wise(fast)
+        ms = bench_ms(lambda fast=fast: row_wise(fast), warmup=5, reps=20, rounds=5)
         row[label] = {"ms": ms, "tflops": flops / ms / 1e9, "err": rel_err(out, exact)}
-    halves = time_both(lambda fast: mm(fast)(), flops, x.device)
-    row["in_model_timing_halves"] = {"tensor": halves}
-    halves = time_both(
-        lambda fast: torch._scaled_mm(
-            x8t, w8c.t(), scale_a=xst, scale_b=wsc.view(1, -1), bias=bias, out_dtype=dtype, use_fast_accum=fast
-        ),
-        flops,
-        x.device,
-    )
-    row["in_model_timing_halves"]["rowwise"] = halves
+    row["in_model_timing_halves"] = {
+        "tensor": time_both(per_tensor, flops, x.device),
+        "rowwise": time_both(row_wise, flops, x.device),
+    }
     quant = QuantFP8(static=True, group_shape=PER_TENSOR)
     row["quant_pass_ms"] = bench_ms(lambda: quant(x, xs), warmup=5, reps=20, rounds=5)
     for label, fast in (("today: quant + cublas", False), ("quant + cublas_fast_accum", True)):

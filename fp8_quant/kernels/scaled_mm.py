@@ -89,16 +89,20 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
 
     def _scaled_mm(
         self, x: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype
-    ) -> Tensor:
+    ) -> tuple[Tensor, bool]:
+        """The product, and whether ``bias`` went into it: CUDA fuses a bias only in the output dtype, and never
+        with a float32 output (the base class adds it otherwise)."""
+        fused = bias if bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32 else None
+
         def run(fast: bool) -> Tensor:
             return torch._scaled_mm(
-                x, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype, use_fast_accum=fast
+                x, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=fused, out_dtype=out_dtype, use_fast_accum=fast
             )
 
         fast = use_fast_accum(
-            self.fast_accum, self.name, self.fast_accum_by_rule, x, weight, out_dtype, bias is not None, run
+            self.fast_accum, self.name, self.fast_accum_by_rule, x, weight, out_dtype, fused is not None, run
         )
-        return run(fast)
+        return run(fast), fused is not None
 
 
 class PerTensorScaledMMKernel(_ScaledMMKernel):
@@ -124,11 +128,7 @@ class PerTensorScaledMMKernel(_ScaledMMKernel):
     def matmul(
         self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams, bias: Tensor | None, out_dtype: torch.dtype
     ) -> tuple[Tensor, bool]:
-        # CUDA refuses a fused bias with a float32 output.
-        fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
-        scale_a, scale_b = x_scale.reshape(()), params.weight_scale.reshape(())
-        out = self._scaled_mm(x, params.weight, scale_a, scale_b, bias if fused_bias else None, out_dtype)
-        return out, fused_bias
+        return self._scaled_mm(x, params.weight, x_scale.reshape(()), params.weight_scale.reshape(()), bias, out_dtype)
 
 
 class ChannelWiseScaledMMKernel(_ScaledMMKernel):
@@ -177,7 +177,4 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
             scale_b = weight_scale.reshape(1, 1).expand(1, params.weight.shape[0]).contiguous()
         if out_dtype not in self.output_dtypes:
             out_dtype = torch.bfloat16
-        # CUDA refuses a fused bias with a float32 output; the bias must be in the output dtype.
-        fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
-        out = self._scaled_mm(x, params.weight, scale_a, scale_b, bias if fused_bias else None, out_dtype)
-        return out, fused_bias
+        return self._scaled_mm(x, params.weight, scale_a, scale_b, bias, out_dtype)
