@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.metadata
 import json
 import logging
@@ -50,18 +51,29 @@ PRESETS = {
         {"hidden_size": 3072, "num_heads": 24, "depth": 2, "depth_single_blocks": 4},
         (1, 16, 128, 128),
     ),
+    # Short problems, where the host's launches set the pace: a 320x512x17 Wan 1.3B clip (3200 tokens) and a
+    # 512x512 Flux image (1024 tokens).
+    "wan1.3b-320p": ("wan", {"dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30}, (1, 16, 5, 40, 64)),
+    "flux-2d4s-512px": (
+        "flux",
+        {"hidden_size": 3072, "num_heads": 24, "depth": 2, "depth_single_blocks": 4},
+        (1, 16, 64, 64),
+    ),
     "wan-tiny": ("wan", {}, (1, 16, 2, 16, 16)),
 }
+# The linear whose cost per call is timed alone on a short input (``linear_ms``), per family.
+PROBE_LINEAR = {"wan": "blocks.0.self_attn.q", "flux": "double_blocks.0.img_attn.qkv"}
+PROBE_ROWS = (1, 256)
 BUILDERS = {"wan": wan_model, "flux": flux_model}
 
 
-def write_model(path: Path, family: str, sizes: dict) -> None:
+def write_model(path: Path, family: str, sizes: dict, device: str = "cuda") -> None:
     import comfy.ops
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = BUILDERS[family](comfy.ops.disable_weight_init, dtype=torch.bfloat16, device="cuda", **sizes)
+    model = BUILDERS[family](comfy.ops.disable_weight_init, dtype=torch.bfloat16, device=device, **sizes)
     randomize_dit(model, channel_spread=False)
     state = {f"model.diffusion_model.{k}": v.contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path))
@@ -210,12 +222,42 @@ def run_path(load, compile_it: bool, inputs, warmup: int) -> dict:
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - started
     out = step().float()
-    ms = bench_ms(step, warmup=1, reps=3, rounds=5)
+    gc.collect()
+    gc.disable()  # a collection in the middle of a host-bound step (few tokens) would be timed as the path's
+    try:
+        ms = bench_ms(step, warmup=1, reps=3, rounds=7)
+    finally:
+        gc.enable()
     row = {"out": out, "ms": ms, "weights_gib": weights / 2**30, "load_s": load_s, "warmup_s": warm_s}
+    if not compile_it:
+        row["linear_ms"] = probe_linear(model, step)
     if compile_it:
         breaks, graphs = _dynamo_counts()
         row.update(graph_breaks=breaks - breaks_before, compiled_graphs=graphs - graphs_before)
     return row
+
+
+def probe_linear(model, step) -> dict[str, float]:
+    """ms per call of one of the model's linears on ``PROBE_ROWS`` rows, calls queued back to back: at so few rows
+    the GPU waits for the host, so this is the path's host cost per linear (what a short problem, a modulation
+    linear or a text encoder pays on every layer). The input has the dtype and device the layer saw in a step."""
+    import torch
+
+    family = "flux" if hasattr(model.diffusion_model, "double_blocks") else "wan"
+    linear = model.diffusion_model.get_submodule(PROBE_LINEAR[family])
+    seen = []
+    hook = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0]) if not seen else None)
+    try:
+        step()
+    finally:
+        hook.remove()
+    generator = torch.Generator(device=seen[0].device).manual_seed(2)
+    times = {}
+    for rows in PROBE_ROWS:
+        x = torch.randn(rows, seen[0].shape[-1], generator=generator, device=seen[0].device).to(seen[0].dtype)
+        with torch.inference_mode():
+            times[f"rows={rows}"] = bench_ms(lambda x=x: linear(x), warmup=5, reps=100, rounds=5)
+    return times
 
 
 def _dynamo_counts() -> tuple[int, int]:
@@ -225,9 +267,9 @@ def _dynamo_counts() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
-def bench_model(preset: str) -> tuple[Path, str, object]:
-    """ComfyUI set up, the preset's random bf16 model written to a new models folder: (folder, file name, the pack's
-    Load FP8 DiT node)."""
+def bench_model(preset: str, dynamic_vram: bool = False) -> tuple[Path, str, object]:
+    """ComfyUI set up (with its dynamic VRAM where asked and available), the preset's random bf16 model written to a
+    new models folder: (folder, file name, the pack's Load FP8 DiT node)."""
     setup_comfy()
     import folder_paths
 
@@ -236,8 +278,12 @@ def bench_model(preset: str) -> tuple[Path, str, object]:
     folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
     name = f"{preset}_bf16.safetensors"
     started = time.perf_counter()
-    write_model(folder / name, family, sizes)
+    # Dynamic VRAM (comfy-aimdo) starts before any CUDA work and builds weights lazily: the model is made first, on
+    # the CPU in that case.
+    write_model(folder / name, family, sizes, device="cpu" if dynamic_vram else "cuda")
     print(f"model {preset} ({family} {sizes}) written in {time.perf_counter() - started:.1f}s")
+    if dynamic_vram and not setup_comfy(dynamic_vram=True):
+        raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     return folder, name, pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
 
@@ -248,12 +294,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also ComfyUI's TorchCompileModel (inductor) paths")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only paths that match")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--dynamic-vram",
+        action="store_true",
+        help="ComfyUI's dynamic VRAM on (what its main.py turns on by default on NVIDIA GPUs); off by default",
+    )
     args = parser.parse_args()
 
     choices = logging.getLogger("fp8_quant.kernels.fast_accum")  # each timed GEMM's numbers, in the log
     choices.setLevel(logging.INFO)
     choices.addHandler(logging.StreamHandler(sys.stdout))
-    folder, name, loader = bench_model(args.preset)
+    folder, name, loader = bench_model(args.preset, args.dynamic_vram)
     import comfy.model_management
     import torch
 
@@ -266,6 +317,7 @@ def main() -> None:
     device = comfy.model_management.get_torch_device()
     inputs = inputs_for(family, latent, device)
     meta = {"preset": args.preset, "family": family, "sizes": sizes, "latent": list(latent), **versions()}
+    meta["dynamic_vram"] = args.dynamic_vram
     meta["date"] = datetime.date.today().isoformat()
     print(json.dumps(meta))
     only = [word for word in args.only.split(",") if word]
@@ -292,7 +344,9 @@ def main() -> None:
             reference = out
         row["rel_err_vs_fp32"] = ((out - reference).norm() / reference.norm()).item()
         results[path_name] = row
-        print(f"{path_name:42s} {row['ms']:8.2f} ms  err {row['rel_err_vs_fp32']:.5f}  {row['weights_gib']:.2f} GiB")
+        probe = " ".join(f"{k} {v * 1000:.0f}us" for k, v in row.get("linear_ms", {}).items())
+        summary = f"{row['ms']:8.2f} ms  err {row['rel_err_vs_fp32']:.5f}  {row['weights_gib']:.2f} GiB"
+        print(f"{path_name:42s} {summary}  {probe}")
         del out
         torch.cuda.empty_cache()
     print_table(results)

@@ -89,8 +89,8 @@ def _load_from_state_dict(
         error_msgs.append(f"{name}: weight has shape {list(weight.shape)}, the model expects {expected}")
         return
     bias = state_dict.get(prefix + "bias")
-    if bias is not None and layer.fp8_model_dtype in (torch.float16, torch.bfloat16, torch.float32):
-        bias = bias.to(layer.fp8_model_dtype)  # the compute dtype: the fp8 GEMM fuses a bias of its output dtype
+    if bias is not None and _model_dtype(layer) is not None:
+        bias = bias.to(_model_dtype(layer))  # the compute dtype: the fp8 GEMM fuses a bias of its output dtype
     layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
     decision = plan.recipe.decide(name, weight, has_input_scale=prefix + "input_scale" in state_dict)
     scales = (scale, state_dict.get(prefix + "input_scale"))
@@ -120,11 +120,21 @@ def _load_layer(
         return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer))
     if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values
         layer.weight = nn.Parameter(_dequantized(layer, weight, scales[0], decision.name), requires_grad=False)
+    elif _model_dtype(layer) not in (None, weight.dtype) and weight.dtype.is_floating_point:
+        # In the dtype the model computes this layer in, as ComfyUI's own loader stores it: the layer then runs
+        # ComfyUI's plain forward, without a cast of its weight at every call.
+        layer.weight = nn.Parameter(weight.to(_model_dtype(layer)), requires_grad=False)
     return LayerReport(decision.name, False, decision.reason, size, tensor_bytes(layer.weight))
+
+
+def _model_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The float dtype ComfyUI built ``layer`` for (its compute dtype), where it gave one."""
+    dtype = layer.fp8_model_dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
 def _dequantized(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor | None, name: str) -> torch.Tensor:
     scale = normalize_weight_scale(scale if scale is not None else torch.ones(()), tuple(weight.shape), name)
     group = weight_group_of_scale(tuple(scale.shape), *weight.shape)
-    dtype = layer.fp8_model_dtype if layer.fp8_model_dtype in (torch.float16, torch.float32) else torch.bfloat16
+    dtype = _model_dtype(layer) or torch.bfloat16
     return dequantize(weight, scale, dtype, group)

@@ -31,6 +31,38 @@ def test_triton_quant_matches_eager(k, per_token, dtype):
     assert (static.float() != quantize_input_static(x, torch.tensor(0.05, device="cuda")).float()).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_direct_quantizer_launches_match_tritons_own(dtype):
+    """After a shape's first launch the quantizer launches the compiled kernel directly (Triton's launch path costs a
+    host-bound layer more than the kernel); every mode must give what Triton's own launch gives, also for an input
+    whose rows start off the 16-byte alignment the first launch was compiled for (a view into a wider tensor)."""
+    from fp8_quant import quant_triton
+
+    assert quant_triton.direct_launch_works()  # this Triton takes the direct launch: the path below is exercised
+    wide = outlier_input(4096 + 1, 3072 + 8, seed=5, dtype=dtype).cuda()
+    inputs = {"aligned": wide[:4096, :3072].contiguous(), "offset": wide[1:, 3:3075]}
+    assert inputs["offset"].data_ptr() % 16 != 0
+    for name, x in inputs.items():
+        history = torch.tensor([3.0], device="cuda")
+
+        def all_modes(x=x, history=history):
+            spare, scale, overshoot = (torch.zeros(1, device="cuda") for _ in range(3))
+            q_dyn, s_dyn = quant_triton._launch(x, torch.float8_e4m3fn, quant_triton.DYNAMIC)
+            q_static = quant_triton.quantize_static_triton(x, torch.tensor(0.02, device="cuda"), torch.float8_e4m3fn)
+            q_run = quant_triton.quantize_running_triton(
+                x, torch.float8_e4m3fn, history, spare, scale, overshoot, 2.0
+            )
+            return [q_dyn.view(torch.uint8), s_dyn, q_static.view(torch.uint8), q_run.view(torch.uint8), spare, scale]
+
+        quant_triton._direct_launches.clear()
+        through_triton = all_modes()  # compiles and remembers each launch...
+        keys = len(quant_triton._direct_launches)
+        direct = all_modes()  # ...and launches it directly the second time
+        assert len(quant_triton._direct_launches) == keys >= 3, name
+        for got, expected in zip(direct, through_triton):
+            assert torch.equal(got, expected), name
+
+
 @pytest.mark.parametrize(
     "config, kernel",
     [

@@ -65,6 +65,25 @@ def test_kernel_matches_float_reference(kernel, weight_granularity, activation_g
     assert rel_err(out, reference_output(reference, x)) < ERROR_BOUND
 
 
+def test_rowwise_kernel_follows_a_changed_per_tensor_weight_scale():
+    """The row-wise kernel keeps a per-tensor weight scale as a [1, N] row between calls (a copy per call costs a
+    host-bound layer its time); a new or rewritten scale (a LoRA patch, a reload) must still take effect."""
+    config = Fp8Config(weight_granularity="tensor", activation_granularity="token")
+    reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name, bias=False)
+    if type(method.kernel_for(layer, CPU)) is not ChannelWiseScaledMMKernel:
+        pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
+    x = outlier_input(37, 256, seed=11)
+    expected = reference_output(reference, x)
+    first = method.apply(layer, x)
+    assert rel_err(first, expected) < ERROR_BOUND
+    torch.testing.assert_close(method.apply(layer, x), first)
+    with torch.no_grad():
+        layer.weight_scale.mul_(2.0)  # in place: the same tensor, a new version
+    torch.testing.assert_close(method.apply(layer, x), 2 * first, rtol=1e-2, atol=1e-3)
+    layer.weight_scale = torch.nn.Parameter(layer.weight_scale.detach() / 4, requires_grad=False)  # a new tensor
+    torch.testing.assert_close(method.apply(layer, x), first / 2, rtol=1e-2, atol=1e-3)
+
+
 def test_bound_catches_a_missing_weight_scale():
     config = Fp8Config()
     reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name)

@@ -146,6 +146,7 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
     def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
         super().__init__(config, device)
         self.output_dtypes = rowwise_output_dtypes(device.type, device.index)
+        self._weight_row_scale: tuple[Tensor, int, Tensor] | None = None  # (scale, its version, [1, N] copy)
 
     @classmethod
     def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
@@ -174,7 +175,21 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
         if weight_scale.dim() == 1:
             scale_b = weight_scale.view(1, -1)
         else:
-            scale_b = weight_scale.reshape(1, 1).expand(1, params.weight.shape[0]).contiguous()
+            scale_b = self._per_tensor_as_rows(weight_scale, params.weight.shape[0])
         if out_dtype not in self.output_dtypes:
             out_dtype = torch.bfloat16
         return self._scaled_mm(x, params.weight, scale_a, scale_b, bias, out_dtype)
+
+    def _per_tensor_as_rows(self, scale: Tensor, out_features: int) -> Tensor:
+        """A per-tensor weight scale as the ``[1, N]`` row ``_scaled_mm`` wants, made once per scale tensor: a
+        copy per call is an allocation and a kernel launch, which a host-bound layer (few tokens) pays in time.
+        (A kernel serves one layer on one device; a LoRA-patched weight brings a new scale tensor.)"""
+        if torch.compiler.is_compiling():  # Inductor folds the copy into the graph
+            return scale.reshape(1, 1).expand(1, out_features).contiguous()
+        cached = self._weight_row_scale
+        if cached is not None and cached[0] is scale and cached[1] == scale._version:
+            return cached[2]
+        row = scale.reshape(1, 1).expand(1, out_features).contiguous()
+        if not (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._weight_row_scale = (scale, scale._version, row)
+        return row
