@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -270,20 +271,22 @@ def _dynamo_counts() -> tuple[int, int]:
 def bench_model(preset: str, dynamic_vram: bool = False) -> tuple[Path, str, object]:
     """ComfyUI set up (with its dynamic VRAM where asked and available), the preset's random bf16 model written to a
     new models folder: (folder, file name, the pack's Load FP8 DiT node)."""
-    setup_comfy()
-    import folder_paths
-
-    pack = import_pack(REPO)
     family, sizes, _ = PRESETS[preset]
     folder = Path(tempfile.mkdtemp(prefix="fp8_bench_"))
     name = f"{preset}_bf16.safetensors"
     started = time.perf_counter()
-    # Dynamic VRAM (comfy-aimdo) starts before any CUDA work and builds weights lazily: the model is made first, on
-    # the CPU in that case.
-    write_model(folder / name, family, sizes, device="cpu" if dynamic_vram else "cuda")
+    if dynamic_vram:  # comfy-aimdo starts before anything of ComfyUI's, and its operations build weights lazily
+        command = [sys.executable, __file__, "--preset", preset, "--write-model", str(folder / name)]
+        subprocess.run(command, check=True)
+        if not setup_comfy(dynamic_vram=True):
+            raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
+    else:
+        setup_comfy()
+        write_model(folder / name, family, sizes)
     print(f"model {preset} ({family} {sizes}) written in {time.perf_counter() - started:.1f}s")
-    if dynamic_vram and not setup_comfy(dynamic_vram=True):
-        raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
+    import folder_paths
+
+    pack = import_pack(REPO)
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     return folder, name, pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
 
@@ -299,7 +302,14 @@ def main() -> None:
         action="store_true",
         help="ComfyUI's dynamic VRAM on (what its main.py turns on by default on NVIDIA GPUs); off by default",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="passes over all paths (median per path)")
+    parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)  # the model file only (a subprocess)
     args = parser.parse_args()
+    if args.write_model:
+        setup_comfy()
+        family, sizes, _ = PRESETS[args.preset]
+        write_model(args.write_model, family, sizes)
+        return
 
     choices = logging.getLogger("fp8_quant.kernels.fast_accum")  # each timed GEMM's numbers, in the log
     choices.setLevel(logging.INFO)
@@ -318,6 +328,7 @@ def main() -> None:
     inputs = inputs_for(family, latent, device)
     meta = {"preset": args.preset, "family": family, "sizes": sizes, "latent": list(latent), **versions()}
     meta["dynamic_vram"] = args.dynamic_vram
+    meta["passes"] = args.repeat
     meta["date"] = datetime.date.today().isoformat()
     print(json.dumps(meta))
     only = [word for word in args.only.split(",") if word]
@@ -325,33 +336,54 @@ def main() -> None:
     reference = None
     from fp8_quant.kernels import fast_accum
 
-    for path_name, (load, compile_it, env) in paths_for(folder, name, loader, args.compile).items():
-        if only and path_name != "fp32 reference" and not any(word in path_name for word in only):
-            continue
-        fast_accum.forget()  # each path times its own GEMMs, as a fresh ComfyUI process would
-        try:
-            with mock.patch.dict(os.environ, env):  # the path's environment while it loads and runs
-                row = run_path(load, compile_it, inputs, warmup=6 if compile_it else 4)
-            if path_name.startswith("ours") and fast_accum.decisions():
-                row["fast_accumulation"] = accumulation_choices()  # FP8_QUANT_FAST_ACCUM=auto's timed choices
-        except Exception as error:  # a path that fails is reported, the others still run
-            traceback.print_exc()
-            results[path_name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-            print(f"{path_name:42s} FAILED {results[path_name]['error']}")
-            continue
-        out = row.pop("out")
-        if reference is None:
-            reference = out
-        row["rel_err_vs_fp32"] = ((out - reference).norm() / reference.norm()).item()
-        results[path_name] = row
-        probe = " ".join(f"{k} {v * 1000:.0f}us" for k, v in row.get("linear_ms", {}).items())
-        summary = f"{row['ms']:8.2f} ms  err {row['rel_err_vs_fp32']:.5f}  {row['weights_gib']:.2f} GiB"
-        print(f"{path_name:42s} {summary}  {probe}")
-        del out
-        torch.cuda.empty_cache()
+    paths = paths_for(folder, name, loader, args.compile)
+    chosen = [key for key in paths if not only or key == "fp32 reference" or any(word in key for word in only)]
+    # Several passes over all paths, each path's time the median of its passes: where the host sets the pace (few
+    # tokens), a VM's host speed drifts by tens of % within minutes, and interleaving spreads that over every path.
+    for repeat in range(args.repeat):
+        for path_name in chosen:
+            load, compile_it, env = paths[path_name]
+            if "error" in results.get(path_name, {}):
+                continue
+            fast_accum.forget()  # each path times its own GEMMs, as a fresh ComfyUI process would
+            try:
+                with mock.patch.dict(os.environ, env):  # the path's environment while it loads and runs
+                    row = run_path(load, compile_it, inputs, warmup=6 if compile_it else 4)
+                if path_name.startswith("ours") and fast_accum.decisions():
+                    row["fast_accumulation"] = accumulation_choices()  # FP8_QUANT_FAST_ACCUM=auto's timed choices
+            except Exception as error:  # a path that fails is reported, the others still run
+                traceback.print_exc()
+                results[path_name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+                print(f"{path_name:42s} FAILED {results[path_name]['error']}")
+                continue
+            out = row.pop("out")
+            if reference is None:
+                reference = out
+            row["rel_err_vs_fp32"] = ((out - reference).norm() / reference.norm()).item()
+            row = merge_repeats(results.get(path_name), row) if repeat else {**row, "ms_passes": [row["ms"]]}
+            results[path_name] = row
+            probe = " ".join(f"{k} {v * 1000:.0f}us" for k, v in row.get("linear_ms", {}).items())
+            summary = f"{row['ms']:8.2f} ms  err {row['rel_err_vs_fp32']:.5f}  {row['weights_gib']:.2f} GiB"
+            print(f"{path_name:42s} {summary}  {probe}")
+            del out
+            torch.cuda.empty_cache()
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps({**meta, "results": results}, indent=1))
+
+
+def merge_repeats(earlier: dict, row: dict) -> dict:
+    """One path's results after another pass: times per pass kept, ``ms`` (and each probe) their median."""
+    import statistics
+
+    merged = {**earlier, "ms_passes": [*earlier["ms_passes"], row["ms"]]}
+    merged["ms"] = statistics.median(merged["ms_passes"])
+    if "linear_ms" in row:
+        passes = merged.setdefault("linear_ms_passes", {key: [value] for key, value in earlier["linear_ms"].items()})
+        for key, value in row["linear_ms"].items():
+            passes[key].append(value)
+        merged["linear_ms"] = {key: statistics.median(values) for key, values in passes.items()}
+    return merged
 
 
 def print_table(results: dict[str, dict]) -> None:

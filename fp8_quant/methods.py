@@ -43,6 +43,9 @@ class Fp8LinearMethod:
         self.config = config
         self.kernel = kernel
         self.calibration = CalibrationTally()
+        # Worked out once: the forward of a host-bound layer (few tokens) pays for every object it builds.
+        self._learns_scales = config.learns_activation_scales
+        self._dynamic_key = activation_key(torch.float8_e4m3fn, False, config.activation_group)
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, params_dtype: Dtype = None, device=None
@@ -129,7 +132,7 @@ class Fp8LinearMethod:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.kernel_for(layer, device)
-        if self.config.learns_activation_scales and layer.input_scale is None:
+        if self._learns_scales and layer.input_scale is None:
             dynamic = self.kernel_for(layer, device, self._dynamic_key)
             self.kernel_for(layer, device, kFp8StaticTensorSym)
             if dynamic.input_quant is not None:  # its statistics live on the device, made before any compile
@@ -142,7 +145,7 @@ class Fp8LinearMethod:
         self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The product with tensors other than the layer's own (a LoRA-patched weight, an offloaded one)."""
-        if not self.config.learns_activation_scales or params.input_scale is not None:
+        if not self._learns_scales or params.input_scale is not None:
             return self.kernel_for(layer, x.device).apply(params, x, bias)
         dynamic = self.kernel_for(layer, x.device, self._dynamic_key)
         if dynamic.input_quant is None:  # activations stay in high precision: no scale to learn
@@ -156,11 +159,6 @@ class Fp8LinearMethod:
             state = RuntimeActivationScale(DEFAULT_POLICY, may_stay_dynamic, self.calibration, _layer_name(layer))
             layer.fp8_activation_scale = state
         return state
-
-    @property
-    def _dynamic_key(self) -> QuantKey:
-        """What a layer with a learnt scale runs before its scale is known, and where it keeps per-token scales."""
-        return activation_key(torch.float8_e4m3fn, False, self.config.activation_group)
 
     def _apply_learnt_scale(
         self,
@@ -177,10 +175,11 @@ class Fp8LinearMethod:
             if compiling:  # no new state inside a compiled graph (prepare_kernels makes it): dynamic there
                 return dynamic.apply(params, x, bias)
             state = self._activation_scale(layer)
-        if state.phase == STATIC:
+        phase = state.phase
+        if phase == STATIC:
             static = params._replace(activation_quantizer=state.quantize_static)
             out = self.kernel_for(layer, x.device, kFp8StaticTensorSym).apply(static, x, bias)
-        elif state.phase == DYNAMIC:
+        elif phase == DYNAMIC:
             out = dynamic.apply(params, x, bias)
         else:
             if not compiling:
@@ -189,7 +188,7 @@ class Fp8LinearMethod:
             out = dynamic.apply(observing, x, bias)
         if not compiling:
             state.after_call()
-            if state.phase == STATIC:
+            if state.phase == STATIC and phase != STATIC:
                 self.kernel_for(layer, x.device, kFp8StaticTensorSym)  # made now, not inside a compiled trace
         return out
 

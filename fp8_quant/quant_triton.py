@@ -130,7 +130,7 @@ def _launch(
 class _Launch(NamedTuple):
     """One launch of ``_quant_rows_kernel``: its arguments in the kernel's order (constexprs last), grid and warps.
 
-    ``key`` is what Triton specializes a compiled kernel on for these arguments (each tensor's dtype and 16-byte
+    ``key`` holds what Triton specializes a compiled kernel on for these arguments (each tensor's dtype and 16-byte
     alignment; each integer's being 1, a multiple of 16, or past 32 bits; the constexprs; the warps) and the device:
     launches with equal keys run the same compiled kernel."""
 
@@ -153,14 +153,25 @@ class _Launch(NamedTuple):
             next_history if next_history is not None else unused,
             overshoot if overshoot is not None else unused,
         )
-        integers = (rows, cols, x2d.stride(0), quantized.stride(0))
+        x_stride = x2d.stride(0)
+        integers = (rows, cols, x_stride, quantized.stride(0))
         constants = (mode, one_block, rows_per_program, block)
+        # Only the input can be a view off the alignment or carry an odd stride: the other tensors are the call's
+        # own new outputs, or one-element buffers (the kernel's scale and history) that never are views. The
+        # constants and warps follow from ``mode`` and ``cols`` (``cols`` is also the output's row stride).
         key = (
             torch.cuda.current_device(),
-            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in pointers),
-            tuple((i == 1, i % 16 == 0, i >= 2**31) for i in integers),
-            constants,
-            num_warps,
+            x2d.dtype,
+            dtype,
+            x2d.data_ptr() % 16 == 0,
+            tuple(t.data_ptr() % 16 == 0 for t in pointers[3:] if t is not quantized),
+            mode,
+            cols,
+            rows == 1,
+            rows % 16 == 0,
+            x_stride == 1,
+            x_stride % 16 == 0,
+            rows >= 2**31 or x_stride >= 2**31,
         )
         arguments = (*pointers, *integers, fp8_max(dtype), AMAX_FLOOR, margin, *constants)
         return cls(arguments, (triton.cdiv(rows, rows_per_program), 1, 1), num_warps, key)
@@ -237,6 +248,8 @@ def direct_launch_works() -> bool:
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.stride(1) == 1:  # the kernels hand over rows already: no reshape to pay for
+        return x
     x2d = x.reshape(-1, x.shape[-1])
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
@@ -245,6 +258,8 @@ def quantize_dynamic_triton(x: torch.Tensor, dtype: torch.dtype, per_token: bool
     x2d = _as_rows(x)
     quantized, row_scales = _launch(x2d, dtype, DYNAMIC)
     if per_token:
+        if x2d is x:
+            return quantized, row_scales
         return quantized.view(x.shape), row_scales.view(*x.shape[:-1], 1)
     # Per tensor: the row pass gives every row's amax for free; the tensor scale is their maximum.
     scale = row_scales.max()
@@ -253,8 +268,9 @@ def quantize_dynamic_triton(x: torch.Tensor, dtype: torch.dtype, per_token: bool
 
 
 def quantize_static_triton(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    quantized, _ = _launch(_as_rows(x), dtype, STATIC, scale=scale.to(device=x.device, dtype=torch.float32).reshape(1))
-    return quantized.view(x.shape)
+    x2d = _as_rows(x)
+    quantized, _ = _launch(x2d, dtype, STATIC, scale=scale.to(device=x.device, dtype=torch.float32).reshape(1))
+    return quantized if x2d is x else quantized.view(x.shape)
 
 
 def quantize_running_triton(

@@ -129,6 +129,16 @@ class QuantKey:
     symmetric: bool = True
     is_weight: bool = False
 
+    def __post_init__(self) -> None:
+        # Hashed once: a layer's kernels are looked up by scheme at every forward.
+        object.__setattr__(self, "_hash", hash((self.dtype, self.scale, self.symmetric, self.is_weight)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):  # rebuilt, not restored: a dtype's hash differs between processes
+        return (type(self), (self.dtype, self.scale, self.symmetric, self.is_weight))
+
     @property
     def group_shape(self) -> GroupShape:
         return self.scale.group_shape

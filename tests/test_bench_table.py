@@ -51,6 +51,39 @@ def test_tables_from_every_kind_of_result_model_steps_first(tmp_path):
     assert "| 0.80 | 0.90 | 1.12 | 2 | 0.56 |" in text
 
 
+def test_step_table_shows_each_pass_and_the_host_cost_per_linear(tmp_path):
+    """Few-token presets are timed in several passes (the host's speed drifts) and probe one linear's host cost."""
+    step = {
+        **STEP,
+        "preset": "flux-2d4s-512px",
+        "passes": 3,
+        "dynamic_vram": True,
+        "results": {
+            "stock default dtype": {
+                "ms": 14.3,
+                "ms_passes": [14.4, 12.5, 14.3],
+                "weights_gib": 2.44,
+                "rel_err_vs_fp32": 0.21,
+                "linear_ms": {"rows=1": 0.035, "rows=256": 0.035},
+            },
+            "stock on our comfy-quant file": {
+                "ms": 30.8,
+                "ms_passes": [30.8, 22.2, 32.6],
+                "weights_gib": 1.40,
+                "rel_err_vs_fp32": 0.2125,
+                "linear_ms": {"rows=1": 0.445, "rows=256": 0.418},
+            },
+            "ours auto (bf16 file)": {"error": "RuntimeError: boom"},
+        },
+    }
+    (tmp_path / "step.json").write_text(json.dumps(step))
+    text = bench_table.render(tmp_path)
+    assert "**flux-2d4s-512px**, ComfyUI's dynamic VRAM on," in text
+    assert "| path | ms (median of 3 passes; each pass) |" in text and " µs/linear |" in text
+    assert "| stock on our comfy-quant file | 30.8 (30.8 / 22.2 / 32.6) | 0.46 | 1.00 | 0.2125 | 1.40 | 418 |" in text
+    assert "| ours auto (bf16 file) | failed: RuntimeError: boom | | | | | |" in text
+
+
 def gemm_row(fused: dict | None) -> dict:
     row = {
         "shape": "Wan14B ffn down",

@@ -59,21 +59,34 @@ def step_table(path: Path, data: dict) -> str:
     stock = results.get(STEP_STOCK, {}).get("ms")
     quant = results.get(STEP_QUANT, {}).get("ms")
     latent = "×".join(str(size) for size in data.get("latent", [])) or "?"
+    passes = int(data.get("passes", 1))
+    probe = any("linear_ms" in row for row in results.values())
+    setting = ", ComfyUI's dynamic VRAM on" if data.get("dynamic_vram") else ""
+    time_title = f"ms (median of {passes} passes; each pass)" if passes > 1 else "ms"
     lines = [
-        f"**{data['preset']}**, one `apply_model` call inside ComfyUI, latent {latent}, error vs the same model in "
-        "float32 (× = the other's time / this one's):",
+        f"**{data['preset']}**{setting}, one `apply_model` call inside ComfyUI, latent {latent}, error vs the same "
+        "model in float32 (× = the other's time / this one's"
+        + ("; µs/linear: one of its linears called alone on 256 rows, what the host pays per linear" if probe else "")
+        + "):",
         "",
-        "| path | ms | × stock | × stock comfy-quant | rel. error vs fp32 | weights GiB |",
-        "|---|---|---|---|---|---|",
+        f"| path | {time_title} | × stock | × stock comfy-quant | rel. error vs fp32 | weights GiB |"
+        + (" µs/linear |" if probe else ""),
+        "|---|---|---|---|---|---|" + ("---|" if probe else ""),
     ]
     for name, row in results.items():
         if "ms" not in row:
-            lines.append(f"| {name} | failed: {row.get('error', '?')} | | | | |")
+            lines.append(f"| {name} | failed: {row.get('error', '?')} | | | | |" + (" |" if probe else ""))
             continue
-        lines.append(
-            f"| {name} | {row['ms']:.1f} | {ratio(stock, row['ms'])} | {ratio(quant, row['ms'])} "
+        each = " / ".join(f"{ms:.1f}" for ms in row.get("ms_passes", []))
+        time_cell = f"{row['ms']:.1f} ({each})" if passes > 1 and each else f"{row['ms']:.1f}"
+        line = (
+            f"| {name} | {time_cell} | {ratio(stock, row['ms'])} | {ratio(quant, row['ms'])} "
             f"| {row['rel_err_vs_fp32']:.4f} | {row['weights_gib']:.2f} |"
         )
+        if probe:
+            host = row.get("linear_ms", {}).get("rows=256")
+            line += f" {host * 1000:.0f} |" if host is not None else " — |"
+        lines.append(line)
     return "\n".join([*lines, "", context_line(path, data)])
 
 
