@@ -23,6 +23,13 @@ def is_fp8_dtype(dtype: torch.dtype) -> bool:
 _FP8_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in FP8_DTYPES}
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter, for caches of values derived from it; ``None`` for an inference tensor
+    (ComfyUI runs its nodes under ``torch.inference_mode``, where tensors keep no counter: the cache then matches on
+    the tensor object alone)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def fp8_max(dtype: torch.dtype) -> float:
     """448 for e4m3fn, 57344 for e5m2 (a dict lookup: this sits on the forward's hot path)."""
     limit = _FP8_MAX.get(dtype)

@@ -164,16 +164,17 @@ class _Launch(NamedTuple):
             x2d.dtype,
             dtype,
             x2d.data_ptr() % 16 == 0,
-            tuple(t.data_ptr() % 16 == 0 for t in pointers[3:] if t is not quantized),
+            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in pointers[3:] if t is not quantized),
             mode,
             cols,
             rows == 1,
             rows % 16 == 0,
             x_stride == 1,
             x_stride % 16 == 0,
-            rows >= 2**31 or x_stride >= 2**31,
+            rows >= 2**31,
+            x_stride >= 2**31,
         )
-        arguments = (*pointers, *integers, fp8_max(dtype), AMAX_FLOOR, margin, *constants)
+        arguments = (*pointers, *integers, fp8_max(dtype), AMAX_FLOOR, float(margin), *constants)
         return cls(arguments, (triton.cdiv(rows, rows_per_program), 1, 1), num_warps, key)
 
     def through_triton(self):
@@ -219,28 +220,31 @@ def _direct_runner(compiled) -> Callable[..., None]:
 
 def direct_launch_works() -> bool:
     """Whether a direct launch of a compiled kernel computes what Triton's launch computes, on this Triton: checked
-    once per process, on 3 x 40 values, into outputs that start as NaN. An error or any difference (an older or newer
-    Triton whose compiled kernels take other arguments) keeps Triton's launch for good."""
+    once per process, on 3 x 40 and 1 x 40 values, into outputs that start as NaN. An error or any difference (an
+    older or newer Triton whose compiled kernels take other arguments) keeps Triton's launch for good."""
     global _direct_ok
     if _direct_ok is None:
         if torch.cuda.is_current_stream_capturing():
             return False  # no check inside a CUDA-graph capture (it waits for the GPU); the next eager launch checks
         _direct_ok = False
         try:
-            x = torch.linspace(-3.0, 5.0, 120, device="cuda").reshape(3, 40)
+            same = True
+            for rows in (3, 1):  # one row: Triton turns an integer argument equal to 1 into a constant
+                x = torch.linspace(-3.0, 5.0, rows * 40, device="cuda").reshape(rows, 40)
 
-            def launch() -> tuple[_Launch, torch.Tensor, torch.Tensor]:
-                quantized = torch.full((3, 40), float("nan"), device="cuda").to(torch.float8_e4m3fn)
-                scales = torch.full((3, 1), float("nan"), device="cuda")
-                args = (x, quantized, scales, None, None, None, None, torch.float8_e4m3fn, 1.0, DYNAMIC)
-                return _Launch.of(*args), quantized.view(torch.uint8), scales
+                def launch(x=x, rows=rows) -> tuple[_Launch, torch.Tensor, torch.Tensor]:
+                    quantized = torch.full((rows, 40), float("nan"), device="cuda").to(torch.float8_e4m3fn)
+                    scales = torch.full((rows, 1), float("nan"), device="cuda")
+                    args = (x, quantized, scales, None, None, None, None, torch.float8_e4m3fn, 1.0, DYNAMIC)
+                    return _Launch.of(*args), quantized.view(torch.uint8), scales
 
-            normal, q_triton, s_triton = launch()
-            compiled = normal.through_triton()
-            direct, q_direct, s_direct = launch()
-            _direct_runner(compiled)(direct.grid, *direct.arguments)
-            same = torch.equal(q_triton, q_direct) and torch.equal(s_triton, s_direct)
-            _direct_ok = bool(same and s_direct.isfinite().all())
+                normal, q_triton, s_triton = launch()
+                compiled = normal.through_triton()
+                direct, q_direct, s_direct = launch()
+                _direct_runner(compiled)(direct.grid, *direct.arguments)
+                same = same and torch.equal(q_triton, q_direct) and torch.equal(s_triton, s_direct)
+                same = same and bool(s_direct.isfinite().all())
+            _direct_ok = bool(same)
         except Exception as error:  # any failure only means Triton's own launch path
             logger.debug("direct launch of the quantization kernel unavailable: %s", error)
         logger.debug("direct launch of the quantization kernel: %s", "on" if _direct_ok else "off")

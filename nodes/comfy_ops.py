@@ -121,9 +121,10 @@ def _load_layer(
     if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values
         layer.weight = nn.Parameter(_dequantized(layer, weight, scales[0], decision.name), requires_grad=False)
     elif _model_dtype(layer) not in (None, weight.dtype) and weight.dtype.is_floating_point:
-        # In the dtype the model computes this layer in, as ComfyUI's own loader stores it: the layer then runs
-        # ComfyUI's plain forward, without a cast of its weight at every call.
-        layer.weight = nn.Parameter(weight.to(_model_dtype(layer)), requires_grad=False)
+        if not getattr(type(layer), "comfy_cast_weights", False):
+            # Plain operations do not cast per call: the weight goes in the dtype ComfyUI built the layer for, as its
+            # own loader stores it (weight-casting operations cast it from the file's dtype at every call instead).
+            layer.weight = nn.Parameter(weight.to(_model_dtype(layer)), requires_grad=False)
     return LayerReport(decision.name, False, decision.reason, size, tensor_bytes(layer.weight))
 
 

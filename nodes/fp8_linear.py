@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8_quant import Fp8LinearMethod, Fp8LinearParams
-from fp8_quant.fp8_utils import broadcast_weight_scale, cast_to_fp8, dequantize, quantize_weight
+from fp8_quant.fp8_utils import broadcast_weight_scale, cast_to_fp8, dequantize, quantize_weight, tensor_version
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Fp8ComfyLinearMixin:
         if scale.device == device:
             return scale
         cache: dict = self.__dict__.setdefault("fp8_scales_on_device", {})
-        key = (id(scale), scale._version, device)
+        key = (id(scale), tensor_version(scale), device)
         cached = cache.get(key)
         if cached is None or cached[0] is not scale:
             if len(cache) > 8:  # old scales of LoRA-patched weights

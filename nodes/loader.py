@@ -103,18 +103,22 @@ class _Progress:
 def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan, device: torch.device):
     """ComfyUI's own diffusion-model loader with this pack's fp8 ``Linear``; returns ComfyUI's ``ModelPatcher``.
 
-    The other modules are ComfyUI's plain operations (``disable_weight_init``), as the stock loader picks them for a
-    model whose weights are in the dtype it computes in: they run torch's own forward. ComfyUI's weight-casting
-    operations (``manual_cast``) would send every norm, embedding and kept linear through its cast at every call,
-    which costs more host time than an fp8 linear saves wherever the GPU waits for the host (a 512 px Flux image:
-    a 14 ms step took 33 ms that way on an H100). ComfyUI's patcher still switches casting on for the modules it
-    leaves on the host (lowvram) or patches per call (LoRA there).
+    The other modules are ComfyUI's plain operations (``disable_weight_init``) where the model computes in the dtype
+    it is built in, as the stock loader picks them (``comfy.ops.pick_operations``): they run torch's own forward.
+    ComfyUI's weight-casting operations (``manual_cast``) send every norm, embedding and kept linear through its
+    cast at every call, which costs more host time than an fp8 linear saves wherever the GPU waits for the host (a
+    512 px Flux image: a 14 ms step took 33 ms that way on an H100); they are kept where ComfyUI runs the model in
+    another dtype than it stores it in (a bf16-only model on a GPU without bf16). ComfyUI's patcher still switches
+    casting on for the modules it leaves on the host (lowvram) or patches per call (LoRA there).
     """
+    import comfy.model_management
     import comfy.ops
     import comfy.sd
 
-    operations = make_fp8_operations(comfy.ops.disable_weight_init, plan)
-    compute_dtype = comfy_compute_dtype(state_dict)
+    compute_dtype, supported = comfy_dtypes(state_dict)
+    cast_to = comfy.model_management.unet_manual_cast(compute_dtype, device, supported)
+    base = comfy.ops.disable_weight_init if cast_to is None else comfy.ops.manual_cast
+    operations = make_fp8_operations(base, plan)
     load_options = {"model_options": {"custom_operations": operations, "dtype": compute_dtype}}
     if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
         # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
@@ -123,7 +127,17 @@ def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan
     patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, **load_options)
     if patcher is not None:
         store_in_built_dtypes(patcher.model.diffusion_model)
+        if getattr(patcher.model, "manual_cast_dtype", None) not in (None, compute_dtype):
+            cast_every_call(patcher.model.diffusion_model)  # ComfyUI decided otherwise than its rule above said
     return patcher
+
+
+def cast_every_call(model: torch.nn.Module) -> None:
+    """ComfyUI's weight cast at every call for each of its modules in ``model`` (not the fp8 layers): for a model
+    that ComfyUI feeds activations of another dtype than its weights'."""
+    for module in model.modules():
+        if hasattr(module, "comfy_cast_weights") and getattr(module, "fp8_method", None) is None:
+            module.comfy_cast_weights = True
 
 
 def store_in_built_dtypes(model: torch.nn.Module) -> None:
@@ -166,9 +180,10 @@ def _dynamic_vram_on() -> bool:
     return bool(getattr(comfy.memory_management, "aimdo_enabled", False))
 
 
-def comfy_compute_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype ComfyUI's stock loader runs this model in (fp16 for Wan on a recent GPU, bf16 for Flux, fp32 on the
-    CPU), chosen by ComfyUI's own rule from the model's supported dtypes, as it does for its quantized files.
+def comfy_dtypes(state_dict: dict[str, torch.Tensor]) -> tuple[torch.dtype, list[torch.dtype]]:
+    """The dtype ComfyUI's stock loader builds this model in (fp16 for Wan on a recent GPU, bf16 for Flux, fp32 on
+    the CPU), chosen by ComfyUI's own rule from the model's supported dtypes, as it does for its quantized files;
+    and those supported dtypes.
 
     Given explicitly: left to ComfyUI, an fp8 state dict would make it build the non-linear modules (norms,
     embeddings, convs) in fp8 too and round their weights; and a fixed bf16 would make every layer kept in high
@@ -189,7 +204,7 @@ def comfy_compute_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
     dtype = comfy.model_management.unet_dtype(
         model_params=parameters, supported_dtypes=supported, weight_dtype=file_dtype
     )
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    return (dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16), supported
 
 
 CALIBRATION_WRAPPER_KEY = "fp8_quant.calibration"

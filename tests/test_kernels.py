@@ -84,6 +84,22 @@ def test_rowwise_kernel_follows_a_changed_per_tensor_weight_scale():
     torch.testing.assert_close(method.apply(layer, x), first / 2, rtol=1e-2, atol=1e-3)
 
 
+def test_rowwise_kernel_takes_scales_made_under_inference_mode():
+    """ComfyUI loads and runs models under torch.inference_mode: their scales are inference tensors, which have no
+    version counter for the kernel's cached [1, N] row to read."""
+    config = Fp8Config(weight_granularity="tensor", activation_granularity="token")
+    with torch.inference_mode():
+        reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name, bias=False)
+    if type(method.kernel_for(layer, CPU)) is not ChannelWiseScaledMMKernel:
+        pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
+    assert layer.weight_scale.is_inference()
+    x = outlier_input(37, 256, seed=11)
+    with torch.inference_mode():
+        first = method.apply(layer, x)
+        torch.testing.assert_close(method.apply(layer, x), first)
+    assert rel_err(first, reference_output(reference, x)) < ERROR_BOUND
+
+
 def test_bound_catches_a_missing_weight_scale():
     config = Fp8Config()
     reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name)

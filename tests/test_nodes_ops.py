@@ -43,19 +43,33 @@ class StandInManualCast:
             return F.linear(x, weight, bias)
 
 
-class TinyDiT(nn.Module):
-    """Layer names as in checkpoints.LAYERS, plus a norm and a head that stay high precision."""
+class StandInPlainOps:
+    """Like comfy.ops.disable_weight_init: torch's own forward, no cast (ComfyUI's patcher turns casting on for the
+    modules it offloads)."""
 
-    def __init__(self, operations):
+    class Linear(nn.Linear):
+        comfy_cast_weights = False
+        weight_function: ClassVar[list] = []
+        bias_function: ClassVar[list] = []
+
+        def reset_parameters(self):
+            return None
+
+
+class TinyDiT(nn.Module):
+    """Layer names as in checkpoints.LAYERS, plus a norm and a head that stay high precision; ``dtype`` as ComfyUI
+    passes its compute dtype to the operations it builds a model with."""
+
+    def __init__(self, operations, dtype=None):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Module()])
         block = self.blocks[0]
-        block.norm = nn.LayerNorm(32)
+        block.norm = nn.LayerNorm(32, dtype=dtype)
         block.attn = nn.Module()
-        block.attn.q = operations.Linear(32, 64)
-        block.attn.k = operations.Linear(32, 64)
-        block.ffn = nn.ModuleList([operations.Linear(64, 128)])
-        self.head = operations.Linear(64, 16)
+        block.attn.q = operations.Linear(32, 64, dtype=dtype)
+        block.attn.k = operations.Linear(32, 64, dtype=dtype)
+        block.ffn = nn.ModuleList([operations.Linear(64, 128, dtype=dtype)])
+        self.head = operations.Linear(64, 16, dtype=dtype)
 
     def forward(self, x):
         block = self.blocks[0]
@@ -126,6 +140,43 @@ def test_bf16_file_is_quantized_on_the_fly_layer_by_layer(source):
     assert {layer.name for layer in plan.report.skipped} == {"head"}
     x = outlier_input(2, 5, 32, seed=52)
     assert rel_err(model(x.float()).float(), reference_model(source)(x)) < 0.06
+
+
+def test_plain_operations_run_a_bf16_file_in_the_model_dtype(source):
+    """Around its fp8 linears the loader builds ComfyUI's plain operations (no cast per call): a layer kept in high
+    precision must then hold its weight in the dtype the model computes in (fp16 for Wan), not the file's bf16."""
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(None, UserOptions()))
+    model = TinyDiT(make_fp8_operations(StandInPlainOps, plan), dtype=torch.float16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in source.items()}, strict=False)
+    assert model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
+    assert model.head.weight.dtype == torch.float16 and model.head.bias.dtype == torch.float16
+    assert {layer.name for layer in plan.report.skipped} == {"head"}
+    x = outlier_input(2, 5, 32, seed=52)
+    out = model(x.half())
+    assert out.dtype == torch.float16
+    assert rel_err(out.float(), reference_model(source)(x)) < 0.06
+
+
+def test_weights_left_in_the_file_dtype_go_to_the_dtype_comfyui_built_them_for():
+    """ComfyUI's dynamic VRAM loads some modules' tensors as the file has them and records the dtype it built the
+    module for; the classic patcher this pack uses does not cast them, so the loader does, once. Fp8 layers and
+    modules without a recorded dtype stay as they are."""
+    from nodes.loader import store_in_built_dtypes
+
+    model = nn.Module()
+    model.embed = nn.Embedding(8, 4).to(torch.bfloat16)
+    model.embed.weight_comfy_model_dtype = torch.float16
+    model.norm = nn.LayerNorm(4, dtype=torch.bfloat16)  # nothing recorded: as the file has it
+    model.fp8 = nn.Linear(4, 4, bias=False)
+    model.fp8.weight = nn.Parameter(torch.ones(4, 4).to(torch.float8_e4m3fn), requires_grad=False)
+    model.fp8.weight_comfy_model_dtype = torch.float16
+    model.fp8.fp8_method = object()
+    embed_values = model.embed.weight.detach().clone()
+    store_in_built_dtypes(model)
+    assert model.embed.weight.dtype == torch.float16
+    torch.testing.assert_close(model.embed.weight.float(), embed_values.float(), rtol=1e-3, atol=1e-3)
+    assert model.norm.weight.dtype == torch.bfloat16
+    assert model.fp8.weight.dtype == torch.float8_e4m3fn
 
 
 def test_shape_mismatch_names_the_layer(source):
@@ -340,6 +391,19 @@ def test_offloaded_layer_takes_its_weight_through_comfyui_caster(tmp_path, sourc
     layer.weight = nn.Parameter(torch.empty_like(stored, device="meta"), requires_grad=False)
     assert torch.equal(model(x), expected)
     assert calls == [("cast", torch.float8_e4m3fn, x.dtype), ("uncast", True, "handle")]
+
+
+def test_scale_copies_for_offloaded_layers_take_inference_tensors(tmp_path, source):
+    """An offloaded layer copies its scales to the compute device once; under ComfyUI's inference_mode the scales
+    are inference tensors (no version counter), and the copy must still be made once and reused."""
+    with torch.inference_mode():
+        model, _ = fp8_model(tmp_path, source)
+    layer = model.blocks[0].attn.q
+    scale = layer.weight_scale
+    assert scale.is_inference()
+    meta = torch.device("meta")
+    first = layer._scale_on(scale, meta)
+    assert first.device == meta and layer._scale_on(scale, meta) is first
 
 
 @pytest.mark.parametrize(

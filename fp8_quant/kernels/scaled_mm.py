@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype
+from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype, tensor_version
 from ..params import Fp8LinearParams
 from ..scheme import MX_BLOCK
 from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
@@ -146,7 +146,7 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
     def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
         super().__init__(config, device)
         self.output_dtypes = rowwise_output_dtypes(device.type, device.index)
-        self._weight_row_scale: tuple[Tensor, int, Tensor] | None = None  # (scale, its version, [1, N] copy)
+        self._weight_row_scale: tuple[Tensor, int | None, Tensor] | None = None  # (scale, version, [1, N] row)
 
     @classmethod
     def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
@@ -186,10 +186,10 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
         (A kernel serves one layer on one device; a LoRA-patched weight brings a new scale tensor.)"""
         if torch.compiler.is_compiling():  # Inductor folds the copy into the graph
             return scale.reshape(1, 1).expand(1, out_features).contiguous()
-        cached = self._weight_row_scale
-        if cached is not None and cached[0] is scale and cached[1] == scale._version:
+        cached, version = self._weight_row_scale, tensor_version(scale)
+        if cached is not None and cached[0] is scale and cached[1] == version:
             return cached[2]
         row = scale.reshape(1, 1).expand(1, out_features).contiguous()
         if not (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._weight_row_scale = (scale, scale._version, row)
+            self._weight_row_scale = (scale, version, row)
         return row

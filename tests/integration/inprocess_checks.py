@@ -177,6 +177,55 @@ def check_lowvram(model_path: str) -> dict:
     }
 
 
+def check_operations(model_path: str) -> dict:
+    """Which ComfyUI operations Load FP8 DiT builds around its fp8 layers: plain ones (no cast per call) where
+    ComfyUI computes the model in the dtype it builds it in, weight-casting ones where ComfyUI would run it in
+    another dtype (``unet_manual_cast`` gives one: a bf16-only model on an older GPU); both run, under
+    ``torch.inference_mode`` as ComfyUI runs nodes, and agree."""
+    from unittest import mock
+
+    import comfy.model_management
+
+    import_pack()
+    loader = sys.modules["comfyui_fp8_quant.nodes.loader"]
+    comfy_ops = sys.modules["comfyui_fp8_quant.nodes.comfy_ops"]
+    from fp8_quant import Fp8Recipe, UserOptions
+    from fp8_quant.formats import load_checkpoint
+
+    device = comfy.model_management.get_torch_device()
+    torch.manual_seed(1)
+    x, timestep, context = torch.randn(1, 16, 1, 8, 8), torch.tensor([0.5]), torch.randn(1, 8, 4096)
+    results = {}
+    for name, cast_to in (("plain", None), ("cast", torch.bfloat16)):
+
+        def manual_cast(*args, cast_to=cast_to):
+            return cast_to
+
+        with torch.inference_mode(), mock.patch.object(comfy.model_management, "unet_manual_cast", manual_cast):
+            checkpoint = load_checkpoint(model_path)
+            plan = comfy_ops.LoadPlan(Fp8Recipe.for_checkpoint(None, UserOptions()))
+            patcher = loader.load_fp8_diffusion_model(checkpoint.state_dict, plan, device)
+            patcher.load(device, lowvram_model_memory=0, force_patch_weights=True, full_load=True)
+            model = patcher.model
+            out = model.apply_model(x.to(device), timestep.to(device), c_crossattn=context.to(device))
+        others = [m for m in model.diffusion_model.modules() if hasattr(m, "comfy_cast_weights")]
+        others = [m for m in others if getattr(m, "fp8_method", None) is None]
+        results[name] = {
+            "out": out.float().cpu(),
+            "casting_modules": sum(1 for m in others if m.comfy_cast_weights),
+            "other_modules": len(others),
+            "manual_cast_dtype": str(getattr(model, "manual_cast_dtype", None)),
+        }
+        patcher.detach()
+    plain, cast = results["plain"], results["cast"]
+    return {
+        "device": str(device),
+        "rel_diff": rel_err(cast["out"], plain["out"]),
+        "finite": bool(plain["out"].isfinite().all() and cast["out"].isfinite().all()),
+        **{f"{name}_{key}": value for name, row in results.items() for key, value in row.items() if key != "out"},
+    }
+
+
 def check_sampling(model_path: str) -> dict:
     """KSampler's sampling (``comfy.sample.sample``) on the same seed with the stock loader in bf16, ComfyUI's own
     fp8 weight dtypes (``fp8_e4m3fn`` and ``fp8_e4m3fn_fast``) and Load FP8 DiT (dynamic per-token, weight-only)."""
@@ -269,6 +318,8 @@ if __name__ == "__main__":
         result = check_lowvram(argument)
     elif check == "sampling":
         result = check_sampling(argument)
+    elif check == "operations":
+        result = check_operations(argument)
     elif check == "stock_sample":
         result = stock_samples(int(sys.argv[2]), sys.argv[3:-1], sys.argv[-1])
     else:

@@ -545,6 +545,18 @@ def test_sampling_in_process_close_to_bf16_and_beats_stock_fp8(tmp_path, vram):
         assert "kernel scaled_mm" in result["summaries"]["auto"], result
 
 
+def test_loader_builds_plain_operations_unless_comfyui_casts_the_model(tmp_path):
+    """Plain operations (no weight cast per call, the stock choice for a model in its compute dtype) around the fp8
+    layers; weight-casting ones where ComfyUI runs the model in another dtype than it builds it in."""
+    model = write_fixture("wan", tmp_path / "tiny_wan.safetensors")
+    result = run_inprocess("operations", str(model))
+    assert result["finite"], result
+    assert result["plain_other_modules"] > 0 and result["plain_casting_modules"] == 0, result
+    assert result["cast_casting_modules"] == result["cast_other_modules"], result
+    assert result["cast_manual_cast_dtype"] == "torch.bfloat16", result
+    assert result["rel_diff"] < 0.05, result  # the cast build computes its other modules in bf16
+
+
 def test_lowvram_partial_load_matches_full_load(tmp_path):
     model = write_fixture("wan", tmp_path / "tiny_wan.safetensors")
     result = run_inprocess("lowvram", str(model))
