@@ -198,8 +198,9 @@ def run_path(load, compile_it: bool, inputs, warmup: int) -> dict:
     comfy.model_management.soft_empty_cache()
     before = torch.cuda.memory_allocated()
     started = time.perf_counter()
-    patcher = load()
-    comfy.model_management.load_models_gpu([patcher])
+    with torch.inference_mode():  # as ComfyUI runs its nodes: the model's tensors are inference tensors
+        patcher = load()
+        comfy.model_management.load_models_gpu([patcher])
     torch.cuda.synchronize()
     load_s = time.perf_counter() - started
     weights = torch.cuda.memory_allocated() - before
