@@ -14,7 +14,7 @@ longer rows take a second pass from L2. Three modes:
 
 Launch cost: Triton's own launch path (argument binding, specialization, cache key) takes ~25 of the ~35 us a launch
 costs the host, and a DiT at a few thousand tokens, or a text encoder, waits for the host at every linear. The
-compiled kernel is therefore kept per specialization (``_LaunchKey``: what Triton specializes on for these
+compiled kernel is therefore kept per specialization (``_Launch.key``: what Triton specializes on for these
 arguments) and launched directly. Whether this Triton's compiled kernels take the direct call is checked once per
 process on a small problem against the normal launch; where not, every launch takes the normal path.
 """
@@ -22,7 +22,6 @@ process on a small problem against the normal launch; where not, every launch ta
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -117,13 +116,13 @@ def _launch(
     quantized = torch.empty((rows, cols), dtype=dtype, device=x2d.device)
     row_scales = torch.empty((rows, 1), dtype=torch.float32, device=x2d.device) if mode == DYNAMIC else None
     launch = _Launch.of(x2d, quantized, row_scales, scale, history, next_history, overshoot, dtype, margin, mode)
-    runner = _direct_launches.get(launch.key)
-    if runner is not None:
-        runner(launch.grid, *launch.arguments)
+    compiled = _direct_launches.get(launch.key)
+    if compiled is not None:
+        compiled[launch.grid](*launch.arguments)  # the compiled kernel on the current stream, past Triton's launch path
         return quantized, row_scales
     compiled = launch.through_triton()
     if direct_launch_works():
-        _direct_launches[launch.key] = _direct_runner(compiled)
+        _direct_launches[launch.key] = compiled
     return quantized, row_scales
 
 
@@ -156,9 +155,9 @@ class _Launch(NamedTuple):
         x_stride = x2d.stride(0)
         integers = (rows, cols, x_stride, quantized.stride(0))
         constants = (mode, one_block, rows_per_program, block)
-        # Only the input can be a view off the alignment or carry an odd stride: the other tensors are the call's
-        # own new outputs, or one-element buffers (the kernel's scale and history) that never are views. The
-        # constants and warps follow from ``mode`` and ``cols`` (``cols`` is also the output's row stride).
+        # The input can be a view off the alignment or carry an odd stride; the outputs are new allocations (aligned,
+        # row stride ``cols``); the one-element buffers (scale, history) enter with their dtype and alignment. The
+        # constants and warps follow from ``mode`` and ``cols``.
         key = (
             torch.cuda.current_device(),
             x2d.dtype,
@@ -205,17 +204,8 @@ def _launch_shape(cols: int) -> tuple[bool, int, int, int]:
     return shape
 
 
-_direct_launches: dict[tuple, Callable[..., None]] = {}
+_direct_launches: dict[tuple, object] = {}  # launch key -> the compiled kernel Triton's launch returned
 _direct_ok: bool | None = None
-
-
-def _direct_runner(compiled) -> Callable[..., None]:
-    """Launch ``compiled`` (what a Triton launch returned) on the current stream, past Triton's launch path."""
-
-    def run(grid: tuple[int, int, int], *arguments) -> None:
-        compiled[grid](*arguments)
-
-    return run
 
 
 def direct_launch_works() -> bool:
@@ -241,7 +231,7 @@ def direct_launch_works() -> bool:
                 normal, q_triton, s_triton = launch()
                 compiled = normal.through_triton()
                 direct, q_direct, s_direct = launch()
-                _direct_runner(compiled)(direct.grid, *direct.arguments)
+                compiled[direct.grid](*direct.arguments)
                 same = same and torch.equal(q_triton, q_direct) and torch.equal(s_triton, s_direct)
                 same = same and bool(s_direct.isfinite().all())
             _direct_ok = bool(same)
