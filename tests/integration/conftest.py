@@ -116,13 +116,44 @@ class ComfyServer:
         assert prompt_id is not None, f"prompt refused: {error}"
         return self.wait(prompt_id, timeout)
 
+    def running(self, prompt_id: str) -> bool:
+        """Whether ComfyUI has taken this prompt off its queue and is executing it (``/queue``)."""
+        return any(item[1] == prompt_id for item in self.get("/queue")["queue_running"])
+
+    def interrupt(self, prompt_id: str, timeout: float = 600) -> dict:
+        """Interrupt a queued prompt once it runs; returns its history entry.
+
+        ComfyUI clears its interrupt flag when a prompt starts executing, so an interrupt sent before that is lost
+        (and one sent while the queue hands the prompt over can be). This waits until ``/queue`` lists the prompt
+        as running, then repeats the interrupt until the prompt has finished: one of them lands after the reset.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.running(prompt_id):
+            if self.finished(prompt_id) is not None:
+                return self.finished(prompt_id)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} did not start in {timeout}s")
+            time.sleep(0.05)
+        while (entry := self.finished(prompt_id)) is None:
+            self.post("/interrupt", {"prompt_id": prompt_id})
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise TimeoutError(f"prompt {prompt_id} did not stop in {timeout}s")
+            time.sleep(0.2)
+        return entry
+
+    def finished(self, prompt_id: str) -> dict | None:
+        """The history entry of a prompt that has finished, else ``None``."""
+        history = self.get(f"/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            return history[prompt_id]
+        return None
+
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
         """The history entry of a queued prompt, once it has finished."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                return history[prompt_id]
+            if (entry := self.finished(prompt_id)) is not None:
+                return entry
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited; log:\n{self.log.read_text()[-4000:]}")
             time.sleep(0.2)
@@ -162,6 +193,9 @@ def comfyui(tmp_path_factory) -> ComfyServer:
         "--base-directory",
         str(base),
         "--disable-auto-launch",
+        # ComfyUI 0.30's default cache drops results under RAM pressure (a loaded CI machine re-executed cached
+        # nodes); the classic cache keeps the last prompt's results, which is what the cache tests check.
+        "--cache-classic",
     ]
     if not torch.cuda.is_available():
         command.append("--cpu")
