@@ -11,6 +11,7 @@ import torch
 
 from fp8_quant import Fp8Recipe
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
+from fp8_quant.formats.model_writer import architecture_metadata
 from fp8_quant.fp8_utils import is_fp8_dtype
 from fp8_quant.kernels import explain_choice
 
@@ -80,9 +81,10 @@ class LoadFP8DiT:
         plan.result_device = device if keeps_fp8_on_gpu(scan, device) else None
         plan.progress, plan.weight_caster = (lambda name: progress.step()), comfy_weight_caster()
         with node_error(NODE_TITLE, path):
-            model = load_fp8_diffusion_model(checkpoint.state_dict, plan, device)
+            model = load_fp8_diffusion_model(checkpoint.state_dict, plan, device, scan.header.metadata)
         if model is None:
             raise RuntimeError(f"{NODE_TITLE}: ComfyUI could not detect the model type of {path}")
+        model.model.fp8_source_metadata = architecture_metadata(scan.header.metadata)  # for Save FP8 Model
         summary = f"{unet_name} ({scan.dialect}): {_kernel_summary(model, plan, device)}"
         add_calibration_hook(model, plan)
         logger.info(summary)
@@ -100,8 +102,14 @@ class _Progress:
         self.bar.update_absolute(min(self.done, self.total), self.total)
 
 
-def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan, device: torch.device):
+def load_fp8_diffusion_model(
+    state_dict: dict[str, torch.Tensor], plan: LoadPlan, device: torch.device, metadata: dict[str, str] | None = None
+):
     """ComfyUI's own diffusion-model loader with this pack's fp8 ``Linear``; returns ComfyUI's ``ModelPatcher``.
+
+    ``metadata`` is the file's safetensors metadata, handed to ComfyUI as its stock loader does: its model
+    detection reads the architecture from ``metadata["config"]["transformer"]`` where the weights cannot tell it
+    (Wan's ``text_dim`` and head count, LTX and LTX-2 settings).
 
     The other modules are ComfyUI's plain operations (``disable_weight_init``) where the model computes in the dtype
     it is built in, as the stock loader picks them (``comfy.ops.pick_operations``): they run torch's own forward.
@@ -115,12 +123,16 @@ def load_fp8_diffusion_model(state_dict: dict[str, torch.Tensor], plan: LoadPlan
     import comfy.ops
     import comfy.sd
 
-    compute_dtype, supported = comfy_dtypes(state_dict)
+    metadata = metadata or None  # as ComfyUI's own file reader gives it: None for a file without metadata
+    compute_dtype, supported = comfy_dtypes(state_dict, metadata)
     cast_to = comfy.model_management.unet_manual_cast(compute_dtype, device, supported)
     base = comfy.ops.disable_weight_init if cast_to is None else comfy.ops.manual_cast
     operations = make_fp8_operations(base, plan)
     load_options = {"model_options": {"custom_operations": operations, "dtype": compute_dtype}}
-    if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+    accepted = inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters
+    if "metadata" in accepted:  # every ComfyUI that reads a model's config from its file's metadata
+        load_options["metadata"] = metadata
+    if "disable_dynamic" in accepted:
         # ComfyUI's dynamic-VRAM patcher stages weights through buffers of its own that the fp8 forward does
         # not read; the classic patcher (full, partial and lowvram loading) drives these layers.
         load_options["disable_dynamic"] = True
@@ -180,7 +192,9 @@ def _dynamic_vram_on() -> bool:
     return bool(getattr(comfy.memory_management, "aimdo_enabled", False))
 
 
-def comfy_dtypes(state_dict: dict[str, torch.Tensor]) -> tuple[torch.dtype, list[torch.dtype]]:
+def comfy_dtypes(
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[torch.dtype, list[torch.dtype]]:
     """The dtype ComfyUI's stock loader builds this model in (fp16 for Wan on a recent GPU, bf16 for Flux, fp32 on
     the CPU), chosen by ComfyUI's own rule from the model's supported dtypes, as it does for its quantized files;
     and those supported dtypes.
@@ -196,7 +210,9 @@ def comfy_dtypes(state_dict: dict[str, torch.Tensor]) -> tuple[torch.dtype, list
     prefix = comfy.model_detection.unet_prefix_from_state_dict(state_dict)
     # (ComfyUI's prefix replace pops the keys it moves: it gets a copy of the dict, the tensors are shared)
     unprefixed = comfy.utils.state_dict_prefix_replace(dict(state_dict), {prefix: ""}, filter_keys=True) or state_dict
-    config = comfy.model_detection.model_config_from_unet(unprefixed, "")
+    detect = comfy.model_detection.model_config_from_unet
+    with_metadata = {"metadata": metadata} if "metadata" in inspect.signature(detect).parameters else {}
+    config = detect(unprefixed, "", **with_metadata)
     supported = list(getattr(config, "supported_inference_dtypes", None) or [torch.float16, torch.bfloat16])
     file_dtype = comfy.utils.weight_dtype(unprefixed)  # as the stock loader: None for a quantized file
     file_dtype = None if file_dtype is None or is_fp8_dtype(file_dtype) else file_dtype

@@ -55,7 +55,12 @@ class SaveFP8Model:
             path = os.path.join(directory, f"{name}_{counter:05}_.safetensors")
             _load_with_patches(comfy.model_management, model)
             report = save_quantized_model(
-                diffusion_model, path, format, key_prefix=KEY_PREFIX, params_of=_current_params
+                diffusion_model,
+                path,
+                format,
+                key_prefix=KEY_PREFIX,
+                params_of=_current_params,
+                metadata=getattr(model.model, "fp8_source_metadata", None),  # the architecture Load FP8 DiT read
             )
         summary = report.summary()
         logger.info("%s: %s", NODE_TITLE, summary)

@@ -74,6 +74,16 @@ class SaveReport:
         return f"{self.path.name} ({self.output_format}): " + "; ".join(parts) + f"; {self.bytes_out / 2**20:.1f} MiB"
 
 
+# Safetensors metadata that describes the model itself rather than how its file was written: ComfyUI's model
+# detection reads ``config`` (its ``transformer`` part) for settings the weights cannot tell (Wan's head count and
+# text width, LTX-2), so a saved model must carry it on or the stock loader builds another model.
+ARCHITECTURE_METADATA_KEYS = ("config",)
+
+
+def architecture_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """The entries of a source file's metadata that a file written from the same model must keep."""
+    return {key: metadata[key] for key in ARCHITECTURE_METADATA_KEYS if metadata and key in metadata}
+
 def save_quantized_model(
     model: nn.Module,
     destination: str | os.PathLike,

@@ -1,11 +1,14 @@
 """Run under ComfyUI's Python (COMFYUI_PYTHON) with COMFYUI_DIR on sys.path: writes tiny random models.
 
-Usage: python comfy_fixtures.py wan|wan_outliers|flux OUT.safetensors
+Usage: python comfy_fixtures.py wan|wan_outliers|wan_config|flux|ltxv OUT.safetensors
        python comfy_fixtures.py comfy-quantize FORMAT SOURCE.safetensors OUT.safetensors
 DiTs of width 256 built with ComfyUI's own classes, so ComfyUI detects them from their keys and shapes.
-``wan_outliers`` is the Wan model with a few large input columns in its block linears. ``comfy-quantize`` writes a
-file the way ComfyUI itself saves quantized layers (its quantizer, its state dict, ``.comfy_quant``), for the
-block linears of SOURCE, in one of ComfyUI's formats (mxfp8, nvfp4, int8_tensorwise, float8_e4m3fn).
+``wan_outliers`` is the Wan model with a few large input columns in its block linears. ``wan_config`` is a Wan whose
+head count and text width its weights cannot tell (4 heads of 64, text width 768): the file's safetensors metadata
+``config`` says them, as ComfyUI reads it. ``ltxv`` is a Lightricks LTX-Video DiT (32 heads of 8).
+``comfy-quantize`` writes a file the way ComfyUI itself saves quantized layers (its quantizer, its state dict,
+``.comfy_quant``), for the block linears of SOURCE, in one of ComfyUI's formats (mxfp8, nvfp4, int8_tensorwise,
+float8_e4m3fn).
 """
 
 from __future__ import annotations
@@ -18,17 +21,16 @@ from comfy_runtime import setup_comfy
 
 def wan_model(operations, **sizes) -> torch.nn.Module:
     """A Wan 2.1 text-to-video DiT, 2 blocks of width 256 unless ``sizes`` (dim, ffn_dim, num_heads, num_layers,
-    dtype, device) say otherwise."""
+    text_dim, dtype, device) say otherwise."""
     from comfy.ldm.wan.model import WanModel
 
-    options = {"dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 2, "text_len": 32}
+    options = {"dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 2, "text_len": 32, "text_dim": 4096}
     options.update({"dtype": torch.float32, "device": "cpu", **sizes})
     return WanModel(
         model_type="t2v",
         patch_size=(1, 2, 2),
         in_dim=16,
         freq_dim=256,
-        text_dim=4096,
         out_dim=16,
         operations=operations,
         **options,
@@ -65,26 +67,57 @@ def flux_model(operations, **sizes) -> torch.nn.Module:
     )
 
 
-MODELS = {"wan": wan_model, "flux": flux_model}
-# Fixture kinds: the model and the ``randomize_dit`` options on top of the channel spread every fixture has.
-FIXTURES = {"wan": ("wan", {}), "flux": ("flux", {}), "wan_outliers": ("wan", {"outlier_columns": 4})}
+def ltxv_model(operations, **sizes) -> torch.nn.Module:
+    """A Lightricks LTX-Video DiT: ComfyUI detects 32 heads and reads their width from the cross-attention's keys,
+    so 32 heads of 8 give width 256; 2 blocks unless ``sizes`` say otherwise."""
+    from comfy.ldm.lightricks.model import LTXVModel
+
+    options = {"num_layers": 2, "dtype": torch.float32, "device": "cpu", **sizes}
+    return LTXVModel(
+        in_channels=128,
+        cross_attention_dim=256,
+        attention_head_dim=8,
+        num_attention_heads=32,
+        caption_channels=4096,
+        operations=operations,
+        **options,
+    )
+
+
+# What ComfyUI cannot read from ``wan_config``'s weights: its detection takes dim // 128 heads and a text width of
+# 4096 unless the file's metadata says otherwise.
+WAN_CONFIG = {"num_heads": 4, "text_dim": 768}
+
+MODELS = {"wan": wan_model, "flux": flux_model, "ltxv": ltxv_model}
+# Fixture kinds: the model, its sizes, the ``randomize_dit`` options on top of the channel spread every fixture
+# has, and the ``transformer`` part of the file's metadata ``config`` (None: no metadata).
+FIXTURES = {
+    "wan": ("wan", {}, {}, None),
+    "flux": ("flux", {}, {}, None),
+    "wan_outliers": ("wan", {}, {"outlier_columns": 4}, None),
+    "wan_config": ("wan", WAN_CONFIG, {}, WAN_CONFIG),
+    "ltxv": ("ltxv", {}, {}, None),
+}
 
 
 def write_tiny_dit(kind: str, path: str) -> None:
-    """Random weights (``randomize_dit``) saved in bf16 with ComfyUI's checkpoint key prefix."""
+    """Random weights (``randomize_dit``) saved in bf16 with ComfyUI's checkpoint key prefix (and metadata)."""
     setup_comfy()
+    import json
+
     import comfy.ops
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model_kind, options = FIXTURES[kind]
-    model = MODELS[model_kind](comfy.ops.disable_weight_init)
+    model_kind, sizes, options, transformer_config = FIXTURES[kind]
+    model = MODELS[model_kind](comfy.ops.disable_weight_init, **sizes)
     randomize_dit(model, channel_spread=True, **options)
     state = {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path)
+    metadata = None if transformer_config is None else {"config": json.dumps({"transformer": transformer_config})}
+    save_file(state, path, metadata=metadata)
 
 
-BLOCK_PREFIXES = ("blocks.", "double_blocks.", "single_blocks.")  # Wan, Flux
+BLOCK_PREFIXES = ("blocks.", "double_blocks.", "single_blocks.", "transformer_blocks.")  # Wan, Flux, LTX
 
 
 def randomize_dit(

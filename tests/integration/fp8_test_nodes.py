@@ -276,12 +276,18 @@ class FP8TestRandomConditioning:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
             },
             # Width of a pooled text vector (Flux's CLIP-L 768); 0 for none.
-            "optional": {"pooled_width": ("INT", {"default": 0, "min": 0, "max": 8192})},
+            # An all-ones text attention mask, as LTX's text encoders give with their tokens (LTX needs one).
+            "optional": {
+                "pooled_width": ("INT", {"default": 0, "min": 0, "max": 8192}),
+                "attention_mask": ("BOOLEAN", {"default": False}),
+            },
         }
 
-    def make(self, width, tokens, seed, pooled_width=0):
+    def make(self, width, tokens, seed, pooled_width=0, attention_mask=False):
         generator = torch.Generator().manual_seed(seed)
         extra = {"pooled_output": torch.randn(1, pooled_width, generator=generator)} if pooled_width else {}
+        if attention_mask:
+            extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)  # integer, as tokenizers give it
         return ([[torch.randn(1, tokens, width, generator=generator), extra]],)
 
 

@@ -10,6 +10,12 @@ WAN_LATENT = {
 }
 FLUX_LATENT = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
 FLUX_INPUTS = {"latent": FLUX_LATENT, "pooled_width": 768}  # and Flux's pooled CLIP-L vector
+# LTX-Video: 128 latent channels, 32x spatial and 8x temporal compression (a 2x2 latent of 2 frames)
+LTXV_LATENT = {
+    "class_type": "EmptyLTXVLatentVideo",
+    "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1},
+}
+LTXV_INPUTS = {"latent": LTXV_LATENT, "attention_mask": True}  # and the text mask LTX's encoders give
 
 
 def sampling_prompt(
@@ -20,11 +26,16 @@ def sampling_prompt(
     latent: dict = WAN_LATENT,
     pooled_width: int = 0,
     seed: int = SEED,
+    context_width: int = 4096,
+    attention_mask: bool = False,
 ) -> dict:
-    """``seed``: the sampler's (another seed also makes ComfyUI run the sampler again on a cached model)."""
+    """``seed``: the sampler's (another seed also makes ComfyUI run the sampler again on a cached model);
+    ``context_width``: the text conditioning's width (the model's text dimension)."""
 
     def conditioning(seed: int) -> dict:
-        inputs = {"width": 4096, "tokens": 8, "seed": seed, "pooled_width": pooled_width}
+        inputs = {"width": context_width, "tokens": 8, "seed": seed, "pooled_width": pooled_width}
+        if attention_mask:
+            inputs["attention_mask"] = True
         return {"class_type": "FP8TestRandomConditioning", "inputs": inputs}
 
     prompt = {

@@ -22,7 +22,7 @@ from conftest import (
     write_comfy_quantized,
     write_fixture,
 )
-from prompts import FLUX_INPUTS, SEED, our_loader, sampling_prompt, stock_loader
+from prompts import FLUX_INPUTS, LTXV_INPUTS, SEED, our_loader, sampling_prompt, stock_loader
 from safetensors.torch import load_file, save_file
 
 from fp8_quant.formats import convert_checkpoint
@@ -114,6 +114,48 @@ def test_every_layer_skipped_reproduces_the_stock_model(comfyui, tiny_wan):
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_skip")
     skipped = sample(comfyui, our_loader(tiny_wan, skip_layers="re:.*"), "ours_all_skipped")
     assert rel_err(skipped, reference) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_config(comfyui) -> str:
+    """A Wan of 4 heads and text width 768, which only its file's metadata ``config`` tells ComfyUI."""
+    return write_fixture("wan_config", comfyui.models / "diffusion_models" / "tiny_wan_config.safetensors").name
+
+
+def test_the_model_config_in_a_files_metadata_is_read_as_the_stock_loader_reads_it(comfyui, tiny_wan_config):
+    """Load FP8 DiT hands ComfyUI the file's metadata as the stock loader does: with every layer skipped it is the
+    stock model (a model built from the weights alone has 2 heads, 4.4% off, and a text width of 4096, which fails
+    to load); quantized, it samples close to it. Save FP8 Model carries the config on, so the stock loader builds
+    the same model from the saved file."""
+    text = {"context_width": 768}
+    reference = sample(comfyui, stock_loader(tiny_wan_config), "config_stock", **text)
+    skipped = sample(comfyui, our_loader(tiny_wan_config, skip_layers="re:.*"), "config_skipped", **text)
+    loader = our_loader(tiny_wan_config, skip_layers="config-save")
+    ours = sample(comfyui, loader, "config_ours", **text)
+    assert rel_err(skipped, reference) < 1e-3
+    fp8 = rel_err(ours, reference)
+    assert fp8 < 0.1
+    node = {"class_type": "SaveFP8Model", "inputs": {"filename_prefix": "saved/config", "format": "comfy-scaled"}}
+    run_node(comfyui, loader, node)
+    saved = sample(comfyui, stock_loader("saved/config_00001_.safetensors"), "config_saved_stock", **text)
+    assert rel_err(saved, reference) < 1.5 * fp8 + 1e-3, (rel_err(saved, reference), fp8)
+
+
+def test_an_ltx_video_dit_loads_and_samples_as_the_stock_one(comfyui):
+    """A tiny LTX-Video DiT of ComfyUI's own class: every layer skipped gives the stock model, quantized it samples
+    closer to bf16 than the stock fp8 cast does."""
+    name = write_fixture("ltxv", comfyui.models / "diffusion_models" / "tiny_ltxv.safetensors").name
+    video = LTXV_INPUTS
+    reference = sample(comfyui, stock_loader(name), "ltxv_stock", **video)
+    skipped = sample(comfyui, our_loader(name, skip_layers="re:.*"), "ltxv_skipped", **video)
+    ours, summary = sample_with_summary(comfyui, our_loader(name), "ltxv_ours", **video)
+    stock_fp8 = sample(comfyui, stock_loader(name, "fp8_e4m3fn"), "ltxv_stock_fp8", **video)
+    errors = {"skipped": rel_err(skipped, reference), "ours": rel_err(ours, reference)}
+    errors["stock_fp8"] = rel_err(stock_fp8, reference)
+    print(errors, summary)
+    assert errors["skipped"] < 1e-3, errors
+    assert "fp8: 22/27 linears quantized" in summary, summary  # 2 blocks of 11; embeddings, adaLN, output kept
+    assert errors["ours"] < min(0.1, errors["stock_fp8"]), errors
 
 
 def test_same_fp8_file_as_accurate_as_the_stock_loader(comfyui, tiny_wan):
