@@ -62,6 +62,7 @@ def candidates(shape_name: str) -> dict:
         print(f"sageattention: {error}", file=sys.stderr)
     for qk in la.QK_FORMATS:
         paths[f"ours-{qk}"] = lambda q, k, v, qk=qk: la.lowbit_attention(q, k, v, qk)
+    paths["ours-int8-pv16"] = lambda q, k, v: la.lowbit_attention(q, k, v, "int8", pv="fp16")
     return paths
 
 

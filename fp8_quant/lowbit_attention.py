@@ -38,6 +38,9 @@ TOKEN_PAD = 128  # Q and K are padded to a multiple of this many tokens in their
 P_SCALE = 448.0  # P in [0, 1] times this fills e4m3's range
 LOG2E = 1.4426950408889634
 QK_FORMATS = ("int8", "fp8")
+# The second product: e4m3 P and V (the fp8 tensor cores' rate), or fp16 (SageAttention 1's choice: half that rate
+# for the second product, and none of e4m3's rounding of P and V).
+PV_FORMATS = ("fp8", "fp16")
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 _AMAX_FLOOR = 1e-12
 
@@ -64,16 +67,24 @@ def _round_groups(x: torch.Tensor, group: int, qk: str) -> torch.Tensor:
     return (rounded * scale).view(b, h, n + pad, d)[:, :, :n]
 
 
-def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8") -> torch.Tensor:
-    """What ``lowbit_attention`` computes, in float32 on any device: [B, H, Nq, D] in q's dtype."""
+def _check(qk: str, pv: str) -> None:
     if qk not in QK_FORMATS:
         raise ValueError(f"qk: {qk!r} is not allowed; allowed values: {list(QK_FORMATS)}")
+    if pv not in PV_FORMATS:
+        raise ValueError(f"pv: {pv!r} is not allowed; allowed values: {list(PV_FORMATS)}")
+
+
+def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8", pv: str = "fp8") -> torch.Tensor:
+    """What ``lowbit_attention`` computes, in float32 on any device: [B, H, Nq, D] in q's dtype."""
+    _check(qk, pv)
     qf, kf, vf = q.float(), k.float(), v.float()
     kf = kf - kf.mean(dim=2, keepdim=True)
     qr = _round_groups(qf, Q_GROUP, qk)
     kr = _round_groups(kf, K_GROUP, qk)
     logits = (qr @ kr.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     p = torch.softmax(logits, dim=-1)
+    if pv == "fp16":
+        return (p.half().float() @ vf.half().float()).to(q.dtype)
     p_max = p.amax(dim=-1, keepdim=True)  # the kernel scales by the running max's exp: 1 at the row's maximum
     p8 = (p / p_max * P_SCALE).to(torch.float8_e4m3fn).float() * p_max / P_SCALE
     v_scale = vf.abs().amax(dim=2, keepdim=True).clamp_min(_AMAX_FLOOR) / 448.0
@@ -120,9 +131,10 @@ if triton is not None:
         X, VSCALE, OUT,
         stride_xb, stride_xh, stride_xn, stride_xd,
         H, N, NPAD,
-        D: tl.constexpr, BLOCK: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr, TO_FP8: tl.constexpr,
     ):  # fmt: skip
-        """V [BLOCK tokens, D] / its per-channel scale -> e4m3, stored transposed ([B*H, D, NPAD])."""
+        """V [BLOCK tokens, D] / its per-channel scale -> e4m3 (or V as it is -> fp16), stored transposed
+        ([B*H, D, NPAD])."""
         block = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -131,7 +143,10 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         ptrs = X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
         x = tl.load(ptrs, mask=offs_n[:, None] < N, other=0.0).to(tl.float32)
-        y = (x / tl.load(VSCALE + bh * D + offs_d)[None, :]).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        if TO_FP8:
+            y = (x / tl.load(VSCALE + bh * D + offs_d)[None, :]).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        else:
+            y = x.to(tl.float16)
         tl.store(OUT + bh * D * NPAD + offs_d[None, :] * NPAD + offs_n[:, None], y)
 
     @triton.jit
@@ -140,7 +155,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_on, stride_od,
         H, N_Q, N_K, NPAD_Q, NPAD_K,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-        Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
+        Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, LOG2_P_SCALE: tl.constexpr, PV_FP8: tl.constexpr,
     ):  # fmt: skip
         """One program per (BLOCK_M queries, batch x head): online softmax over every key block."""
         start_m = tl.program_id(0)
@@ -176,7 +191,10 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             vt = tl.load(v_ptrs)
-            acc = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), tl.trans(vt), acc)
+            if PV_FP8:
+                acc = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), tl.trans(vt), acc)
+            else:
+                acc = tl.dot(p.to(tl.float16), tl.trans(vt), acc)
             m_i = m_new
             k_ptrs += BLOCK_N * D
             v_ptrs += BLOCK_N
@@ -192,9 +210,10 @@ if triton is not None:
 LAUNCH = {128: (64, 128, 4, 3), 64: (64, 128, 4, 3)}
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8"):
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8", pv: str = "fp8"):
     """The kernel's operands from [B, H, N, D] q, k, v: 8-bit Q and K (padded to ``TOKEN_PAD`` tokens) with their
-    group scales (Q's carry the softmax scale and log2(e)), e4m3 V transposed with its per-channel scale."""
+    group scales (Q's carry the softmax scale and log2(e)), V transposed: e4m3 with its per-channel scale, or fp16
+    (scale 1)."""
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     npad_q, npad_k = -(-n_q // TOKEN_PAD) * TOKEN_PAD, -(-n_k // TOKEN_PAD) * TOKEN_PAD
@@ -202,11 +221,15 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "i
     device = q.device
     q8 = torch.empty(b * h, npad_q, d, dtype=dtype, device=device)
     k8 = torch.empty(b * h, npad_k, d, dtype=dtype, device=device)
-    vt8 = torch.empty(b * h, d, npad_k, dtype=torch.float8_e4m3fn, device=device)
+    v_dtype = torch.float8_e4m3fn if pv == "fp8" else torch.float16
+    vt8 = torch.empty(b * h, d, npad_k, dtype=v_dtype, device=device)
     q_scale = torch.empty(b * h, npad_q // Q_GROUP, dtype=torch.float32, device=device)
     k_scale = torch.empty(b * h, npad_k // K_GROUP, dtype=torch.float32, device=device)
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # [B, H, D]
-    v_scale = (v.abs().amax(dim=2).float().clamp_min(_AMAX_FLOOR) / 448.0).contiguous()  # [B, H, D]
+    if pv == "fp8":
+        v_scale = (v.abs().amax(dim=2).float().clamp_min(_AMAX_FLOOR) / 448.0).contiguous()  # [B, H, D]
+    else:
+        v_scale = torch.ones(b, h, d, dtype=torch.float32, device=device)
     is_int8, qmax = qk == "int8", _QMAX[qk]
     softmax = LOG2E / math.sqrt(d)
     _quantize_groups_kernel[(npad_q // Q_GROUP, b * h)](
@@ -217,27 +240,33 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "i
         k, k_mean, k8, k_scale, *k.stride(), h, n_k, npad_k, 1.0,
         D=d, GROUP=K_GROUP, HAS_MEAN=True, IS_INT8=is_int8, QMAX=qmax, num_warps=4,
     )  # fmt: skip
-    _quantize_v_kernel[(npad_k // 64, b * h)](v, v_scale, vt8, *v.stride(), h, n_k, npad_k, D=d, BLOCK=64, num_warps=4)
+    _quantize_v_kernel[(npad_k // 64, b * h)](
+        v, v_scale, vt8, *v.stride(), h, n_k, npad_k, D=d, BLOCK=64, TO_FP8=pv == "fp8", num_warps=4
+    )
     return q8, k8, vt8, q_scale, k_scale, v_scale
 
 
 def lowbit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8", out: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qk: str = "int8",
+    out: torch.Tensor | None = None,
+    pv: str = "fp8",
 ) -> torch.Tensor:
     """Softmax attention of [B, H, Nq, D] queries over [B, H, Nk, D] keys and values (no mask), 8-bit as the module
     docstring says; returns [B, H, Nq, D] in q's dtype, or fills ``out`` (any [B, H, Nq, D] view, e.g. of a
     [B, Nq, H*D] tensor) and returns it."""
-    if qk not in QK_FORMATS:
-        raise ValueError(f"qk: {qk!r} is not allowed; allowed values: {list(QK_FORMATS)}")
+    _check(qk, pv)
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     block_m, block_n, warps, stages = LAUNCH[d]
-    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, qk)
+    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, qk, pv)
     if out is None:
         out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     _attention_kernel[(q8.shape[1] // block_m, b * h)](
         q8, k8, vt8, q_scale, k_scale, v_scale, out, *out.stride(), h, n_q, n_k, q8.shape[1], k8.shape[1],
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk == "int8", Q_GROUP=Q_GROUP, K_GROUP=K_GROUP,
-        LOG2_P_SCALE=math.log2(P_SCALE), num_warps=warps, num_stages=stages,
+        LOG2_P_SCALE=math.log2(P_SCALE), PV_FP8=pv == "fp8", num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

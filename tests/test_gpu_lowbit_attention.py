@@ -17,15 +17,15 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("qk", la.QK_FORMATS)
+@pytest.mark.parametrize(("qk", "pv"), [("int8", "fp8"), ("fp8", "fp8"), ("int8", "fp16")])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize(("n_q", "n_k"), [(300, 300), (1000, 512), (128, 77)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_matches_its_emulation(qk, d, n_q, n_k, dtype):
+def test_kernel_matches_its_emulation(qk, pv, d, n_q, n_k, dtype):
     q, k, v = (t.to("cuda", dtype) for t in attention_inputs(b=2, h=3, n_q=n_q, n_k=n_k, d=d, seed=n_q + d))
-    out = la.lowbit_attention(q, k, v, qk)
+    out = la.lowbit_attention(q, k, v, qk, pv=pv)
     expected = reference(q.cpu().float(), k.cpu().float(), v.cpu().float()).cuda()
-    emulated = la.emulate(q.float(), k.float(), v.float(), qk).double()
+    emulated = la.emulate(q.float(), k.float(), v.float(), qk, pv).double()
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, expected) < ERROR_BOUND
     assert rel_err(out, emulated) < 0.5 * rel_err(emulated, expected) + 2e-3  # the online max, fp16 output

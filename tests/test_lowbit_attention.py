@@ -71,7 +71,15 @@ def test_groups_scale_separately_and_tails_are_handled():
     assert rounded.shape == q.shape
 
 
-def test_bad_qk_format_is_a_one_line_error_naming_the_option():
+def test_fp16_second_product_removes_the_e4m3_rounding_of_p_and_v():
+    q, k, v = attention_inputs(seed=4)
+    expected = reference(q, k, v)
+    assert rel_err(la.emulate(q, k, v, "int8", "fp16"), expected) < 0.5 * rel_err(la.emulate(q, k, v, "int8"), expected)
+
+
+def test_bad_formats_are_one_line_errors_naming_the_option():
     q, k, v = attention_inputs(n_q=8, n_k=8, d=64)
     with pytest.raises(ValueError, match="qk: 'int4'"):
         la.emulate(q, k, v, "int4")
+    with pytest.raises(ValueError, match="pv: 'int8'"):
+        la.emulate(q, k, v, "int8", "int8")
