@@ -23,8 +23,15 @@ from fp8_quant.formats.calibration import read_input_scales
 from fp8_quant.formats.inspect import inspect_checkpoint
 from fp8_quant.formats.safe_io import MAX_LAYER_ENTRY_BYTES, MAX_TENSORS, json_depth
 
-NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float32: "F32", torch.int8: "I8",
-         torch.bfloat16: "BF16", torch.uint8: "U8", torch.float8_e8m0fnu: "F8_E8M0"}
+NAMES = {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float32: "F32",
+    torch.int8: "I8",
+    torch.bfloat16: "BF16",
+    torch.uint8: "U8",
+    torch.float8_e8m0fnu: "F8_E8M0",
+}
 
 
 @contextlib.contextmanager
@@ -54,8 +61,11 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict |
     data = b""
     for name, tensor in tensors.items():
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {
+            "dtype": NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     return write_raw(path, header, data)
 
@@ -65,20 +75,31 @@ def fp8_file(path: Path, bad_bytes: list[int] = (), dtype=torch.float8_e4m3fn) -
     raw = weight.view(torch.uint8).flatten()
     for index, value in enumerate(bad_bytes):
         raw[index * 7] = value
-    return write_tensors(path, {"blocks.0.q.weight": raw.view(dtype).reshape(32, 16),
-                                "blocks.0.q.weight_scale": torch.tensor(0.01)})
+    return write_tensors(
+        path, {"blocks.0.q.weight": raw.view(dtype).reshape(32, 16), "blocks.0.q.weight_scale": torch.tensor(0.01)}
+    )
 
 
 # --- point 2: values that would poison the model ---
 
+
 @pytest.mark.parametrize(
     ("dtype", "bad"),
-    [(torch.float8_e4m3fn, [0x7F]), (torch.float8_e4m3fn, [0xFF]), (torch.float8_e4m3fn, [0x7F, 0xFF]),
-     (torch.float8_e5m2, [0x7C]), (torch.float8_e5m2, [0xFC]), (torch.float8_e5m2, [0x7D]), (torch.float8_e5m2, [0xFF])],
+    [
+        (torch.float8_e4m3fn, [0x7F]),
+        (torch.float8_e4m3fn, [0xFF]),
+        (torch.float8_e4m3fn, [0x7F, 0xFF]),
+        (torch.float8_e5m2, [0x7C]),
+        (torch.float8_e5m2, [0xFC]),
+        (torch.float8_e5m2, [0x7D]),
+        (torch.float8_e5m2, [0xFF]),
+    ],
 )
 def test_fp8_nan_and_inf_bytes_are_refused_naming_file_and_tensor(tmp_path, dtype, bad):
     path = fp8_file(tmp_path / "nan.safetensors", bad, dtype)
-    with pytest.raises(CheckpointError, match=rf"nan\.safetensors: fp8 weight 'blocks\.0\.q\.weight' holds {len(bad)} "):
+    with pytest.raises(
+        CheckpointError, match=rf"nan\.safetensors: fp8 weight 'blocks\.0\.q\.weight' holds {len(bad)} "
+    ):
         load_checkpoint(path)
 
 
@@ -93,8 +114,14 @@ def test_largest_finite_fp8_bytes_load(tmp_path, dtype):
 
 def test_int8_weight_with_scale_loads_as_float_values(tmp_path):
     values = torch.tensor([[-111, 76], [-90, -55]], dtype=torch.int8)
-    path = write_tensors(tmp_path / "int8.safetensors", {"layer.weight": values, "layer.weight_scale": torch.tensor(0.01),
-                                                         "other.weight": torch.randn(2, 2, dtype=torch.bfloat16)})
+    path = write_tensors(
+        tmp_path / "int8.safetensors",
+        {
+            "layer.weight": values,
+            "layer.weight_scale": torch.tensor(0.01),
+            "other.weight": torch.randn(2, 2, dtype=torch.bfloat16),
+        },
+    )
     weight = load_checkpoint(path).state_dict["layer.weight"]
     assert weight.is_floating_point()
     torch.testing.assert_close(weight, torch.tensor([[-1.11, 0.76], [-0.90, -0.55]]), rtol=1e-6, atol=0)
@@ -102,17 +129,28 @@ def test_int8_weight_with_scale_loads_as_float_values(tmp_path):
 
 def test_int8_tensorwise_comfy_format_is_still_refused_by_name(tmp_path):
     entry = torch.tensor(list(json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)
-    path = write_tensors(tmp_path / "i8.safetensors", {"layer.weight": torch.ones(4, 4, dtype=torch.int8),
-                                                       "layer.weight_scale": torch.tensor(0.5), "layer.comfy_quant": entry})
+    path = write_tensors(
+        tmp_path / "i8.safetensors",
+        {
+            "layer.weight": torch.ones(4, 4, dtype=torch.int8),
+            "layer.weight_scale": torch.tensor(0.5),
+            "layer.comfy_quant": entry,
+        },
+    )
     with pytest.raises(CheckpointError, match="int8_tensorwise format, which is not FP8"):
         load_checkpoint(path)
 
 
 def test_zero_dim_weight_with_scale_is_an_error_naming_the_tensor_or_loads(tmp_path):
-    path = write_tensors(tmp_path / "zd.safetensors", {"layer.weight": torch.tensor(2.0, dtype=torch.bfloat16),
-                                                       "layer.weight_scale": torch.tensor(0.5),
-                                                       "fp.weight": torch.ones(16, 16).to(torch.float8_e4m3fn),
-                                                       "fp.weight_scale": torch.tensor(1.0)})
+    path = write_tensors(
+        tmp_path / "zd.safetensors",
+        {
+            "layer.weight": torch.tensor(2.0, dtype=torch.bfloat16),
+            "layer.weight_scale": torch.tensor(0.5),
+            "fp.weight": torch.ones(16, 16).to(torch.float8_e4m3fn),
+            "fp.weight_scale": torch.tensor(1.0),
+        },
+    )
     try:
         weight = load_checkpoint(path).state_dict["layer.weight"]
     except CheckpointError as error:
@@ -122,6 +160,7 @@ def test_zero_dim_weight_with_scale_is_an_error_naming_the_tensor_or_loads(tmp_p
 
 
 # --- point 4: reads bounded before they allocate ---
+
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory"])
 def test_non_regular_inputs_are_refused_by_name_without_blocking(tmp_path, kind):
@@ -151,8 +190,11 @@ def test_cli_refuses_fifo_for_inspect_convert_and_calibrated(tmp_path, capsys):
     good = write_tensors(tmp_path / "good.safetensors", {"a.weight": torch.randn(16, 16)})
     fifo_json = tmp_path / "pipe.json"
     os.mkfifo(fifo_json)
-    runs = [["inspect", str(fifo)], ["convert", str(fifo), str(tmp_path / "o.safetensors")],
-            ["convert", str(good), str(tmp_path / "o2.safetensors"), "--calibrated", str(fifo_json)]]
+    runs = [
+        ["inspect", str(fifo)],
+        ["convert", str(fifo), str(tmp_path / "o.safetensors")],
+        ["convert", str(good), str(tmp_path / "o2.safetensors"), "--calibrated", str(fifo_json)],
+    ]
     for argv, name in zip(runs, ["pipe.safetensors", "pipe.safetensors", "pipe.json"]):
         with within(10):
             assert main(argv) == 2
@@ -164,20 +206,30 @@ def test_deep_json_header_is_refused_by_depth(tmp_path):
     depth = 100_000
     header = b'{"__metadata__": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
     path = write_raw(tmp_path / "deep.safetensors", header)
-    with within(10), pytest.raises(CheckpointError, match=rf"deep\.safetensors: header is JSON nested {depth + 2} deep"):
+    with (
+        within(10),
+        pytest.raises(CheckpointError, match=rf"deep\.safetensors: header is JSON nested {depth + 2} deep"),
+    ):
         read_header(path)
 
 
 def test_deep_quantization_metadata_and_comfy_quant_are_refused(tmp_path):
     deep = "[" * 50_000 + "]" * 50_000
     fp8 = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    path = write_tensors(tmp_path / "qm.safetensors", {"a.weight": fp8, "a.weight_scale": torch.tensor(1.0)},
-                         {"_quantization_metadata": deep})
-    with within(10), pytest.raises(CheckpointError, match=r"qm\.safetensors: metadata _quantization_metadata is JSON nested"):
+    path = write_tensors(
+        tmp_path / "qm.safetensors",
+        {"a.weight": fp8, "a.weight_scale": torch.tensor(1.0)},
+        {"_quantization_metadata": deep},
+    )
+    with (
+        within(10),
+        pytest.raises(CheckpointError, match=r"qm\.safetensors: metadata _quantization_metadata is JSON nested"),
+    ):
         load_checkpoint(path)
     entry = torch.tensor(list(deep[:40_000].encode()), dtype=torch.uint8)
-    path = write_tensors(tmp_path / "cq.safetensors", {"a.weight": fp8, "a.weight_scale": torch.tensor(1.0),
-                                                       "a.comfy_quant": entry})
+    path = write_tensors(
+        tmp_path / "cq.safetensors", {"a.weight": fp8, "a.weight_scale": torch.tensor(1.0), "a.comfy_quant": entry}
+    )
     with within(10), pytest.raises(CheckpointError, match=r"cq\.safetensors: 'a\.comfy_quant' is JSON nested"):
         load_checkpoint(path)
 
@@ -190,8 +242,14 @@ def test_brackets_inside_strings_do_not_count_as_depth():
 def test_huge_comfy_quant_payload_is_refused_before_it_is_read(tmp_path):
     size = MAX_LAYER_ENTRY_BYTES + 1
     fp8 = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    path = write_tensors(tmp_path / "big.safetensors", {"a.weight": fp8, "a.weight_scale": torch.tensor(1.0),
-                                                        "a.comfy_quant": torch.full((size,), 32, dtype=torch.uint8)})
+    path = write_tensors(
+        tmp_path / "big.safetensors",
+        {
+            "a.weight": fp8,
+            "a.weight_scale": torch.tensor(1.0),
+            "a.comfy_quant": torch.full((size,), 32, dtype=torch.uint8),
+        },
+    )
     with pytest.raises(CheckpointError, match=rf"big\.safetensors: 'a\.comfy_quant' is torch\.uint8 of {size} bytes"):
         load_checkpoint(path)
 
@@ -214,8 +272,10 @@ def test_oversized_header_is_refused_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("entry", "what"),
-    [({"dtype": "F32", "shape": [1], "data_offsets": [False, True]}, "data_offsets"),
-     ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "shape")],
+    [
+        ({"dtype": "F32", "shape": [1], "data_offsets": [False, True]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "shape"),
+    ],
 )
 def test_booleans_are_not_numbers_in_a_header(tmp_path, entry, what):
     path = write_raw(tmp_path / "bool.safetensors", {"t": entry}, b"\0" * 4)
@@ -232,9 +292,14 @@ def test_lone_surrogate_tensor_name_is_a_checkpoint_error(tmp_path):
 
 
 def test_convert_errors_name_the_tensor(tmp_path, capsys):
-    source = write_tensors(tmp_path / "odd.safetensors", {"a.weight": torch.randn(16, 16),
-                                                          "empty.weight": torch.zeros(0, 16),
-                                                          "e8.weight": torch.ones(4, 4).to(torch.float8_e8m0fnu)})
+    source = write_tensors(
+        tmp_path / "odd.safetensors",
+        {
+            "a.weight": torch.randn(16, 16),
+            "empty.weight": torch.zeros(0, 16),
+            "e8.weight": torch.ones(4, 4).to(torch.float8_e8m0fnu),
+        },
+    )
     assert main(["convert", str(source), str(tmp_path / "out.safetensors")]) == 0
     header = read_header(tmp_path / "out.safetensors")
     assert header.tensors["empty.weight"].dtype == torch.float32  # kept as it was

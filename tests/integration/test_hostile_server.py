@@ -43,8 +43,9 @@ def raw_file(path, header: bytes, data: bytes = b"") -> None:
 def nan_fp8(path) -> None:
     weight = torch.ones(16, 16).to(torch.float8_e4m3fn).view(torch.uint8)
     weight[3, 3] = 0x7F
-    save_file({"blocks.0.q.weight": weight.view(torch.float8_e4m3fn), "blocks.0.q.weight_scale": torch.tensor(1.0)},
-              str(path))
+    save_file(
+        {"blocks.0.q.weight": weight.view(torch.float8_e4m3fn), "blocks.0.q.weight_scale": torch.tensor(1.0)}, str(path)
+    )
 
 
 def error_of(entry: dict) -> str:
@@ -65,10 +66,12 @@ HOSTILE = {
     "fifo": lambda path: os.mkfifo(path),
     "dev_zero": lambda path: path.symlink_to("/dev/zero"),
     "deep_json": lambda path: raw_file(path, b'{"__metadata__": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"),
-    "surrogate": lambda path: raw_file(path, b'{"a\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
-                                       b"\0" * 4),
-    "bool_offsets": lambda path: raw_file(path, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [false, true]}}',
-                                          b"\0" * 4),
+    "surrogate": lambda path: raw_file(
+        path, b'{"a\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4
+    ),
+    "bool_offsets": lambda path: raw_file(
+        path, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [false, true]}}', b"\0" * 4
+    ),
     "nan_fp8": nan_fp8,
 }
 
