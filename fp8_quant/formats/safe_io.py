@@ -35,7 +35,7 @@ MAX_SCALES_JSON_BYTES = 64 * 2**20  # a ``convert --calibrated`` JSON file: one 
 
 # A JSON string, matched in linear time: it ends at its closing quote or at the end of the input (an unterminated
 # string), so the engine never backtracks and retries from the quotes inside it.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 _FILE_KINDS = {
     stat.S_IFDIR: "a directory",
