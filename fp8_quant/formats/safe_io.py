@@ -98,11 +98,6 @@ def json_depth(raw: bytes) -> int:
     return int(delta.cumsum(0, dtype=torch.int32).max())
 
 
-def structural(raw: bytes) -> bytes:
-    """``raw`` with every JSON string emptied: what remains counts values and entries without parsing."""
-    return _JSON_STRING.sub(b'""', raw)
-
-
 def loads_bounded(raw: bytes | str, where: str, limit: int, max_depth: int = MAX_JSON_DEPTH) -> object:
     """``json.loads`` of at most ``limit`` bytes nested at most ``max_depth`` deep; else a ``CheckpointError``
     beginning with ``where`` (the file, and the entry within it: "FILE: header")."""
