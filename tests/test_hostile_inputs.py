@@ -319,3 +319,8 @@ def test_safe_open_failures_are_checkpoint_errors(tmp_path, monkeypatch):
     for read in (inspect_checkpoint, read_input_scales):
         with pytest.raises(CheckpointError, match=r"race\.safetensors: could not read tensor data"):
             read(path)
+
+
+def test_a_name_with_a_nul_byte_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_header("bad\0name.safetensors")

@@ -59,8 +59,8 @@ def open_regular_file(path: str | os.PathLike) -> BinaryIO:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the name
+        raise CheckpointError(f"{path}: cannot be read ({getattr(error, 'strerror', None) or error})") from None
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{path}: is {_kind(mode)}, not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
