@@ -320,3 +320,23 @@ def test_safe_open_failures_are_checkpoint_errors(tmp_path, monkeypatch):
 def test_a_name_with_a_nul_byte_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="cannot be read"):
         read_header("bad\0name.safetensors")
+
+
+def test_convert_names_the_tensor_torch_fails_on_and_the_file_safetensors_fails_on(tmp_path, monkeypatch, capsys):
+    from fp8_quant.formats import safe_io, writer
+
+    source = write_tensors(tmp_path / "src.safetensors", {"a.weight": torch.randn(16, 16)})
+
+    def torch_fails(*args, **kwargs):
+        raise RuntimeError("amax(): Expected reduction dim 0 to have non-zero size.")
+
+    monkeypatch.setattr(writer, "quantize_weight", torch_fails)
+    assert main(["convert", str(source), str(tmp_path / "o.safetensors")]) == 2
+    assert "src.safetensors: tensor 'a.weight' could not be quantized (amax()" in capsys.readouterr().err
+
+    def safetensors_fails(*args, **kwargs):
+        raise safe_io.SafetensorError("simulated")
+
+    monkeypatch.setattr(safe_io, "safe_open", safetensors_fails)
+    assert main(["convert", str(source), str(tmp_path / "o2.safetensors")]) == 2
+    assert "src.safetensors: could not read tensor data (simulated)" in capsys.readouterr().err
