@@ -20,7 +20,7 @@ from torch import nn
 from .config import Fp8Config
 from .cuda_graphs import GraphedForward
 from .dispatch import Fp8Recipe, LayerDecision
-from .fp8_utils import is_fp8_dtype
+from .fp8_utils import count_fp8_non_finite, is_fp8_dtype
 from .kernels import explain_choice
 from .report import Fp8Report, LayerReport, fp8_layer_bytes, tensor_bytes
 
@@ -84,6 +84,10 @@ def _prepare_layer(
         return LayerReport(name, False, "already fp8", size, size, bf16_size)
     weight = module.weight
     unit_scale = weight is not None and is_fp8_dtype(weight.dtype)
+    if unit_scale:  # a model built from a file this pack never read: its fp8 bytes are checked here
+        bad = count_fp8_non_finite(weight)
+        if bad:
+            raise ValueError(f"{name}: fp8 weight holds {bad} NaN/inf value(s); the model's file is corrupt")
     decision: LayerDecision = recipe.decide(name, weight, unit_scale=unit_scale)
     if decision.method is None:
         if _narrower(decision.keep_dtype, weight):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import Fp8Config, UserOptions, matching_pattern, online_config, stored_config
-from .fp8_utils import is_fp8_dtype
+from .fp8_utils import HIGH_PRECISION_DTYPES, is_fp8_dtype
 from .kernels import kernel_class
 from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod, RoundedWeights
 
@@ -130,7 +130,7 @@ class Fp8Recipe:
         pattern = matching_pattern(name, self.online.ignored_layers)
         if pattern is not None:
             return LayerDecision(name, None, f"matched {pattern!r}", self.keep_dtype)
-        if not weight.dtype.is_floating_point or weight.dim() != 2:
+        if weight.dtype not in HIGH_PRECISION_DTYPES or weight.dim() != 2 or weight.numel() == 0:
             return LayerDecision(name, None, f"unsupported weight {weight.dtype} {tuple(weight.shape)}")
         return LayerDecision(name, self._method(override.config or self.online, online=True), QUANTIZED)
 

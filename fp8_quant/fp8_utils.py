@@ -11,6 +11,8 @@ import torch
 from .scheme import PER_CHANNEL, GroupShape, weight_scale_shape
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+# The weights that can be quantized to fp8 (not e8m0 scales, not integers).
+HIGH_PRECISION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 # A floor for amax so that an all-zero row or tensor gets a tiny positive scale instead of 0 (and no 0/0).
 AMAX_FLOOR = 1e-12
@@ -240,6 +242,28 @@ def _row_chunks(weight: torch.Tensor, multiple: int = 1, max_elements: int = 1 <
     rows = weight.shape[0]
     step = max(1, max_elements // max(1, weight.shape[1]) // multiple) * multiple
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+# The smallest byte (sign bit clear) whose value is NaN or inf: e4m3fn has NaN at S.1111.111 only (no inf), e5m2 has
+# inf and NaN wherever the exponent is 11111.
+_FP8_NON_FINITE_FROM = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def count_fp8_non_finite(weight: torch.Tensor) -> int:
+    """How many values of an fp8 tensor are NaN or inf, read from its bytes where the tensor is.
+
+    Cheap where there are none, the case that matters for load time: such bytes are the largest of the tensor
+    read as int8 (positive) or as uint8 (negative), so two max-reductions over views find them without a
+    temporary of the weight's size; only then are they counted."""
+    first_bad = _FP8_NON_FINITE_FROM.get(weight.dtype)
+    if first_bad is None or weight.numel() == 0:
+        return 0
+    flat = weight.reshape(-1)
+    signed, unsigned = flat.view(torch.int8), flat.view(torch.uint8)
+    found = (signed.amax() >= first_bad) | (unsigned.amax() >= 0x80 | first_bad)
+    if not bool(found):
+        return 0
+    return int(((unsigned & 0x7F) >= first_bad).sum())
 
 
 def invalid_scale_mask(scale: torch.Tensor) -> torch.Tensor:

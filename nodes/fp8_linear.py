@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8_quant import Fp8LinearMethod, Fp8LinearParams
-from fp8_quant.fp8_utils import broadcast_weight_scale, cast_to_fp8, dequantize, quantize_weight, tensor_version
+from fp8_quant.fp8_utils import (
+    broadcast_weight_scale,
+    cast_to_fp8,
+    dequantize,
+    quantize_weight,
+    tensor_version,
+    weight_row_amax,
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Fp8ComfyLinearMixin:
         """
         if not self.is_fp8():
             return self._set_high_precision_weight(weight, inplace_update, return_weight)
+        self._refuse_non_finite_patch(weight)
         if return_weight:
             return weight
         if inplace_update:  # the weight object stays, so its scale must too: out-of-range values saturate
@@ -99,6 +107,20 @@ class Fp8ComfyLinearMixin:
         self.weight = nn.Parameter(stored, requires_grad=False)
         self.patched_weight = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
         return None
+
+    def _refuse_non_finite_patch(self, weight: torch.Tensor) -> None:
+        """A patch (LoRA) whose values are NaN or inf would be rounded into the fp8 weight and sample a NaN image;
+        stock ComfyUI does the same without a word. Refused here, naming the layer, before anything is stored: the
+        layer keeps its unpatched weight (ComfyUI's backup of it is the same tensor). One reduction per row."""
+        row_amax = weight_row_amax(weight) if weight.dim() == 2 else weight.abs().amax().reshape(1)
+        if bool(torch.isfinite(row_amax).all()):
+            return
+        bad = int((~torch.isfinite(weight)).sum())
+        name = self.__dict__.get("fp8_name", type(self).__name__)
+        raise ValueError(
+            f"{name}: the LoRA/patch applied to this layer gives {bad} NaN/inf weight value(s); the patch is refused "
+            "(check the LoRA file and its strength)"
+        )
 
     def _scale_like(self, weight: torch.Tensor) -> torch.Tensor:
         """The current weight scale on ``weight``'s device and dtype, broadcastable against it (blocks repeated)."""

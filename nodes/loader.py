@@ -27,20 +27,33 @@ NODE_TITLE = "Load FP8 DiT"
 
 @contextlib.contextmanager
 def node_error(node: str, path: object = None) -> Iterator[None]:
-    """Turn the core's ``ValueError``s (bad options, bad files, bad layers) into one line naming the node (and the
-    file), without the core's traceback."""
+    """Turn any exception into one line naming the node (and the file): the core's ``ValueError``s (bad options,
+    bad files, bad layers) as they are, anything unforeseen with its type, its traceback in the console log.
+
+    Out-of-memory errors and ComfyUI's interrupt pass through untouched: ComfyUI frees memory and explains
+    out-of-memory itself, and an interrupt must reach its executor to stop the prompt."""
     try:
         yield
         return
-    except torch.OutOfMemoryError:
-        raise  # ComfyUI frees memory and explains out-of-memory errors itself
-    except (ValueError, RuntimeError) as error:
-        message = str(error)
-    except (TypeError, KeyError, IndexError, AttributeError) as error:  # unforeseen: one line, traceback logged
-        logger.exception("%s failed", node)
-        message = f"{type(error).__name__}: {error} (details in the console log)"
+    except Exception as error:
+        if _passes_through(error):
+            raise
+        if isinstance(error, ValueError):
+            message = str(error)
+        else:
+            logger.exception("%s failed%s", node, f" on {path}" if path is not None else "")
+            message = f"{type(error).__name__}: {error} (details in the console log)"
+    message = " ".join(message.split())  # one line: torch's messages span several
     where = f"{path}: " if path is not None and str(path) not in message else ""
     raise RuntimeError(f"{node}: {where}{message}") from None
+
+
+def _passes_through(error: Exception) -> bool:
+    """Out of memory (torch's or Python's) and ComfyUI's ``InterruptProcessingException`` (matched by name: this
+    module imports ``comfy`` only inside the nodes)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return any(cls.__name__ == "InterruptProcessingException" for cls in type(error).__mro__)
 
 
 class LoadFP8DiT:

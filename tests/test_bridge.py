@@ -151,3 +151,13 @@ def test_plain_fp8_weights_are_used_at_unit_scale():
     for layer, weight in zip((source[0], source[2]), before, strict=True):
         assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))
         assert not hasattr(layer, "fp8_method")
+
+
+def test_a_built_model_with_nan_fp8_bytes_is_refused_naming_the_layer():
+    """A plain fp8 cast held by a model the pack did not read (ComfyUI's fp8 text encoder): its bytes are checked."""
+    model = nn.Sequential(nn.Linear(32, 16, bias=False))
+    weight = (torch.randn(16, 32) * 10).to(torch.float8_e4m3fn).view(torch.uint8)
+    weight[2, 5] = 0xFF
+    model[0].weight = nn.Parameter(weight.view(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match=r"^0: fp8 weight holds 1 NaN/inf"):
+        prepare_model_for_fp8(model, Fp8Config())

@@ -420,3 +420,41 @@ def test_node_errors_are_one_line_naming_node_and_file(raised, shown):
         with node_error("Load FP8 DiT", "model.safetensors"):
             raise raised
     assert str(caught.value) == shown and caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize("path", ["inplace", "new", "lowvram"])
+def test_a_lora_of_nan_values_is_refused_naming_the_layer_and_the_weight_stays(tmp_path, source, path):
+    """ComfyUI's patcher hands ``set_weight`` the patched real values; NaN there would be rounded into the fp8
+    weight (stock ComfyUI does so silently)."""
+    model, _ = fp8_model(tmp_path, source)
+    layer = model.blocks[0].attn.q
+    before, scale = layer.weight.detach().clone(), layer.weight_scale.detach().clone()
+    patched = layer.convert_weight(layer.weight.float())
+    patched[1, 2] = float("nan")
+    patched[0, 0] = float("inf")
+    options = {"inplace": {"inplace_update": True}, "new": {}, "lowvram": {"return_weight": True}}[path]
+    with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.q: the LoRA/patch .* gives 2 NaN/inf .* refused"):
+        layer.set_weight(patched, **options)
+    assert torch.equal(layer.weight.view(torch.uint8), before.view(torch.uint8))
+    assert torch.equal(layer.current_weight_scale(), scale)
+
+
+def test_node_error_passes_interrupt_and_out_of_memory_and_makes_any_other_error_one_line():
+    from nodes.loader import node_error
+
+    class InterruptProcessingException(Exception):  # ComfyUI's, matched by name
+        pass
+
+    for passing in (InterruptProcessingException(), torch.OutOfMemoryError("CUDA out of memory"), MemoryError()):
+        with pytest.raises(type(passing)), node_error("Load FP8 DiT", "m.safetensors"):
+            raise passing
+    for raised in (
+        RecursionError("maximum recursion depth"),
+        KeyError("weight"),
+        OSError("line one\nline two"),
+        RuntimeError("torch says\n  more"),
+    ):
+        with pytest.raises(RuntimeError) as caught, node_error("Load FP8 DiT", "m.safetensors"):
+            raise raised
+        message = str(caught.value)
+        assert message.startswith(f"Load FP8 DiT: m.safetensors: {type(raised).__name__}: ") and "\n" not in message

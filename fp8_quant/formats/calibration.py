@@ -9,17 +9,16 @@ writes each of its fp8 layers with that layer's calibrated scale; layers it has 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .dialects import SCALE_ALIASES
 from .header import CheckpointError
 from .reader import scan_checkpoint
+from .safe_io import MAX_SCALES_JSON_BYTES, loads_bounded, open_tensors, read_bounded
 
 
 def read_input_scales(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -43,7 +42,7 @@ def _from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     scan = scan_checkpoint(path)
     layers = [layer for layer in scan.layers.values() if layer.input_scale is not None]
     scales: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
+    with open_tensors(path) as handle:
         for layer in layers:
             stored = next(name for name in layer.scale_names if SCALE_ALIASES.get(name, name) == "input_scale")
             scales[scan.short_name(layer.name)] = handle.get_tensor(f"{layer.name}.{stored}").float().reshape(())
@@ -55,10 +54,8 @@ def _is_number(value: object) -> bool:
 
 
 def _from_json(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable JSON file of input scales ({error})") from None
+    raw = read_bounded(path, MAX_SCALES_JSON_BYTES)  # a regular file only: a FIFO or /dev/zero is refused by name
+    entries = loads_bounded(raw, f"{path}: input scales", MAX_SCALES_JSON_BYTES)
     if not isinstance(entries, dict) or not all(_is_number(value) for value in entries.values()):
         raise CheckpointError(f"{path}: expected a JSON object {{layer name: input scale}}")
     return {str(name): torch.tensor(float(value)) for name, value in entries.items()}

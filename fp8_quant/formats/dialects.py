@@ -11,7 +11,6 @@ or inconsistent layout is an error, never a guess.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from ..fp8_utils import is_fp8_dtype
 from ..scheme import MX_BLOCK, GroupShape, expected_scale_shapes, weight_group_of_scale
 from .comfy_formats import MXFP8
 from .header import CheckpointError, SafetensorsHeader, TensorInfo
+from .safe_io import MAX_QUANT_METADATA_BYTES, loads_bounded
 
 WEIGHT_SCALE = "weight-scale"
 COMFY_SCALED = "comfy-scaled"
@@ -177,10 +177,7 @@ def _metadata_layers(header: SafetensorsHeader) -> dict[str, object] | None:
     raw = header.metadata.get(QUANT_METADATA_KEY)
     if raw is None:
         return None
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{header.path}: metadata {QUANT_METADATA_KEY} is not valid JSON ({error})") from None
+    parsed = loads_bounded(raw, f"{header.path}: metadata {QUANT_METADATA_KEY}", MAX_QUANT_METADATA_BYTES)
     if not isinstance(parsed, dict) or not isinstance(parsed.get("layers"), dict):
         raise CheckpointError(f"{header.path}: metadata {QUANT_METADATA_KEY} must be an object with a 'layers' object")
     return parsed["layers"]

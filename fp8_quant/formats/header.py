@@ -6,7 +6,6 @@ is an error naming the file and the tensor, never a half-loaded model. Only safe
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -15,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-MAX_HEADER_BYTES = 100 * 2**20
+from .errors import CheckpointError
+from .safe_io import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_VALUES,
+    MAX_JSON_DEPTH,
+    MAX_TENSORS,
+    check_text,
+    loads_bounded,
+    open_regular_file,
+)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
@@ -33,10 +41,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded faithfully; the message names the file and the tensor."""
+_ITEM_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
+__all__ = ["DTYPE_NAMES", "SAFETENSORS_DTYPES", "CheckpointError", "SafetensorsHeader", "TensorInfo", "read_header"]
 
 
 @dataclass(frozen=True)
@@ -66,14 +72,15 @@ class SafetensorsHeader:
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and check the header of ``path``: sizes, JSON shape, dtypes and every tensor's byte range."""
+    """Parse and check the header of ``path``: sizes, JSON shape, dtypes and every tensor's byte range.
+
+    Bounded before anything is allocated: a regular file only, a header of at most ``MAX_HEADER_BYTES``, at most
+    ``MAX_TENSORS`` tensors and ``MAX_JSON_DEPTH`` levels of nesting, counted before the JSON is parsed."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise CheckpointError(f"{path}: only .safetensors files are read (no pickle, no torch.load)")
-    file_size = path.stat().st_size
-    with path.open("rb") as handle:
+    with open_regular_file(path) as handle:
+        file_size = os.fstat(handle.fileno()).st_size
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: truncated file ({file_size} bytes), no safetensors header")
@@ -85,20 +92,32 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 f"{path}: header claims {header_size} bytes but the file has only {file_size - 8} after the prefix"
             )
         raw = handle.read(header_size)
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: header is not valid JSON ({error})") from None
+    if len(raw) != header_size:
+        raise CheckpointError(f"{path}: header of {header_size} bytes, but only {len(raw)} could be read")
+    # Counted on the raw bytes (commas inside strings too: no real header comes near the cap), so that a header of
+    # a million entries is refused in milliseconds, before the parser builds a million objects.
+    separators = raw.count(b",")
+    if separators > MAX_HEADER_VALUES:
+        raise CheckpointError(
+            f"{path}: header holds {separators} JSON separators, more than {MAX_TENSORS} tensors can have (the limit)"
+        )
+    parsed = loads_bounded(raw, f"{path}: header", MAX_HEADER_BYTES, MAX_JSON_DEPTH)
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{path}: header JSON is a {type(parsed).__name__}, not an object")
     metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: __metadata__ is not an object")
+    if len(parsed) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: header lists {len(parsed)} tensors; at most {MAX_TENSORS} are read")
     data_start = 8 + header_size
     data_size = file_size - data_start
     tensors = {name: _tensor_info(path, name, entry, data_size) for name, entry in parsed.items()}
     _check_tiling(path, tensors, data_size)
-    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, file_size)
+    text_metadata = {str(k): str(v) for k, v in metadata.items()}
+    for key, value in text_metadata.items():
+        check_text(key, f"{path}: metadata key")
+        check_text(value, f"{path}: metadata {key!r} value")
+    return SafetensorsHeader(path, tensors, text_metadata, data_start, file_size)
 
 
 def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
@@ -113,17 +132,24 @@ def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
         raise CheckpointError(f"{path}: {data_size - end} bytes after the last tensor; the file is corrupt")
 
 
+def _is_count(value: object) -> bool:
+    """A JSON integer >= 0 (``true`` is a Python int too, but no size or offset)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    check_text(name, f"{path}: tensor name")
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    dtype_name = entry["dtype"]
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
     shape = entry["shape"]
     offsets = entry["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_count(d) for d in shape)):
         raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
@@ -131,9 +157,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
             f"{path}: tensor {name!r} lies at bytes {begin}..{end}, outside the {data_size} data bytes "
             "(truncated or corrupt file)"
         )
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * _ITEM_SIZES[dtype_name]
     if end - begin != expected:
         raise CheckpointError(
-            f"{path}: tensor {name!r} spans {end - begin} bytes but {entry['dtype']}{shape} needs {expected}"
+            f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype_name}{shape} needs {expected}"
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)

@@ -7,12 +7,12 @@ from collections import Counter
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..fp8_utils import invalid_scale_mask
 from .comfy_formats import MXFP8, NON_FP8_FORMATS, mx_scale_to_float, unswizzle_mx_scale
 from .dialects import CheckpointScan, LayerInfo
 from .reader import read_layer_formats, scan_checkpoint
+from .safe_io import open_tensors
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def _scale_health(scan: CheckpointScan, warnings: list[str]) -> dict[str, Any]:
     values = []
     bad: list[str] = []
     zero_groups = 0
-    with safe_open(str(scan.path), framework="pt", device="cpu") as handle:
+    with open_tensors(scan.path) as handle:
         for layer, stored in entries:
             scale, zeros = _scale_values(handle, layer, stored)
             zero_groups += zeros

@@ -11,7 +11,6 @@ that names ComfyUI's own loader.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import Fp8Config
-from ..fp8_utils import check_scale
+from ..fp8_utils import check_scale, count_fp8_non_finite
 from ..scheme import weight_scale_shape
 from .comfy_formats import (
     FP8_FORMATS,
@@ -45,6 +44,7 @@ from .dialects import (
     scan_header,
 )
 from .header import CheckpointError, read_header
+from .safe_io import MAX_LAYER_ENTRY_BYTES, loads_bounded, open_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +108,19 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
             full_name = name if name in scan.layers else scan.prefix + name
             formats[full_name] = _format_of(scan, f"{QUANT_METADATA_KEY}[{name!r}]", entry)
     quant_layers = [layer for layer in scan.layers.values() if layer.comfy_quant is not None]
+    for layer in quant_layers:  # sizes first, from the header: a payload is read whole
+        key = f"{layer.name}.{COMFY_QUANT_SUFFIX}"
+        if layer.comfy_quant.nbytes > MAX_LAYER_ENTRY_BYTES or layer.comfy_quant.dtype != torch.uint8:
+            raise CheckpointError(
+                f"{scan.path}: {key!r} is {layer.comfy_quant.dtype} of {layer.comfy_quant.nbytes} bytes; a layer's "
+                f"format entry is uint8 JSON of at most {MAX_LAYER_ENTRY_BYTES} bytes"
+            )
     if quant_layers:
-        with safe_open(str(scan.path), framework="pt", device="cpu") as handle:
+        with open_tensors(scan.path) as handle:
             for layer in quant_layers:
                 key = f"{layer.name}.{COMFY_QUANT_SUFFIX}"
-                raw = handle.get_tensor(key)
-                try:
-                    entry = json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    raise CheckpointError(f"{scan.path}: {key!r} is not valid JSON ({error})") from None
+                raw = handle.get_tensor(key).flatten().numpy().tobytes()
+                entry = loads_bounded(raw, f"{scan.path}: {key!r}", MAX_LAYER_ENTRY_BYTES)
                 formats[layer.name] = _format_of(scan, key, entry)
     for name, fmt in formats.items():
         layer = scan.layers.get(name)
@@ -192,15 +196,17 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
             scale = state_dict.pop(scale_key).float()
             _check_values(scan, scale_key, scale)
             weight = state_dict[weight_key]
-            if scale.numel() not in (1, weight.shape[0]):
+            rows = weight.shape[0] if weight.dim() else 1
+            if scale.numel() not in (1, rows) or weight.numel() == 0:
                 raise CheckpointError(
                     f"{scan.path}: scale {_stored_name(layer, 'weight_scale')!r} of shape {list(scale.shape)} does "
                     f"not fit the {str(weight.dtype).removeprefix('torch.')} weight {weight_key!r} of shape "
                     f"{list(weight.shape)} (one value, or one per output row)"
                 )
-            state_dict[weight_key] = (weight.float() * _broadcastable(scale, weight)).to(weight.dtype)
+            state_dict[weight_key] = _scaled_values(weight, scale)
             state_dict.pop(input_key, None)
         return
+    _check_fp8_values(scan, weight_key, state_dict[weight_key])
     if layer.weight_scale is None:  # plain fp8 cast
         state_dict[scale_key] = torch.ones((), dtype=torch.float32, device=state_dict[weight_key].device)
     if fmt == MXFP8:
@@ -216,6 +222,25 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
         input_scale = state_dict[input_key].float().reshape(())
         _check_values(scan, _stored_name(layer, "input_scale"), input_scale)
         state_dict[input_key] = input_scale
+
+
+def _scaled_values(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A high-precision weight times its scale, in its own dtype; an integer weight (int8 values with a scale, a
+    layout this pack reads by that rule) in float32: cast back, ``[-111, 76] x 0.01`` would become ``[-1, 0]``. The
+    loader stores it in the dtype the model computes in, as any float weight."""
+    values = weight.float() * _broadcastable(scale, weight)
+    return values.to(weight.dtype) if weight.dtype.is_floating_point else values
+
+
+def _check_fp8_values(scan: CheckpointScan, key: str, weight: torch.Tensor) -> None:
+    """fp8 bytes that are NaN (e4m3fn 0x7F/0xFF; e5m2 NaN and inf) would sample a NaN latent without a word: two
+    reductions over the weight's bytes, where they were loaded, no temporary (``count_fp8_non_finite``)."""
+    bad = count_fp8_non_finite(weight)
+    if bad:
+        raise CheckpointError(
+            f"{scan.path}: fp8 weight {key!r} holds {bad} NaN/inf value(s) ({str(weight.dtype).removeprefix('torch.')} "
+            "bit patterns); the file is corrupt"
+        )
 
 
 def _stored_name(layer: LayerInfo, canonical: str) -> str:

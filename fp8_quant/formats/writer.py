@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..config import SENSITIVE_LAYER_PATTERNS, matching_pattern
-from ..fp8_utils import is_fp8_dtype, quantize_weight
+from ..fp8_utils import HIGH_PRECISION_DTYPES, is_fp8_dtype, quantize_weight
 from ..scheme import PER_TENSOR, GroupShape, weight_scale_shape
 from .comfy_formats import FLOAT8_FORMATS
 from .dialects import COMFY_QUANT_SUFFIX, HIGH_PRECISION, SCALED_FP8_MARKER, scan_header
 from .header import DTYPE_NAMES, CheckpointError, read_header
+from .safe_io import tensor_reader
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def convert_checkpoint(
     patterns = tuple(skip_patterns) + (SENSITIVE_LAYER_PATTERNS if default_skips else ())
     report = ConvertReport()
     plan: list[_Planned] = []
-    handle = safe_open(str(source), framework="pt", device="cpu")
+    handle = tensor_reader(source)
     prefix = scan.prefix
 
     for key, info in scan.header.tensors.items():
@@ -190,8 +190,10 @@ def _skip_reason(layer: str | None, info, patterns: tuple[str, ...], short_name:
         return "not a weight"
     if len(info.shape) != 2:
         return f"{len(info.shape)}-D weight"
-    if not info.dtype.is_floating_point or is_fp8_dtype(info.dtype):
+    if info.dtype not in HIGH_PRECISION_DTYPES:  # integers, fp8, e8m0 scales: nothing to quantize
         return f"dtype {info.dtype}"
+    if info.numel == 0:
+        return "empty weight"
     pattern = matching_pattern(short_name, patterns)
     if pattern is not None:
         return f"matched {pattern!r}"
@@ -211,7 +213,10 @@ def _quantizer(handle, source, key, weight_dtype, weight_group, device, cache):
         weight = handle.get_tensor(key).to(device)
         if not bool(torch.isfinite(weight).all()):
             raise CheckpointError(f"{source}: tensor {key!r} holds NaN or inf values; refusing to quantize it")
-        fp8_weight, scale = quantize_weight(weight, weight_dtype, weight_group)
+        try:
+            fp8_weight, scale = quantize_weight(weight, weight_dtype, weight_group)
+        except (RuntimeError, ValueError) as error:  # torch's own message does not say which tensor
+            raise CheckpointError(f"{source}: tensor {key!r} could not be quantized ({error})") from None
         cache["scale"] = scale.cpu()
         return fp8_weight.cpu(), scale
 
