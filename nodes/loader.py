@@ -74,15 +74,20 @@ class LoadFP8DiT:
             "optional": loader_optional_inputs(),
         }
 
-    def load(self, unet_name: str, kernel: str = "auto", **options: str):
+    def load(self, unet_name: str, kernel: str = "auto", attention: str = "auto", **options: str):
         """``options``: the other widgets (activation_scheme, activation_granularity, weight_granularity,
-        skip_layers), defaults as in ``UserOptions``."""
+        skip_layers), defaults as in ``UserOptions``; ``attention``: as the Patch Attention node's."""
         import comfy.model_management
         import comfy.utils
         import folder_paths
 
+        from fp8_quant.attention import parse_attention
+
+        from .attention import patch_attention
+
         with node_error(NODE_TITLE):
             choices = user_options(**options)
+            attention_choice = parse_attention(attention)
             path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         with node_error(NODE_TITLE, path):
             scan = scan_checkpoint(path)
@@ -100,6 +105,8 @@ class LoadFP8DiT:
         model.model.fp8_source_metadata = architecture_metadata(scan.header.metadata)  # for Save FP8 Model
         summary = f"{unet_name} ({scan.dialect}): {_kernel_summary(model, plan, device)}"
         add_calibration_hook(model, plan)
+        model, attention_summary = patch_attention(model, attention_choice, in_place=True)  # no node holds it yet
+        summary = f"{summary}; {attention_summary}"
         logger.info(summary)
         return {"ui": {"text": [summary]}, "result": (model,)}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fp8_quant.attention import ATTENTION_CHOICES, AttentionChoice
 from fp8_quant.config import (
     AUTO,
     USER_ACTIVATION_GRANULARITIES,
@@ -64,8 +65,15 @@ def _common_inputs() -> dict:
 
 
 def loader_optional_inputs() -> dict:
-    """Optional inputs of Load FP8 DiT, in widget order (shared workflows store widget values by position)."""
-    return {"activation_scheme": _combo("activation_scheme", USER_ACTIVATION_SCHEMES, AUTO), **_common_inputs()}
+    """Optional inputs of Load FP8 DiT, in widget order (shared workflows store widget values by position:
+    ``attention`` came last)."""
+    from .attention import ATTENTION_TOOLTIP
+
+    return {
+        "activation_scheme": _combo("activation_scheme", USER_ACTIVATION_SCHEMES, AUTO),
+        **_common_inputs(),
+        "attention": (list(ATTENTION_CHOICES), {"default": AttentionChoice.AUTO.value, "tooltip": ATTENTION_TOOLTIP}),
+    }
 
 
 def text_encoder_optional_inputs() -> dict:

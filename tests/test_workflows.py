@@ -22,11 +22,12 @@ def test_there_are_wan_and_flux_workflows():
 
 
 def test_node_names_are_stable():
-    assert set(NODE_CLASS_MAPPINGS) == {"LoadFP8DiT", "QuantizeTextEncoderFP8", "SaveFP8Model"}
+    assert set(NODE_CLASS_MAPPINGS) == {"LoadFP8DiT", "QuantizeTextEncoderFP8", "SaveFP8Model", "PatchAttentionFP8"}
     assert NODE_DISPLAY_NAME_MAPPINGS == {
         "LoadFP8DiT": "Load FP8 DiT",
         "QuantizeTextEncoderFP8": "Quantize Text Encoder (FP8)",
         "SaveFP8Model": "Save FP8 Model",
+        "PatchAttentionFP8": "Patch Attention (8-bit pack)",
     }
 
 

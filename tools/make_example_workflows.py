@@ -78,6 +78,7 @@ WIDGETS = {
         "weight_granularity",
         "kernel",
         "skip_layers",
+        "attention",
     ],
     "QuantizeTextEncoderFP8": [
         "activation_scheme",
@@ -107,6 +108,7 @@ LOAD_DEFAULTS = {
     "weight_granularity": "channel",
     "kernel": "auto",
     "skip_layers": "",
+    "attention": "auto",
 }
 TE_DEFAULTS = {
     "activation_scheme": "auto",

@@ -158,6 +158,27 @@ def test_an_ltx_video_dit_loads_and_samples_as_the_stock_one(comfyui):
     assert errors["ours"] < min(0.1, errors["stock_fp8"]), errors
 
 
+def test_patch_attention_leaves_its_input_model_alone(comfyui, tiny_wan):
+    """One prompt samples the stock model through Patch Attention and the same stock model directly: the direct run
+    is the stock result (the input MODEL kept its attention), and the patched one gives ComfyUI's attention where the
+    pack's backends do not run (the CPU), so the same latent, saying so."""
+    reference = sample(comfyui, stock_loader(tiny_wan), "attention_reference")
+    prompt = sampling_prompt(stock_loader(tiny_wan), "attention_patched")
+    prompt["9"] = {"class_type": "PatchAttentionFP8", "inputs": {"model": ["1", 0], "attention": "auto"}}
+    prompt["5"]["inputs"]["model"] = ["9", 0]
+    prompt["15"] = {**prompt["5"], "inputs": {**prompt["5"]["inputs"], "model": ["1", 0]}}
+    prompt["16"] = {"class_type": "FP8TestSaveLatent", "inputs": {"samples": ["15", 0], "name": "attention_input"}}
+    entry = comfyui.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
+    assert "attention auto" in " ".join(entry["outputs"]["9"]["text"])
+    direct = load_file(str(comfyui.output / "attention_input.safetensors"))["samples"]
+    patched = load_file(str(comfyui.output / "attention_patched.safetensors"))["samples"]
+    assert torch.equal(direct, reference)
+    assert torch.equal(patched, reference)
+    ours, summary = sample_with_summary(comfyui, our_loader(tiny_wan, attention="8bit"), "attention_ours")
+    assert "attention 8bit" in summary, summary
+
+
 def test_same_fp8_file_as_accurate_as_the_stock_loader(comfyui, tiny_wan):
     """On identical fp8 weights (our comfy-quant file) Load FP8 DiT matches the newest stock loader; quantizing the
     bf16 file itself (per-layer scales) does better than the stock loader on the converted file."""
