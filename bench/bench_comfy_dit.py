@@ -61,6 +61,12 @@ PRESETS = {
         (1, 16, 64, 64),
     ),
     "wan-tiny": ("wan", {}, (1, 16, 2, 16, 16)),
+    # 720p, 33 frames (32400 tokens): attention is most of the step
+    "wan14b-4layers-720p": (
+        "wan",
+        {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 4},
+        (1, 16, 9, 90, 160),
+    ),
 }
 # The linear whose cost per call is timed alone on a short input (``linear_ms``), per family.
 PROBE_LINEAR = {"wan": "blocks.0.self_attn.q", "flux": "double_blocks.0.img_attn.qkv"}
@@ -134,6 +140,16 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
 
         return load
 
+    def with_attention(load, override):
+        """The stock loader's model with an attention override of its own (what a user would otherwise pick)."""
+
+        def patched():
+            patcher = load().clone()
+            patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+            return patcher
+
+        return patched
+
     fast = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
     paths = {
         "fp32 reference": (stock(bf16, dtype=torch.float32), False, {}),
@@ -148,6 +164,10 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
         "ours dynamic per-token": (ours(bf16, activation_scheme="dynamic"), False, {}),
         "ours static": (ours(bf16, activation_scheme="static"), False, {}),
         "ours weight-only": (ours(bf16, activation_scheme="none"), False, {}),
+        "ours auto, ComfyUI's attention (bf16 file)": (ours(bf16, attention="comfy"), False, {}),
+        "ours auto, 8bit attention (bf16 file)": (ours(bf16, attention="8bit"), False, {}),
+        "stock on our comfy-quant file, cuDNN first": (with_attention(stock(quant), cudnn_first), False, {}),
+        "stock on our comfy-quant file, SageAttention": (with_attention(stock(quant), sage_attention), False, {}),
     }
     if compile_too:
         paths.update(
@@ -159,6 +179,34 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
             }
         )
     return paths
+
+
+def cudnn_first(func, *args, **kwargs):
+    """ComfyUI's own attention with cuDNN moved before FlashAttention in its SDPA priority list."""
+    import comfy.ops
+    from torch.nn.attention import SDPBackend
+
+    saved = list(comfy.ops.SDPA_BACKEND_PRIORITY)
+    comfy.ops.SDPA_BACKEND_PRIORITY[:] = [
+        SDPBackend.CUDNN_ATTENTION,
+        *(b for b in saved if b != SDPBackend.CUDNN_ATTENTION),
+    ]
+    try:
+        return func(*args, **kwargs)
+    finally:
+        comfy.ops.SDPA_BACKEND_PRIORITY[:] = saved
+
+
+def sage_attention(func, *args, **kwargs):
+    """ComfyUI's SageAttention path (what --use-sage-attention selects), needing the sageattention package."""
+    import comfy.ldm.modules.attention as attention
+
+    if not getattr(attention, "SAGE_ATTENTION_IS_AVAILABLE", False):
+        import sageattention  # raises where it is not installed: the path fails with that reason
+
+        attention.sageattn = sageattention.sageattn
+        attention.SAGE_ATTENTION_IS_AVAILABLE = True
+    return attention.attention_sage(*args, **kwargs)
 
 
 def accumulation_choices() -> list[dict]:
