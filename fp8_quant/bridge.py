@@ -88,7 +88,8 @@ def _prepare_layer(
     if decision.method is None:
         if _narrower(decision.keep_dtype, weight):
             _store_in(module, decision.keep_dtype)
-        return LayerReport(name, False, decision.reason, size, tensor_bytes(module.weight), bf16_size)
+        held = module.weight.dtype if module.weight is not None else None
+        return LayerReport(name, False, decision.reason, size, tensor_bytes(module.weight), bf16_size, held)
     if unit_scale:
         # A plain fp8 cast (how ComfyUI holds an fp8 text-encoder file on a GPU): the stored values are the
         # weights, at unit scale. Re-quantizing cannot win back precision, so they are used as they are.

@@ -23,6 +23,7 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     bf16_bytes: int = 0  # the weight's size in bf16: the yardstick of memory budgets
+    held_dtype: torch.dtype | None = None  # what a kept layer's weight is held in (fp32 on a CPU, bf16 on a GPU, ...)
 
 
 @dataclass
@@ -62,9 +63,17 @@ class Fp8Report:
         return (
             f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
             f"{f' ({kept_fp8})' if kept_fp8 else ''}"
-            f"{f' (skipped: {skipped})' if skipped else ''}; linear weights "
-            f"{mib(self.bytes_before)} -> {mib(self.bytes_after)}"
+            f"{f' (skipped: {skipped})' if skipped else ''}; {self.bytes_line()}"
         )
+
+    def bytes_line(self) -> str:
+        """The linear weights' bytes against bf16 (the yardstick: fp8 halves it), and what the kept layers are held
+        in: on a CPU they are fp32, so fp8 plus kept layers can weigh more than the file's bf16 did."""
+        text = f"linear weights {mib(self.bytes_after)} vs {mib(self.bf16_bytes)} in bf16"
+        held = sorted({dtype_name(layer.held_dtype) for layer in self.skipped if layer.held_dtype is not None})
+        if held:
+            text += f" (kept layers in {', '.join(held)})"
+        return text
 
     def summary(self) -> str:
         text = f"{self.headline()}; {self.config.describe()}"
@@ -88,6 +97,16 @@ def tensor_bytes(tensor: torch.Tensor | None) -> int:
 def fp8_layer_bytes(module: nn.Module) -> int:
     """What a quantized linear's weight costs: the fp8 weight plus its float32 scales."""
     return tensor_bytes(module.weight) + tensor_bytes(module.weight_scale)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bf16``, ``fp32``, ``float8_e4m3fn``: a dtype as a summary names it."""
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return short.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def bf16_bytes(tensor: torch.Tensor | None) -> int:
+    return 2 * tensor.numel() if tensor is not None else 0
 
 
 def mib(size: int) -> str:

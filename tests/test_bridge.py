@@ -151,3 +151,13 @@ def test_plain_fp8_weights_are_used_at_unit_scale():
     for layer, weight in zip((source[0], source[2]), before, strict=True):
         assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))
         assert not hasattr(layer, "fp8_method")
+
+
+def test_summary_bytes_are_against_bf16_and_name_the_kept_layers_dtype():
+    """Two 512x512 linears, one kept: bf16 would hold 2 x 512 x 512 x 2 bytes = 1.0 MiB; the kept one stays in the
+    fp32 it was built in (1.0 MiB alone), so the summary must say so rather than "bytes before -> after"."""
+    model = nn.ModuleDict({"proj": nn.Linear(512, 512), "head": nn.Linear(512, 512)})
+    report = prepare_model_for_fp8(model, Fp8Config(ignored_layers=["head"]))
+    expected_after = 512 * 512 + 512 * 4 + 512 * 512 * 4  # fp8 weight + per-channel fp32 scales, fp32 kept layer
+    assert report.bytes_after == expected_after
+    assert f"linear weights {expected_after / 2**20:.1f} MiB vs 1.0 MiB in bf16 (kept layers in fp32)" in report.summary()
