@@ -19,6 +19,7 @@ from conftest import (
     REPO,
     SKIP_REASON,
     needs_comfy_format,
+    needs_comfy_quant,
     write_comfy_quantized,
     write_fixture,
 )
@@ -184,7 +185,7 @@ def test_converted_files_load_in_our_loader(comfyui, tiny_wan, file):
         "tiny_wan_fp8_scaled.safetensors",
         pytest.param(
             "tiny_wan_fp8_quant.safetensors",
-            marks=pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files"),
+            marks=needs_comfy_quant,
         ),
     ],
 )
@@ -495,7 +496,7 @@ def test_text_encoder_recipes_side_by_side(family):
     assert errors["quality"] <= min(errors.values()), errors
 
 
-@pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files")
+@needs_comfy_quant
 def test_text_encoder_comfyui_already_quantized_comes_back_unchanged():
     """A .comfy_quant text encoder, loaded by ComfyUI's own mixed-precision ops: not an error, nothing to do."""
     result = run_inprocess("text_encoder", "t5", "comfy_quant")
