@@ -33,6 +33,7 @@ class Fp8Report:
     config: Fp8Config
     layers: list[LayerReport] = field(default_factory=list)
     kernel_choice: str = ""
+    activations_rounded: bool = True  # False where the chosen kernel keeps activations in high precision (dequantize)
     notes: list[str] = field(default_factory=list)  # what a recipe measured (e.g. the error on its samples)
     sensitivity: SensitivityReport | None = None  # the per-layer table, where a recipe measured one
 
@@ -75,8 +76,29 @@ class Fp8Report:
             text += f" (kept layers in {', '.join(held)})"
         return text
 
+    def short_summary(self) -> str:
+        """What a node shows: how many linears are fp8, the bytes, the kernel, in plain words (the patterns that kept
+        layers, the scheme and the kernel's reasoning are in ``summary``, for the log)."""
+        kept = len(self.skipped)
+        text = f"{len(self.quantized)} of {len(self.layers)} linears in fp8"
+        if kept:
+            text += f" ({kept} kept as they were: norms, embeddings, heads and your skip list; names in the log)"
+        text += f"; {self.bytes_line()}"
+        if not self.activations_rounded and self.config.quantizes_activations:
+            text += "; activations not rounded on this device"
+        if self.kernel_choice:
+            text += f"; kernel {self.kernel_choice.split(' ', 1)[0]}"
+        return "; ".join([text, *self.notes])
+
+    def kept_names(self) -> str:
+        """The kept layers by reason, for the log."""
+        by_reason: dict[str, list[str]] = {}
+        for layer in self.skipped:
+            by_reason.setdefault(layer.reason, []).append(layer.name)
+        return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in sorted(by_reason.items()))
+
     def summary(self) -> str:
-        text = f"{self.headline()}; {self.config.describe()}"
+        text = f"{self.headline()}; {self.config.describe(self.activations_rounded)}"
         if self.kernel_choice:
             text += f"; kernel {self.kernel_choice}"
         return "; ".join([text, *self.notes])

@@ -162,3 +162,24 @@ def test_summary_bytes_are_against_bf16_and_name_the_kept_layers_dtype():
     assert report.bytes_after == expected_after
     expected = f"linear weights {expected_after / 2**20:.1f} MiB vs 1.0 MiB in bf16 (kept layers in fp32)"
     assert expected in report.summary()
+
+
+def test_short_summary_is_plain_and_the_details_name_the_kept_layers():
+    """The node's line has no quoted patterns nor the scheme's jargon; the kept layers and why are for the log."""
+    model = nn.ModuleDict({"proj": nn.Linear(512, 512), "head": nn.Linear(512, 512)})
+    report = prepare_model_for_fp8(model, Fp8Config(ignored_layers=["he*"]))
+    short = report.short_summary()
+    assert short.startswith("1 of 2 linears in fp8 (1 kept as they were") and "'" not in short, short
+    assert "activations not rounded on this device" in short  # the CPU's dequantize kernel: nothing rounded
+    assert report.kept_names() == "matched 'he*': head"
+
+
+def test_cpu_summary_does_not_claim_calibration():
+    """Under auto on the CPU the dequantize kernel keeps activations unrounded: nothing is calibrated, and the
+    summary says so; an explicit scheme rounds them there as an FP8 GPU would, and the summary names it."""
+    model = nn.ModuleDict({"proj": nn.Linear(64, 64)})
+    auto = prepare_model_for_fp8(model, Fp8Config(activation_scheme="calibrated"))
+    assert "calibrated" not in auto.summary() and "activations not rounded" in auto.summary(), auto.summary()
+    explicit = Fp8Config(activation_scheme="dynamic", round_activations_on_dequant=True)
+    rounded = prepare_model_for_fp8(nn.ModuleDict({"proj": nn.Linear(64, 64)}), explicit)
+    assert "activations fp8 e4m3, per-token, dynamic" in rounded.summary(), rounded.summary()

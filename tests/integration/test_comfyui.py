@@ -254,7 +254,7 @@ def test_mxfp8_file_written_by_comfyui_reads_as_the_stock_loader_reads_it(comfyu
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_mx")
     stock = sample(comfyui, stock_loader("tiny_wan_mxfp8.safetensors"), "stock_mxfp8")
     ours, summary = sample_with_summary(comfyui, our_loader("tiny_wan_mxfp8.safetensors"), "ours_mxfp8")
-    assert "(comfy-quant)" in summary and "20/26 linears quantized" in summary and "kernel dequant" in summary
+    assert "(comfy-quant)" in summary and "20 of 26 linears in fp8" in summary and "kernel dequant" in summary
     assert rel_err(ours, stock) < 1e-3, rel_err(ours, stock)
     assert rel_err(ours, reference) < 0.15
 
@@ -517,9 +517,15 @@ def test_quantize_text_encoder_through_clip_text_encode(comfyui, family):
             "inputs": {"conditioning": ["4", 0], "name": f"te_{family}_fp8"},
         },
     }
+    log_start = len(comfyui.log_text())
     entry = comfyui.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
-    assert "linears quantized" in json.dumps(entry["outputs"]["2"]), entry["outputs"]
+    shown = " ".join(entry["outputs"]["2"]["text"])
+    assert "linears in fp8" in shown, entry["outputs"]
+    assert "'" not in shown and "high-precision" not in shown, shown  # plain words: no quoted patterns
+    log = comfyui.log_text()[log_start:]
+    assert log.count("fp8 sensitivity per layer") == 1, log  # the table once
+    assert log.count("; kept: ") == 1, log  # the details once, the kept layers named
     reference = load_file(str(comfyui.output / f"te_{family}.safetensors"))
     quantized = load_file(str(comfyui.output / f"te_{family}_fp8.safetensors"))
     assert reference.keys() == quantized.keys()
