@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import signal
@@ -23,11 +24,12 @@ from pathlib import Path
 import torch
 
 from . import demo, sensitivity_cli
-from .config import parse_weight_dtype
+from .config import WEIGHT_DTYPES, parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.calibration import read_input_scales
 from .formats.inspect import format_inspection, inspect_checkpoint
 from .scheme import PER_CHANNEL, PER_TENSOR
+from .text_encoder import DEFAULT_BUDGET, RECIPES, quantize_text_encoder
 
 EXIT_ERROR = 2
 
@@ -69,31 +71,63 @@ class ProgressBar:
             self.open_line = False
 
 
+def _default(function, name: str):
+    """A default of the core's own signature, so that the CLI never restates it as a literal."""
+    return inspect.signature(function).parameters[name].default
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fp8-quant", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fp8-quant",
+        description="Quantize models to FP8: try it on a random model (demo), describe a checkpoint (inspect), "
+        "write an fp8 checkpoint (convert), or measure a text encoder's per-layer fp8 error (sensitivity).",
+    )
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", help="log kernel choices and details")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo_parser = commands.add_parser(
-        "demo", parents=[verbose], help="quantize a small random model; print error and bytes"
+        "demo", parents=[verbose], help="quantize a small random model; print error and bytes",
+        description="Quantize a small random MLP stack; print its error vs fp32 and its bytes vs bf16.",
     )
-    demo_parser.add_argument("--width", type=_positive_int, default=512)
-    demo_parser.add_argument("--depth", type=_positive_int, default=4)
-    demo_parser.add_argument("--device", default=None)
-    inspect_parser = commands.add_parser("inspect", parents=[verbose], help="describe a safetensors checkpoint")
-    inspect_parser.add_argument("file")
+    demo_parser.add_argument(
+        "--width", type=_positive_int, default=_default(demo.run_demo, "width"), help="width (default: %(default)s)"
+    )
+    demo_parser.add_argument(
+        "--depth", type=_positive_int, default=_default(demo.run_demo, "depth"), help="blocks (default: %(default)s)"
+    )
+    demo_parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    inspect_parser = commands.add_parser(
+        "inspect", parents=[verbose], help="describe a safetensors checkpoint",
+        description="Describe a safetensors checkpoint: its dialect, layers, scales and what Load FP8 DiT makes of it.",
+    )
+    inspect_parser.add_argument("file", help="a .safetensors file")
     inspect_parser.add_argument("--json", action="store_true", help="print the report as JSON")
     convert_parser = commands.add_parser(
-        "convert", parents=[verbose], help="stream a bf16/fp16/fp32 safetensors file into fp8"
+        "convert", parents=[verbose], help="stream a bf16/fp16/fp32 safetensors file into fp8",
+        description="Stream a bf16/fp16/fp32 safetensors file into an fp8 one, layer by layer.",
     )
-    convert_parser.add_argument("input")
-    convert_parser.add_argument("output")
-    convert_parser.add_argument("--format", choices=OUTPUT_FORMATS, default="comfy-scaled")
-    convert_parser.add_argument("--weight-dtype", default="float8_e4m3fn")
+    convert_parser.add_argument("input", help="the bf16/fp16/fp32 .safetensors file")
+    convert_parser.add_argument("output", help="the fp8 .safetensors file to write")
+    convert_parser.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default=_default(convert_checkpoint, "output_format"),
+        help="comfy-scaled: every ComfyUI reads it; comfy-quant: ComfyUI 0.16 and newer; weight-scale: every scale "
+        "as it is, for Load FP8 DiT (default: %(default)s)",
+    )
+    convert_parser.add_argument(
+        "--weight-dtype",
+        default=str(_default(convert_checkpoint, "weight_dtype")).removeprefix("torch."),
+        help=f"fp8 type of the weights: {', '.join(WEIGHT_DTYPES)} (default: %(default)s)",
+    )
     convert_parser.add_argument("--per-channel", action="store_true", help="per-channel scales (weight-scale only)")
     convert_parser.add_argument("--skip", action="append", default=[], help="extra layer pattern to keep (repeat)")
     convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
-    convert_parser.add_argument("--device", default="cpu", help="where to quantize each tensor (cuda is faster)")
+    convert_parser.add_argument(
+        "--device",
+        default=_default(convert_checkpoint, "device"),
+        help="where to quantize each tensor; cuda is faster (default: %(default)s)",
+    )
     convert_parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     convert_parser.add_argument(
         "--calibrated",
@@ -106,13 +140,26 @@ def _parser() -> argparse.ArgumentParser:
         "sensitivity",
         parents=[verbose],
         help="per-layer fp8 error of a text encoder (a BERT folder: config.json, vocab.txt, model.safetensors)",
+        description="Fit a BERT-family text encoder by a recipe and show each layer's fp8 error and what stays bf16.",
     )
-    sensitivity_parser.add_argument("model", help="folder of a BERT-family sentence encoder")
-    sensitivity_parser.add_argument("--recipe", choices=("quality", "speed"), default="quality")
-    sensitivity_parser.add_argument("--budget", type=float, default=0.55, help="linear bytes / their bf16 bytes")
+    sensitivity_parser.add_argument(
+        "model", help="folder of a BERT-family sentence encoder (config.json, vocab.txt, model.safetensors)"
+    )
+    sensitivity_parser.add_argument(
+        "--recipe",
+        choices=[recipe for recipe in RECIPES if recipe != "plain"],  # plain fits nothing: no table to show
+        default=_default(quantize_text_encoder, "recipe"),
+        help="how the encoder is fitted, as in Quantize Text Encoder (FP8) (default: %(default)s)",
+    )
+    sensitivity_parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help="linear weight bytes at most this share of their bf16 bytes (default: %(default)s)",
+    )
     sensitivity_parser.add_argument("--prompts", help="text file, one calibration prompt a line (default: built in)")
     sensitivity_parser.add_argument(
-        "--plot", default="sensitivity.png", help="PNG to write (needs matplotlib), or none"
+        "--plot", default="sensitivity.png", help="PNG to write (needs matplotlib), or none (default: %(default)s)"
     )
     return parser
 
@@ -158,7 +205,8 @@ def _run(args: argparse.Namespace) -> int:
         print(result["summary"])
         print(
             f"device {result['device']}: relative error vs fp32 {result['relative_error']:.4f}; "
-            f"linear weights {result['bytes_before'] / 2**20:.1f} MiB -> {result['bytes_after'] / 2**20:.1f} MiB"
+            f"linear weights {result['bytes_after'] / 2**20:.1f} MiB vs {result['bf16_bytes'] / 2**20:.1f} MiB in bf16 "
+            f"({result['bytes_after'] / result['bf16_bytes']:.2f}x)"
         )
     elif args.command == "inspect":
         _check_input(args.file)
@@ -205,6 +253,12 @@ def _check_device(name: str | None, subject: str) -> None:
 def _convert(args: argparse.Namespace) -> None:
     _check_input(args.input)
     _check_device(args.device, args.input)
+    try:
+        weight_dtype = parse_weight_dtype(args.weight_dtype)
+    except ValueError:
+        raise ValueError(
+            f"--weight-dtype {args.weight_dtype!r} is not allowed; allowed values: {', '.join(WEIGHT_DTYPES)}"
+        ) from None
     if Path(args.output).is_file() and not args.force:
         raise CheckpointError(f"{args.output}: already exists; pass --force to replace it")
     progress = ProgressBar("convert") if sys.stderr.isatty() else None
@@ -214,7 +268,7 @@ def _convert(args: argparse.Namespace) -> None:
                 args.input,
                 args.output,
                 args.format,
-                weight_dtype=parse_weight_dtype(args.weight_dtype),
+                weight_dtype=weight_dtype,
                 weight_group=PER_CHANNEL if args.per_channel else PER_TENSOR,
                 skip_patterns=args.skip,
                 default_skips=not args.no_default_skips,

@@ -64,11 +64,21 @@ def prepare_model_for_fp8(
         device = torch.device(compute_device) if compute_device is not None else quantized[0].weight.device
         for module in quantized:
             module.fp8_method.prepare_kernels(module, device)
-        _, report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, kernel)
+        note_kernel_choice(report, quantized, device, kernel)
     else:
         logger.warning("no linear of %s was quantized: every one was skipped", type(model).__name__)
     logger.info(report.summary())
     return report
+
+
+def note_kernel_choice(report: Fp8Report, quantized: list[nn.Module], device: torch.device, kernel: str | None) -> None:
+    """The report's kernel sentence, and whether activations are really rounded to fp8 on ``device``: the dequantize
+    kernel (CPUs, GPUs without FP8 tensor cores) keeps them in high precision unless asked to round them, and then
+    nothing is calibrated either, so the summary must not say it is. ``quantized``: layers with kernels prepared."""
+    _, report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, kernel)
+    report.activations_rounded = any(
+        layer.fp8_method.kernel_for(layer, device).input_quant is not None for layer in quantized
+    )
 
 
 def _prepare_layer(
@@ -92,7 +102,8 @@ def _prepare_layer(
     if decision.method is None:
         if _narrower(decision.keep_dtype, weight):
             _store_in(module, decision.keep_dtype)
-        return LayerReport(name, False, decision.reason, size, tensor_bytes(module.weight), bf16_size)
+        held = module.weight.dtype if module.weight is not None else None
+        return LayerReport(name, False, decision.reason, size, tensor_bytes(module.weight), bf16_size, held)
     if unit_scale:
         # A plain fp8 cast (how ComfyUI holds an fp8 text-encoder file on a GPU): the stored values are the
         # weights, at unit scale. Re-quantizing cannot win back precision, so they are used as they are.

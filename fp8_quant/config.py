@@ -183,11 +183,15 @@ class Fp8Config:
             return None
         return activation_key(torch.float8_e4m3fn, self.activation_scheme == "static", self.activation_group)
 
-    def describe(self) -> str:
+    def describe(self, activations_rounded: bool = True) -> str:
+        """The scheme in words; ``activations_rounded`` ``False``: the kernel that runs keeps activations in high
+        precision (the dequantize kernel), so no activation is rounded or calibrated, whatever the scheme says."""
         weights = str(self.weight_quant_key)
         if self.weight_granularity == AUTO:
             weights = weights.replace("per-channel", "per-tensor, per-channel or fitted groups by layer")
-        if self.activation_scheme == "calibrated":
+        if self.quantizes_activations and not activations_rounded:
+            acts = "not rounded (this device multiplies dequantized weights)"
+        elif self.activation_scheme == "calibrated":
             acts = "calibrated by layer at the first step"
         else:
             acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"

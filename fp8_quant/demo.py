@@ -46,5 +46,6 @@ def run_demo(width: int = 512, depth: int = 4, tokens: int = 256, device: str | 
         "relative_error": error,
         "bytes_before": report.bytes_before,
         "bytes_after": report.bytes_after,
+        "bf16_bytes": report.bf16_bytes,
         "summary": report.summary(),
     }

@@ -8,7 +8,8 @@ arrives (fp8 from a file, or high precision), and do what it says. Rules that li
   (``config.stored_config``); a layer the user asked to skip is kept in high precision instead (the loader
   dequantizes it);
 - a static scheme takes the layer's ``input_scale`` from its file, and a layer without one learns its scale at
-  run time (``auto_scales``), said in the reason;
+  run time (``auto_scales``), said in the reason; under ``auto`` (``calibrated``) a layer with an ``input_scale``
+  runs static on it, the others are calibrated at run time (a file where only some layers carry one);
 - a high-precision weight is quantized on the fly where there is an online config and no skip pattern matches;
 - per-layer overrides computed for one model (a sensitivity pass keeps some layers in high precision, or gives a
   layer another scheme) win over the patterns, and weights rounded ahead of time (``gptq``) replace plain rounding.
@@ -29,6 +30,7 @@ QUANTIZED = "quantized"
 STORED_FP8 = "fp8 in file"
 UNIT_SCALE_FP8 = "fp8 weight used as it is (unit scale)"
 STATIC_WITHOUT_INPUT_SCALE = "fp8 in file, static scale learnt at run time (no input_scale)"
+STORED_WITH_INPUT_SCALE = "fp8 in file, with its input scale"
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,15 @@ class Fp8Recipe:
         if pattern is not None:
             return LayerDecision(name, None, f"matched {pattern!r}")
         reason = UNIT_SCALE_FP8 if unit_scale else STORED_FP8
-        if self.stored.activation_scheme == "static" and not has_input_scale:
+        config = self.stored
+        if config.activation_scheme == "static" and not has_input_scale:
             reason = STATIC_WITHOUT_INPUT_SCALE
-        return LayerDecision(name, self._method(self.stored, online=False), reason)
+        elif config.activation_scheme == "calibrated" and has_input_scale:
+            # auto on a file where only some layers carry a calibrated input scale (``convert --calibrated`` from a
+            # partial run): those layers use theirs, the others are calibrated at run time.
+            config = replace(config, activation_scheme="static", activation_granularity="tensor")
+            reason = STORED_WITH_INPUT_SCALE
+        return LayerDecision(name, self._method(config, online=False), reason)
 
     def methods(self) -> list[Fp8LinearMethod]:
         """The methods this recipe has handed out so far (one per scheme)."""

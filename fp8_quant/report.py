@@ -23,6 +23,7 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     bf16_bytes: int = 0  # the weight's size in bf16: the yardstick of memory budgets
+    held_dtype: torch.dtype | None = None  # what a kept layer's weight is held in (fp32 on a CPU, bf16 on a GPU, ...)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Fp8Report:
     config: Fp8Config
     layers: list[LayerReport] = field(default_factory=list)
     kernel_choice: str = ""
+    activations_rounded: bool = True  # False where the chosen kernel keeps activations in high precision (dequantize)
     notes: list[str] = field(default_factory=list)  # what a recipe measured (e.g. the error on its samples)
     sensitivity: SensitivityReport | None = None  # the per-layer table, where a recipe measured one
 
@@ -62,12 +64,41 @@ class Fp8Report:
         return (
             f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
             f"{f' ({kept_fp8})' if kept_fp8 else ''}"
-            f"{f' (skipped: {skipped})' if skipped else ''}; linear weights "
-            f"{mib(self.bytes_before)} -> {mib(self.bytes_after)}"
+            f"{f' (skipped: {skipped})' if skipped else ''}; {self.bytes_line()}"
         )
 
+    def bytes_line(self) -> str:
+        """The linear weights' bytes against bf16 (the yardstick: fp8 halves it), and what the kept layers are held
+        in: on a CPU they are fp32, so fp8 plus kept layers can weigh more than the file's bf16 did."""
+        text = f"linear weights {mib(self.bytes_after)} vs {mib(self.bf16_bytes)} in bf16"
+        held = sorted({dtype_name(layer.held_dtype) for layer in self.skipped if layer.held_dtype is not None})
+        if held:
+            text += f" (kept layers in {', '.join(held)})"
+        return text
+
+    def short_summary(self) -> str:
+        """What a node shows: how many linears are fp8, the bytes, the kernel, in plain words (the patterns that kept
+        layers, the scheme and the kernel's reasoning are in ``summary``, for the log)."""
+        kept = len(self.skipped)
+        text = f"{len(self.quantized)} of {len(self.layers)} linears in fp8"
+        if kept:
+            text += f" ({kept} kept as they were: norms, embeddings, heads and your skip list; names in the log)"
+        text += f"; {self.bytes_line()}"
+        if not self.activations_rounded and self.config.quantizes_activations:
+            text += "; activations not rounded on this device"
+        if self.kernel_choice:
+            text += f"; kernel {self.kernel_choice.split(' ', 1)[0]}"
+        return "; ".join([text, *self.notes])
+
+    def kept_names(self) -> str:
+        """The kept layers by reason, for the log."""
+        by_reason: dict[str, list[str]] = {}
+        for layer in self.skipped:
+            by_reason.setdefault(layer.reason, []).append(layer.name)
+        return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in sorted(by_reason.items()))
+
     def summary(self) -> str:
-        text = f"{self.headline()}; {self.config.describe()}"
+        text = f"{self.headline()}; {self.config.describe(self.activations_rounded)}"
         if self.kernel_choice:
             text += f"; kernel {self.kernel_choice}"
         return "; ".join([text, *self.notes])
@@ -88,6 +119,16 @@ def tensor_bytes(tensor: torch.Tensor | None) -> int:
 def fp8_layer_bytes(module: nn.Module) -> int:
     """What a quantized linear's weight costs: the fp8 weight plus its float32 scales."""
     return tensor_bytes(module.weight) + tensor_bytes(module.weight_scale)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bf16``, ``fp32``, ``float8_e4m3fn``: a dtype as a summary names it."""
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return short.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def bf16_bytes(tensor: torch.Tensor | None) -> int:
+    return 2 * tensor.numel() if tensor is not None else 0
 
 
 def mib(size: int) -> str:

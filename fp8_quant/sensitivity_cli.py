@@ -11,6 +11,8 @@ from .report import Fp8Report
 from .sensitivity import require_matplotlib
 from .text_encoder import quantize_text_encoder
 
+MODEL_FILES = ("config.json", "vocab.txt", "model.safetensors")
+
 
 def run_sensitivity(folder: str, recipe: str, budget: float, prompts_file: str | None) -> Fp8Report:
     """Quantize the encoder of ``folder`` by ``recipe`` on the prompts (one a line in ``prompts_file``, else the
@@ -30,8 +32,13 @@ def run_sensitivity(folder: str, recipe: str, budget: float, prompts_file: str |
 
 def check_folder(folder: str) -> Path:
     path = Path(folder)
-    if not all((path / name).is_file() for name in ("config.json", "vocab.txt", "model.safetensors")):
-        raise ValueError(f"{folder}: expected a folder with config.json, vocab.txt and model.safetensors")
+    if not path.exists():
+        raise ValueError(f"{folder}: no such folder (expected a BERT folder: {', '.join(MODEL_FILES)})")
+    if not path.is_dir():
+        raise ValueError(f"{folder}: not a folder (expected a BERT folder: {', '.join(MODEL_FILES)})")
+    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder}: missing {', '.join(missing)} (a BERT folder holds {', '.join(MODEL_FILES)})")
     return path
 
 

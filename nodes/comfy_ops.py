@@ -18,7 +18,7 @@ from fp8_quant import Fp8Recipe, LayerDecision
 from fp8_quant.formats.comfy_formats import crop_mx_padding
 from fp8_quant.fp8_utils import dequantize, is_fp8_dtype
 from fp8_quant.methods import normalize_weight_scale
-from fp8_quant.report import Fp8Report, LayerReport, fp8_layer_bytes, tensor_bytes
+from fp8_quant.report import Fp8Report, LayerReport, bf16_bytes, fp8_layer_bytes, tensor_bytes
 from fp8_quant.scheme import weight_group_of_scale
 
 from .fp8_linear import Fp8ComfyLinearMixin, WeightCaster
@@ -117,7 +117,7 @@ def _load_layer(
             layer, decision.name, plan.quantize_device, plan.result_device
         )
         layer.fp8_method = decision.method
-        return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer))
+        return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer), bf16_bytes(weight))
     if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values
         layer.weight = nn.Parameter(_dequantized(layer, weight, scales[0], decision.name), requires_grad=False)
     elif _model_dtype(layer) not in (None, weight.dtype) and weight.dtype.is_floating_point:
@@ -125,7 +125,8 @@ def _load_layer(
             # Plain operations do not cast per call: the weight goes in the dtype ComfyUI built the layer for, as its
             # own loader stores it (weight-casting operations cast it from the file's dtype at every call instead).
             layer.weight = nn.Parameter(weight.to(_model_dtype(layer)), requires_grad=False)
-    return LayerReport(decision.name, False, decision.reason, size, tensor_bytes(layer.weight))
+    held_bytes = tensor_bytes(layer.weight)
+    return LayerReport(decision.name, False, decision.reason, size, held_bytes, bf16_bytes(weight), layer.weight.dtype)
 
 
 def _model_dtype(layer: nn.Module) -> torch.dtype | None:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import torch
 
 from fp8_quant import Fp8Recipe
+from fp8_quant.bridge import note_kernel_choice
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.formats.model_writer import architecture_metadata
 from fp8_quant.fp8_utils import is_fp8_dtype
-from fp8_quant.kernels import explain_choice
 
 from .comfy_cast import comfy_weight_caster
 from .comfy_ops import LoadPlan, make_fp8_operations
@@ -103,11 +103,14 @@ class LoadFP8DiT:
         if model is None:
             raise RuntimeError(f"{NODE_TITLE}: ComfyUI could not detect the model type of {path}")
         model.model.fp8_source_metadata = architecture_metadata(scan.header.metadata)  # for Save FP8 Model
-        summary = f"{unet_name} ({scan.dialect}): {_kernel_summary(model, plan, device)}"
+        details = _kernel_summary(model, plan, device)
         add_calibration_hook(model, plan)
         model, attention_summary = patch_attention(model, attention_choice, in_place=True)  # no node holds it yet
-        summary = f"{summary}; {attention_summary}"
-        logger.info(summary)
+        # The log has the details (patterns, scheme, the kernel's reasoning, the kept layers); the node a short line.
+        kept = plan.report.kept_names()
+        logger.info("%s (%s): %s%s; %s", unet_name, scan.dialect, details, f"; kept: {kept}" if kept else "",
+                    attention_summary)  # fmt: skip
+        summary = f"{unet_name} ({scan.dialect}): {plan.report.short_summary()}; {attention_summary}"
         return {"ui": {"text": [summary]}, "result": (model,)}
 
 
@@ -271,5 +274,5 @@ def _kernel_summary(model, plan: LoadPlan, device: torch.device) -> str:
     for layer in quantized:
         layer.fp8_method.prepare_kernels(layer, device)
     if quantized:
-        _, plan.report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, plan.recipe.kernel)
+        note_kernel_choice(plan.report, quantized, device, plan.recipe.kernel)
     return plan.report.summary()

@@ -6,23 +6,27 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 
-from fp8_quant.formats.model_writer import save_quantized_model
+from fp8_quant.formats.model_writer import learnt_input_scale, save_quantized_model
 from fp8_quant.formats.writer import COMFY_QUANT_FORMAT, OUTPUT_FORMATS
 
 from .loader import CATEGORY, node_error
-from .widgets import SAVE_FORMAT_TOOLTIP
+from .widgets import SAVE_AFTER_TOOLTIP, SAVE_FORMAT_TOOLTIP
 
 logger = logging.getLogger(__name__)
 NODE_TITLE = "Save FP8 Model"
 KEY_PREFIX = "model.diffusion_model."  # what ComfyUI's own checkpoint savers write, and its loaders detect
+ANY_TYPE = "*"  # ComfyUI's name for an input that takes any type (both 0.16 and 0.30 accept it)
 
 
 class SaveFP8Model:
     DESCRIPTION = (
         "Saves a model from Load FP8 DiT as it runs now: fp8 weights and scales, the input scales it calibrated "
-        "while sampling, LoRA patches applied. The file goes to models/diffusion_models and loads with the stock "
-        "Load Diffusion Model node."
+        "while sampling, LoRA patches applied. In the same graph as the sampler, connect the sampler's output to "
+        "'after' so the model is saved once sampling is done. Run again with nothing changed, it writes no second "
+        "copy and says which file already holds this model. The file goes to models/diffusion_models and loads "
+        "with the stock Load Diffusion Model node."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
@@ -38,16 +42,33 @@ class SaveFP8Model:
             },
             "optional": {
                 "format": (list(OUTPUT_FORMATS), {"default": COMFY_QUANT_FORMAT, "tooltip": SAVE_FORMAT_TOOLTIP}),
+                # ComfyUI's "any type": an input that only orders this node after the one it comes from.
+                "after": (ANY_TYPE, {"tooltip": SAVE_AFTER_TOOLTIP}),
             },
         }
 
-    def save(self, model, filename_prefix: str, format: str = COMFY_QUANT_FORMAT):
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        """Run at every queue: ComfyUI would otherwise serve an unchanged graph's save from its cache, showing the
+        earlier summary as if it had saved again. ``save`` itself finds out whether the model changed."""
+        return float("nan")
+
+    def save(self, model, filename_prefix: str, format: str = COMFY_QUANT_FORMAT, after=None):
         import comfy.model_management
         import folder_paths
 
         diffusion_model = model.model.diffusion_model
         if not any(hasattr(module, "fp8_layer_config") for module in diffusion_model.modules()):
             raise RuntimeError(f"{NODE_TITLE}: this model has no FP8 layers to save; connect Load FP8 DiT's MODEL")
+        state = _model_state(model, filename_prefix, format)
+        earlier = _WRITTEN.get(state)
+        if earlier is not None and os.path.isfile(earlier[0]):
+            summary = (
+                f"{os.path.basename(earlier[0])} already holds this model (written at {earlier[1]}; nothing changed "
+                "since): not written again. Sample again or change an input to save a new file."
+            )
+            logger.info("%s: %s", NODE_TITLE, summary)
+            return {"ui": {"text": [summary]}}
         folder = _diffusion_models_folder(folder_paths.get_folder_paths("diffusion_models"))
         with node_error(NODE_TITLE):
             directory, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
@@ -62,9 +83,23 @@ class SaveFP8Model:
                 params_of=_current_params,
                 metadata=getattr(model.model, "fp8_source_metadata", None),  # the architecture Load FP8 DiT read
             )
+        _WRITTEN[state] = (path, time.strftime("%H:%M:%S"))
         summary = report.summary()
         logger.info("%s: %s", NODE_TITLE, summary)
         return {"ui": {"text": [summary]}}
+
+
+# What this process has written: the model's state (see ``_model_state``) -> (file, time of day).
+_WRITTEN: dict[tuple, tuple[str, str]] = {}
+
+
+def _model_state(model, filename_prefix: str, output_format: str) -> tuple:
+    """What decides the file's content: the model object, its weight patches (LoRA; ComfyUI gives each set a new
+    ``patches_uuid``), every layer's input scale as it was learnt so far, and the node's own choices."""
+    layers = [module for module in model.model.diffusion_model.modules() if hasattr(module, "fp8_layer_config")]
+    scales = tuple(None if scale is None else float(scale) for scale in map(learnt_input_scale, layers))
+    patches = str(getattr(model, "patches_uuid", ""))
+    return id(model.model), patches, scales, filename_prefix, output_format
 
 
 def _diffusion_models_folder(folders: list[str]) -> str:

@@ -63,15 +63,14 @@ class QuantizeTextEncoderFP8:
         if recipe == "speed" and any(p.device.type == "cuda" for p in model.parameters()):
             report.notes.append(f"CUDA graphs over {_graph_encoders(model)} encoder forward(s), one per prompt length")
         new_clip = _clip_with_model(clip, model)
-        logger.info("text encoder %s: %s", type(model).__name__, report.summary())
-        # On the node: what was done and how well; the kernel reasoning and the whole table are in the log.
-        kernel = report.kernel_choice.split(" ", 1)[0] if report.kernel_choice else ""
-        summary = "; ".join([report.headline(), *report.notes] + ([f"kernel {kernel}"] if kernel else []))
+        # The log has the details once (the core logs the per-layer table); the node a short line.
+        kept_names = f"; kept: {report.kept_names()}" if report.skipped else ""
+        logger.info("text encoder %s: %s%s", type(model).__name__, report.summary(), kept_names)
+        summary = report.short_summary()
         summary += f"; {describe_comfy_quantized(kept)}" if kept else ""
         if report.sensitivity is not None:
             summary += "; " + report.sensitivity.compact()
-            logger.info("per-layer fp8 error of the text encoder:\n%s", report.sensitivity.table())
-        return _result(new_clip, summary)
+        return _result(new_clip, summary, log=False)
 
 
 def _private_copy(clip) -> nn.Module:
@@ -170,7 +169,8 @@ def _clip_with_model(clip, model: nn.Module):
     return new_clip
 
 
-def _result(clip, summary: str) -> dict:
+def _result(clip, summary: str, log: bool = True) -> dict:
     summary = f"text encoder {type(clip.cond_stage_model).__name__}: {summary}"
-    logger.info(summary)
+    if log:
+        logger.info(summary)
     return {"ui": {"text": [summary]}, "result": (clip,)}

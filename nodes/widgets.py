@@ -50,6 +50,11 @@ SAVE_FORMAT_TOOLTIP = (
     "re-quantized per tensor. weight-scale: every scale as it is, for Load FP8 DiT."
 )
 
+SAVE_AFTER_TOOLTIP = (
+    "Optional: connect the sampler's output (e.g. KSampler's LATENT) so that the model is saved after sampling in "
+    "the same run, with the input scales it calibrated. Without it ComfyUI may save before the sampler runs."
+)
+
 
 def _combo(name: str, values, default: str, tooltip: str | None = None) -> tuple[list[str], dict]:
     return list(values), {"default": default, "tooltip": TOOLTIPS[tooltip or name]}

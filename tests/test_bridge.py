@@ -161,3 +161,35 @@ def test_a_built_model_with_nan_fp8_bytes_is_refused_naming_the_layer():
     model[0].weight = nn.Parameter(weight.view(torch.float8_e4m3fn), requires_grad=False)
     with pytest.raises(ValueError, match=r"^0: fp8 weight holds 1 NaN/inf"):
         prepare_model_for_fp8(model, Fp8Config())
+
+
+def test_summary_bytes_are_against_bf16_and_name_the_kept_layers_dtype():
+    """Two 512x512 linears, one kept: bf16 would hold 2 x 512 x 512 x 2 bytes = 1.0 MiB; the kept one stays in the
+    fp32 it was built in (1.0 MiB alone), so the summary must say so rather than "bytes before -> after"."""
+    model = nn.ModuleDict({"proj": nn.Linear(512, 512), "head": nn.Linear(512, 512)})
+    report = prepare_model_for_fp8(model, Fp8Config(ignored_layers=["head"]))
+    expected_after = 512 * 512 + 512 * 4 + 512 * 512 * 4  # fp8 weight + per-channel fp32 scales, fp32 kept layer
+    assert report.bytes_after == expected_after
+    expected = f"linear weights {expected_after / 2**20:.1f} MiB vs 1.0 MiB in bf16 (kept layers in fp32)"
+    assert expected in report.summary()
+
+
+def test_short_summary_is_plain_and_the_details_name_the_kept_layers():
+    """The node's line has no quoted patterns nor the scheme's jargon; the kept layers and why are for the log."""
+    model = nn.ModuleDict({"proj": nn.Linear(512, 512), "head": nn.Linear(512, 512)})
+    report = prepare_model_for_fp8(model, Fp8Config(ignored_layers=["he*"]))
+    short = report.short_summary()
+    assert short.startswith("1 of 2 linears in fp8 (1 kept as they were") and "'" not in short, short
+    assert "activations not rounded on this device" in short  # the CPU's dequantize kernel: nothing rounded
+    assert report.kept_names() == "matched 'he*': head"
+
+
+def test_cpu_summary_does_not_claim_calibration():
+    """Under auto on the CPU the dequantize kernel keeps activations unrounded: nothing is calibrated, and the
+    summary says so; an explicit scheme rounds them there as an FP8 GPU would, and the summary names it."""
+    model = nn.ModuleDict({"proj": nn.Linear(64, 64)})
+    auto = prepare_model_for_fp8(model, Fp8Config(activation_scheme="calibrated"))
+    assert "calibrated" not in auto.summary() and "activations not rounded" in auto.summary(), auto.summary()
+    explicit = Fp8Config(activation_scheme="dynamic", round_activations_on_dequant=True)
+    rounded = prepare_model_for_fp8(nn.ModuleDict({"proj": nn.Linear(64, 64)}), explicit)
+    assert "activations fp8 e4m3, per-token, dynamic" in rounded.summary(), rounded.summary()

@@ -3,6 +3,7 @@ partial or silently replaced output."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -238,3 +239,72 @@ def test_an_unforeseen_error_is_one_line(capsys, bf16_file, monkeypatch):
     status, err = run_cli(capsys, "inspect", str(bf16_file))
     assert status == 2
     assert_one_line_error(err, str(bf16_file), "KeyError", "-v")
+
+
+def test_unknown_weight_dtype_names_the_option(capsys, bf16_file, tmp_path):
+    output = str(tmp_path / "out.safetensors")
+    status, err = run_cli(capsys, "convert", str(bf16_file), output, "--weight-dtype", "int8")
+    assert status == 2
+    assert_one_line_error(err, "--weight-dtype", "'int8'", "float8_e4m3fn", "float8_e5m2")
+    assert "weight_dtype" not in err  # the option, not the Python field
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sensitivity_of_a_missing_folder_says_it_is_missing(capsys, tmp_path):
+    status, err = run_cli(capsys, "sensitivity", str(tmp_path / "nope"), "--plot", "none")
+    assert status == 2
+    assert_one_line_error(err, "nope", "no such folder")
+
+
+def test_sensitivity_names_the_missing_files(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    status, err = run_cli(capsys, "sensitivity", str(tmp_path), "--plot", "none")
+    assert status == 2
+    assert_one_line_error(err, "missing vocab.txt, model.safetensors")
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_is_a_whole_sentence(capsys):
+    text = _help(capsys)
+    assert "(also" not in text and "``" not in text  # not a docstring's first line cut off
+    for command in ("demo", "inspect", "convert", "sensitivity"):
+        assert command in text
+
+
+@pytest.mark.parametrize("command", ["demo", "inspect", "convert", "sensitivity"])
+def test_every_option_has_help_and_its_default(capsys, command):
+    """Each option line of ``--help`` carries a description; each option with a value default shows it."""
+    parser_actions = {
+        action.dest: action
+        for action in main.__globals__["_parser"]()._subparsers._group_actions[0].choices[command]._actions
+    }
+    text = _help(capsys, command)
+    for dest, action in parser_actions.items():
+        assert action.help, f"{command} {dest}: no help"
+        shown = isinstance(action.default, (int, float, str)) and not isinstance(action.default, bool)
+        if shown and action.default != argparse.SUPPRESS:
+            assert f"(default: {action.default})" in " ".join(text.split()), f"{command} {dest}: default not shown"
+
+
+def test_cli_defaults_are_the_cores():
+    """The CLI takes its defaults from the core's signatures and constants, so the two cannot drift apart."""
+    import inspect as pyinspect
+
+    from fp8_quant import text_encoder
+    from fp8_quant.formats import convert_checkpoint
+
+    commands = main.__globals__["_parser"]()._subparsers._group_actions[0].choices
+    defaults = {action.dest: action.default for action in commands["sensitivity"]._actions}
+    assert defaults["budget"] == text_encoder.DEFAULT_BUDGET
+    assert defaults["recipe"] == pyinspect.signature(text_encoder.quantize_text_encoder).parameters["recipe"].default
+    convert = {action.dest: action.default for action in commands["convert"]._actions}
+    signature = pyinspect.signature(convert_checkpoint).parameters
+    assert convert["format"] == signature["output_format"].default
+    assert torch.float8_e4m3fn == signature["weight_dtype"].default
+    assert convert["weight_dtype"] == "float8_e4m3fn"

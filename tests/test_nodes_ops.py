@@ -458,3 +458,29 @@ def test_node_error_passes_interrupt_and_out_of_memory_and_makes_any_other_error
             raise raised
         message = str(caught.value)
         assert message.startswith(f"Load FP8 DiT: m.safetensors: {type(raised).__name__}: ") and "\n" not in message
+
+
+def test_auto_uses_partial_calibrated_input_scales(tmp_path, source, capsys):
+    """A file from ``convert --calibrated`` whose calibration named one layer only: under auto that layer runs
+    static on the scale written for it (0.0123, from the calibration file), the others learn theirs at run time;
+    ``inspect`` says the same."""
+    from fp8_quant.__main__ import main
+
+    src = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in source.items()}, str(src))
+    dst = tmp_path / "fp8.safetensors"
+    convert_checkpoint(src, dst, "comfy-scaled", input_scales={"blocks.0.attn.q": torch.tensor(0.0123)})
+    checkpoint = load_checkpoint(dst)
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(checkpoint.config, UserOptions()))
+    model = TinyDiT(make_fp8_operations(StandInManualCast, plan))
+    model.load_state_dict(checkpoint.state_dict, strict=False)
+    calibrated, other = model.blocks[0].attn.q, model.blocks[0].attn.k
+    assert calibrated.input_scale is not None
+    assert calibrated.input_scale.item() == pytest.approx(0.0123, rel=1e-6)
+    assert calibrated.fp8_method.config.activation_scheme == "static"
+    assert other.input_scale is None and other.fp8_method.config.learns_activation_scales
+    reasons = {layer.name: layer.reason for layer in plan.report.layers}
+    assert "input scale" in reasons["blocks.0.attn.q"] and "input scale" not in reasons["blocks.0.attn.k"]
+    assert main(["inspect", str(dst)]) == 0
+    text = capsys.readouterr().out
+    assert "not used" not in text and "those layers use it" in text

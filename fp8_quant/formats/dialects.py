@@ -237,8 +237,8 @@ def _check_consistency(scan: CheckpointScan) -> None:
     statics = [layer for layer in scan.fp8_layers if layer.input_scale is not None]
     if statics and len(statics) != len(scan.fp8_layers):
         scan.warnings.append(
-            f"{len(statics)} of {len(scan.fp8_layers)} fp8 layers carry an input scale; activations are "
-            "quantized dynamically and those input scales are not used"
+            f"{len(statics)} of {len(scan.fp8_layers)} fp8 layers carry an input scale; with activation_scheme "
+            "auto those layers use it and the others learn theirs at the first step"
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from conftest import (
     REPO,
     SKIP_REASON,
     needs_comfy_format,
+    needs_comfy_quant,
     write_comfy_quantized,
     write_fixture,
 )
@@ -154,7 +156,7 @@ def test_an_ltx_video_dit_loads_and_samples_as_the_stock_one(comfyui):
     errors["stock_fp8"] = rel_err(stock_fp8, reference)
     print(errors, summary)
     assert errors["skipped"] < 1e-3, errors
-    assert "fp8: 22/27 linears quantized" in summary, summary  # 2 blocks of 11; embeddings, adaLN, output kept
+    assert "22 of 27 linears in fp8" in summary, summary  # 2 blocks of 11; embeddings, adaLN, output kept
     assert errors["ours"] < min(0.1, errors["stock_fp8"]), errors
 
 
@@ -247,7 +249,7 @@ def test_converted_files_load_in_our_loader(comfyui, tiny_wan, file):
         "tiny_wan_fp8_scaled.safetensors",
         pytest.param(
             "tiny_wan_fp8_quant.safetensors",
-            marks=pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files"),
+            marks=needs_comfy_quant,
         ),
     ],
 )
@@ -316,7 +318,7 @@ def test_mxfp8_file_written_by_comfyui_reads_as_the_stock_loader_reads_it(comfyu
     reference = sample(comfyui, stock_loader(tiny_wan), "bf16_ref_mx")
     stock = sample(comfyui, stock_loader("tiny_wan_mxfp8.safetensors"), "stock_mxfp8")
     ours, summary = sample_with_summary(comfyui, our_loader("tiny_wan_mxfp8.safetensors"), "ours_mxfp8")
-    assert "(comfy-quant)" in summary and "20/26 linears quantized" in summary and "kernel dequant" in summary
+    assert "(comfy-quant)" in summary and "20 of 26 linears in fp8" in summary and "kernel dequant" in summary
     assert rel_err(ours, stock) < 1e-3, rel_err(ours, stock)
     assert rel_err(ours, reference) < 0.15
 
@@ -373,6 +375,31 @@ def test_save_fp8_model_writes_the_model_as_it_runs(comfyui, tiny_wan, saved_mod
         stock_fp8_run = sample(comfyui, stock_loader(tiny_wan, "fp8_e4m3fn"), "stock_fp8_save", seed=SAVED_SEED)
         stock_fp8 = rel_err(stock_fp8_run, reference)
         assert to_bf16["comfy-scaled"] < 1.25 * stock_fp8, (to_bf16, stock_fp8)
+
+
+def test_save_in_the_sampler_graph_saves_after_sampling_and_an_unchanged_queue_writes_nothing(comfyui, tiny_wan):
+    """Save FP8 Model in the sampler's own graph, its ``after`` input on the sampler's LATENT: saved after sampling,
+    so every fp8 layer has its calibrated input scale (on a fresh model: a loader with inputs no other test uses).
+    The same graph queued again changes nothing: no second file, and the summary names the first one."""
+    loader = our_loader(tiny_wan, activation_scheme="static", activation_granularity="tensor")
+    prompt = sampling_prompt(loader, "save_after_sampling")
+    save = {"filename_prefix": "saved/after_sampling", "format": "weight-scale", "after": ["5", 0]}
+    prompt["9"] = {"class_type": "SaveFP8Model", "inputs": {"model": ["1", 0], **save}}
+    first = comfyui.run(prompt)
+    assert first["status"]["status_str"] == "success", json.dumps(first["status"])[:2000]
+    summary = " ".join(first["outputs"]["9"]["text"])
+    fp8_layers = int(summary.split(" fp8 layers (")[0].rsplit(" ", 1)[-1])
+    assert fp8_layers > 0 and f"({fp8_layers} with calibrated input scales)" in summary, summary
+    folder = comfyui.models / "diffusion_models" / "saved"
+    written = sorted(path.name for path in folder.glob("after_sampling_*.safetensors"))
+    assert written == ["after_sampling_00001_.safetensors"], written
+    scales = [key for key in load_file(str(folder / written[0])) if key.endswith(".input_scale")]
+    assert len(scales) == fp8_layers, scales
+    second = comfyui.run(prompt)
+    assert second["status"]["status_str"] == "success", json.dumps(second["status"])[:2000]
+    again = " ".join(second["outputs"]["9"]["text"])
+    assert "after_sampling_00001_.safetensors already holds this model" in again and "not written" in again, again
+    assert sorted(path.name for path in folder.glob("after_sampling_*.safetensors")) == written
 
 
 def test_save_fp8_model_refuses_a_model_without_fp8_layers(comfyui, tiny_wan):
@@ -558,7 +585,7 @@ def test_text_encoder_recipes_side_by_side(family):
     assert errors["quality"] <= min(errors.values()), errors
 
 
-@pytest.mark.skipif(not HAS_COMFY_QUANT, reason="this ComfyUI predates .comfy_quant files")
+@needs_comfy_quant
 def test_text_encoder_comfyui_already_quantized_comes_back_unchanged():
     """A .comfy_quant text encoder, loaded by ComfyUI's own mixed-precision ops: not an error, nothing to do."""
     result = run_inprocess("text_encoder", "t5", "comfy_quant")
@@ -579,9 +606,16 @@ def test_quantize_text_encoder_through_clip_text_encode(comfyui, family):
             "inputs": {"conditioning": ["4", 0], "name": f"te_{family}_fp8"},
         },
     }
+    log_start = len(comfyui.log_text())
     entry = comfyui.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
-    assert "linears quantized" in json.dumps(entry["outputs"]["2"]), entry["outputs"]
+    shown = " ".join(entry["outputs"]["2"]["text"])
+    assert "linears in fp8" in shown, entry["outputs"]
+    assert "'" not in shown and "high-precision" not in shown, shown  # plain words: no quoted patterns
+    log = comfyui.log_text()[log_start:]
+    assert log.count("fp8 sensitivity per layer") == 1, log  # the table once
+    assert len(re.findall(r"text encoder \w+: fp8: ", log)) == 1, log  # the details once
+    assert shown not in log, log  # the node's short line is not logged besides them
     reference = load_file(str(comfyui.output / f"te_{family}.safetensors"))
     quantized = load_file(str(comfyui.output / f"te_{family}_fp8.safetensors"))
     assert reference.keys() == quantized.keys()
