@@ -18,6 +18,7 @@ measured, the fastest to prepare.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -122,8 +123,10 @@ def quantize_text_encoder(
         raise ValueError(f"sample_inputs: the {recipe!r} recipe needs at least one sample input to calibrate on")
     forward = forward or call_model
     steps = _Steps(progress, 2 * len(candidates) + 1)
+    steps.begin(f"reference outputs on {len(samples)} samples", 0)
     references = run_samples(model, samples, forward)
     if rounding == "gptq":
+        steps.begin("input statistics and error-compensating rounding", len(candidates))
         rounded = _round(model, candidates, samples, forward, config, quantize_device, steps)
     else:
         rounded = {
@@ -132,6 +135,7 @@ def quantize_text_encoder(
         }
     reached = {name: module for name, module in candidates.items() if name in rounded}
     probe = samples[: max(1, sensitivity_samples)]
+    steps.begin(f"sensitivity of each layer alone in fp8 on {len(probe)} samples", len(reached))
     sensitivity = SensitivityReport(
         measure_sensitivity(
             model,
@@ -148,12 +152,14 @@ def quantize_text_encoder(
     choose_kept(sensitivity.layers, budget, *_other_bytes(model, reached, candidates))
     overrides = {name: LayerOverride(keep=True, reason="kept in bf16 (sensitive)") for name in sensitivity.kept}
     final = replace(base, overrides=overrides, rounded=rounded, _methods={})
+    steps.begin("quantizing with the kept layers", 0)
     report = prepare_model_for_fp8(
         model, final, quantize_device=quantize_device, compute_device=compute_device, install=install
     )
-    steps.done()
+    steps.begin(f"output error on {len(samples)} samples", 0)
     report.sensitivity = sensitivity
     error = output_error(run_samples(model, samples, forward), references)
+    steps.done()
     report.notes.append(
         f"{recipe} recipe: {len(sensitivity.kept)} sensitive layers kept in bf16, linear weights "
         f"{report.bytes_after / max(1, report.bf16_bytes):.3f}x their bf16 bytes ({mib(report.bytes_after)}); "
@@ -234,16 +240,46 @@ def _round(
 
 
 class _Steps:
-    """One progress bar over rounding and the sensitivity pass."""
+    """One progress bar over rounding and the sensitivity pass, and the same progress in the log: each phase as it
+    starts, then every ``LOG_EVERY`` layers with the time so far and an estimate of the time left (the fitting of
+    a full-size encoder takes minutes on a CPU, and a silent log looks like a hang)."""
+
+    LOG_EVERY = 8
 
     def __init__(self, callback: Callable[[int, int, str], None] | None, total: int) -> None:
         self.callback, self.total, self.count = callback, total, 0
+        self.start = time.monotonic()
+        self.phase, self.phase_start, self.phase_count, self.phase_layers = "", self.start, 0, 0
+
+    def begin(self, phase: str, layers: int) -> None:
+        """A phase of the fitting starts (``layers``: how many layer steps it takes; 0 for one step)."""
+        self.phase, self.phase_start, self.phase_count, self.phase_layers = phase, time.monotonic(), 0, layers
+        logger.info(
+            "fp8 text encoder: %s%s (%.0f s so far)",
+            phase,
+            f", {layers} layers" if layers else "",
+            self.phase_start - self.start,
+        )
 
     def layer(self, _done: int, _of: int, name: str) -> None:
         self.count += 1
+        self.phase_count += 1
         if self.callback is not None:
             self.callback(min(self.count, self.total), self.total, name)
+        layers = self.phase_layers
+        if layers and (self.phase_count % self.LOG_EVERY == 0 or self.phase_count == layers):
+            spent = time.monotonic() - self.phase_start
+            left = spent / self.phase_count * (layers - self.phase_count)
+            logger.info(
+                "fp8 text encoder: %s %d/%d layers, %.0f s, about %.0f s left in this phase",
+                self.phase,
+                self.phase_count,
+                layers,
+                spent,
+                left,
+            )
 
     def done(self) -> None:
         if self.callback is not None:
             self.callback(self.total, self.total, "")
+        logger.info("fp8 text encoder: fitted in %.0f s", time.monotonic() - self.start)

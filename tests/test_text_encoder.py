@@ -253,3 +253,29 @@ def test_recipe_overrides_decide_per_layer():
     assert model.blocks[1][2].fp8_method.config.quantizes_activations
     assert torch.equal(model.blocks[1][0].weight.view(torch.uint8), codes.view(torch.uint8))
     assert model(torch.randn(3, 32)).isfinite().all()
+
+
+def test_quality_recipe_logs_each_phase_and_its_layers_with_an_estimate(caplog, monkeypatch):
+    """A full-size encoder's fitting takes minutes on a CPU: the log names each phase and counts layers with the
+    time left, so a person sees it working (issue 24)."""
+    import logging
+
+    import fp8_quant.text_encoder as text_encoder
+
+    monkeypatch.setattr(text_encoder._Steps, "LOG_EVERY", 2)
+    model = TinyEncoder(depth=3)  # 6 linears
+    with caplog.at_level(logging.INFO, logger="fp8_quant.text_encoder"):
+        quantize_text_encoder(model, samples(4), recipe="quality", budget=0.7)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fp8_quant.text_encoder"]
+    phases = [line for line in lines if "so far" in line]
+    assert [p.split(":")[1].split(" on ")[0].split(",")[0].split(" (")[0].strip() for p in phases] == [
+        "reference outputs",
+        "input statistics and error-compensating rounding",
+        "sensitivity of each layer alone in fp8",
+        "quantizing with the kept layers",
+        "output error",
+    ]
+    counts = [line for line in lines if "s left in this phase" in line]
+    # rounding and sensitivity: every 2nd of 6 layers each
+    assert [line.split(" layers,")[0].rsplit(" ", 1)[1] for line in counts] == ["2/6", "4/6", "6/6"] * 2
+    assert any(line.startswith("fp8 text encoder: fitted in") for line in lines)

@@ -84,3 +84,18 @@ def test_each_workflow_has_a_small_jpeg_thumbnail_for_the_templates_browser(path
     thumbnail = path.with_suffix(".jpg")  # the name ComfyUI's Templates browser asks for
     data = thumbnail.read_bytes()
     assert data[:3] == b"\xff\xd8\xff" and len(data) < 100_000
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_our_nodes_in_the_examples_use_the_node_defaults(path):
+    """The examples show what a new node gives (the defaults are the recommended settings), read from the widget
+    definitions the nodes' INPUT_TYPES return (optional inputs) rather than from the generator's copy of them."""
+    optional_inputs = {"LoadFP8DiT": loader_optional_inputs, "QuantizeTextEncoderFP8": text_encoder_optional_inputs}
+    ui = json.loads(path.read_text())
+    for node in ui["nodes"]:
+        if node["type"] not in WIDGET_ORDER:
+            continue
+        optional = optional_inputs[node["type"]]()
+        for name, value in zip(WIDGET_ORDER[node["type"]], node["widgets_values"]):
+            if name in optional:
+                assert value == optional[name][1]["default"], (path.name, node["type"], name, value)

@@ -105,7 +105,7 @@ TITLES = {"LoadFP8DiT": "Load FP8 DiT", "QuantizeTextEncoderFP8": "Quantize Text
 LOAD_DEFAULTS = {
     "activation_scheme": "auto",
     "activation_granularity": "auto",
-    "weight_granularity": "channel",
+    "weight_granularity": "auto",
     "kernel": "auto",
     "skip_layers": "",
     "attention": "auto",
