@@ -99,3 +99,36 @@ def test_our_nodes_in_the_examples_use_the_node_defaults(path):
         for name, value in zip(WIDGET_ORDER[node["type"]], node["widgets_values"]):
             if name in optional:
                 assert value == optional[name][1]["default"], (path.name, node["type"], name, value)
+
+
+FILE_WIDGETS = {"unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_model_file_is_named_with_its_folder(path):
+    """Each file a loader asks for is in the node's ``properties.models`` (ComfyUI's frontend offers it for
+    download), with the models/ folder it goes in."""
+    ui = json.loads(path.read_text())
+    api = json.loads((path.parent / "api" / path.name).read_text())
+    folders = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "clip_name1": "text_encoders",
+               "clip_name2": "text_encoders", "vae_name": "vae"}  # fmt: skip
+    for node in ui["nodes"]:
+        inputs = api[str(node["id"])]["inputs"]
+        wanted = {inputs[name]: folders[name] for name in FILE_WIDGETS if name in inputs}
+        listed = {model["name"]: model for model in node["properties"].get("models", [])}
+        assert set(listed) == set(wanted), node["type"]
+        for name, folder in wanted.items():
+            assert listed[name]["directory"] == folder
+            assert listed[name]["url"].startswith("https://huggingface.co/") and listed[name]["url"].endswith(name)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_saved_view_shows_every_node_in_a_1600x900_window(path):
+    ui = json.loads(path.read_text())
+    scale, (dx, dy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    for node in ui["nodes"]:
+        x, y, width, height = _rect(node)
+        left, top = (x + dx) * scale, (y + dy) * scale
+        right, bottom = (x + width + dx) * scale, (y + height + dy) * scale
+        assert 0 <= left and right <= 1600 and 0 <= top and bottom <= 900, (node["type"], left, top, right, bottom)
+    assert scale >= 0.35  # still readable

@@ -49,7 +49,23 @@ PADDING, NODE_GAP, GROUP_GAP = 20, 30, 40
 # Where the first group starts and the zoom the workflow opens at: clear of the frontend's tab bar, side bar and
 # run button, and small enough that the whole graph fits a 1600x900 window (the browser test checks both).
 ORIGIN = (100, 140)
-VIEW_SCALE = 0.75
+VIEW_SCALE = 0.75  # at most; smaller where the graph would not fit VIEW_FIT
+VIEW_FIT = (1500, 720)  # what a 1600x900 window leaves of the canvas beside the frontend's menus and side bar
+VIEW_MARGIN = 40
+_WAN = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+_FLUX_TE = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main"
+_FLUX = "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main"
+# The model files the examples name: their folder under ComfyUI's models/ and where they are published. Written into
+# each loader node's ``properties.models``, which ComfyUI's frontend reads to offer missing files for download.
+MODEL_FILES = {
+    "wan2.1_t2v_14B_fp8_scaled.safetensors": ("diffusion_models", f"{_WAN}/diffusion_models"),
+    "umt5_xxl_fp16.safetensors": ("text_encoders", f"{_WAN}/text_encoders"),
+    "wan_2.1_vae.safetensors": ("vae", f"{_WAN}/vae"),
+    "flux1-dev.safetensors": ("diffusion_models", _FLUX),
+    "clip_l.safetensors": ("text_encoders", _FLUX_TE),
+    "t5xxl_fp16.safetensors": ("text_encoders", _FLUX_TE),
+    "ae.safetensors": ("vae", _FLUX),
+}
 GROUP_COLOR = "#3f789e"
 THUMBNAIL_WIDTH = 480
 
@@ -291,6 +307,13 @@ def to_ui(prompt: dict, stages: list[Stage]) -> dict:
             "properties": {"Node name for S&R": kind},
             "widgets_values": [node["inputs"][name] for name in WIDGETS[kind]],
         }
+        models = [
+            {"name": value, "url": f"{MODEL_FILES[value][1]}/{value}", "directory": MODEL_FILES[value][0]}
+            for value in entry["widgets_values"]
+            if isinstance(value, str) and value in MODEL_FILES
+        ]
+        if models:
+            entry["properties"]["models"] = models
         if kind in TITLES:
             entry["title"] = TITLES[kind]
         nodes.append(entry)
@@ -301,9 +324,21 @@ def to_ui(prompt: dict, stages: list[Stage]) -> dict:
         "links": links,
         "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": VIEW_SCALE, "offset": [0, 0]}},
+        "extra": {"ds": fitting_view(groups)},
         "version": 0.4,
     }
+
+
+def fitting_view(groups: list[dict]) -> dict:
+    """The saved view (the canvas's scale and offset, screen = (canvas + offset) * scale) that shows every group
+    inside ``VIEW_FIT`` with a margin: the graph opens whole on a 1600x900 window."""
+    left = min(group["bounding"][0] for group in groups)
+    top = min(group["bounding"][1] for group in groups)
+    right = max(group["bounding"][0] + group["bounding"][2] for group in groups)
+    bottom = max(group["bounding"][1] + group["bounding"][3] for group in groups)
+    room_x, room_y = VIEW_FIT[0] - 2 * VIEW_MARGIN, VIEW_FIT[1] - 2 * VIEW_MARGIN
+    scale = min(VIEW_SCALE, room_x / (right - left), room_y / (bottom - top))
+    return {"scale": round(scale, 4), "offset": [VIEW_MARGIN / scale - left, VIEW_MARGIN / scale - top]}
 
 
 def api(prompt: dict) -> dict:
