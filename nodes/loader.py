@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from fp8_quant import Fp8Recipe
+from fp8_quant.config import unmatched_patterns
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.fp8_utils import is_fp8_dtype
 from fp8_quant.kernels import explain_choice
@@ -84,9 +85,21 @@ class LoadFP8DiT:
         if model is None:
             raise RuntimeError(f"{NODE_TITLE}: ComfyUI could not detect the model type of {path}")
         summary = f"{unet_name} ({scan.dialect}): {_kernel_summary(model, plan, device)}"
+        summary += unmatched_skips_note(NODE_TITLE, choices.skip_layers, plan.report)
         add_calibration_hook(model, plan)
         logger.info(summary)
         return {"ui": {"text": [summary]}, "result": (model,)}
+
+
+def unmatched_skips_note(node: str, patterns: tuple[str, ...], report) -> str:
+    """``skip_layers`` patterns that named no linear of the model: logged as a warning and said on the node (a
+    typo would otherwise keep nothing and say nothing); empty where every pattern matched."""
+    unmatched = unmatched_patterns(patterns, (layer.name for layer in report.layers))
+    if not unmatched:
+        return ""
+    listed = ", ".join(repr(pattern) for pattern in unmatched)
+    logger.warning("%s: skip_layers %s matched no layer of this model", node, listed)
+    return f"; skip_layers {listed} matched no layer"
 
 
 class _Progress:

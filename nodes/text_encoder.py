@@ -20,7 +20,7 @@ from fp8_quant.text_encoder import quantize_text_encoder
 
 from .comfy_cast import comfy_weight_caster
 from .fp8_linear import install_comfy_forward
-from .loader import CATEGORY, node_error
+from .loader import CATEGORY, node_error, unmatched_skips_note
 from .patcher import (
     comfy_quantized_layers,
     describe_comfy_quantized,
@@ -68,6 +68,7 @@ class QuantizeTextEncoderFP8:
         kernel = report.kernel_choice.split(" ", 1)[0] if report.kernel_choice else ""
         summary = "; ".join([report.headline(), *report.notes] + ([f"kernel {kernel}"] if kernel else []))
         summary += f"; {describe_comfy_quantized(kept)}" if kept else ""
+        summary += unmatched_skips_note(NODE_TITLE, choices.skip_layers, report)
         if report.sensitivity is not None:
             summary += "; " + report.sensitivity.compact()
             logger.info("per-layer fp8 error of the text encoder:\n%s", report.sensitivity.table())

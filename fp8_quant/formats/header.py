@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..messages import printable
+
 MAX_HEADER_BYTES = 100 * 2**20
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -36,7 +38,13 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSOR
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded faithfully; the message names the file and the tensor."""
+    """A checkpoint that cannot be loaded faithfully; the message names the file and the tensor.
+
+    The message is kept to one line of printable text: file and tensor names come from the user's disk and from
+    the file itself, and a newline or an ESC in them must not split the line or reach the terminal raw."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(printable(message), *args)
 
 
 @dataclass(frozen=True)
@@ -78,12 +86,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: truncated file ({file_size} bytes), no safetensors header")
         (header_size,) = struct.unpack("<Q", prefix)
+        # A safetensors header is JSON: where no "{" follows the size, the first 8 bytes are not a size at all (a
+        # picture, a text, a link to some other file), and showing them as a number would only mislead.
+        if handle.read(1) != b"{":
+            raise CheckpointError(f"{path}: not a safetensors file (no JSON header after the 8-byte header size)")
         if header_size > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header claims {header_size} bytes; not a safetensors file")
+            raise CheckpointError(f"{path}: header is over the {MAX_HEADER_BYTES // 2**20} MiB limit")
         if 8 + header_size > file_size:
             raise CheckpointError(
-                f"{path}: header claims {header_size} bytes but the file has only {file_size - 8} after the prefix"
+                f"{path}: header runs past the end of the file ({file_size} bytes): truncated or corrupt file"
             )
+        handle.seek(8)
         raw = handle.read(header_size)
     try:
         parsed = json.loads(raw.decode("utf-8"))
