@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from . import demo, sensitivity_cli
-from .config import WEIGHT_DTYPES, parse_weight_dtype
+from .config import WEIGHT_DTYPES, check_patterns, parse_weight_dtype
 from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.calibration import read_input_scales
 from .formats.inspect import format_inspection, inspect_checkpoint
+from .messages import printable
 from .scheme import PER_CHANNEL, PER_TENSOR
 from .text_encoder import DEFAULT_BUDGET, RECIPES, quantize_text_encoder
 
@@ -58,7 +59,8 @@ class ProgressBar:
         self.last = now
         width = 30
         filled = int(width * done / max(total, 1))
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:50]:50s}")
+        shown = printable(name)[:50]
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {shown:50s}")
         self.open_line = done < total
         if not self.open_line:
             self.stream.write("\n")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
     except (Interrupted, KeyboardInterrupt) as error:
         signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
-        where = f"{args.output}: " if args.command == "convert" else ""
+        where = f"{printable(args.output)}: " if args.command == "convert" else ""
         print(f"error: {where}interrupted by {signal.Signals(signum).name}; nothing written", file=sys.stderr)
         return 128 + signum
     except Exception as error:  # a case no check above foresaw: still one line, naming what was being read
@@ -194,7 +196,7 @@ def _positive_int(text: str) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -251,6 +253,7 @@ def _check_device(name: str | None, subject: str) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    skips = check_patterns("--skip", args.skip)  # a bad pattern is the option's error, before any file is read
     _check_input(args.input)
     _check_device(args.device, args.input)
     try:
@@ -270,16 +273,19 @@ def _convert(args: argparse.Namespace) -> None:
                 args.format,
                 weight_dtype=weight_dtype,
                 weight_group=PER_CHANNEL if args.per_channel else PER_TENSOR,
-                skip_patterns=args.skip,
+                skip_patterns=skips,
                 default_skips=not args.no_default_skips,
                 device=args.device,
                 progress=progress,
                 input_scales=read_input_scales(args.calibrated) if args.calibrated else None,
+                overwrite=args.force,
             )
     finally:
         if progress is not None:
             progress.end()
-    print(f"{args.output}: {args.format}; {report.summary()}")
+    for pattern in report.unmatched_skips:
+        print(f"warning: --skip {pattern!r} matches no layer of {printable(args.input)}", file=sys.stderr)
+    print(f"{printable(args.output)}: {args.format}; {report.summary()}")
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .patterns import MAX_PATTERN_CHARS, PatternError, compile_regex
 from .scheme import (
     BLOCK_128,
     PER_CHANNEL,
@@ -268,7 +269,9 @@ def is_layer_skipped(name: str, config_or_patterns: Fp8Config | Iterable[str]) -
     """Whether layer ``name`` stays in high precision.
 
     A pattern matches by exact name, by dotted prefix (``blocks.0`` covers ``blocks.0.attn.q``), by glob
-    (``*norm*``, ``blocks.*.ffn.2``) or by regex when written ``re:<expr>`` (searched, not anchored).
+    (``*norm*``, ``blocks.*.ffn.2``) or by regex when written ``re:<expr>`` (searched, not anchored). Every kind
+    matches in time linear in the name: regexes run on ``patterns.LinearRegex`` (no backtracking), globs on
+    ``fnmatch``, whose translation has no backtracking blow-up either (atomic groups).
     """
     patterns = config_or_patterns.ignored_layers if isinstance(config_or_patterns, Fp8Config) else config_or_patterns
     return matching_pattern(name, patterns) is not None
@@ -278,7 +281,7 @@ def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
     """The first pattern that skips ``name`` (see ``is_layer_skipped``), for reports that say why."""
     for pattern in patterns:
         if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
+            if compile_regex(pattern[3:]).search(name):
                 return pattern
         elif name == pattern or name.startswith(pattern + "."):
             return pattern
@@ -315,17 +318,26 @@ def parse_patterns(value: Any) -> tuple[str, ...]:
 
 
 def check_patterns(option: str, patterns: Any) -> tuple[str, ...]:
-    """Patterns as a tuple of strings, each ``re:`` regex compiled once; errors name ``option`` as the user wrote
-    it (``skip_layers`` on a node, ``ignored_layers`` in a config)."""
+    """Patterns as a tuple of strings, each ``re:`` regex compiled once (and refused where it would need
+    backtracking, see ``patterns``); errors name ``option`` as the user wrote it (``skip_layers`` on a node,
+    ``--skip`` on the command line, ``ignored_layers`` in a config)."""
     if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{option}: expected a list of layer names or patterns (strings)")
     for pattern in patterns:
+        if len(pattern) > MAX_PATTERN_CHARS + 3:
+            raise ValueError(f"{option}: pattern {pattern[:40]!r}... is longer than {MAX_PATTERN_CHARS} characters")
         if pattern.startswith("re:"):
             try:
-                re.compile(pattern[3:])
-            except re.error as error:
+                compile_regex(pattern[3:])
+            except PatternError as error:
                 raise ValueError(f"{option}: invalid regex {pattern!r}: {error}") from None
     return tuple(patterns)
+
+
+def unmatched_patterns(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The patterns that match none of ``names``: a typo in a skip pattern would otherwise go unnoticed."""
+    names = list(names)
+    return [pattern for pattern in patterns if not any(matching_pattern(name, (pattern,)) for name in names)]
 
 
 def _check_choice(field_name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -349,4 +361,5 @@ __all__ = [
     "parse_patterns",
     "parse_weight_dtype",
     "stored_config",
+    "unmatched_patterns",
 ]

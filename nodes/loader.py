@@ -11,6 +11,7 @@ import torch
 
 from fp8_quant import Fp8Recipe
 from fp8_quant.bridge import note_kernel_choice
+from fp8_quant.config import unmatched_patterns
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.formats.model_writer import architecture_metadata
 from fp8_quant.fp8_utils import is_fp8_dtype
@@ -104,14 +105,26 @@ class LoadFP8DiT:
             raise RuntimeError(f"{NODE_TITLE}: ComfyUI could not detect the model type of {path}")
         model.model.fp8_source_metadata = architecture_metadata(scan.header.metadata)  # for Save FP8 Model
         details = _kernel_summary(model, plan, device)
+        unmatched = unmatched_skips_note(NODE_TITLE, choices.skip_layers, plan.report)
         add_calibration_hook(model, plan)
         model, attention_summary = patch_attention(model, attention_choice, in_place=True)  # no node holds it yet
         # The log has the details (patterns, scheme, the kernel's reasoning, the kept layers); the node a short line.
         kept = plan.report.kept_names()
         logger.info("%s (%s): %s%s; %s", unet_name, scan.dialect, details, f"; kept: {kept}" if kept else "",
                     attention_summary)  # fmt: skip
-        summary = f"{unet_name} ({scan.dialect}): {plan.report.short_summary()}; {attention_summary}"
+        summary = f"{unet_name} ({scan.dialect}): {plan.report.short_summary()}{unmatched}; {attention_summary}"
         return {"ui": {"text": [summary]}, "result": (model,)}
+
+
+def unmatched_skips_note(node: str, patterns: tuple[str, ...], report) -> str:
+    """``skip_layers`` patterns that named no linear of the model: logged as a warning and said on the node (a
+    typo would otherwise keep nothing and say nothing); empty where every pattern matched."""
+    unmatched = unmatched_patterns(patterns, (layer.name for layer in report.layers))
+    if not unmatched:
+        return ""
+    listed = ", ".join(repr(pattern) for pattern in unmatched)
+    logger.warning("%s: skip_layers %s matched no layer of this model", node, listed)
+    return f"; skip_layers {listed} matched no layer"
 
 
 class _Progress:

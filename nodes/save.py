@@ -10,6 +10,7 @@ import time
 
 from fp8_quant.formats.model_writer import learnt_input_scale, save_quantized_model
 from fp8_quant.formats.writer import COMFY_QUANT_FORMAT, OUTPUT_FORMATS
+from fp8_quant.messages import printable
 
 from .loader import CATEGORY, node_error
 from .widgets import SAVE_AFTER_TOOLTIP, SAVE_FORMAT_TOOLTIP
@@ -71,18 +72,23 @@ class SaveFP8Model:
             return {"ui": {"text": [summary]}}
         folder = _diffusion_models_folder(folder_paths.get_folder_paths("diffusion_models"))
         with node_error(NODE_TITLE):
+            check_prefix(filename_prefix, folder)
             directory, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
             os.makedirs(directory, exist_ok=True)
             path = os.path.join(directory, f"{name}_{counter:05}_.safetensors")
             _load_with_patches(comfy.model_management, model)
-            report = save_quantized_model(
-                diffusion_model,
-                path,
-                format,
-                key_prefix=KEY_PREFIX,
-                params_of=_current_params,
-                metadata=getattr(model.model, "fp8_source_metadata", None),  # the architecture Load FP8 DiT read
-            )
+            try:  # a new name: overwrite=False makes a second save racing for it an error, not a replacement
+                report = save_quantized_model(
+                    diffusion_model,
+                    path,
+                    format,
+                    key_prefix=KEY_PREFIX,
+                    params_of=_current_params,
+                    metadata=getattr(model.model, "fp8_source_metadata", None),  # the architecture Load FP8 DiT read
+                    overwrite=False,
+                )
+            except OSError as error:  # a full disk, a read-only folder: one line naming the file
+                raise ValueError(f"{printable(error.filename or path)}: {error.strerror or error}") from None
         _WRITTEN[state] = (path, time.strftime("%H:%M:%S"))
         summary = report.summary()
         logger.info("%s: %s", NODE_TITLE, summary)
@@ -100,6 +106,19 @@ def _model_state(model, filename_prefix: str, output_format: str) -> tuple:
     scales = tuple(None if scale is None else float(scale) for scale in map(learnt_input_scale, layers))
     patches = str(getattr(model, "patches_uuid", ""))
     return id(model.model), patches, scales, filename_prefix, output_format
+
+
+def check_prefix(prefix: str, folder: str) -> None:
+    """``filename_prefix`` names a file inside ``folder``: no absolute path, no ``..`` out of it (links
+    resolved), said as the option's error rather than ComfyUI's multi-line refusal."""
+    inside = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(inside, prefix))
+    parts = prefix.replace("\\", "/").split("/")
+    if os.path.isabs(prefix) or ".." in parts or os.path.commonpath([inside, target]) != inside:
+        raise ValueError(
+            f"filename_prefix: {prefix!r} must name a file inside models/diffusion_models "
+            "(a relative path such as fp8/ComfyUI, without '..')"
+        )
 
 
 def _diffusion_models_folder(folders: list[str]) -> str:

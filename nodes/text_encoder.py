@@ -20,7 +20,7 @@ from fp8_quant.text_encoder import quantize_text_encoder
 
 from .comfy_cast import comfy_weight_caster
 from .fp8_linear import install_comfy_forward
-from .loader import CATEGORY, node_error
+from .loader import CATEGORY, node_error, unmatched_skips_note
 from .patcher import (
     comfy_quantized_layers,
     describe_comfy_quantized,
@@ -68,6 +68,7 @@ class QuantizeTextEncoderFP8:
         logger.info("text encoder %s: %s%s", type(model).__name__, report.summary(), kept_names)
         summary = report.short_summary()
         summary += f"; {describe_comfy_quantized(kept)}" if kept else ""
+        summary += unmatched_skips_note(NODE_TITLE, choices.skip_layers, report)
         if report.sensitivity is not None:
             summary += "; " + report.sensitivity.compact()
         return _result(new_clip, summary, log=False)

@@ -129,7 +129,8 @@ quantize, calls = writer.quantize_weight, []
 def quantize_then_signal(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
-        if not os.path.exists(output + ".partial"):
+        folder, name = os.path.split(output)
+        if not any(f.startswith("." + name) and f.endswith(".partial") for f in os.listdir(folder)):
             sys.exit(99)
         os.kill(os.getpid(), signum)
     return quantize(*args, **kwargs)

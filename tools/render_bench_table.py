@@ -11,6 +11,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
   "rel_err_vs_fp32"} or {"error"}}}``, one ``apply_model`` call of a DiT inside ComfyUI;
 - ``bench/bench_gemm_variants.py``: ``{"kind": "gemm-variants", "rows": [...]}``, fast vs exact fp8 accumulation
   and a Triton GEMM that quantizes its A operand, per DiT shape;
+- ``bench/bench_lowbit_attention.py``: ``{"shapes": {name: {"shape", "paths": {path: {"ms", "tflops",
+  "rel_err"}}, "x_cudnn"}}}``, attention alone, torch's SDPA backends beside the pack's 8-bit kernel;
 - ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
   ``{"rows": [...], ...}``), one linear layer.
 """
@@ -200,6 +202,29 @@ def text_encoder_speed_table(path: Path, data: dict) -> str:
     return keyed_table(intro, columns, data["paths"], path, data)
 
 
+def attention_table(path: Path, data: dict) -> str:
+    """Attention alone per shape: each path's ms, TFLOP/s, speed against cuDNN and error vs fp32."""
+    lines = [
+        f"**Attention alone**, ms (× cuDNN, >1: faster), relative error vs fp32. {context_line(path, data)}",
+        "",
+    ]
+    shapes = {name: entry for name, entry in data["shapes"].items() if "paths" in entry}
+    paths = list(dict.fromkeys(path for entry in shapes.values() for path in entry["paths"]))
+    lines.append("| shape | " + " | ".join(paths) + " |")
+    lines.append("|---" * (len(paths) + 1) + "|")
+    for name, entry in shapes.items():
+        cells = []
+        for path_name in paths:
+            row = entry["paths"].get(path_name)
+            if row is None:
+                cells.append("–")
+                continue
+            ratio_text = f" ({entry['x_cudnn'][path_name]:.2f}×)" if path_name in entry.get("x_cudnn", {}) else ""
+            cells.append(f"{row['ms']:.2f}{ratio_text}, {row['rel_err']:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_file(path: Path) -> tuple[int, str]:
     """(0 for a model step, 1 for single layers, 2 for loading: the order in the README; the table)."""
     try:
@@ -214,6 +239,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 3, text_encoder_quality_table(path, data)
         if "paths" in data:
             return 3, text_encoder_speed_table(path, data)
+        if "shapes" in data:
+            return 1, attention_table(path, data)
         if data.get("kind") == "gemm-variants":
             return 1, gemm_variants_table(path, data)
         if "rows" in data:

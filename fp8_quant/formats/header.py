@@ -85,12 +85,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: truncated file ({file_size} bytes), no safetensors header")
         (header_size,) = struct.unpack("<Q", prefix)
+        # A safetensors header is JSON: where no "{" follows the size, the first 8 bytes are not a size at all (a
+        # picture, a text, a link to some other file), and showing them as a number would only mislead.
+        if handle.read(1) != b"{":
+            raise CheckpointError(f"{path}: not a safetensors file (no JSON header after the 8-byte header size)")
         if header_size > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header claims {header_size} bytes; not a safetensors file")
+            raise CheckpointError(f"{path}: header is over the {MAX_HEADER_BYTES // 2**20} MiB limit")
         if 8 + header_size > file_size:
             raise CheckpointError(
-                f"{path}: header claims {header_size} bytes but the file has only {file_size - 8} after the prefix"
+                f"{path}: header runs past the end of the file ({file_size} bytes): truncated or corrupt file"
             )
+        handle.seek(8)
         raw = handle.read(header_size)
     if len(raw) != header_size:
         raise CheckpointError(f"{path}: header of {header_size} bytes, but only {len(raw)} could be read")

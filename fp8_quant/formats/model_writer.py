@@ -93,11 +93,13 @@ def save_quantized_model(
     params_of: ParamsOf = Fp8LinearParams.from_layer,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    overwrite: bool = True,
 ) -> SaveReport:
     """Write ``model``'s state as it runs to ``destination`` in ``output_format``; keys get ``key_prefix``.
 
     ``params_of``: a quantized layer's current tensors (ComfyUI's layers give a LoRA-patched weight with its own
-    scale through theirs).
+    scale through theirs). ``overwrite=False``: an existing ``destination`` (one another writer creates meanwhile
+    too) is an error and is left as it is. The file appears whole or not at all.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
@@ -123,7 +125,7 @@ def save_quantized_model(
         raise ValueError("comfy-scaled files hold one fp8 dtype; this model mixes e4m3 and e5m2: use comfy-quant")
     plan += file_format_entries(key_prefix, output_format, weight_dtypes.pop())
     info = {"format": output_format, "writer": "save_quantized_model"}
-    _write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress)
+    _write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress, overwrite)
     report.bytes_out = destination.stat().st_size
     logger.info(report.summary())
     return report

@@ -11,18 +11,22 @@ loader), ``comfy-quant`` (``weight_scale`` + per-layer ``.comfy_quant`` JSON: ne
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import stat
 import struct
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import SENSITIVE_LAYER_PATTERNS, matching_pattern
+from ..config import SENSITIVE_LAYER_PATTERNS, check_patterns, matching_pattern, unmatched_patterns
 from ..fp8_utils import HIGH_PRECISION_DTYPES, is_fp8_dtype, quantize_weight
 from ..scheme import PER_TENSOR, GroupShape, weight_scale_shape
 from .comfy_formats import FLOAT8_FORMATS
@@ -46,6 +50,7 @@ class ConvertReport:
     bytes_in: int = 0
     bytes_out: int = 0
     calibrated: int = 0
+    unmatched_skips: list[str] = field(default_factory=list)  # the caller's skip patterns that named no layer
 
     def summary(self) -> str:
         calibrated = f", {self.calibrated} with calibrated input scales" if self.calibrated else ""
@@ -79,12 +84,15 @@ def convert_checkpoint(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
     input_scales: Mapping[str, torch.Tensor] | None = None,
+    overwrite: bool = True,
 ) -> ConvertReport:
     """Write ``destination``: every 2-D floating ``.weight`` not skipped becomes fp8 with its scale.
 
     ``weight_group``: per tensor (what ComfyUI's loaders read) or, in the ``weight-scale`` format, per channel.
     ``input_scales``: calibrated static input scales by layer name without the key prefix
     (``calibration.read_input_scales``); quantized layers that have one get it written as their input scale.
+    ``overwrite=False``: an existing ``destination`` (also one another writer creates meanwhile) is an error and is
+    left as it is. The file appears whole or not at all (``_AtomicFile``).
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
@@ -97,12 +105,13 @@ def convert_checkpoint(
         )
     if not is_fp8_dtype(weight_dtype):
         raise ValueError(f"weight_dtype: {weight_dtype} is not an fp8 dtype")
+    skip_patterns = check_patterns("skip_patterns", tuple(skip_patterns))
     source, destination = Path(source), Path(destination)
     _check_destination(source, destination)
     scan = scan_header(read_header(source))
     if scan.dialect != HIGH_PRECISION:
         raise CheckpointError(f"{source}: already an fp8 checkpoint ({scan.dialect}); convert a bf16/fp16/fp32 file")
-    patterns = tuple(skip_patterns) + (SENSITIVE_LAYER_PATTERNS if default_skips else ())
+    patterns = skip_patterns + (SENSITIVE_LAYER_PATTERNS if default_skips else ())
     report = ConvertReport()
     plan: list[_Planned] = []
     handle = tensor_reader(source)
@@ -133,9 +142,15 @@ def convert_checkpoint(
         plan += layer_format_entries(layer, output_format, weight_dtype)
     plan += file_format_entries(prefix, output_format, weight_dtype)
     _check_calibration_matched(source, input_scales, [scan.short_name(layer) for layer in report.quantized])
+    layers = [scan.short_name(key[: -len(".weight")]) for key in scan.header.tensors if key.endswith(".weight")]
+    report.unmatched_skips = unmatched_patterns(skip_patterns, layers)
+    for pattern in report.unmatched_skips:
+        logger.info("%s: skip pattern %r matches no layer", source, pattern)
     metadata = dict(scan.header.metadata)
     metadata["fp8_quant"] = json.dumps({"format": output_format, "weight_group": weight_group.describe()})
-    _write_streaming(destination, plan, metadata, progress)
+    if not overwrite and os.path.lexists(destination):
+        raise CheckpointError(f"{destination}: already exists; left as it is")
+    _write_streaming(destination, plan, metadata, progress, overwrite)
     report.bytes_out = destination.stat().st_size
     logger.info("%s -> %s: %s", source, destination, report.summary())
     return report
@@ -229,8 +244,8 @@ def _scale_from(cache: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Calla
 
 
 def _check_destination(source: Path, destination: Path) -> None:
-    """Refuse an output that cannot be written before anything is read, saying why: opening the partial file
-    beside it would fail with an OSError about ``<output>.partial``, a name the user never gave."""
+    """Refuse an output that cannot be written before anything is read, saying why: creating the temporary file
+    beside it would fail with an OSError about a name the user never gave."""
     if destination.is_dir():
         raise CheckpointError(f"{destination}: is a directory; name the output file")
     if not destination.parent.is_dir():
@@ -244,7 +259,9 @@ def _write_streaming(
     plan: list[_Planned],
     metadata: dict[str, str],
     progress: Callable[[int, int, str], None] | None,
+    overwrite: bool = True,
 ) -> None:
+    """Write the planned file to ``destination`` atomically (see ``_AtomicFile``)."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for item in plan:
@@ -256,22 +273,116 @@ def _write_streaming(
         offset += item.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    partial = destination.with_name(destination.name + ".partial")
-    try:
-        with partial.open("wb") as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            for index, item in enumerate(plan):
-                tensor = item.make()
-                if tensor.dtype != item.dtype or tuple(tensor.shape) != item.shape:
-                    raise RuntimeError(
-                        f"{item.key}: planned {item.dtype}{item.shape}, got {tensor.dtype}{tuple(tensor.shape)}"
-                    )
-                out.write(
-                    tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    with _AtomicFile(destination, overwrite) as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for index, item in enumerate(plan):
+            tensor = item.make()
+            if tensor.dtype != item.dtype or tuple(tensor.shape) != item.shape:
+                raise RuntimeError(
+                    f"{item.key}: planned {item.dtype}{item.shape}, got {tensor.dtype}{tuple(tensor.shape)}"
                 )
-                if progress is not None:
-                    progress(index + 1, len(plan), item.key)
-        os.replace(partial, destination)
-    finally:
-        partial.unlink(missing_ok=True)
+            if tensor.numel():
+                out.write(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().data)
+            if progress is not None:
+                progress(index + 1, len(plan), item.key)
+
+
+class _AtomicFile:
+    """A new file at ``destination`` that appears whole or not at all.
+
+    The data goes to a temporary file created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``, a random name, by
+    ``tempfile.mkstemp``) in the destination's own folder: a link planted at a predictable name is never followed,
+    a second writer gets a file of its own, and nothing outside that folder is touched. It is flushed to the disk
+    and renamed over the destination in one step; any failure or interruption (an exception, Ctrl-C, SIGTERM
+    raised as an exception) leaves the destination as it was and removes the temporary file. ``overwrite=False``
+    publishes with a hard link, which fails where the destination appeared meanwhile (another writer won): an
+    error naming it, and the other writer's file is left whole. A write error (a full disk) is an ``OSError``
+    naming the destination, not the temporary name the user never gave.
+    """
+
+    def __init__(self, destination: Path, overwrite: bool) -> None:
+        self.destination, self.overwrite = destination, overwrite
+        self.fd, self.temporary = -1, ""
+
+    def __enter__(self) -> _AtomicFile:
+        try:
+            self._checked(self._create)
+        except BaseException:
+            self._clean_up()
+            raise
+        return self
+
+    def _create(self) -> None:
+        name, folder = self.destination.name, self.destination.parent
+        self.fd, self.temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the model from other users and containers
+            os.fchmod(self.fd, _new_file_mode(self.destination))
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = self._checked(functools.partial(os.write, self.fd, view))
+            view = view[written:]
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                self._checked(lambda: os.fsync(self.fd))
+                os.close(self.fd)
+                self.fd = -1
+                self._checked(self._publish)
+                _sync_folder(self.destination.parent)
+        finally:
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.temporary:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temporary)
+
+    def _publish(self) -> None:
+        if self.overwrite:
+            os.replace(self.temporary, self.destination)
+            return
+        try:
+            os.link(self.temporary, self.destination)
+        except FileExistsError:
+            raise CheckpointError(
+                f"{self.destination}: another writer created it while this one was writing; left as it is"
+            ) from None
+        except OSError:  # a file system without hard links: the same check, with a moment's window
+            if os.path.lexists(self.destination):
+                raise CheckpointError(f"{self.destination}: already exists; left as it is") from None
+            os.replace(self.temporary, self.destination)
+
+    def _checked(self, operation):
+        try:
+            return operation()
+        except OSError as error:
+            raise OSError(error.errno, error.strerror or str(error), str(self.destination)) from None
+
+
+def _new_file_mode(destination: Path) -> int:
+    """The mode a plainly created file would get (``0o666`` less the umask), or that of the file it replaces."""
+    with contextlib.suppress(OSError):
+        existing = os.lstat(destination)
+        if stat.S_ISREG(existing.st_mode):
+            return stat.S_IMODE(existing.st_mode)
+    umask = 0o022
+    with contextlib.suppress(OSError, ValueError, IndexError):  # Linux names it; os.umask would change it
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    return 0o666 & ~umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename made durable too, where the system allows opening a folder (not Windows)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
