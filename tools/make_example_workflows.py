@@ -50,8 +50,9 @@ PADDING, NODE_GAP, GROUP_GAP = 20, 30, 40
 # run button, and small enough that the whole graph fits a 1600x900 window (the browser test checks both).
 ORIGIN = (100, 140)
 VIEW_SCALE = 0.75  # at most; smaller where the graph would not fit VIEW_FIT
-VIEW_FIT = (1500, 720)  # what a 1600x900 window leaves of the canvas beside the frontend's menus and side bar
-VIEW_MARGIN = 40
+VIEW_FIT = (1600, 900)  # the window the saved view must show the whole graph in
+# Screen pixels the frontend covers at each edge (left, top, right, bottom): its side bar, top menu and toolbars.
+VIEW_MARGINS = (90, 110, 40, 70)
 _WAN = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
 _FLUX_TE = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main"
 _FLUX = "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main"
@@ -331,14 +332,15 @@ def to_ui(prompt: dict, stages: list[Stage]) -> dict:
 
 def fitting_view(groups: list[dict]) -> dict:
     """The saved view (the canvas's scale and offset, screen = (canvas + offset) * scale) that shows every group
-    inside ``VIEW_FIT`` with a margin: the graph opens whole on a 1600x900 window."""
+    inside ``VIEW_FIT`` clear of the frontend's bars: the graph opens whole on a 1600x900 window."""
     left = min(group["bounding"][0] for group in groups)
     top = min(group["bounding"][1] for group in groups)
     right = max(group["bounding"][0] + group["bounding"][2] for group in groups)
     bottom = max(group["bounding"][1] + group["bounding"][3] for group in groups)
-    room_x, room_y = VIEW_FIT[0] - 2 * VIEW_MARGIN, VIEW_FIT[1] - 2 * VIEW_MARGIN
-    scale = min(VIEW_SCALE, room_x / (right - left), room_y / (bottom - top))
-    return {"scale": round(scale, 4), "offset": [VIEW_MARGIN / scale - left, VIEW_MARGIN / scale - top]}
+    margin_left, margin_top, margin_right, margin_bottom = VIEW_MARGINS
+    room_x, room_y = VIEW_FIT[0] - margin_left - margin_right, VIEW_FIT[1] - margin_top - margin_bottom
+    scale = round(min(VIEW_SCALE, room_x / (right - left), room_y / (bottom - top)), 4)
+    return {"scale": scale, "offset": [margin_left / scale - left, margin_top / scale - top]}
 
 
 def api(prompt: dict) -> dict:
