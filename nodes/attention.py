@@ -31,14 +31,13 @@ GUARDED_STEPS = 1  # first and last sampling steps kept in 16-bit attention when
 
 
 def supports_attention_override() -> bool:
-    """Whether this ComfyUI's attention functions read ``optimized_attention_override``."""
-    import inspect
-
+    """Whether this ComfyUI's attention functions read ``optimized_attention_override``: its ``wrap_attn``
+    decorator hands each call to the override (0.16 and newer)."""
     try:
         import comfy.ldm.modules.attention as attention
     except ImportError:
         return False
-    return OVERRIDE_KEY in inspect.getsource(attention)
+    return hasattr(attention, "wrap_attn")
 
 
 def make_override(dispatcher: AttentionDispatcher):
@@ -71,7 +70,6 @@ def make_override(dispatcher: AttentionDispatcher):
             return out
         return out.transpose(1, 2).reshape(b, n_q, heads * dim_head)
 
-    attention_override.fp8_dispatcher = dispatcher
     return attention_override
 
 
