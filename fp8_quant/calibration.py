@@ -44,14 +44,15 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 
 def run_samples(model: nn.Module, samples: Sequence[Sample], forward: Forward) -> list[list[torch.Tensor]]:
     """Each sample's output tensors, as float32 copies."""
-    outputs = []
     with torch.no_grad():
-        for sample in samples:
-            tensors = output_tensors(forward(model, **sample))
-            if not tensors:
-                raise ValueError("sample_inputs: the model's output holds no floating-point tensor to compare")
-            outputs.append([tensor.detach().float().clone() for tensor in tensors])
-    return outputs
+        return [_float_copies(forward(model, **sample)) for sample in samples]
+
+
+def _float_copies(output: Any) -> list[torch.Tensor]:
+    tensors = output_tensors(output)
+    if not tensors:
+        raise ValueError("sample_inputs: the model's output holds no floating-point tensor to compare")
+    return [tensor.detach().float().clone() for tensor in tensors]
 
 
 def output_error(outputs: list[list[torch.Tensor]], references: list[list[torch.Tensor]]) -> float:
@@ -73,14 +74,19 @@ def input_hessians(
     samples: Sequence[Sample],
     forward: Forward,
     max_bytes: int = HESSIAN_GROUP_BYTES,
+    outputs: list[list[torch.Tensor]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
     """``(name, X^T X / rows)`` for each of ``layers``: float32 ``[K, K]`` on the layer's device; ``None`` for a
     layer the samples never reach (a vision tower beside a text model).
 
     Layers are taken in groups whose Hessians fit ``max_bytes``, one pass over the samples per group; a group is
-    yielded layer by layer (the caller can free each once used).
+    yielded layer by layer (the caller can free each once used). ``outputs``: where given, the first pass also
+    appends each sample's output tensors to it, as ``run_samples`` returns them (the reference outputs come with
+    the statistics instead of costing a pass of their own).
     """
     names = list(layers)
+    if not names and outputs is not None:
+        outputs.extend(run_samples(model, samples, forward))
     while names:
         group, size = [], 0
         for name in names:
@@ -90,14 +96,19 @@ def input_hessians(
             group.append(name)
             size += 4 * k * k
         names = names[len(group) :]
-        stats = _collect(model, {name: layers[name] for name in group}, samples, forward)
+        stats = _collect(model, {name: layers[name] for name in group}, samples, forward, outputs)
+        outputs = None
         for name in group:
             hessian, rows = stats.pop(name)
             yield name, (hessian / rows if rows else None)
 
 
 def _collect(
-    model: nn.Module, layers: Mapping[str, nn.Module], samples: Sequence[Sample], forward: Forward
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    samples: Sequence[Sample],
+    forward: Forward,
+    outputs: list[list[torch.Tensor]] | None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     stats: dict[str, list] = {}
 
@@ -118,7 +129,9 @@ def _collect(
     try:
         with torch.no_grad():
             for sample in samples:
-                forward(model, **sample)
+                output = forward(model, **sample)
+                if outputs is not None:
+                    outputs.append(_float_copies(output))
     finally:
         for handle in handles:
             handle.remove()

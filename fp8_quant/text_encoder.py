@@ -17,7 +17,9 @@ measured, the fastest to prepare.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,15 +28,17 @@ import torch
 from torch import nn
 
 from . import gptq
+from .block_replay import BlockReplay
 from .bridge import ForwardInstaller, ProgressCallback, prepare_model_for_fp8
 from .calibration import Forward, Sample, call_model, input_hessians, output_error, run_samples
 from .config import AUTO, SENSITIVE_LAYER_PATTERNS, Fp8Config, UserOptions
 from .dispatch import Fp8Recipe, LayerOverride
+from .fit_cache import FitCache, FittedResult, fit_key
 from .fp8_utils import is_fp8_dtype, quantize_weight
 from .methods import Fp8OnlineLinearMethod, RoundedWeights
 from .prompts import SENSITIVITY_PROMPTS
 from .report import Fp8Report, mib
-from .sensitivity import SensitivityReport, choose_kept, measure_sensitivity
+from .sensitivity import SensitivityReport, choose_kept, fake_fp8, measure_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ DEFAULT_BUDGET = 0.55  # linear weights at most 0.55x their bf16 bytes: ~10% of 
 # give fewer tokens than a wide layer has inputs, so the statistics are rank-deficient: strong damping keeps the
 # rounding from fitting the prompts (measured on a real sentence encoder, see tests/test_text_encoder_real.py).
 GPTQ_DAMP = 0.1
+# Samples the fitted copy's output error is measured on (for the summary: the fit itself does not use it).
+ERROR_SAMPLES = 16
 
 
 def text_encoder_config(options: UserOptions, recipe: str) -> Fp8Config:
@@ -85,6 +91,8 @@ def quantize_text_encoder(
     compute_device: torch.device | str | None = None,
     progress: ProgressCallback | None = None,
     install: ForwardInstaller | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_context: str = "",
 ) -> Fp8Report:
     """Quantize ``model``'s linears in place by ``recipe``; returns the report (``report.sensitivity`` holds the
     per-layer table where one was measured).
@@ -94,7 +102,10 @@ def quantize_text_encoder(
     layer). ``budget``: the linear weights' bytes allowed, as a fraction of their bf16 bytes. ``rounding``: ``gptq``
     (error-compensating, the default) or ``nearest`` (plain rounding; for comparisons). ``keep_dtype``: where
     layers kept in high precision are wider (an fp32 model), they are stored in this dtype. The model is run where
-    it is; ``quantize_device`` is where the rounding works (the GPU is much faster).
+    it is; ``quantize_device`` is where the rounding works (the GPU is much faster). ``cache_dir``: where the
+    fitted result is kept and looked up (``fit_cache``), so that the same encoder, samples and settings are fitted
+    once; ``None``: not kept. ``cache_context``: what else changes the model's outputs for the same tensors (the
+    output layer a caller picked, ...), part of the key.
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding: {rounding!r} is not allowed; allowed values: {list(ROUNDINGS)}")
@@ -122,13 +133,79 @@ def quantize_text_encoder(
     if not samples:
         raise ValueError(f"sample_inputs: the {recipe!r} recipe needs at least one sample input to calibrate on")
     forward = forward or call_model
-    steps = _Steps(progress, 2 * len(candidates) + 1)
-    steps.begin(f"reference outputs on {len(samples)} samples", 0)
-    references = run_samples(model, samples, forward)
-    if rounding == "gptq":
-        steps.begin("input statistics and error-compensating rounding", len(candidates))
-        rounded = _round(model, candidates, samples, forward, config, quantize_device, steps)
+    cache = FitCache(cache_dir) if cache_dir is not None else None
+    settings = {
+        "recipe": recipe,
+        "config": config,
+        "budget": budget,
+        "rounding": rounding,
+        "sensitivity_samples": sensitivity_samples,
+        "damp": GPTQ_DAMP,
+        "context": cache_context,
+    }
+    key = fit_key(model, samples, settings) if cache is not None else ""
+    fitted = cache.load(key, candidates) if cache is not None else None
+    if fitted is not None:
+        logger.info("fp8 text encoder: fitted result read from %s", cache.path(key))
+        source = "the stored fit"
     else:
+        fitted = _fit(
+            model,
+            candidates,
+            samples,
+            forward,
+            config,
+            budget,
+            rounding,
+            sensitivity_samples,
+            quantize_device,
+            progress,
+        )
+        stored = cache.store(key, fitted) if cache is not None else None
+        if stored is not None:
+            logger.info("fp8 text encoder: fitted result kept in %s", stored)
+        source = "fitted, kept on disk" if stored is not None else "fitted"
+    sensitivity = fitted.sensitivity
+    overrides = {name: LayerOverride(keep=True, reason="kept in bf16 (sensitive)") for name in sensitivity.kept}
+    final = replace(base, overrides=overrides, rounded=fitted.rounded, _methods={})
+    report = prepare_model_for_fp8(
+        model, final, quantize_device=quantize_device, compute_device=compute_device, install=install
+    )
+    report.sensitivity = sensitivity
+    report.notes.append(
+        f"{recipe} recipe ({source}): {len(sensitivity.kept)} sensitive layers kept in bf16, linear weights "
+        f"{report.bytes_after / max(1, report.bf16_bytes):.3f}x their bf16 bytes ({mib(report.bytes_after)}); "
+        f"output error vs high precision on {fitted.samples} samples {fitted.error:.4f}"
+    )
+    logger.info("fp8 sensitivity per layer:\n%s", sensitivity.table())
+    return report
+
+
+def _fit(
+    model: nn.Module,
+    candidates: dict[str, nn.Linear],
+    samples: list[Sample],
+    forward: Forward,
+    config: Fp8Config,
+    budget: float,
+    rounding: str,
+    sensitivity_samples: int,
+    quantize_device: torch.device | str | None,
+    progress: ProgressCallback | None,
+) -> FittedResult:
+    """Round every candidate, measure each one's sensitivity, choose the layers kept in high precision, and measure
+    the output error of the result; the model is left as it came (its layers are changed only afterwards)."""
+    steps = _Steps(progress, 2 * len(candidates) + 1)
+    references: list[list[torch.Tensor]] = []
+    if rounding == "gptq":
+        steps.begin(
+            f"reference outputs and error-compensating rounding on {len(samples)} samples",
+            len(candidates),
+        )
+        rounded = _round(model, candidates, samples, forward, config, quantize_device, steps, references)
+    else:
+        steps.begin(f"reference outputs on {len(samples)} samples", 0)
+        references = run_samples(model, samples, forward)
         rounded = {
             name: quantize_weight(m.weight.detach(), config.weight_dtype, config.weight_group)
             for name, m in candidates.items()
@@ -136,6 +213,11 @@ def quantize_text_encoder(
     reached = {name: module for name, module in candidates.items() if name in rounded}
     probe = samples[: max(1, sensitivity_samples)]
     steps.begin(f"sensitivity of each layer alone in fp8 on {len(probe)} samples", len(reached))
+    replay = BlockReplay.record(model, reached, probe, forward)
+    if replay is not None:
+        logger.info(
+            "fp8 text encoder: %.0f%% of the block calls handed back from the reference run", 100 * replay.saved_share()
+        )
     sensitivity = SensitivityReport(
         measure_sensitivity(
             model,
@@ -146,27 +228,45 @@ def quantize_text_encoder(
             references[: len(probe)],
             config.quantizes_activations,
             steps.layer,
+            replay,
         ),
         budget,
     )
+    del replay
     choose_kept(sensitivity.layers, budget, *_other_bytes(model, reached, candidates))
-    overrides = {name: LayerOverride(keep=True, reason="kept in bf16 (sensitive)") for name in sensitivity.kept}
-    final = replace(base, overrides=overrides, rounded=rounded, _methods={})
-    steps.begin("quantizing with the kept layers", 0)
-    report = prepare_model_for_fp8(
-        model, final, quantize_device=quantize_device, compute_device=compute_device, install=install
+    checked = samples[:ERROR_SAMPLES]
+    steps.begin(f"output error on {len(checked)} samples", 0)
+    error = _output_error_of(
+        model,
+        reached,
+        rounded,
+        set(sensitivity.kept),
+        checked,
+        forward,
+        references[: len(checked)],
+        config.quantizes_activations,
     )
-    steps.begin(f"output error on {len(samples)} samples", 0)
-    report.sensitivity = sensitivity
-    error = output_error(run_samples(model, samples, forward), references)
     steps.done()
-    report.notes.append(
-        f"{recipe} recipe: {len(sensitivity.kept)} sensitive layers kept in bf16, linear weights "
-        f"{report.bytes_after / max(1, report.bf16_bytes):.3f}x their bf16 bytes ({mib(report.bytes_after)}); "
-        f"output error vs high precision on {len(samples)} samples {error:.4f}"
-    )
-    logger.info("fp8 sensitivity per layer:\n%s", sensitivity.table())
-    return report
+    return FittedResult(rounded, sensitivity, error, len(checked))
+
+
+def _output_error_of(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    rounded: RoundedWeights,
+    kept: set[str],
+    samples: list[Sample],
+    forward: Forward,
+    references: list[list[torch.Tensor]],
+    quantize_activations: bool,
+) -> float:
+    """The output error with every layer but the kept ones in fp8, computed with temporary forwards (the layers
+    themselves are not changed yet)."""
+    with contextlib.ExitStack() as stack:
+        for name, module in layers.items():
+            if name not in kept:
+                stack.enter_context(fake_fp8(module, *rounded[name], quantize_activations))
+        return output_error(run_samples(model, samples, forward), references)
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -215,12 +315,14 @@ def _round(
     config: Fp8Config,
     quantize_device: torch.device | str | None,
     steps: _Steps,
+    references: list[list[torch.Tensor]],
 ) -> RoundedWeights:
-    """Error-compensating rounding of every candidate, on its inputs' statistics from the samples. Layers the
-    samples never reach (a vision tower beside the text model) are left to plain rounding."""
+    """Error-compensating rounding of every candidate, on its inputs' statistics from the samples (whose outputs
+    are appended to ``references`` on the way). Layers the samples never reach (a vision tower beside the text
+    model) are left to plain rounding."""
     rounded: RoundedWeights = {}
     unreached = []
-    for name, hessian in input_hessians(model, layers, samples, forward):
+    for name, hessian in input_hessians(model, layers, samples, forward, outputs=references):
         if hessian is None:
             unreached.append(name)
             steps.layer(0, 0, name)

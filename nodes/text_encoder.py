@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +35,20 @@ from .widgets import forced_kernel, text_encoder_optional_inputs, user_options
 
 logger = logging.getLogger(__name__)
 NODE_TITLE = "Quantize Text Encoder (FP8)"
+# Where fitted results are kept: a folder, or "off"; default: fp8_quant/text_encoder_fits in ComfyUI's user folder.
+FIT_CACHE_VARIABLE = "FP8_QUANT_FIT_CACHE"
+
+
+def fit_cache_directory() -> Path | None:
+    """The folder the quality and speed recipes keep their fitted results in (``None``: not kept)."""
+    chosen = os.environ.get(FIT_CACHE_VARIABLE, "").strip()
+    if chosen.lower() in ("off", "0", "none", "no"):
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    import folder_paths
+
+    return Path(folder_paths.get_user_directory()) / "fp8_quant" / "text_encoder_fits"
 
 
 class QuantizeTextEncoderFP8:
@@ -110,6 +126,8 @@ def _quantize(clip, model: nn.Module, recipe: str, choices, kernel: str | None):
             compute_device=device,
             progress=lambda done, total, name: progress.update_absolute(done, total),
             install=lambda module: install_comfy_forward(module, caster),
+            cache_dir=fit_cache_directory() if recipe != "plain" else None,
+            cache_context=f"clip layer {clip.layer_idx}",
         )
     finally:
         model.reset_clip_options()

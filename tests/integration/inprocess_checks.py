@@ -1,6 +1,7 @@
 """In-process checks against ComfyUI's own classes; run by test_comfyui.py under COMFYUI_PYTHON.
 
 Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [speed|plain] [dynamic]
+       python inprocess_checks.py fit_cache FAMILY
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
@@ -93,6 +94,31 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
         except (RuntimeError, NotImplementedError) as error:  # e.g. Gemma's norms cannot add to fp8 weights
             result["stock_fp8_failed"] = f"{type(error).__name__}: {error}"
     return {**result, **extra}
+
+
+def check_fit_cache(family: str) -> dict:
+    """The quality recipe's stored fit: a second load of the same encoder is not fitted again and encodes as the
+    first copy did; the same encoder read at another layer (CLIP Set Last Layer) is fitted again."""
+    import os
+
+    from fp8_test_nodes import tiny_text_encoder
+
+    pack = import_pack()
+    node = pack.NODE_CLASS_MAPPINGS["QuantizeTextEncoderFP8"]()
+    runs = []
+    for layer in (None, None, -2):
+        clip = tiny_text_encoder(family)
+        if layer is not None:
+            clip.clip_layer(layer)
+        tokens = clip.tokenize("a red fox jumps over the lazy dog, cinematic")
+        output = node.quantize(clip, recipe="quality")
+        runs.append((output["ui"]["text"][0], output["result"][0].encode_from_tokens(tokens)))
+    folder = Path(os.environ["FP8_QUANT_FIT_CACHE"])
+    return {
+        "summaries": [summary for summary, _ in runs],
+        "second_equals_first": bool(torch.equal(runs[1][1], runs[0][1])),
+        "stored": sorted(path.name for path in folder.glob("fit-*.safetensors")),
+    }
 
 
 def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
@@ -314,6 +340,8 @@ if __name__ == "__main__":
         storage = next((word for word in words if word in ("fp8", "comfy_quant")), "bf16")
         recipe = next((word for word in words if word in ("speed", "plain")), "quality")
         result = check_text_encoder(argument, with_lora="lora" in words, storage=storage, recipe=recipe)
+    elif check == "fit_cache":
+        result = check_fit_cache(argument)
     elif check == "lowvram":
         result = check_lowvram(argument)
     elif check == "sampling":

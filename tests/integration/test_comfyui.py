@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -497,14 +498,15 @@ def run_inprocess(check: str, *args: str, comfyui_dir: str | None = None) -> dic
     """``comfyui_dir``: another ComfyUI checkout to run the check in (the default is COMFYUI_DIR)."""
     script = Path(__file__).with_name("inprocess_checks.py")
     comfyui_dir = comfyui_dir or COMFYUI_DIR
-    done = subprocess.run(
-        [COMFYUI_PYTHON, str(script), check, *args],
-        capture_output=True,
-        text=True,
-        cwd=comfyui_dir,
-        env=dict(os.environ, COMFYUI_DIR=comfyui_dir),
-        timeout=900,
-    )
+    with tempfile.TemporaryDirectory() as fits:  # stored text-encoder fits: one folder per run, never ComfyUI's
+        done = subprocess.run(
+            [COMFYUI_PYTHON, str(script), check, *args],
+            capture_output=True,
+            text=True,
+            cwd=comfyui_dir,
+            env=dict(os.environ, COMFYUI_DIR=comfyui_dir, FP8_QUANT_FIT_CACHE=fits),
+            timeout=900,
+        )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
@@ -586,6 +588,17 @@ def test_text_encoder_recipes_side_by_side(family):
 
 
 @needs_comfy_quant
+def test_a_stored_fit_is_read_back_for_the_same_encoder_and_not_for_another_layer():
+    """Issue 24: the quality recipe's fitted result is kept on disk, so a restart does not fit again."""
+    result = run_inprocess("fit_cache", "clip_l")
+    first, second, other_layer = result["summaries"]
+    assert "(fitted, kept on disk)" in first, first
+    assert "(the stored fit)" in second, second
+    assert "(fitted, kept on disk)" in other_layer, other_layer
+    assert result["second_equals_first"]
+    assert len(result["stored"]) == 2
+
+
 def test_text_encoder_comfyui_already_quantized_comes_back_unchanged():
     """A .comfy_quant text encoder, loaded by ComfyUI's own mixed-precision ops: not an error, nothing to do."""
     result = run_inprocess("text_encoder", "t5", "comfy_quant")
