@@ -17,8 +17,30 @@ WIDGET_ORDER = {
 
 
 def test_there_are_wan_and_flux_workflows():
-    names = {path.stem for path in WORKFLOWS}
+    names = {path.stem.lower() for path in WORKFLOWS}
     assert any("wan" in name for name in names) and any("flux" in name for name in names)
+
+
+def test_each_file_name_reads_as_the_card_title():
+    """The Templates browser titles a pack's templates with their file names (issue 24: no raw names)."""
+    for path in WORKFLOWS:
+        words = path.stem.split(" ")
+        assert len(words) >= 3 and "_" not in path.stem and path.stem[0].isupper(), path.stem
+        assert (path.parent / "api" / path.name).is_file()
+
+
+def test_the_thumbnails_tell_apart():
+    """Each card's picture has a band of its own colour (not two near-identical screenshots of dark graphs)."""
+    image = pytest.importorskip("PIL.Image")
+    bands = []
+    for path in WORKFLOWS:
+        with image.open(path.with_suffix(".jpg")) as thumbnail:
+            rgb = thumbnail.convert("RGB")
+            width, height = rgb.size
+            band = rgb.crop((0, round(height * 0.9), width, height)).resize((1, 1), image.BOX).getpixel((0, 0))
+        bands.append(band)
+    assert all(max(a) - min(a) > 60 for a in bands), bands  # coloured, not grey
+    assert all(sum(abs(x - y) for x, y in zip(a, b)) > 150 for i, a in enumerate(bands) for b in bands[i + 1 :])
 
 
 def test_node_names_are_stable():

@@ -68,7 +68,6 @@ MODEL_FILES = {
     "ae.safetensors": ("vae", _FLUX),
 }
 GROUP_COLOR = "#3f789e"
-THUMBNAIL_WIDTH = 480
 
 # Output types of the nodes used, in slot order, and the order of their widgets in the frontend.
 OUTPUTS = {
@@ -353,11 +352,20 @@ def api(prompt: dict) -> dict:
     }
 
 
-WORKFLOWS = {"wan2.1_t2v_fp8": wan_t2v, "flux_t2i_fp8": flux_t2i}
+# The file names are the titles the Templates browser shows on each card (it has no other title for a pack's
+# templates). Each card's picture: the graph as the frontend shows it, under a band in the model family's colour
+# with the title and what comes out, so that the two cards tell apart at a glance.
+WORKFLOWS = {"Wan 2.1 text to video (FP8)": wan_t2v, "Flux text to image (FP8)": flux_t2i}
+CARDS = {  # name: (band colour, what the workflow makes)
+    "Wan 2.1 text to video (FP8)": ((20, 110, 120), "VIDEO  ·  Wan 2.1 T2V 1.3B/14B"),
+    "Flux text to image (FP8)": ((170, 80, 20), "IMAGE  ·  Flux.1 dev"),
+}
+THUMBNAIL_SIZE = (480, 360)
 
 
 def write_thumbnails(screenshots: Path) -> None:
-    """``<name>.jpg`` beside each workflow, from the browser test's ``workflow-<name>.png`` screenshots."""
+    """``<name>.jpg`` beside each workflow: the browser test's ``workflow-<name>.png`` screenshot, fitted to
+    ``THUMBNAIL_SIZE``, with the card's band over its lower part."""
     from PIL import Image  # ComfyUI's environment has Pillow; the pack itself does not need it
 
     for name in WORKFLOWS:
@@ -365,11 +373,48 @@ def write_thumbnails(screenshots: Path) -> None:
         if not source.is_file():
             raise SystemExit(f"error: {source}: no such screenshot; run the browser test first")
         with Image.open(source) as image:
-            height = round(image.height * THUMBNAIL_WIDTH / image.width)
-            image.convert("RGB").resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(
-                OUT / f"{name}.jpg", quality=80, optimize=True
-            )
+            card = _card(image.convert("RGB"), name)
+        card.save(OUT / f"{name}.jpg", quality=82, optimize=True)
         logger.info("wrote %s", OUT / f"{name}.jpg")
+
+
+def _card(graph, name: str):
+    from PIL import Image, ImageDraw, ImageOps
+
+    width, height = THUMBNAIL_SIZE
+    card = ImageOps.fit(graph, (width, height), Image.LANCZOS, centering=(0.5, 0.0))
+    colour, kicker = CARDS[name]
+    band_top = round(height * 0.56)
+    overlay = Image.new("RGBA", (width, height - band_top), (*colour, 235))
+    card.paste(overlay, (0, band_top), overlay)
+    draw = ImageDraw.Draw(card)
+    title = name.replace(" (FP8)", "")
+    draw.text((24, band_top + 18), kicker, fill=(255, 255, 255), font=_font(17, bold=False))
+    draw.text((24, band_top + 44), title, fill=(255, 255, 255), font=_font(_title_size(draw, title, width - 48)))
+    badge = _font(22)
+    draw.rounded_rectangle((width - 104, band_top + 16, width - 20, band_top + 50), 8, fill=(255, 255, 255))
+    draw.text((width - 62, band_top + 33), "FP8", fill=colour, font=badge, anchor="mm")
+    return card
+
+
+def _title_size(draw, title: str, room: int) -> int:
+    size = 40
+    while size > 20 and draw.textlength(title, font=_font(size)) > room:
+        size -= 2
+    return size
+
+
+def _font(size: int, bold: bool = True):
+    """DejaVu Sans where the system has it, else Pillow's own scalable font."""
+    from PIL import ImageFont
+
+    dejavu = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for name in (dejavu, f"/usr/share/fonts/truetype/dejavu/{dejavu}"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import urllib.parse
 from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
@@ -162,13 +163,16 @@ def test_templates_browser_shows_each_example_with_its_thumbnail_and_opens_it(pa
 
     def record(response) -> None:
         if f"/workflow_templates/{PACK_FOLDER}/" in response.url and response.url.endswith(".jpg"):
-            thumbnails[response.url.rsplit("/", 1)[1]] = (response.status, response.headers.get("content-type", ""))
+            name = urllib.parse.unquote(response.url.rsplit("/", 1)[1])
+            thumbnails[name] = (response.status, response.headers.get("content-type", ""))
 
     page.on("response", record)
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text(PACK_FOLDER, exact=True).click()
     for example in EXAMPLES:
-        thumbnail = page.get_by_test_id(f"template-workflow-{example}").locator("img")
+        card = page.get_by_test_id(f"template-workflow-{example}")
+        assert example in card.inner_text(), card.inner_text()  # the title the card shows
+        thumbnail = card.locator("img")
         thumbnail.wait_for()
         loaded = "(img) => img.complete && img.naturalWidth > 0"
         page.wait_for_function(loaded, arg=thumbnail.element_handle(), timeout=30_000)
