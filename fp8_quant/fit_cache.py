@@ -133,7 +133,8 @@ def _tensor_digest(tensor: torch.Tensor) -> bytes:
         else:  # fp8, integers, booleans: their bytes
             total = repr(int(flat.contiguous().view(torch.uint8).sum(dtype=torch.int64))).encode()
         count = min(SAMPLED_VALUES, flat.numel())
-        positions = torch.linspace(0, flat.numel() - 1, count, device=flat.device).long()
+        # Integer steps: a float linspace rounds the last position past the end of a tensor of 2^24+ values.
+        positions = torch.arange(count, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // max(1, count - 1)
         values = flat[positions].contiguous().view(torch.uint8).cpu().numpy().tobytes()
     return total + b":" + hashlib.sha256(values).digest()
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from fp8_quant import clone_module_tree
 from fp8_quant.cuda_graphs import graph_forward
-from fp8_quant.prompts import CALIBRATION_PROMPTS
+from fp8_quant.prompts import CALIBRATION_PROMPTS, SENSITIVITY_PROMPTS
 from fp8_quant.text_encoder import quantize_text_encoder
 
 from .comfy_cast import comfy_weight_caster
@@ -114,10 +114,15 @@ def _quantize(clip, model: nn.Module, recipe: str, choices, kernel: str | None):
     progress = comfy.utils.ProgressBar(1)
     _set_clip_options(clip, model, device)
     try:
+        samples, probe = [], SENSITIVITY_PROMPTS  # the plain recipe fits nothing
+        if recipe != "plain":
+            tokens = [clip.tokenize(prompt) for prompt in CALIBRATION_PROMPTS]
+            samples, probe = batched_samples(model, tokens, SENSITIVITY_PROMPTS)
         return quantize_text_encoder(
             model,
-            [{"tokens": clip.tokenize(prompt)} for prompt in CALIBRATION_PROMPTS],
+            samples,
             recipe=recipe,
+            sensitivity_samples=probe,
             options=choices,
             forward=_encode,
             kernel=kernel,
@@ -131,6 +136,81 @@ def _quantize(clip, model: nn.Module, recipe: str, choices, kernel: str | None):
         )
     finally:
         model.reset_clip_options()
+
+
+def batched_samples(model: nn.Module, prompts: list, probe_prompts: int) -> tuple[list[dict], int]:
+    """The prompts' tokens as sample inputs, prompts of the same token lengths encoded together, and how many of
+    the samples hold the first ``probe_prompts`` prompts (the sensitivity pass runs those once per layer).
+
+    ComfyUI encodes a prompt's sections as one batch and joins their outputs along the tokens, so prompts whose
+    sections have the same lengths (every CLIP prompt: 77 tokens) give the same activations when they are sent as
+    the sections of one sample, in a fraction of the calls. Whether this encoder does join them so is measured
+    once on two prompts (a wrapper that reads only the first section, or pads a batch, would not): where it does
+    not, each prompt stays a sample of its own."""
+    singles = [{"tokens": tokens} for tokens in prompts]
+    signatures = [_signature(tokens) for tokens in prompts]
+    pair = [i for i, signature in enumerate(signatures) if signature is not None and signature == signatures[0]][:2]
+    if len(pair) < 2 or not _joins_sections(model, [prompts[i] for i in pair]):
+        return singles, probe_prompts
+    probe = _groups(prompts[:probe_prompts], signatures[:probe_prompts])
+    rest = _groups(prompts[probe_prompts:], signatures[probe_prompts:])
+    logger.info(
+        "fp8 text encoder: %d prompts encoded as %d batches of equal token lengths", len(prompts), len(probe + rest)
+    )
+    return probe + rest, len(probe)
+
+
+MAX_BATCH = 16  # prompts encoded together (bounds the activations held for each call)
+
+
+def _signature(tokens) -> tuple | None:
+    """Each tokenizer's section lengths, where every weight is 1 (a weighted prompt adds an empty pass)."""
+    if not isinstance(tokens, dict):
+        return None
+    signature = []
+    for key, sections in sorted(tokens.items()):
+        if not isinstance(sections, list) or len(sections) != 1 or not isinstance(sections[0], list):
+            return None
+        if not all(isinstance(t, tuple) and len(t) >= 2 and t[1] == 1.0 for t in sections[0]):
+            return None
+        signature.append((key, len(sections[0])))
+    return tuple(signature)
+
+
+def _merged(prompts: list) -> dict:
+    return {"tokens": {key: [section for tokens in prompts for section in tokens[key]] for key in prompts[0]}}
+
+
+def _groups(prompts: list, signatures: list) -> list[dict]:
+    by_signature: dict = {}
+    for tokens, signature in zip(prompts, signatures):
+        by_signature.setdefault(signature, []).append(tokens)
+    groups = []
+    for signature, members in by_signature.items():
+        if signature is None:
+            groups.extend({"tokens": tokens} for tokens in members)
+            continue
+        groups.extend(_merged(members[i : i + MAX_BATCH]) for i in range(0, len(members), MAX_BATCH))
+    return groups
+
+
+def _joins_sections(model: nn.Module, pair: list) -> bool:
+    """Whether two prompts sent as the sections of one sample give the two prompts' outputs joined along the
+    tokens (the first output tensor; the pooled vector is the first section's)."""
+    from fp8_quant.calibration import output_tensors
+
+    try:
+        with torch.no_grad():
+            alone = [output_tensors(_encode(model, tokens))[0] for tokens in pair]
+            together = output_tensors(_encode(model, **_merged(pair)))[0]
+    except Exception as error:  # any failure means: do not batch
+        logger.info("fp8 text encoder: prompts encoded one by one (%s)", error)
+        return False
+    joined = torch.cat(alone, dim=-2)
+    if together.shape != joined.shape:
+        return False
+    error = (together.float() - joined.float()).norm() / joined.float().norm().clamp_min(1e-30)
+    return bool(error < 1e-3)
 
 
 def _graph_encoders(model: nn.Module) -> int:

@@ -188,3 +188,17 @@ def test_a_fit_that_cannot_be_kept_is_still_used(tmp_path, caplog):
     assert runs > 0 and report.sensitivity.kept
     assert any("could not keep the fit" in r.getMessage() for r in caplog.records)
     assert blocked.read_text() == "a file where the folder should be"
+
+
+def test_the_key_reads_tensors_past_float_precision():
+    """A tensor of more than 2^24 values (a T5-XXL feed-forward weight has 4e7): the sampled positions stay in it
+    and a change at its very end changes the key."""
+    from fp8_quant.fit_cache import fit_key
+
+    model = nn.Linear(4097, 4100, bias=False)  # 16 797 700 values
+    with torch.no_grad():
+        model.weight.zero_()
+    before = fit_key(model, [], {})
+    with torch.no_grad():
+        model.weight[-1, -1] = 1.0
+    assert fit_key(model, [], {}) != before

@@ -2,6 +2,7 @@
 
 Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [speed|plain] [dynamic]
        python inprocess_checks.py fit_cache FAMILY
+       python inprocess_checks.py serve (checks as JSON lines on stdin: see ``serve``)
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
@@ -22,8 +23,14 @@ from comfy_runtime import setup_comfy
 REPO = Path(__file__).resolve().parents[2]
 
 
+_PACK = []
+
+
 def import_pack():
-    return import_pack_from(REPO)
+    """The pack, imported once per process (a worker runs many checks; ComfyUI imports a pack once too)."""
+    if not _PACK:
+        _PACK.append(import_pack_from(REPO))
+    return _PACK[0]
 
 
 def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -331,25 +338,47 @@ def stock_samples(seed: int, model_paths: list[str], out_path: str) -> dict:
     return {"version": comfyui_version.__version__, "models": len(model_paths)}
 
 
-if __name__ == "__main__":
-    dynamic = setup_comfy(dynamic_vram="dynamic" in sys.argv[2:])
-    check = sys.argv[1]
-    argument = sys.argv[2] if len(sys.argv) > 2 else None
+def run_check(argv: list[str]) -> dict:
+    """One check, by its command-line words (``check [argument] [words...]``)."""
+    check = argv[0]
+    argument = argv[1] if len(argv) > 1 else None
     if check == "text_encoder":
-        words = sys.argv[3:]
+        words = argv[2:]
         storage = next((word for word in words if word in ("fp8", "comfy_quant")), "bf16")
         recipe = next((word for word in words if word in ("speed", "plain")), "quality")
-        result = check_text_encoder(argument, with_lora="lora" in words, storage=storage, recipe=recipe)
-    elif check == "fit_cache":
-        result = check_fit_cache(argument)
-    elif check == "lowvram":
-        result = check_lowvram(argument)
-    elif check == "sampling":
-        result = check_sampling(argument)
-    elif check == "operations":
-        result = check_operations(argument)
-    elif check == "stock_sample":
-        result = stock_samples(int(sys.argv[2]), sys.argv[3:-1], sys.argv[-1])
+        return check_text_encoder(argument, with_lora="lora" in words, storage=storage, recipe=recipe)
+    if check == "fit_cache":
+        return check_fit_cache(argument)
+    if check == "lowvram":
+        return check_lowvram(argument)
+    if check == "sampling":
+        return check_sampling(argument)
+    if check == "operations":
+        return check_operations(argument)
+    if check == "stock_sample":
+        return stock_samples(int(argv[1]), argv[2:-1], argv[-1])
+    raise SystemExit(f"unknown check {check!r}")
+
+
+def serve(dynamic: bool) -> None:
+    """Checks one after another in this process (ComfyUI and torch imported once): one JSON request a line on stdin,
+    ``{"argv": [...], "env": {...}}``; each answered with one line, ``RESULT {json}`` or ``FAILED {json text}``."""
+    import os
+    import traceback
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        os.environ.update(request.get("env", {}))
+        try:
+            answer = "RESULT " + json.dumps({**run_check(request["argv"]), "dynamic_vram": dynamic})
+        except (Exception, SystemExit):  # reported to the test; the next check still runs
+            answer = "FAILED " + json.dumps(traceback.format_exc()[-4000:])
+        print(answer, flush=True)
+
+
+if __name__ == "__main__":
+    dynamic = setup_comfy(dynamic_vram="dynamic" in sys.argv[2:])
+    if sys.argv[1] == "serve":
+        serve(dynamic)
     else:
-        raise SystemExit(f"unknown check {check!r}")
-    print("RESULT " + json.dumps({**result, "dynamic_vram": dynamic}))
+        print("RESULT " + json.dumps({**run_check(sys.argv[1:]), "dynamic_vram": dynamic}))

@@ -25,6 +25,7 @@ from conftest import (
     write_comfy_quantized,
     write_fixture,
 )
+from inprocess_worker import worker_for
 from prompts import FLUX_INPUTS, LTXV_INPUTS, SEED, our_loader, sampling_prompt, stock_loader
 from safetensors.torch import load_file, save_file
 
@@ -494,11 +495,18 @@ def test_bad_file_is_a_node_error_and_the_server_goes_on(comfyui, tiny_wan, file
     assert sample(comfyui, our_loader(tiny_wan), f"after_{file}").isfinite().all()
 
 
+# Checks that leave nothing behind in the process: run one after another by a long-lived worker (the imports once).
+WORKER_CHECKS = ("text_encoder", "fit_cache")
+
+
 def run_inprocess(check: str, *args: str, comfyui_dir: str | None = None) -> dict:
     """``comfyui_dir``: another ComfyUI checkout to run the check in (the default is COMFYUI_DIR)."""
     script = Path(__file__).with_name("inprocess_checks.py")
     comfyui_dir = comfyui_dir or COMFYUI_DIR
-    with tempfile.TemporaryDirectory() as fits:  # stored text-encoder fits: one folder per run, never ComfyUI's
+    with tempfile.TemporaryDirectory() as fits:  # stored text-encoder fits: one folder per check, never ComfyUI's
+        if check in WORKER_CHECKS and "dynamic" not in args:
+            worker = worker_for(COMFYUI_PYTHON, comfyui_dir)
+            return worker.run([check, *args], {"FP8_QUANT_FIT_CACHE": fits}, timeout=900)
         done = subprocess.run(
             [COMFYUI_PYTHON, str(script), check, *args],
             capture_output=True,
