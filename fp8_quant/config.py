@@ -9,6 +9,7 @@ where those choices meet a file's config.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
@@ -86,6 +87,25 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 )
 
 
+class QuantFormat(enum.Enum):
+    """The 8-bit number format of a model's quantized linears, as users name it (``parse_quant_format``)."""
+
+    FP8 = "fp8"
+    INT8_ROTATED = "int8_rotated"
+
+
+def parse_quant_format(value: Any, option: str = "quant_format") -> QuantFormat:
+    """``fp8`` or ``int8_rotated`` (also ``int8``), case-insensitive; anything else is an error naming ``option``."""
+    if isinstance(value, QuantFormat):
+        return value
+    text = str(value).strip().lower().replace("-", "_").replace(" ", "_")
+    text = {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}.get(text, text)
+    for fmt in QuantFormat:
+        if fmt.value == text:
+            return fmt
+    raise ValueError(f"{option}: {value!r} is not allowed; allowed values: {[fmt.value for fmt in QuantFormat]}")
+
+
 @dataclass(frozen=True)
 class Fp8Config:
     """How the linears of one model are quantized.
@@ -109,6 +129,8 @@ class Fp8Config:
     ignored_layers: tuple[str, ...] = ()
     output_dtype: torch.dtype | None = None
     round_activations_on_dequant: bool = False
+
+    quant_format = QuantFormat.FP8  # not a field: what every config of this class is
 
     def __post_init__(self) -> None:
         _check_choice("weight_dtype", self.weight_dtype, tuple(WEIGHT_DTYPES.values()))
@@ -196,6 +218,61 @@ class Fp8Config:
             acts = "calibrated by layer at the first step"
         else:
             acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
+        return f"weights {weights}; activations {acts}"
+
+
+INT8_WEIGHT_GRANULARITIES = ("channel", "tensor")
+INT8_ACTIVATION_SCHEMES = ("dynamic", "none")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """How int8 linears run: ComfyUI 0.30's ``int8_tensorwise`` scheme, with or without its ConvRot rotation.
+
+    ``rotation_group``: the inputs of each row are rotated in groups of this many (a power of 4; ComfyUI's
+    ``convrot_groupsize``, 256 by default) before rounding, weights once and activations at every call; ``None``:
+    no rotation. On the fly, a layer whose width the group does not divide takes the largest power-of-4 group that
+    does (at least 16), or none. ``weight_granularity``: one scale per output channel or per tensor.
+    ``activation_scheme``: ``dynamic`` rounds activations to int8 with one scale per row at every call (the int8
+    GEMM); ``none`` keeps them in high precision against the dequantized weight (weight-only).
+    """
+
+    rotation_group: int | None = 256
+    weight_granularity: str = "channel"
+    activation_scheme: str = "dynamic"
+    ignored_layers: tuple[str, ...] = ()
+    output_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotation_group is not None:
+            from .rotation import check_group_size  # config stays importable without the math modules
+
+            check_group_size(self.rotation_group, what="rotation_group")
+        _check_choice("weight_granularity", self.weight_granularity, INT8_WEIGHT_GRANULARITIES)
+        _check_choice("activation_scheme", self.activation_scheme, INT8_ACTIVATION_SCHEMES)
+        _check_choice("output_dtype", self.output_dtype, tuple(OUTPUT_DTYPES.values()))
+        object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
+
+    quant_format = QuantFormat.INT8_ROTATED  # not a field
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activation_scheme != "none"
+
+    @property
+    def learns_activation_scales(self) -> bool:
+        return False
+
+    @property
+    def per_channel(self) -> bool:
+        return self.weight_granularity == "channel"
+
+    def rotation_words(self) -> str:
+        return f"rotated in groups of {self.rotation_group}" if self.rotation_group else "not rotated"
+
+    def describe(self, activations_rounded: bool = True) -> str:
+        weights = f"int8, per-{self.weight_granularity}, {self.rotation_words()}"
+        acts = "int8, per-token, dynamic" if self.quantizes_activations else "none (weight-only)"
         return f"weights {weights}; activations {acts}"
 
 
@@ -353,12 +430,15 @@ def _name_of(table: Mapping[str, Any], value: Any) -> str:
 __all__ = [
     "SENSITIVE_LAYER_PATTERNS",
     "Fp8Config",
+    "Int8Config",
+    "QuantFormat",
     "UserOptions",
     "is_layer_skipped",
     "matching_pattern",
     "online_config",
     "parse_output_dtype",
     "parse_patterns",
+    "parse_quant_format",
     "parse_weight_dtype",
     "stored_config",
     "unmatched_patterns",
