@@ -288,25 +288,34 @@ class UserOptions:
     layer at run time (static per-tensor where the activations allow, dynamic per-token where they have outlier
     tokens); weights quantized on the fly get per-tensor or per-channel scales, per layer. ``skip_layers`` are
     extra layers to keep in high precision, on top of the sensitive layers that on-the-fly quantization always
-    keeps.
+    keeps. ``quant_format``: the number format of layers quantized on the fly, ``fp8`` or ``int8_rotated``
+    (ComfyUI's INT8-ConvRot scheme; a file's own layers keep the file's format).
     """
 
     activation_scheme: str = AUTO
     activation_granularity: str = AUTO
     weight_granularity: str = AUTO
     skip_layers: tuple[str, ...] = ()
+    quant_format: str = QuantFormat.FP8.value
 
     def __post_init__(self) -> None:
         _check_choice("activation_scheme", self.activation_scheme, USER_ACTIVATION_SCHEMES)
         _check_choice("activation_granularity", self.activation_granularity, USER_ACTIVATION_GRANULARITIES)
         _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        object.__setattr__(self, "quant_format", parse_quant_format(self.quant_format).value)
         object.__setattr__(self, "skip_layers", check_patterns("skip_layers", parse_patterns(self.skip_layers)))
 
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.quant_format)
 
-def online_config(options: UserOptions) -> Fp8Config:
+
+def online_config(options: UserOptions) -> Fp8Config | Int8Config:
     """How a bf16/fp16/fp32 model is quantized on the fly: e4m3fn, weights and activations scaled per layer as
-    ``auto`` says unless the user chose otherwise; sensitive layers and the user's ``skip_layers`` stay as they
-    are."""
+    ``auto`` says unless the user chose otherwise, or (``quant_format`` int8_rotated) int8 rotated in groups of 256
+    with activations rounded per row; sensitive layers and the user's ``skip_layers`` stay as they are."""
+    if options.format is QuantFormat.INT8_ROTATED:
+        return int8_online_config(options)
     scheme = "calibrated" if options.activation_scheme == AUTO else options.activation_scheme
     return Fp8Config(
         weight_granularity=options.weight_granularity,
@@ -314,6 +323,31 @@ def online_config(options: UserOptions) -> Fp8Config:
         activation_granularity=_activation_granularity(options.activation_granularity, scheme),
         ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
         round_activations_on_dequant=options.activation_scheme != AUTO,
+    )
+
+
+def int8_online_config(options: UserOptions) -> Int8Config:
+    """The int8 rotated scheme with the user's choices that have an int8 meaning; the others are errors naming them
+    (int8 activations are rounded per row at every call, or not at all)."""
+    if options.activation_scheme not in (AUTO, "dynamic", "none"):
+        raise ValueError(
+            f"activation_scheme: {options.activation_scheme!r} has no int8 form; with quant_format int8_rotated "
+            "activations are rounded per row at every call ('dynamic', the default) or not at all ('none')"
+        )
+    if options.activation_granularity not in (AUTO, "token"):
+        raise ValueError(
+            f"activation_granularity: {options.activation_granularity!r} has no int8 form; int8 activations have "
+            "one scale per token"
+        )
+    if options.weight_granularity not in (AUTO, *INT8_WEIGHT_GRANULARITIES):
+        raise ValueError(
+            f"weight_granularity: {options.weight_granularity!r} has no int8 form; allowed with quant_format "
+            f"int8_rotated: {[AUTO, *INT8_WEIGHT_GRANULARITIES]}"
+        )
+    return Int8Config(
+        weight_granularity="tensor" if options.weight_granularity == "tensor" else "channel",
+        activation_scheme="none" if options.activation_scheme == "none" else "dynamic",
+        ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
     )
 
 

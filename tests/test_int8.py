@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import outlier_input, random_linear, rel_err
+from helpers import explicit_hadamard, outlier_input, random_linear, rel_err
 
 from fp8_quant.config import Int8Config, QuantFormat, parse_quant_format
 from fp8_quant.kernels.int8_mm import INT8_KERNELS, Int8DequantKernel, IntMMKernel
@@ -14,23 +14,6 @@ from fp8_quant.methods_int8 import Int8LinearMethod, Int8OnlineLinearMethod, nor
 from fp8_quant.params import Fp8LinearParams
 from fp8_quant.quant_int8 import dequantize_int8_weight, quantize_int8_rows, quantize_int8_weight
 from fp8_quant.rotation import check_group_size, largest_group, rotate
-
-H4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]]
-
-
-def explicit_hadamard(size: int) -> torch.Tensor:
-    """The normalised Kronecker power of H4, entry by entry from the base-4 digits of the indices (no kron)."""
-    digits = 0
-    while 4**digits < size:
-        digits += 1
-    matrix = torch.empty(size, size, dtype=torch.float64)
-    for i in range(size):
-        for j in range(size):
-            value = 1
-            for d in range(digits):
-                value *= H4[(i // 4**d) % 4][(j // 4**d) % 4]
-            matrix[i, j] = value
-    return matrix / size**0.5
 
 
 @pytest.mark.parametrize("group", [4, 16, 64, 256])
