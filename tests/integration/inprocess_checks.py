@@ -2,6 +2,7 @@
 
 Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [speed|plain] [dynamic]
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
+       python inprocess_checks.py int8_layers MODEL
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
@@ -276,6 +277,50 @@ def check_sampling(model_path: str) -> dict:
     }
 
 
+def check_int8_layers(model_path: str) -> dict:
+    """Each block linear of an int8 file, stock (ComfyUI's own int8 layer, comfy-kitchen's kernels) and ours, on the
+    same input: the input each stock layer saw in one forward of the stock model. Per layer, the relative
+    difference of the outputs and the layer's error against its float values (the dequantized weight)."""
+    import comfy.sd
+    import folder_paths
+
+    pack = import_pack()
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(model_path).parent))
+    patchers = [  # held while the models run: a dropped patcher takes its model's weights with it
+        comfy.sd.load_diffusion_model(model_path),
+        pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]().load(Path(model_path).name)["result"][0],
+    ]
+    stock, ours = (patcher.model.diffusion_model for patcher in patchers)
+    ours_layers = dict(ours.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def keep_input(name: str):
+        def hook(module, args, output) -> None:  # returns None: a hook's return value would replace the output
+            inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    for name, module in stock.named_modules():
+        if name.startswith("blocks.") and type(module).__name__.endswith("Linear"):
+            hooks.append(module.register_forward_hook(keep_input(name)))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 1, 8, 8, generator=generator)
+    context = torch.randn(2, 8, 4096, generator=generator)
+    with torch.no_grad():
+        stock(x, torch.tensor([500.0, 500.0]), context)
+        stock_layers = dict(stock.named_modules())
+        layers = {}
+        for name, value in inputs.items():
+            theirs, mine = stock_layers[name](value), ours_layers[name](value)
+            real = stock_layers[name].weight.dequantize().float()
+            exact = torch.nn.functional.linear(value.float(), real, stock_layers[name].bias.float())
+            layers[name] = {"ours_vs_stock": rel_err(mine, theirs), "error": rel_err(theirs, exact)}
+    for hook in hooks:
+        hook.remove()
+    return {"layers": layers, "formats": sorted({type(layer).__name__ for layer in stock_layers.values()})}
+
+
 def stock_samples(seed: int, model_paths: list[str], out_path: str) -> dict:
     """Each model through the stock loader (``comfy.sd.load_diffusion_model``) and KSampler's sampling with the server
     tests' default prompt (conditioning seeds 1 and 2, a 32x32 Wan latent, 4 euler steps, cfg 2) and ``seed``; the
@@ -320,6 +365,8 @@ if __name__ == "__main__":
         result = check_sampling(argument)
     elif check == "operations":
         result = check_operations(argument)
+    elif check == "int8_layers":
+        result = check_int8_layers(argument)
     elif check == "stock_sample":
         result = stock_samples(int(sys.argv[2]), sys.argv[3:-1], sys.argv[-1])
     else:
