@@ -2,7 +2,7 @@
 
 Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [speed|plain] [dynamic]
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
-       python inprocess_checks.py int8_layers MODEL
+       python inprocess_checks.py int8_layers MODEL | int8_compare BF16_MODEL CONVROT_MODEL
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
@@ -321,6 +321,44 @@ def check_int8_layers(model_path: str) -> dict:
     return {"layers": layers, "formats": sorted({type(layer).__name__ for layer in stock_layers.values()})}
 
 
+def compare_int8(bf16_path: str, convrot_path: str) -> dict:
+    """Sampling error against the float model (ComfyUI computes in float32 on the CPU): Load FP8 DiT's on-the-fly
+    int8 rotated and its fp8 auto on the bf16 file, the stock loader on ComfyUI's own INT8-ConvRot file and its
+    ``fp8_e4m3fn`` cast. Two 64x64 latents, contexts of different magnitude (cond x1, uncond x3)."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    import folder_paths
+
+    pack = import_pack()
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(bf16_path).parent))
+    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+    name = Path(bf16_path).name
+    loaders = {
+        "float": lambda: comfy.sd.load_diffusion_model(bf16_path),
+        "stock_int8_convrot": lambda: comfy.sd.load_diffusion_model(convrot_path),
+        "stock_fp8_e4m3fn": lambda: comfy.sd.load_diffusion_model(
+            bf16_path, model_options={"dtype": torch.float8_e4m3fn}
+        ),
+        "ours_fp8_auto": lambda: loader.load(name)["result"][0],
+        "ours_int8_rotated": lambda: loader.load(name, quant_format="int8_rotated")["result"][0],
+    }
+    generator = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
+    negative = [[3 * torch.randn(1, 8, 4096, generator=generator), {}]]
+    latent = torch.zeros(2, 16, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    outputs = {}
+    for key, load in loaders.items():
+        model = load()
+        outputs[key] = comfy.sample.sample(
+            model, noise, 8, 2.0, "euler", "simple", positive, negative, latent, seed=42, disable_pbar=True
+        ).float()
+        comfy.model_management.unload_all_models()
+        del model
+    return {"errors": {key: rel_err(value, outputs["float"]) for key, value in outputs.items() if key != "float"}}
+
+
 def stock_samples(seed: int, model_paths: list[str], out_path: str) -> dict:
     """Each model through the stock loader (``comfy.sd.load_diffusion_model``) and KSampler's sampling with the server
     tests' default prompt (conditioning seeds 1 and 2, a 32x32 Wan latent, 4 euler steps, cfg 2) and ``seed``; the
@@ -365,6 +403,8 @@ if __name__ == "__main__":
         result = check_sampling(argument)
     elif check == "operations":
         result = check_operations(argument)
+    elif check == "int8_compare":
+        result = compare_int8(sys.argv[2], sys.argv[3])
     elif check == "int8_layers":
         result = check_int8_layers(argument)
     elif check == "stock_sample":
