@@ -197,3 +197,23 @@ def test_on_the_fly_int8_rotated_is_a_core_choice_and_beats_fp8_on_outliers():
         online_config(UserOptions(quant_format="int8", activation_scheme="static"))
     with pytest.raises(ValueError, match=r"weight_granularity: 'block' has no int8 form"):
         online_config(UserOptions(quant_format="int8", weight_granularity="block"))
+
+
+def test_lora_protocol_of_a_rotated_int8_layer_goes_through_the_rotation():
+    """ComfyUI's patcher on an int8 layer: ``convert_weight`` gives the real (un-rotated) values, ``set_weight``
+    stores patched values rotated and rounded again with a scale of their own, and the forward follows the patch."""
+    from nodes.fp8_linear import fp8_class_for
+
+    reference = random_linear(512, 64, seed=20)
+    layer = fp8_class_for(torch.nn.Linear)(512, 64)
+    layer.load_state_dict(reference.state_dict())
+    method = Int8OnlineLinearMethod(Int8Config())
+    method.process_weights_after_loading(layer, "layer")
+    layer.fp8_method = method
+    real = layer.convert_weight(layer.weight.float())
+    assert rel_err(real, reference.weight.detach()) < 0.01  # un-rotated: a rotated weight would be ~1.4 away
+    patched = real + 0.5 * torch.randn(64, 512, generator=torch.Generator().manual_seed(21)) / 512**0.5
+    layer.set_weight(patched)
+    assert layer.weight.dtype == torch.int8 and rel_err(layer.current_weight_scale(), layer.weight_scale) > 0.01
+    x = outlier_input(32, 512, seed=22)
+    assert rel_err(layer(x).detach(), torch.nn.functional.linear(x, patched, layer.bias).detach()) < 0.02
