@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Fp8Config
+from .config import Fp8Config, Int8Config
 from .cuda_graphs import GraphedForward
 from .dispatch import Fp8Recipe, LayerDecision
 from .fp8_utils import count_fp8_non_finite, is_fp8_dtype
-from .kernels import explain_choice
-from .report import Fp8Report, LayerReport, fp8_layer_bytes, tensor_bytes
+from .report import Fp8Report, LayerReport, fp8_layer_bytes, layer_format, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ ForwardInstaller = Callable[[nn.Linear], None]
 
 def prepare_model_for_fp8(
     model: nn.Module,
-    config: Fp8Config | Fp8Recipe,
+    config: Fp8Config | Int8Config | Fp8Recipe,
     *,
     kernel: str | None = None,
     quantize_device: torch.device | str | None = None,
@@ -75,7 +74,7 @@ def note_kernel_choice(report: Fp8Report, quantized: list[nn.Module], device: to
     """The report's kernel sentence, and whether activations are really rounded to fp8 on ``device``: the dequantize
     kernel (CPUs, GPUs without FP8 tensor cores) keeps them in high precision unless asked to round them, and then
     nothing is calibrated either, so the summary must not say it is. ``quantized``: layers with kernels prepared."""
-    _, report.kernel_choice = explain_choice(quantized[0].fp8_layer_config, device, kernel)
+    report.kernel_choice = quantized[0].fp8_method.explain_kernel(quantized[0], device, kernel)
     report.activations_rounded = any(
         layer.fp8_method.kernel_for(layer, device).input_quant is not None for layer in quantized
     )
@@ -112,7 +111,8 @@ def _prepare_layer(
     decision.method.process_weights_after_loading(module, name, quantize_device)
     module.fp8_method = decision.method
     install(module)
-    return LayerReport(name, True, decision.reason, size, fp8_layer_bytes(module), bf16_size)
+    held = fp8_layer_bytes(module)
+    return LayerReport(name, True, decision.reason, size, held, bf16_size, number_format=layer_format(module))
 
 
 def _narrower(dtype: torch.dtype | None, weight: torch.Tensor | None) -> bool:

@@ -9,6 +9,7 @@ where those choices meet a file's config.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
@@ -86,6 +87,25 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 )
 
 
+class QuantFormat(enum.Enum):
+    """The 8-bit number format of a model's quantized linears, as users name it (``parse_quant_format``)."""
+
+    FP8 = "fp8"
+    INT8_ROTATED = "int8_rotated"
+
+
+def parse_quant_format(value: Any, option: str = "quant_format") -> QuantFormat:
+    """``fp8`` or ``int8_rotated`` (also ``int8``), case-insensitive; anything else is an error naming ``option``."""
+    if isinstance(value, QuantFormat):
+        return value
+    text = str(value).strip().lower().replace("-", "_").replace(" ", "_")
+    text = {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}.get(text, text)
+    for fmt in QuantFormat:
+        if fmt.value == text:
+            return fmt
+    raise ValueError(f"{option}: {value!r} is not allowed; allowed values: {[fmt.value for fmt in QuantFormat]}")
+
+
 @dataclass(frozen=True)
 class Fp8Config:
     """How the linears of one model are quantized.
@@ -109,6 +129,8 @@ class Fp8Config:
     ignored_layers: tuple[str, ...] = ()
     output_dtype: torch.dtype | None = None
     round_activations_on_dequant: bool = False
+
+    quant_format = QuantFormat.FP8  # not a field: what every config of this class is
 
     def __post_init__(self) -> None:
         _check_choice("weight_dtype", self.weight_dtype, tuple(WEIGHT_DTYPES.values()))
@@ -199,6 +221,61 @@ class Fp8Config:
         return f"weights {weights}; activations {acts}"
 
 
+INT8_WEIGHT_GRANULARITIES = ("channel", "tensor")
+INT8_ACTIVATION_SCHEMES = ("dynamic", "none")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """How int8 linears run: ComfyUI 0.30's ``int8_tensorwise`` scheme, with or without its ConvRot rotation.
+
+    ``rotation_group``: the inputs of each row are rotated in groups of this many (a power of 4; ComfyUI's
+    ``convrot_groupsize``, 256 by default) before rounding, weights once and activations at every call; ``None``:
+    no rotation. On the fly, a layer whose width the group does not divide takes the largest power-of-4 group that
+    does (at least 16), or none. ``weight_granularity``: one scale per output channel or per tensor.
+    ``activation_scheme``: ``dynamic`` rounds activations to int8 with one scale per row at every call (the int8
+    GEMM); ``none`` keeps them in high precision against the dequantized weight (weight-only).
+    """
+
+    rotation_group: int | None = 256
+    weight_granularity: str = "channel"
+    activation_scheme: str = "dynamic"
+    ignored_layers: tuple[str, ...] = ()
+    output_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotation_group is not None:
+            from .rotation import check_group_size  # config stays importable without the math modules
+
+            check_group_size(self.rotation_group, what="rotation_group")
+        _check_choice("weight_granularity", self.weight_granularity, INT8_WEIGHT_GRANULARITIES)
+        _check_choice("activation_scheme", self.activation_scheme, INT8_ACTIVATION_SCHEMES)
+        _check_choice("output_dtype", self.output_dtype, tuple(OUTPUT_DTYPES.values()))
+        object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
+
+    quant_format = QuantFormat.INT8_ROTATED  # not a field
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activation_scheme != "none"
+
+    @property
+    def learns_activation_scales(self) -> bool:
+        return False
+
+    @property
+    def per_channel(self) -> bool:
+        return self.weight_granularity == "channel"
+
+    def rotation_words(self) -> str:
+        return f"rotated in groups of {self.rotation_group}" if self.rotation_group else "not rotated"
+
+    def describe(self, activations_rounded: bool = True) -> str:
+        weights = f"int8, per-{self.weight_granularity}, {self.rotation_words()}"
+        acts = "int8, per-token, dynamic" if self.quantizes_activations else "none (weight-only)"
+        return f"weights {weights}; activations {acts}"
+
+
 USER_ACTIVATION_SCHEMES = (AUTO, *USER_SCHEMES)
 USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITIES)
 
@@ -211,25 +288,34 @@ class UserOptions:
     layer at run time (static per-tensor where the activations allow, dynamic per-token where they have outlier
     tokens); weights quantized on the fly get per-tensor or per-channel scales, per layer. ``skip_layers`` are
     extra layers to keep in high precision, on top of the sensitive layers that on-the-fly quantization always
-    keeps.
+    keeps. ``quant_format``: the number format of layers quantized on the fly, ``fp8`` or ``int8_rotated``
+    (ComfyUI's INT8-ConvRot scheme; a file's own layers keep the file's format).
     """
 
     activation_scheme: str = AUTO
     activation_granularity: str = AUTO
     weight_granularity: str = AUTO
     skip_layers: tuple[str, ...] = ()
+    quant_format: str = QuantFormat.FP8.value
 
     def __post_init__(self) -> None:
         _check_choice("activation_scheme", self.activation_scheme, USER_ACTIVATION_SCHEMES)
         _check_choice("activation_granularity", self.activation_granularity, USER_ACTIVATION_GRANULARITIES)
         _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        object.__setattr__(self, "quant_format", parse_quant_format(self.quant_format).value)
         object.__setattr__(self, "skip_layers", check_patterns("skip_layers", parse_patterns(self.skip_layers)))
 
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.quant_format)
 
-def online_config(options: UserOptions) -> Fp8Config:
+
+def online_config(options: UserOptions) -> Fp8Config | Int8Config:
     """How a bf16/fp16/fp32 model is quantized on the fly: e4m3fn, weights and activations scaled per layer as
-    ``auto`` says unless the user chose otherwise; sensitive layers and the user's ``skip_layers`` stay as they
-    are."""
+    ``auto`` says unless the user chose otherwise, or (``quant_format`` int8_rotated) int8 rotated in groups of 256
+    with activations rounded per row; sensitive layers and the user's ``skip_layers`` stay as they are."""
+    if options.format is QuantFormat.INT8_ROTATED:
+        return int8_online_config(options)
     scheme = "calibrated" if options.activation_scheme == AUTO else options.activation_scheme
     return Fp8Config(
         weight_granularity=options.weight_granularity,
@@ -237,6 +323,31 @@ def online_config(options: UserOptions) -> Fp8Config:
         activation_granularity=_activation_granularity(options.activation_granularity, scheme),
         ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
         round_activations_on_dequant=options.activation_scheme != AUTO,
+    )
+
+
+def int8_online_config(options: UserOptions) -> Int8Config:
+    """The int8 rotated scheme with the user's choices that have an int8 meaning; the others are errors naming them
+    (int8 activations are rounded per row at every call, or not at all)."""
+    if options.activation_scheme not in (AUTO, "dynamic", "none"):
+        raise ValueError(
+            f"activation_scheme: {options.activation_scheme!r} has no int8 form; with quant_format int8_rotated "
+            "activations are rounded per row at every call ('dynamic', the default) or not at all ('none')"
+        )
+    if options.activation_granularity not in (AUTO, "token"):
+        raise ValueError(
+            f"activation_granularity: {options.activation_granularity!r} has no int8 form; int8 activations have "
+            "one scale per token"
+        )
+    if options.weight_granularity not in (AUTO, *INT8_WEIGHT_GRANULARITIES):
+        raise ValueError(
+            f"weight_granularity: {options.weight_granularity!r} has no int8 form; allowed with quant_format "
+            f"int8_rotated: {[AUTO, *INT8_WEIGHT_GRANULARITIES]}"
+        )
+    return Int8Config(
+        weight_granularity="tensor" if options.weight_granularity == "tensor" else "channel",
+        activation_scheme="none" if options.activation_scheme == "none" else "dynamic",
+        ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
     )
 
 
@@ -353,12 +464,15 @@ def _name_of(table: Mapping[str, Any], value: Any) -> str:
 __all__ = [
     "SENSITIVE_LAYER_PATTERNS",
     "Fp8Config",
+    "Int8Config",
+    "QuantFormat",
     "UserOptions",
     "is_layer_skipped",
     "matching_pattern",
     "online_config",
     "parse_output_dtype",
     "parse_patterns",
+    "parse_quant_format",
     "parse_weight_dtype",
     "stored_config",
     "unmatched_patterns",

@@ -11,26 +11,36 @@ arrives (fp8 from a file, or high precision), and do what it says. Rules that li
   run time (``auto_scales``), said in the reason; under ``auto`` (``calibrated``) a layer with an ``input_scale``
   runs static on it, the others are calibrated at run time (a file where only some layers carry one);
 - a high-precision weight is quantized on the fly where there is an online config and no skip pattern matches;
+- an int8 weight (ComfyUI's ``int8_tensorwise``) runs on the stored-int8 method with its file's ConvRot group,
+  activations rounded per row at every call (weight-only where the user asked for no activation scheme); a file
+  with int8 layers is pre-quantized: its high-precision layers stay as they are;
+- a high-precision weight is quantized on the fly to int8 rotated instead of fp8 where the online config is an
+  ``Int8Config``;
 - per-layer overrides computed for one model (a sensitivity pass keeps some layers in high precision, or gives a
   layer another scheme) win over the patterns, and weights rounded ahead of time (``gptq``) replace plain rounding.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import Fp8Config, UserOptions, matching_pattern, online_config, stored_config
+from .config import Fp8Config, Int8Config, UserOptions, matching_pattern, online_config, stored_config
 from .fp8_utils import HIGH_PRECISION_DTYPES, is_fp8_dtype
 from .kernels import kernel_class
 from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod, RoundedWeights
+from .methods_int8 import Int8LinearMethod, Int8OnlineLinearMethod
 
 QUANTIZED = "quantized"
 STORED_FP8 = "fp8 in file"
 UNIT_SCALE_FP8 = "fp8 weight used as it is (unit scale)"
 STATIC_WITHOUT_INPUT_SCALE = "fp8 in file, static scale learnt at run time (no input_scale)"
 STORED_WITH_INPUT_SCALE = "fp8 in file, with its input scale"
+STORED_INT8 = "int8 in file"
+STORED_INT8_ROTATED = "int8 rotated in file"
+LinearMethod = Fp8LinearMethod | Int8LinearMethod
 
 
 @dataclass(frozen=True)
@@ -38,9 +48,10 @@ class LayerDecision:
     """``method`` ``None`` keeps the layer in high precision (an fp8 weight is then dequantized by the caller)."""
 
     name: str
-    method: Fp8LinearMethod | None
+    method: LinearMethod | None
     reason: str
     keep_dtype: torch.dtype | None = None  # a layer kept in high precision is stored in this dtype where wider
+    stored_rotation: int | None = None  # a kept int8 layer's ConvRot group, to turn its weight back into values
 
     @property
     def quantized(self) -> bool:
@@ -54,7 +65,7 @@ class LayerOverride:
 
     keep: bool = False
     reason: str = ""
-    config: Fp8Config | None = None
+    config: Fp8Config | Int8Config | None = None
 
 
 @dataclass
@@ -67,17 +78,19 @@ class Fp8Recipe:
     kernel name, or ``None`` to choose per device. ``overrides``: per-layer choices by exact name (they win over
     the patterns); ``rounded``: fp8 weights chosen ahead of time per layer (error-compensating rounding), used in
     place of plain rounding; ``keep_dtype``: where set, layers kept in high precision are stored in it when their
-    weight is wider (an fp32 model's kept layers in bf16).
+    weight is wider (an fp32 model's kept layers in bf16). ``int8_layers``: a file's ``int8_tensorwise`` layers by
+    model name, with their ConvRot group (``None``: not rotated).
     """
 
     stored: Fp8Config = field(default_factory=lambda: Fp8Config(weight_granularity="tensor"))
-    online: Fp8Config | None = None
+    online: Fp8Config | Int8Config | None = None
     stored_skips: tuple[str, ...] = ()
     kernel: str | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     rounded: RoundedWeights = field(default_factory=dict)
     keep_dtype: torch.dtype | None = None
-    _methods: dict[tuple[Fp8Config, bool], Fp8LinearMethod] = field(default_factory=dict, repr=False)
+    int8_layers: dict[str, int | None] = field(default_factory=dict)
+    _methods: dict[tuple[Fp8Config | Int8Config, bool], LinearMethod] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.kernel is not None:
@@ -85,26 +98,44 @@ class Fp8Recipe:
 
     @classmethod
     def for_checkpoint(
-        cls, file_config: Fp8Config | None, options: UserOptions, kernel: str | None = None
+        cls,
+        file_config: Fp8Config | None,
+        options: UserOptions,
+        kernel: str | None = None,
+        int8_layers: dict[str, int | None] | None = None,
     ) -> Fp8Recipe:
-        """A file's layers: fp8 ones on the file's scheme, high-precision ones quantized on the fly only when the file
-        holds no fp8 layer at all (a mixed file's bf16 layers were kept on purpose)."""
+        """A file's layers: fp8 ones on the file's scheme, int8 ones (``int8_layers``, see the class) on theirs,
+        high-precision ones quantized on the fly only when the file holds no fp8 or int8 layer at all (a mixed
+        file's bf16 layers were kept on purpose)."""
         kernel = None if kernel in (None, "auto") else kernel
-        if file_config is None:
-            return cls(online=online_config(options), stored_skips=options.skip_layers, kernel=kernel)
-        return cls(stored=stored_config(file_config, options), stored_skips=options.skip_layers, kernel=kernel)
+        int8_layers = dict(int8_layers or {})
+        common = {"stored_skips": options.skip_layers, "kernel": kernel, "int8_layers": int8_layers}
+        if file_config is None and not int8_layers:
+            return cls(online=online_config(options), **common)
+        stored = stored_config(file_config or Fp8Config(weight_granularity="tensor"), options)
+        return cls(stored=stored, **common)
 
     @classmethod
-    def for_model(cls, config: Fp8Config, kernel: str | None = None, **per_model) -> Fp8Recipe:
-        """A built model (the bridge): its high-precision linears quantized by ``config``; fp8 weights it already holds
-        (a plain fp8 cast) used as they are at unit scale unless ``config.ignored_layers`` skips them.
-        ``per_model``: ``overrides``, ``rounded``, ``keep_dtype`` (see the class)."""
-        stored = replace(config, weight_granularity="tensor")
+    def for_model(cls, config: Fp8Config | Int8Config, kernel: str | None = None, **per_model) -> Fp8Recipe:
+        """A built model (the bridge): its high-precision linears quantized by ``config`` (fp8, or int8 rotated);
+        fp8 weights it already holds (a plain fp8 cast) used as they are at unit scale unless
+        ``config.ignored_layers`` skips them. ``per_model``: ``overrides``, ``rounded``, ``keep_dtype`` (see the
+        class)."""
+        if isinstance(config, Int8Config):
+            stored = Fp8Config(weight_granularity="tensor", ignored_layers=config.ignored_layers)
+        else:
+            stored = replace(config, weight_granularity="tensor")
         return cls(stored=stored, online=config, stored_skips=config.ignored_layers, kernel=kernel, **per_model)
 
     @property
-    def config(self) -> Fp8Config:
-        """The config a report describes: the online one where there is one."""
+    def config(self) -> Fp8Config | Int8Config:
+        """The config a report describes: the online one where there is one, the int8 one of a file whose
+        quantized layers are all int8."""
+        if self.online is None and self.int8_layers and not any(
+            isinstance(key[0], Fp8Config) for key in self._methods
+        ):
+            groups = Counter(self.int8_layers.values()).most_common(1)
+            return self._stored_int8_config(groups[0][0])
         return self.online or self.stored
 
     def decide(
@@ -124,6 +155,8 @@ class Fp8Recipe:
             return LayerDecision(name, None, "no materialised weight")
         if is_fp8_dtype(weight.dtype):
             return self._decide_stored(name, has_input_scale, unit_scale)
+        if weight.dtype == torch.int8 and (self.int8_layers or self.online is None):
+            return self._decide_int8(name)
         if self.online is None:
             return LayerDecision(name, None, f"{weight.dtype} in file")
         override = self.overrides.get(name, LayerOverride())
@@ -135,6 +168,26 @@ class Fp8Recipe:
         if weight.dtype not in HIGH_PRECISION_DTYPES or weight.dim() != 2 or weight.numel() == 0:
             return LayerDecision(name, None, f"unsupported weight {weight.dtype} {tuple(weight.shape)}")
         return LayerDecision(name, self._method(override.config or self.online, online=True), QUANTIZED)
+
+    def _decide_int8(self, name: str) -> LayerDecision:
+        """A stored int8 layer: the int8 method with the file's rotation, or kept (dequantized by the caller)."""
+        if name not in self.int8_layers:
+            raise ValueError(
+                f"{name}: int8 weight without an int8_tensorwise format entry in its file (this pack reads int8 "
+                "weights as ComfyUI's int8_tensorwise layers only)"
+            )
+        group = self.int8_layers[name]
+        pattern = matching_pattern(name, self.stored_skips)
+        if pattern is not None:
+            return LayerDecision(name, None, f"matched {pattern!r}", stored_rotation=group)
+        reason = STORED_INT8_ROTATED if group is not None else STORED_INT8
+        return LayerDecision(name, self._method(self._stored_int8_config(group), online=False), reason)
+
+    def _stored_int8_config(self, group: int | None) -> Int8Config:
+        """How a file's int8 layers run: the file's rotation; activations rounded per row unless the user asked for
+        none (weight-only)."""
+        scheme = "none" if self.stored.activation_scheme == "none" else "dynamic"
+        return Int8Config(rotation_group=group, activation_scheme=scheme, output_dtype=self.stored.output_dtype)
 
     def _decide_stored(self, name: str, has_input_scale: bool, unit_scale: bool) -> LayerDecision:
         pattern = matching_pattern(name, self.stored_skips)
@@ -151,15 +204,17 @@ class Fp8Recipe:
             reason = STORED_WITH_INPUT_SCALE
         return LayerDecision(name, self._method(config, online=False), reason)
 
-    def methods(self) -> list[Fp8LinearMethod]:
+    def methods(self) -> list[LinearMethod]:
         """The methods this recipe has handed out so far (one per scheme)."""
         return list(self._methods.values())
 
-    def _method(self, config: Fp8Config, online: bool) -> Fp8LinearMethod:
+    def _method(self, config: Fp8Config | Int8Config, online: bool) -> LinearMethod:
         """One method object per scheme, shared by the layers that use it."""
         method = self._methods.get((config, online))
         if method is None:
-            if online:
+            if isinstance(config, Int8Config):
+                method = (Int8OnlineLinearMethod if online else Int8LinearMethod)(config, self.kernel)
+            elif online:
                 method = Fp8OnlineLinearMethod(config, self.kernel, self.rounded)
             else:
                 method = Fp8LinearMethod(config, self.kernel)

@@ -17,7 +17,13 @@ from torch import nn
 from .auto_scales import DEFAULT_POLICY, DYNAMIC, STATIC, CalibrationTally, RuntimeActivationScale, choose_weight_group
 from .config import AUTO, Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight, weight_row_amax
-from .kernels import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig, block_groups_at_speed, select_kernel
+from .kernels import (
+    FP8ScaledMMLinearKernel,
+    FP8ScaledMMLinearLayerConfig,
+    block_groups_at_speed,
+    explain_choice,
+    select_kernel,
+)
 from .params import Fp8LinearParams
 from .scheme import (
     QuantKey,
@@ -124,6 +130,10 @@ class Fp8LinearMethod:
             kernel = select_kernel(config, device, self.kernel)
             kernels[(device, activation_key)] = kernel
         return kernel
+
+    def explain_kernel(self, layer: nn.Module, device: torch.device, forced: str | None = None) -> str:
+        """The sentence saying which kernel runs this layer on ``device`` and why (for reports)."""
+        return explain_choice(layer.fp8_layer_config, device, forced)[1]
 
     def prepare_kernels(self, layer: nn.Module, device: torch.device | str) -> None:
         """Choose the layer's kernels for ``device`` now, outside any ``torch.compile`` trace (loaders call this with

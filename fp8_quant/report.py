@@ -24,6 +24,7 @@ class LayerReport:
     bytes_after: int
     bf16_bytes: int = 0  # the weight's size in bf16: the yardstick of memory budgets
     held_dtype: torch.dtype | None = None  # what a kept layer's weight is held in (fp32 on a CPU, bf16 on a GPU, ...)
+    number_format: str = "fp8"  # a quantized layer's: "fp8" or "int8" (``layer_format``)
 
 
 @dataclass
@@ -57,12 +58,21 @@ class Fp8Report:
     def bf16_bytes(self) -> int:
         return sum(layer.bf16_bytes for layer in self.layers)
 
+    def formats(self) -> str:
+        """The quantized layers' number format: "fp8", "int8", or "8 bits (20 fp8, 4 int8)" for a mixture."""
+        counts: dict[str, int] = {}
+        for layer in self.quantized:
+            counts[layer.number_format] = counts.get(layer.number_format, 0) + 1
+        if len(counts) <= 1:
+            return next(iter(counts), "fp8")
+        return f"8 bits ({', '.join(f'{count} {name}' for name, count in sorted(counts.items()))})"
+
     def headline(self) -> str:
         """Layers quantized and kept, and the bytes: the first thing a summary says."""
         skipped = count_labels(layer.reason for layer in self.skipped)
         kept_fp8 = count_labels(layer.reason for layer in self.quantized if layer.reason != "quantized")
         return (
-            f"fp8: {len(self.quantized)}/{len(self.layers)} linears quantized"
+            f"{self.formats()}: {len(self.quantized)}/{len(self.layers)} linears quantized"
             f"{f' ({kept_fp8})' if kept_fp8 else ''}"
             f"{f' (skipped: {skipped})' if skipped else ''}; {self.bytes_line()}"
         )
@@ -80,7 +90,7 @@ class Fp8Report:
         """What a node shows: how many linears are fp8, the bytes, the kernel, in plain words (the patterns that kept
         layers, the scheme and the kernel's reasoning are in ``summary``, for the log)."""
         kept = len(self.skipped)
-        text = f"{len(self.quantized)} of {len(self.layers)} linears in fp8"
+        text = f"{len(self.quantized)} of {len(self.layers)} linears in {self.formats()}"
         if kept:
             text += f" ({kept} kept as they were: norms, embeddings, heads and your skip list; names in the log)"
         text += f"; {self.bytes_line()}"
@@ -117,8 +127,13 @@ def tensor_bytes(tensor: torch.Tensor | None) -> int:
 
 
 def fp8_layer_bytes(module: nn.Module) -> int:
-    """What a quantized linear's weight costs: the fp8 weight plus its float32 scales."""
+    """What a quantized linear's weight costs: the fp8 (or int8) weight plus its float32 scales."""
     return tensor_bytes(module.weight) + tensor_bytes(module.weight_scale)
+
+
+def layer_format(module: nn.Module) -> str:
+    """A quantized linear's number format, as reports name it."""
+    return "int8" if module.weight.dtype == torch.int8 else "fp8"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

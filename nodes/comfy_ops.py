@@ -18,7 +18,9 @@ from fp8_quant import Fp8Recipe, LayerDecision
 from fp8_quant.formats.comfy_formats import crop_mx_padding
 from fp8_quant.fp8_utils import dequantize, is_fp8_dtype
 from fp8_quant.methods import normalize_weight_scale
-from fp8_quant.report import Fp8Report, LayerReport, bf16_bytes, fp8_layer_bytes, tensor_bytes
+from fp8_quant.methods_int8 import normalize_int8_scale
+from fp8_quant.quant_int8 import dequantize_int8_weight
+from fp8_quant.report import Fp8Report, LayerReport, bf16_bytes, fp8_layer_bytes, layer_format, tensor_bytes
 from fp8_quant.scheme import weight_group_of_scale
 
 from .fp8_linear import Fp8ComfyLinearMixin, WeightCaster
@@ -113,13 +115,22 @@ def _load_layer(
     if decision.method is not None:
         if is_fp8_dtype(weight.dtype):
             layer.weight_scale, layer.input_scale = scales
+        elif weight.dtype == torch.int8:
+            layer.weight_scale, layer.input_scale = scales[0], None
         decision.method.process_weights_after_loading(
             layer, decision.name, plan.quantize_device, plan.result_device
         )
         layer.fp8_method = decision.method
-        return LayerReport(decision.name, True, decision.reason, size, fp8_layer_bytes(layer), bf16_bytes(weight))
+        held = fp8_layer_bytes(layer)
+        return LayerReport(
+            decision.name, True, decision.reason, size, held, bf16_bytes(weight), number_format=layer_format(layer)
+        )
     if is_fp8_dtype(weight.dtype):  # the user keeps this fp8 layer in high precision: its real values
         layer.weight = nn.Parameter(_dequantized(layer, weight, scales[0], decision.name), requires_grad=False)
+    elif weight.dtype == torch.int8:  # a kept int8 layer: its real values, turned back from the file's rotation
+        scale = normalize_int8_scale(scales[0], tuple(weight.shape), decision.name)
+        values = dequantize_int8_weight(weight, scale, decision.stored_rotation, _model_dtype(layer) or torch.bfloat16)
+        layer.weight = nn.Parameter(values, requires_grad=False)
     elif _model_dtype(layer) not in (None, weight.dtype) and weight.dtype.is_floating_point:
         if not getattr(type(layer), "comfy_cast_weights", False):
             # Plain operations do not cast per call: the weight goes in the dtype ComfyUI built the layer for, as its

@@ -28,6 +28,7 @@ from fp8_quant.fp8_utils import (
     tensor_version,
     weight_row_amax,
 )
+from fp8_quant.methods_int8 import Int8LinearMethod
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,18 @@ class WeightCaster:
 class Fp8ComfyLinearMixin:
     """Put before a ComfyUI ``Linear`` class: fp8 forward plus the convert/set weight protocol."""
 
-    fp8_method: Fp8LinearMethod | None = None
+    fp8_method: Fp8LinearMethod | Int8LinearMethod | None = None
     fp8_weight_caster: WeightCaster | None = None
 
     def is_fp8(self) -> bool:
+        """Whether the layer is quantized (fp8, or int8: the same protocol, other arithmetic)."""
         return self.__dict__.get("fp8_method") is not None
+
+    def int8_method(self) -> Int8LinearMethod | None:
+        """The layer's int8 method, where it is an int8 layer (its stored weight may be rotated: the method turns it
+        into real values and back)."""
+        method = self.__dict__.get("fp8_method")
+        return method if isinstance(method, Int8LinearMethod) else None
 
     def current_weight_scale(self) -> torch.Tensor:
         """The scale of the weight the layer holds now: a LoRA-patched weight brings its own scale, and when
@@ -72,6 +80,10 @@ class Fp8ComfyLinearMixin:
         """Stored fp8 values (already upcast by ComfyUI) -> real weight values, for LoRA math."""
         if not self.is_fp8():
             return weight
+        int8 = self.int8_method()
+        if int8 is not None:
+            real = int8.real_weight(self, weight, self.current_weight_scale().to(weight.device)).to(weight.dtype)
+            return weight.copy_(real) if inplace else real
         scale = self._scale_like(weight)
         if inplace:
             weight *= scale
@@ -98,12 +110,27 @@ class Fp8ComfyLinearMixin:
         self._refuse_non_finite_patch(weight)
         if return_weight:
             return weight
+        int8 = self.int8_method()
+        if int8 is not None:
+            return self._set_int8_weight(int8, weight, inplace_update)
         if inplace_update:  # the weight object stays, so its scale must too: out-of-range values saturate
             scale = self._scale_like(weight).float()
             self.weight.data.copy_(cast_to_fp8(weight.float() / scale, self.weight.dtype))
             return None
         group = self.fp8_layer_config.weight_quant_key.group_shape
         stored, scale = quantize_weight(weight.float(), self.weight.dtype, group)
+        self.weight = nn.Parameter(stored, requires_grad=False)
+        self.patched_weight = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
+        return None
+
+    def _set_int8_weight(self, int8: Int8LinearMethod, weight: torch.Tensor, inplace_update: bool) -> None:
+        """Real (patched) values -> the int8 weight, rotated as the layer's is; a new scale unless in place (as for
+        fp8 above: the scale is remembered with the new weight)."""
+        if inplace_update:
+            scale = self.current_weight_scale().to(weight.device)
+            self.weight.data.copy_(int8.stored_with_scale(self, weight, scale))
+            return None
+        stored, scale = int8.stored_weight(self, weight.float())
         self.weight = nn.Parameter(stored, requires_grad=False)
         self.patched_weight = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
         return None
@@ -169,7 +196,11 @@ class Fp8ComfyLinearMixin:
         params = self.fp8_params(weight, x.device)
         if not weight_functions:
             return self.fp8_method.apply_params(self, params, x, bias)
-        weight = dequantize(weight, params.weight_scale, x.dtype, params.weight_group)
+        int8 = self.int8_method()
+        if int8 is not None:
+            weight = int8.real_weight(self, weight, params.weight_scale).to(x.dtype)
+        else:
+            weight = dequantize(weight, params.weight_scale, x.dtype, params.weight_group)
         for function in weight_functions:
             _take_real_values(function)
             weight = function(weight)

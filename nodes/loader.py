@@ -60,7 +60,8 @@ def _passes_through(error: Exception) -> bool:
 class LoadFP8DiT:
     DESCRIPTION = (
         "Loads a diffusion transformer (Wan, LTX, Flux, Qwen-Image, HunyuanVideo, ...) whose linears run in FP8. "
-        "FP8 files of every dialect load as they are; bf16/fp16 files are quantized on the fly."
+        "FP8 files of every dialect and ComfyUI's int8 files (int8_tensorwise, with or without ConvRot) load as they "
+        "are; bf16/fp16 files are quantized on the fly."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -94,7 +95,9 @@ class LoadFP8DiT:
             scan = scan_checkpoint(path)
             progress = _Progress(comfy.utils.ProgressBar, len(scan.header.tensors) + len(scan.layers))
             checkpoint = load_checkpoint(path, progress=lambda i, n: progress.step(), scan=scan)
-            recipe = Fp8Recipe.for_checkpoint(checkpoint.config, choices, forced_kernel(kernel))
+            recipe = Fp8Recipe.for_checkpoint(
+                checkpoint.config, choices, forced_kernel(kernel), int8_layers=checkpoint.int8_layers
+            )
         device = comfy.model_management.get_torch_device()
         plan = LoadPlan(recipe, quantize_device=device if device.type == "cuda" else None)
         plan.result_device = device if keeps_fp8_on_gpu(scan, device) else None
@@ -251,7 +254,8 @@ def comfy_dtypes(
     config = detect(unprefixed, "", **with_metadata)
     supported = list(getattr(config, "supported_inference_dtypes", None) or [torch.float16, torch.bfloat16])
     file_dtype = comfy.utils.weight_dtype(unprefixed)  # as the stock loader: None for a quantized file
-    file_dtype = None if file_dtype is None or is_fp8_dtype(file_dtype) else file_dtype
+    quantized = file_dtype is not None and (is_fp8_dtype(file_dtype) or not file_dtype.is_floating_point)
+    file_dtype = None if quantized else file_dtype  # fp8 or int8: ComfyUI's own choice for a quantized file
     parameters = comfy.utils.calculate_parameters(unprefixed)
     dtype = comfy.model_management.unet_dtype(
         model_params=parameters, supported_dtypes=supported, weight_dtype=file_dtype

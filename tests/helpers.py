@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -48,3 +50,22 @@ def mean_row_rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     assert torch.isfinite(actual).all(), "output has NaN/inf"
     diff = (actual.double() - reference.double()).reshape(-1, reference.shape[-1]).norm(dim=-1)
     return (diff / reference.double().reshape(-1, reference.shape[-1]).norm(dim=-1)).mean().item()
+
+
+H4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]]
+
+
+@functools.cache
+def explicit_hadamard(size: int) -> torch.Tensor:
+    """The normalised Kronecker power of H4, entry by entry from the base-4 digits of the indices (no kron)."""
+    digits = 0
+    while 4**digits < size:
+        digits += 1
+    matrix = torch.empty(size, size, dtype=torch.float64)
+    for i in range(size):
+        for j in range(size):
+            value = 1
+            for d in range(digits):
+                value *= H4[(i // 4**d) % 4][(j // 4**d) % 4]
+            matrix[i, j] = value
+    return matrix / size**0.5

@@ -139,7 +139,6 @@ NOT_FP8 = {
         "weight_scale": torch.ones(128, 4).to(torch.float8_e4m3fn),
         "weight_scale_2": torch.tensor(1.0),
     },
-    "int8_tensorwise": {"weight": torch.zeros(64, 32, dtype=torch.int8), "weight_scale": torch.tensor(0.01)},
     "convrot_w4a4": {"weight": torch.zeros(64, 16, dtype=torch.int8), "weight_scale": torch.ones(64)},
 }
 

@@ -127,7 +127,7 @@ def test_int8_weight_with_scale_loads_as_float_values(tmp_path):
     torch.testing.assert_close(weight, torch.tensor([[-1.11, 0.76], [-0.90, -0.55]]), rtol=1e-6, atol=0)
 
 
-def test_int8_tensorwise_comfy_format_is_still_refused_by_name(tmp_path):
+def test_int8_tensorwise_comfy_format_keeps_its_int8_values_and_scale(tmp_path):
     entry = torch.tensor(list(json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)
     path = write_tensors(
         tmp_path / "i8.safetensors",
@@ -137,8 +137,10 @@ def test_int8_tensorwise_comfy_format_is_still_refused_by_name(tmp_path):
             "layer.comfy_quant": entry,
         },
     )
-    with pytest.raises(CheckpointError, match="int8_tensorwise format, which is not FP8"):
-        load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.state_dict["layer.weight"].dtype == torch.int8
+    assert checkpoint.state_dict["layer.weight_scale"].shape == ()
+    assert checkpoint.int8_layers == {"layer": None}
 
 
 def test_zero_dim_weight_with_scale_loads_scaled(tmp_path):

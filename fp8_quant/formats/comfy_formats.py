@@ -1,5 +1,11 @@
-"""The per-layer formats of ComfyUI's ``.comfy_quant`` files: which are FP8 and how their scales are stored, and
-which are not FP8 (this pack leaves those to ComfyUI's own loader, with an error that says so).
+"""The per-layer formats of ComfyUI's ``.comfy_quant`` files: which are FP8 and how their scales are stored, the
+int8 one this pack reads too, and those it leaves to ComfyUI's own loader (with an error that says so).
+
+``int8_tensorwise`` (ComfyUI 0.30): an int8 weight ``[N, K]`` and a float32 ``weight_scale``, ``[]`` per tensor or
+``[N, 1]`` per output channel; with ``"convrot": true`` (at the top of the layer's JSON entry, or under its
+``"params"``) the weight is stored rotated by the group-wise Hadamard matrix of ``rotation``, in groups of
+``"convrot_groupsize"`` inputs (256 when not given). ComfyUI rounds activations per row at every call; no input
+scale is stored. ``int8_rotation_group`` reads that entry.
 
 ``mxfp8`` (ComfyUI 0.30 writes it): e4m3 weights padded to ``[roundup(N, 32), roundup(K, 32)]``, one power-of-two
 scale per 32 inputs of a row as an e8m0 byte (``2**(E - 127)``; 0 marks an all-zero group), stored in cuBLAS's
@@ -12,14 +18,40 @@ from __future__ import annotations
 
 import torch
 
+from ..rotation import group_size_problem
+
 FLOAT8_FORMATS: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 MXFP8 = "mxfp8"
 FP8_FORMATS = (*FLOAT8_FORMATS, MXFP8)
+INT8_TENSORWISE = "int8_tensorwise"
 # ComfyUI's formats that are not FP8 (4-bit floats, int8 and rotated int4/int8).
-NON_FP8_FORMATS = ("nvfp4", "int8_tensorwise", "convrot_w4a4")
+NON_FP8_FORMATS = ("nvfp4", INT8_TENSORWISE, "convrot_w4a4")
+# Those this pack does not read (ComfyUI's own loader does): 4-bit weights.
+REFUSED_FORMATS = ("nvfp4", "convrot_w4a4")
+DEFAULT_CONVROT_GROUP = 256
 MX_GROUP = 32
 MX_SCALE_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.float8_e8m0fnu)
 _E8M0_BIAS = 127
+
+
+def int8_rotation_group(entry: dict, where: str) -> int | None:
+    """The ConvRot group of an ``int8_tensorwise`` layer's JSON entry (``None``: not rotated), read where ComfyUI
+    reads it (the top level first, then ``params``); a value ComfyUI could not run is a ``ValueError`` naming
+    ``where``."""
+    params = entry.get("params")
+    params = params if isinstance(params, dict) else {}
+    convrot = entry.get("convrot", params.get("convrot", False))
+    if not isinstance(convrot, bool):
+        raise ValueError(f"{where}: 'convrot' must be true or false, got {convrot!r}")
+    if not convrot:
+        return None
+    group = entry.get("convrot_groupsize", params.get("convrot_groupsize", DEFAULT_CONVROT_GROUP))
+    if isinstance(group, float) and group.is_integer():
+        group = int(group)
+    problem = group_size_problem(group)
+    if problem is not None:
+        raise ValueError(f"{where}: convrot_groupsize: {problem}")
+    return group
 
 
 def roundup(value: int, multiple: int) -> int:

@@ -19,7 +19,7 @@ import torch
 from ..config import Fp8Config
 from ..fp8_utils import is_fp8_dtype
 from ..scheme import MX_BLOCK, GroupShape, expected_scale_shapes, weight_group_of_scale
-from .comfy_formats import MXFP8
+from .comfy_formats import INT8_TENSORWISE, MXFP8
 from .header import CheckpointError, SafetensorsHeader, TensorInfo
 from .safe_io import MAX_QUANT_METADATA_BYTES, loads_bounded
 
@@ -52,6 +52,12 @@ class LayerInfo:
     comfy_quant: TensorInfo | None = None
     scale_names: tuple[str, ...] = ()
     quant_format: str | None = None  # a comfy-quant layer's declared format, once the reader has read it
+    rotation_group: int | None = None  # an int8_tensorwise layer's ConvRot group (None: not rotated)
+
+    @property
+    def is_int8(self) -> bool:
+        """A ComfyUI ``int8_tensorwise`` layer (known once the reader has read the layer's format)."""
+        return self.quant_format == INT8_TENSORWISE
 
     @property
     def is_fp8(self) -> bool:
@@ -99,6 +105,11 @@ class CheckpointScan:
     @property
     def fp8_layers(self) -> list[LayerInfo]:
         return [layer for layer in self.layers.values() if layer.is_fp8]
+
+    @property
+    def int8_layers(self) -> list[LayerInfo]:
+        """ComfyUI ``int8_tensorwise`` layers (once the reader has read the formats)."""
+        return [layer for layer in self.layers.values() if layer.is_int8]
 
     def short_name(self, layer_name: str) -> str:
         """The layer name without the file's key prefix (what skip patterns and models use)."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..fp8_utils import invalid_scale_mask
-from .comfy_formats import MXFP8, NON_FP8_FORMATS, mx_scale_to_float, unswizzle_mx_scale
+from .comfy_formats import MXFP8, REFUSED_FORMATS, mx_scale_to_float, unswizzle_mx_scale
 from .dialects import CheckpointScan, LayerInfo
 from .reader import read_layer_formats, scan_checkpoint
 from .safe_io import open_tensors
@@ -33,14 +33,17 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "other_bytes": total - fp8_bytes,
         "granularity": dict(Counter(layer.granularity or "none" for layer in scan.fp8_layers)),
         "input_scales": sum(layer.input_scale is not None for layer in scan.fp8_layers),
+        "int8_layers": dict(Counter(f"rotated in groups of {layer.rotation_group}" if layer.rotation_group else
+                                    "not rotated" for layer in scan.int8_layers)),
         "formats": dict(Counter(formats.values())),
         "blocks": _block_shapes(scan),
         "warnings": list(scan.warnings),
     }
-    not_fp8 = Counter(fmt for fmt in formats.values() if fmt in NON_FP8_FORMATS)
-    if not_fp8:
+    not_read = Counter(fmt for fmt in formats.values() if fmt in REFUSED_FORMATS)
+    if not_read:
         result["warnings"].append(
-            f"layers in formats that are not FP8 ({dict(not_fp8)}): ComfyUI's own loader reads this file, not this pack"
+            f"layers in formats that are not FP8 nor int8 ({dict(not_read)}): ComfyUI's own loader reads this file, "
+            "not this pack"
         )
     result.update(_scale_health(scan, result["warnings"]))
     return result

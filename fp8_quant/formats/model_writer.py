@@ -117,6 +117,11 @@ def save_quantized_model(
             plan.append(_as_stored(key_prefix + key, tensor))
         elif attribute == "weight":
             params = params_of(layer)
+            if params.weight.dtype == torch.int8:
+                raise ValueError(
+                    f"{layer_name}: int8 layers (ComfyUI's int8_tensorwise) are not saved by this pack yet; the file "
+                    "they came from loads as it is"
+                )
             weight_dtypes.add(params.weight.dtype)
             plan += _fp8_layer_plan(key_prefix + layer_name, layer, params, output_format, report)
         elif attribute not in ("weight_scale", "input_scale"):

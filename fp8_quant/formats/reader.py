@@ -4,9 +4,10 @@ Canonical form: ``<layer>.weight`` (fp8 or high precision), ``<layer>.weight_sca
 or blocks, ``scheme.weight_scale_shape``) and ``<layer>.input_scale`` (float32 ``[]``) for fp8 layers; markers
 (``scaled_fp8``, ``.comfy_quant``) are consumed, other scale names mapped, ``mxfp8`` e8m0 scales unswizzled to
 float32 groups of 32 (the weight keeps ComfyUI's padding to 32; the loader crops it to the model's shape), and
-a plain fp8 cast gets explicit unit scales. The config inferred from the file comes with it, so loading a
-pre-quantized file needs no user choices. Layers in a format that is not FP8 (``nvfp4``, ...) are an error
-that names ComfyUI's own loader.
+a plain fp8 cast gets explicit unit scales. ComfyUI's ``int8_tensorwise`` layers keep their int8 weight and get a
+float32 scale ``[]`` or ``[N]``; their ConvRot groups come with the checkpoint (``Fp8Checkpoint.int8_layers``). The
+config inferred from the file comes with it, so loading a pre-quantized file needs no user choices. Layers in a
+4-bit format (``nvfp4``, ``convrot_w4a4``) are an error that names ComfyUI's own loader.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from ..fp8_utils import check_scale, count_fp8_non_finite
 from ..scheme import weight_scale_shape
 from .comfy_formats import (
     FP8_FORMATS,
+    INT8_TENSORWISE,
     MX_SCALE_DTYPES,
     MXFP8,
     NON_FP8_FORMATS,
+    REFUSED_FORMATS,
+    int8_rotation_group,
     mx_scale_shape,
     mx_scale_to_float,
     unswizzle_mx_scale,
@@ -58,6 +62,12 @@ class Fp8Checkpoint:
     @property
     def path(self):
         return self.scan.path
+
+    @property
+    def int8_layers(self) -> dict[str, int | None]:
+        """Each ``int8_tensorwise`` layer by its name without the file's prefix (as the model names it), with its
+        ConvRot group (``None``: not rotated)."""
+        return {self.scan.short_name(layer.name): layer.rotation_group for layer in self.scan.int8_layers}
 
 
 def scan_checkpoint(path: str | os.PathLike) -> CheckpointScan:
@@ -103,10 +113,13 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
     if scan.dialect != COMFY_QUANT:
         return {}
     formats: dict[str, str] = {}
+    entries: dict[str, tuple[str, dict]] = {}  # layer -> (where its entry is, the entry)
     if scan.quant_metadata is not None:
         for name, entry in scan.quant_metadata.items():
             full_name = name if name in scan.layers else scan.prefix + name
-            formats[full_name] = _format_of(scan, f"{QUANT_METADATA_KEY}[{name!r}]", entry)
+            where = f"{QUANT_METADATA_KEY}[{name!r}]"
+            formats[full_name] = _format_of(scan, where, entry)
+            entries[full_name] = (where, entry)
     quant_layers = [layer for layer in scan.layers.values() if layer.comfy_quant is not None]
     for layer in quant_layers:  # sizes first, from the header: a payload is read whole
         key = f"{layer.name}.{COMFY_QUANT_SUFFIX}"
@@ -122,6 +135,7 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
                 raw = handle.get_tensor(key).flatten().numpy().tobytes()
                 entry = loads_bounded(raw, f"{scan.path}: {key!r}", MAX_LAYER_ENTRY_BYTES)
                 formats[layer.name] = _format_of(scan, key, entry)
+                entries[layer.name] = (key, entry)
     for name, fmt in formats.items():
         layer = scan.layers.get(name)
         if layer is None:
@@ -129,13 +143,20 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
         layer.quant_format = fmt
         if fmt in FP8_FORMATS:
             _check_fp8_format(scan, layer, fmt)
+        elif fmt == INT8_TENSORWISE:
+            where, entry = entries[name]
+            try:
+                layer.rotation_group = int8_rotation_group(entry, f"{scan.path}: {where}")
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
+            _check_int8_format(scan, layer)
     return formats
 
 
 def refuse_non_fp8_formats(scan: CheckpointScan, formats: dict[str, str]) -> None:
-    """The one-line error for a file whose layers use a format that is not FP8."""
+    """The one-line error for a file whose layers use a format this pack does not read (4-bit weights)."""
     for name, fmt in formats.items():
-        if fmt in NON_FP8_FORMATS:
+        if fmt in REFUSED_FORMATS:
             raise CheckpointError(
                 f"{scan.path}: layer {scan.short_name(name)!r} is in ComfyUI's {fmt} format, which is not FP8; "
                 "load this file with ComfyUI's own Load Diffusion Model node, which handles it"
@@ -166,6 +187,29 @@ def _check_fp8_format(scan: CheckpointScan, layer: LayerInfo, fmt: str) -> None:
         )
 
 
+def _check_int8_format(scan: CheckpointScan, layer: LayerInfo) -> None:
+    """An ``int8_tensorwise`` layer: a 2-D int8 weight, a float scale of one value or one per row, and a rotation
+    group that divides its inputs (ComfyUI's own forward could not run it otherwise)."""
+    weight, scale = layer.weight, layer.weight_scale
+    what = f"{scan.path}: int8_tensorwise layer {layer.name!r}"
+    if weight.dtype != torch.int8 or len(weight.shape) != 2:
+        raise CheckpointError(f"{what} has a {weight.dtype} weight of shape {list(weight.shape)}; expected 2-D int8")
+    rows, in_features = weight.shape
+    if scale is None:
+        raise CheckpointError(f"{what} has no weight_scale")
+    if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16) or tuple(scale.shape) not in (
+        (), (1,), (rows,), (rows, 1), (1, 1)
+    ):
+        raise CheckpointError(
+            f"{what} has a weight_scale {scale.dtype} {list(scale.shape)}; expected a float scale [], [{rows}] or "
+            f"[{rows}, 1]"
+        )
+    if layer.rotation_group is not None and in_features % layer.rotation_group:
+        raise CheckpointError(
+            f"{what}: convrot_groupsize {layer.rotation_group} does not divide its {in_features} input features"
+        )
+
+
 def _format_of(scan: CheckpointScan, where: str, entry: object) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
         raise CheckpointError(f"{scan.path}: {where} must be a JSON object with a 'format' string, got {entry!r}")
@@ -191,6 +235,14 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
     weight_key = f"{layer.name}.weight"
     scale_key = f"{layer.name}.weight_scale"
     input_key = f"{layer.name}.input_scale"
+    if fmt == INT8_TENSORWISE:  # int8 values and their scale, kept as they are (the int8 method runs them)
+        scale = state_dict[scale_key].float()
+        scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
+        _check_values(scan, _stored_name(layer, "weight_scale"), scale)
+        state_dict[scale_key] = scale
+        if state_dict.pop(input_key, None) is not None:  # ComfyUI's int8 layers scale activations per row
+            logger.warning("%s: %s: input_scale ignored (int8 activations are scaled per row)", scan.path, layer.name)
+        return
     if not layer.is_fp8:
         if layer.weight_scale is not None:  # ComfyUI multiplies such weights by their scale: do it once here.
             scale = state_dict.pop(scale_key).float()

@@ -1,10 +1,11 @@
-"""FP8 linear kernels: ``_scaled_mm`` per-tensor, row-wise and block-scaled, a dequantize fallback, and their
-selection."""
+"""Linear kernels: fp8 ``_scaled_mm`` per-tensor, row-wise and block-scaled, a dequantize fallback; int8
+``_int_mm`` and its dequantize fallback; and their selection."""
 
 from . import fast_accum
 from .base import FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 from .block_scaled_mm import BlockScaledMMKernel
 from .dequant import DequantLinearKernel
+from .int8_mm import INT8_KERNELS, Int8DequantKernel, Int8LinearKernel, Int8LinearLayerConfig, IntMMKernel
 from .scaled_mm import ChannelWiseScaledMMKernel, PerTensorScaledMMKernel
 from .selection import (
     KERNEL_ENV,
@@ -17,6 +18,7 @@ from .selection import (
 )
 
 __all__ = [
+    "INT8_KERNELS",
     "KERNELS",
     "KERNEL_ENV",
     "KERNEL_NAMES",
@@ -25,6 +27,10 @@ __all__ = [
     "DequantLinearKernel",
     "FP8ScaledMMLinearKernel",
     "FP8ScaledMMLinearLayerConfig",
+    "Int8DequantKernel",
+    "Int8LinearKernel",
+    "Int8LinearLayerConfig",
+    "IntMMKernel",
     "PerTensorScaledMMKernel",
     "block_groups_at_speed",
     "explain_choice",

@@ -76,20 +76,21 @@ def _verdict(
 
 
 def explain_choice(
-    config: FP8ScaledMMLinearLayerConfig, device: torch.device | str, forced: str | None = None
-) -> tuple[type[FP8ScaledMMLinearKernel], str]:
-    """The kernel class for this layer on ``device`` and a sentence saying why."""
+    config, device: torch.device | str, forced: str | None = None, kernels: tuple[type, ...] = KERNELS
+) -> tuple[type, str]:
+    """The kernel class for this layer on ``device`` and a sentence saying why. ``kernels``: the family to choose
+    from, fastest first (the fp8 ``KERNELS``, or the int8 ones); a forced name outside it is passed over."""
     device = torch.device(device)
     forced_name = forced_kernel_name(forced)
     rejected: list[str] = []
     if forced_name is not None:
-        chosen = kernel_class(forced_name)
-        reason = _verdict(chosen, config, device, forced=True)
+        chosen = next((kernel for kernel in kernels if kernel.name == forced_name), None)
+        reason = "not a kernel for these weights" if chosen is None else _verdict(chosen, config, device, forced=True)
         if reason is None:
             return chosen, f"{chosen.name} (forced)"
         rejected.append(f"forced {forced_name}: {reason}")
     passed_over: dict[str, list[str]] = {}  # reason -> kernels it ruled out (one sentence per reason)
-    for candidate in KERNELS:
+    for candidate in kernels:
         reason = _verdict(candidate, config, device, forced=False)
         if reason is None:
             if len(passed_over) == 1 and not rejected:  # one reason ruled out every faster kernel: just the reason
@@ -100,21 +101,20 @@ def explain_choice(
             return candidate, f"{candidate.name} because {why}"
         passed_over.setdefault(reason, []).append(candidate.name)
     rejected += [f"{', '.join(names)}: {why}" for why, names in passed_over.items()]
-    raise RuntimeError(f"no fp8 kernel can run {config.describe()} on {device}: {'; '.join(rejected)}")
+    raise RuntimeError(f"no kernel can run {config.describe()} on {device}: {'; '.join(rejected)}")
 
 
-def select_kernel(
-    config: FP8ScaledMMLinearLayerConfig, device: torch.device | str, forced: str | None = None
-) -> FP8ScaledMMLinearKernel:
-    """A kernel instance for this layer config and device (cached); logs each distinct reason once."""
+def select_kernel(config, device: torch.device | str, forced: str | None = None, kernels: tuple[type, ...] = KERNELS):
+    """A kernel instance for this layer config and device (cached); logs each distinct reason once. ``kernels``: the
+    family (see ``explain_choice``)."""
     device = torch.device(device)
     key = (config, device.type, device.index, forced, os.environ.get(KERNEL_ENV), os.environ.get(FAST_ACCUM_ENV))
     kernel = _cache.get(key)
     if kernel is None:
-        kernel_cls, why = explain_choice(config, device, forced)
+        kernel_cls, why = explain_choice(config, device, forced, kernels)
         kernel = kernel_cls(config, device)
         _cache[key] = kernel
-        message = f"fp8 kernel for {config.describe()} on {device}: {why}"
+        message = f"kernel for {config.describe()} on {device}: {why}"
         if message not in _logged and not torch.compiler.is_compiling():
             _logged.add(message)
             level = logging.WARNING if (forced_kernel_name(forced) and "(forced)" not in why) else logging.INFO

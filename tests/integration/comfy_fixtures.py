@@ -8,7 +8,7 @@ head count and text width its weights cannot tell (4 heads of 64, text width 768
 ``config`` says them, as ComfyUI reads it. ``ltxv`` is a Lightricks LTX-Video DiT (32 heads of 8).
 ``comfy-quantize`` writes a file the way ComfyUI itself saves quantized layers (its quantizer, its state dict,
 ``.comfy_quant``), for the block linears of SOURCE, in one of ComfyUI's formats (mxfp8, nvfp4, int8_tensorwise,
-float8_e4m3fn).
+float8_e4m3fn) or an int8 variant (``INT8_VARIANTS``: per-channel scales, ConvRot).
 """
 
 from __future__ import annotations
@@ -145,6 +145,16 @@ def randomize_dit(
 
 
 FORMAT_UNKNOWN = 3  # exit status: the ComfyUI under test has no such format (older than the format)
+# int8_tensorwise as ComfyUI's quantizer writes it: (from_float options, the .comfy_quant entry's extra fields).
+INT8_VARIANTS = {
+    "int8_tensorwise": ({}, {}),
+    "int8_channel": ({"per_channel": True}, {}),
+    "int8_convrot": ({"per_channel": True, "convrot": True}, {"convrot": True, "convrot_groupsize": 256}),
+    "int8_convrot64": (
+        {"per_channel": True, "convrot": True, "convrot_groupsize": 64},
+        {"convrot": True, "convrot_groupsize": 64},
+    ),
+}
 
 
 def write_comfy_quantized(fmt: str, source: str, path: str) -> None:
@@ -159,18 +169,22 @@ def write_comfy_quantized(fmt: str, source: str, path: str) -> None:
         from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
     except ImportError:  # ComfyUI before its quantized-tensor layer
         QUANT_ALGOS = {}
+    options, extra = INT8_VARIANTS.get(fmt, ({}, {}))
+    if fmt in INT8_VARIANTS:
+        fmt = "int8_tensorwise"
     if fmt not in QUANT_ALGOS:
         print(f"this ComfyUI has no {fmt} format", file=sys.stderr)
         sys.exit(FORMAT_UNKNOWN)
 
     state = load_file(source)
     out: dict[str, torch.Tensor] = {}
+    entry = list(json.dumps({"format": fmt, **extra}).encode())
     for key, value in state.items():
         layer = key.removesuffix(".weight")
         if key.endswith(".weight") and value.dim() == 2 and ".blocks." in key:
-            quantized = QuantizedTensor.from_float(value.float(), QUANT_ALGOS[fmt]["comfy_tensor_layout"])
+            quantized = QuantizedTensor.from_float(value.float(), QUANT_ALGOS[fmt]["comfy_tensor_layout"], **options)
             out.update(quantized.state_dict(key))
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+            out[f"{layer}.comfy_quant"] = torch.tensor(entry, dtype=torch.uint8)
         else:
             out[key] = value
     save_file({key: value.contiguous() for key, value in out.items()}, path)

@@ -4,6 +4,7 @@ Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [
        python inprocess_checks.py fit_cache FAMILY
        python inprocess_checks.py serve (checks as JSON lines on stdin: see ``serve``)
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
+       python inprocess_checks.py int8_layers MODEL | int8_compare BF16_MODEL CONVROT_MODEL
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
@@ -309,6 +310,88 @@ def check_sampling(model_path: str) -> dict:
     }
 
 
+def check_int8_layers(model_path: str) -> dict:
+    """Each block linear of an int8 file, stock (ComfyUI's own int8 layer, comfy-kitchen's kernels) and ours, on the
+    same input: the input each stock layer saw in one forward of the stock model. Per layer, the relative
+    difference of the outputs and the layer's error against its float values (the dequantized weight)."""
+    import comfy.sd
+    import folder_paths
+
+    pack = import_pack()
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(model_path).parent))
+    patchers = [  # held while the models run: a dropped patcher takes its model's weights with it
+        comfy.sd.load_diffusion_model(model_path),
+        pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]().load(Path(model_path).name)["result"][0],
+    ]
+    stock, ours = (patcher.model.diffusion_model for patcher in patchers)
+    ours_layers = dict(ours.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def keep_input(name: str):
+        def hook(module, args, output) -> None:  # returns None: a hook's return value would replace the output
+            inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    for name, module in stock.named_modules():
+        if name.startswith("blocks.") and type(module).__name__.endswith("Linear"):
+            hooks.append(module.register_forward_hook(keep_input(name)))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 1, 8, 8, generator=generator)
+    context = torch.randn(2, 8, 4096, generator=generator)
+    with torch.no_grad():
+        stock(x, torch.tensor([500.0, 500.0]), context)
+        stock_layers = dict(stock.named_modules())
+        layers = {}
+        for name, value in inputs.items():
+            theirs, mine = stock_layers[name](value), ours_layers[name](value)
+            real = stock_layers[name].weight.dequantize().float()
+            exact = torch.nn.functional.linear(value.float(), real, stock_layers[name].bias.float())
+            layers[name] = {"ours_vs_stock": rel_err(mine, theirs), "error": rel_err(theirs, exact)}
+    for hook in hooks:
+        hook.remove()
+    return {"layers": layers, "formats": sorted({type(layer).__name__ for layer in stock_layers.values()})}
+
+
+def compare_int8(bf16_path: str, convrot_path: str) -> dict:
+    """Sampling error against the float model (ComfyUI computes in float32 on the CPU): Load FP8 DiT's on-the-fly
+    int8 rotated and its fp8 auto on the bf16 file, the stock loader on ComfyUI's own INT8-ConvRot file and its
+    ``fp8_e4m3fn`` cast. Two 64x64 latents, contexts of different magnitude (cond x1, uncond x3)."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    import folder_paths
+
+    pack = import_pack()
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(bf16_path).parent))
+    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+    name = Path(bf16_path).name
+    loaders = {
+        "float": lambda: comfy.sd.load_diffusion_model(bf16_path),
+        "stock_int8_convrot": lambda: comfy.sd.load_diffusion_model(convrot_path),
+        "stock_fp8_e4m3fn": lambda: comfy.sd.load_diffusion_model(
+            bf16_path, model_options={"dtype": torch.float8_e4m3fn}
+        ),
+        "ours_fp8_auto": lambda: loader.load(name)["result"][0],
+        "ours_int8_rotated": lambda: loader.load(name, quant_format="int8_rotated")["result"][0],
+    }
+    generator = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
+    negative = [[3 * torch.randn(1, 8, 4096, generator=generator), {}]]
+    latent = torch.zeros(2, 16, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    outputs = {}
+    for key, load in loaders.items():
+        model = load()
+        outputs[key] = comfy.sample.sample(
+            model, noise, 8, 2.0, "euler", "simple", positive, negative, latent, seed=42, disable_pbar=True
+        ).float()
+        comfy.model_management.unload_all_models()
+        del model
+    return {"errors": {key: rel_err(value, outputs["float"]) for key, value in outputs.items() if key != "float"}}
+
+
 def stock_samples(seed: int, model_paths: list[str], out_path: str) -> dict:
     """Each model through the stock loader (``comfy.sd.load_diffusion_model``) and KSampler's sampling with the server
     tests' default prompt (conditioning seeds 1 and 2, a 32x32 Wan latent, 4 euler steps, cfg 2) and ``seed``; the
@@ -355,6 +438,10 @@ def run_check(argv: list[str]) -> dict:
         return check_sampling(argument)
     if check == "operations":
         return check_operations(argument)
+    if check == "int8_compare":
+        return compare_int8(argv[1], argv[2])
+    if check == "int8_layers":
+        return check_int8_layers(argument)
     if check == "stock_sample":
         return stock_samples(int(argv[1]), argv[2:-1], argv[-1])
     raise SystemExit(f"unknown check {check!r}")

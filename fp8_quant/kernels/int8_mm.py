@@ -1,0 +1,183 @@
+"""int8 linear kernels: ``torch._int_mm`` on the GPU's integer tensor cores, and a dequantize fallback.
+
+Both keep the numerics of ``quant_int8``: activations rotated as the weight was (where it was) and rounded to int8
+with one scale per row at every call, an exact int32 product, then ``out = acc * row_scale * column_scale + bias``
+in float32, cast once to the output dtype. The fallback (CPUs, GPUs without int8 tensor cores, shapes
+``_int_mm`` refuses) multiplies the same int8 values in float32, so a CPU reports what the GPU computes, up to
+float32 summation order. A weight-only layer (activations kept in high precision) runs on the fallback only.
+
+``torch._int_mm(a [M, K], b [K, N])`` on CUDA wants ``M > 16`` and ``K``, ``N`` multiples of 8; ``K`` and ``N``
+are known per layer (``can_implement`` says why not), ``M`` only per call, so a call of at most 16 rows is padded
+with zero rows (what comfy-kitchen does too; it costs a copy of a few rows).
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..params import Fp8LinearParams
+from ..quant_int8 import quantize_int8_rows, rotated
+from ..scheme import PER_TOKEN, QuantKey, activation_key
+from .base import _FLOAT_DTYPES, WEIGHT_ONLY_REASON
+
+kInt8DynamicTokenSym = activation_key(torch.int8, static=False, group=PER_TOKEN)
+INT_MM_MIN_ROWS = 17  # CUDA _int_mm wants more than 16 rows
+INT_MM_PADDED_ROWS = 32
+
+
+@dataclass(frozen=True)
+class Int8LinearLayerConfig:
+    """What an int8 kernel needs to know about one layer. ``rotation_group``: the inputs are rotated in groups of
+    this many (``rotation``) before rounding, or ``None``."""
+
+    weight_quant_key: QuantKey
+    in_features: int
+    out_features: int
+    rotation_group: int | None = None
+    quantizes_activations: bool = True
+    out_dtype: torch.dtype | None = None
+
+    @property
+    def activation_quant_key(self) -> QuantKey | None:
+        return kInt8DynamicTokenSym if self.quantizes_activations else None
+
+    def describe(self) -> str:
+        rotation = f", rotated in groups of {self.rotation_group}" if self.rotation_group else ""
+        acts = "int8, per-token, dynamic" if self.quantizes_activations else "weight-only"
+        grouping = self.weight_quant_key.group_shape.describe()
+        return f"[{self.out_features}x{self.in_features}] weights int8, {grouping}{rotation}; activations {acts}"
+
+
+class Int8LinearKernel(ABC):
+    """One way to compute ``x @ W.T + bias`` for an int8 layer (``W`` possibly stored rotated)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Int8LinearLayerConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        group = config.rotation_group
+        # What rounds this call's activations (``None``: they stay in high precision); reports read it.
+        self.input_quant = functools.partial(quantize_int8_rows, group=group) if config.quantizes_activations else None
+
+    @classmethod
+    @abstractmethod
+    def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
+        """Whether this kernel runs on ``device`` at all."""
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, config: Int8LinearLayerConfig) -> tuple[bool, str | None]:
+        """``(True, None)`` if this kernel can multiply this layer's scheme and shape, else ``(False, reason)``."""
+
+    @abstractmethod
+    def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
+        """``x`` [M, K] (int8 with ``x_scale`` [M, 1], else high precision) times the weight: float32 [M, N] with
+        every scale applied, bias not yet."""
+
+    def apply(self, params: Fp8LinearParams, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's output for ``x`` of shape ``[..., K]``: ``[..., N]`` in the output dtype."""
+        out_dtype = self.output_dtype(x)
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        params = params.to(x.device)
+        x_scale = None
+        if self.input_quant is not None:
+            rows, x_scale = self.input_quant(rows)
+        out = self.matmul(rows, x_scale, params)
+        if bias is not None:
+            out = out.add_(bias.to(out.device, out.dtype))
+        out = out.to(out_dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+    def output_dtype(self, x: Tensor) -> torch.dtype:
+        if self.config.out_dtype is not None:
+            return self.config.out_dtype
+        return x.dtype if x.dtype in _FLOAT_DTYPES else torch.bfloat16
+
+
+def _column_scale(params: Fp8LinearParams) -> Tensor:
+    """The weight scale as a row ``[1, N]`` (per channel) or a scalar, float32."""
+    scale = params.weight_scale.float()
+    return scale.view(1, -1) if scale.dim() == 1 else scale
+
+
+@functools.cache
+def int_mm_unsupported(device_type: str, index: int | None) -> str | None:
+    """Why ``torch._int_mm`` has no integer tensor cores on this device (``None``: it has), checked once."""
+    if not hasattr(torch, "_int_mm"):
+        return "this torch has no torch._int_mm"
+    if device_type != "cuda":
+        return f"{device_type} has no int8 tensor cores for torch._int_mm"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if torch.version.hip is not None:
+        return "torch._int_mm on ROCm is not tested by this pack"
+    capability = torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())
+    if capability < (7, 5):
+        return f"GPU capability {capability[0]}.{capability[1]} has no int8 tensor cores (needs 7.5+)"
+    return None
+
+
+class IntMMKernel(Int8LinearKernel):
+    """``torch._int_mm`` (cuBLASLt int8 GEMM, int32 out), then the row and column scales and the bias."""
+
+    name = "int_mm"
+
+    @classmethod
+    def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
+        reason = int_mm_unsupported(device.type, device.index)
+        return reason is None, reason
+
+    @classmethod
+    def can_implement(cls, config: Int8LinearLayerConfig) -> tuple[bool, str | None]:
+        if not config.quantizes_activations:
+            return False, WEIGHT_ONLY_REASON
+        if config.in_features % 8 or config.out_features % 8:
+            return False, (
+                f"torch._int_mm needs in/out features divisible by 8, layer is "
+                f"{config.out_features}x{config.in_features}"
+            )
+        return True, None
+
+    def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
+        rows = x.shape[0]
+        if rows < INT_MM_MIN_ROWS:
+            x = F.pad(x, (0, 0, 0, INT_MM_PADDED_ROWS - rows))
+        # [N, K] contiguous, passed transposed: the column-major [K, N] operand the int8 GEMM reads fastest.
+        acc = torch._int_mm(x, params.weight.t())[:rows]
+        return acc.float().mul_(x_scale).mul_(_column_scale(params))
+
+
+class Int8DequantKernel(Int8LinearKernel):
+    """Runs anywhere: the int8 values multiplied in float32 with the same scales (or, weight-only, the activations
+    rotated as the weight is and multiplied with its dequantized values, in the activation's dtype)."""
+
+    name = "dequant"
+
+    @classmethod
+    def is_supported(cls, device: torch.device, forced: bool = False) -> tuple[bool, str | None]:
+        return True, None
+
+    @classmethod
+    def can_implement(cls, config: Int8LinearLayerConfig) -> tuple[bool, str | None]:
+        return True, None
+
+    def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
+        if x_scale is not None:
+            acc = torch.matmul(x.float(), params.weight.float().t())
+            return acc.mul_(x_scale).mul_(_column_scale(params))
+        dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
+        values = rotated(x, self.config.rotation_group).to(dtype)
+        weight = params.weight.to(dtype) * _column_scale(params).to(dtype).reshape(-1, 1)
+        return F.linear(values, weight).float()
+
+
+INT8_KERNELS: tuple[type[Int8LinearKernel], ...] = (IntMMKernel, Int8DequantKernel)
+INT8_KERNEL_NAMES: tuple[str, ...] = tuple(kernel.name for kernel in INT8_KERNELS)
