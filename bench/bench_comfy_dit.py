@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 from bench_linear import bench_ms  # noqa: E402
-from comfy_fixtures import flux_model, randomize_dit, wan_model  # noqa: E402
+from comfy_fixtures import flux_model, randomize_dit, wan_model, write_comfy_quantized  # noqa: E402
 from comfy_runtime import import_pack, setup_comfy  # noqa: E402
 
 PRESETS = {
@@ -74,14 +74,29 @@ PROBE_ROWS = (1, 256)
 BUILDERS = {"wan": wan_model, "flux": flux_model}
 
 
-def write_model(path: Path, family: str, sizes: dict, device: str = "cuda") -> None:
+# --outliers: the traits of trained DiTs that decide 8-bit error (issue 21): output channels spread over two
+# decades, OUTLIER_COLUMNS input columns of every block linear OUTLIER_FACTOR times larger, and MASSIVE_CHANNELS
+# residual channels pushed to large values through each block's output biases.
+OUTLIER_COLUMNS, OUTLIER_FACTOR = 16, 8.0
+MASSIVE_CHANNELS, MASSIVE_BIAS = (7, 300, 1201, 2047), 40.0
+OUTPUT_BIASES = {"wan": ("ffn.2.bias", "cross_attn.o.bias"), "flux": ("img_mlp.2.bias", "linear2.bias")}
+
+
+def write_model(path: Path, family: str, sizes: dict, device: str = "cuda", outliers: bool = False) -> None:
     import comfy.ops
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     model = BUILDERS[family](comfy.ops.disable_weight_init, dtype=torch.bfloat16, device=device, **sizes)
-    randomize_dit(model, channel_spread=False)
+    if outliers:
+        randomize_dit(model, channel_spread=True, outlier_columns=OUTLIER_COLUMNS, outlier_factor=OUTLIER_FACTOR)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(OUTPUT_BIASES[family]) and param.shape[0] > max(MASSIVE_CHANNELS):
+                    param[list(MASSIVE_CHANNELS)] = MASSIVE_BIAS
+    else:
+        randomize_dit(model, channel_spread=False)
     state = {f"model.diffusion_model.{k}": v.contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path))
 
@@ -128,6 +143,7 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
     bf16 = str(folder / name)
     quant = str(folder / name.replace("_bf16", "_comfy_quant"))
     scaled = str(folder / name.replace("_bf16", "_comfy_scaled"))
+    convrot = str(folder / name.replace("_bf16", "_int8_convrot"))  # written by ComfyUI's own QuantizedTensor
 
     def stock(path: str, **options):
         return lambda: comfy.sd.load_diffusion_model(path, model_options=options)
@@ -164,6 +180,9 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
         "ours dynamic per-token": (ours(bf16, activation_scheme="dynamic"), False, {}),
         "ours static": (ours(bf16, activation_scheme="static"), False, {}),
         "ours weight-only": (ours(bf16, activation_scheme="none"), False, {}),
+        "stock on an INT8-ConvRot file": (stock(convrot), False, {}),
+        "ours on an INT8-ConvRot file": (ours(convrot), False, {}),
+        "ours int8_rotated (bf16 file)": (ours(bf16, quant_format="int8_rotated"), False, {}),
         "ours auto, ComfyUI's attention (bf16 file)": (ours(bf16, attention="comfy"), False, {}),
         "ours auto, 8bit attention (bf16 file)": (ours(bf16, attention="8bit"), False, {}),
         "stock on our comfy-quant file, cuDNN first": (with_attention(stock(quant), cudnn_first), False, {}),
@@ -317,7 +336,7 @@ def _dynamo_counts() -> tuple[int, int]:
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
-def bench_model(preset: str, dynamic_vram: bool = False) -> tuple[Path, str, object]:
+def bench_model(preset: str, dynamic_vram: bool = False, outliers: bool = False) -> tuple[Path, str, object]:
     """ComfyUI set up (with its dynamic VRAM where asked and available), the preset's random bf16 model written to a
     new models folder: (folder, file name, the pack's Load FP8 DiT node)."""
     family, sizes, _ = PRESETS[preset]
@@ -326,12 +345,12 @@ def bench_model(preset: str, dynamic_vram: bool = False) -> tuple[Path, str, obj
     started = time.perf_counter()
     if dynamic_vram:  # comfy-aimdo starts before anything of ComfyUI's, and its operations build weights lazily
         command = [sys.executable, __file__, "--preset", preset, "--write-model", str(folder / name)]
-        subprocess.run(command, check=True)
+        subprocess.run(command + (["--outliers"] if outliers else []), check=True)
         if not setup_comfy(dynamic_vram=True):
             raise SystemExit("--dynamic-vram: comfy-aimdo did not start")
     else:
         setup_comfy()
-        write_model(folder / name, family, sizes)
+        write_model(folder / name, family, sizes, outliers=outliers)
     print(f"model {preset} ({family} {sizes}) written in {time.perf_counter() - started:.1f}s")
     import folder_paths
 
@@ -353,17 +372,18 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=1, help="passes over all paths (median per path)")
     parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)  # the model file only (a subprocess)
+    parser.add_argument("--outliers", action="store_true", help="a model with trained DiTs' outlier traits")
     args = parser.parse_args()
     if args.write_model:
         setup_comfy()
         family, sizes, _ = PRESETS[args.preset]
-        write_model(args.write_model, family, sizes)
+        write_model(args.write_model, family, sizes, outliers=args.outliers)
         return
 
     choices = logging.getLogger("fp8_quant.kernels.fast_accum")  # each timed GEMM's numbers, in the log
     choices.setLevel(logging.INFO)
     choices.addHandler(logging.StreamHandler(sys.stdout))
-    folder, name, loader = bench_model(args.preset, args.dynamic_vram)
+    folder, name, loader = bench_model(args.preset, args.dynamic_vram, args.outliers)
     import comfy.model_management
     import torch
 
@@ -373,10 +393,15 @@ def main() -> None:
     for output_format in ("comfy-quant", "comfy-scaled"):
         target = folder / name.replace("_bf16", "_" + output_format.replace("-", "_"))
         convert_checkpoint(folder / name, target, output_format, device="cuda")
+    if not args.only or any(word in "INT8-ConvRot file" for word in args.only.split(",")):
+        started = time.perf_counter()
+        write_comfy_quantized("int8_convrot", str(folder / name), str(folder / name.replace("_bf16", "_int8_convrot")))
+        print(f"INT8-ConvRot file written by ComfyUI in {time.perf_counter() - started:.1f}s")
     device = comfy.model_management.get_torch_device()
     inputs = inputs_for(family, latent, device)
     meta = {"preset": args.preset, "family": family, "sizes": sizes, "latent": list(latent), **versions()}
     meta["dynamic_vram"] = args.dynamic_vram
+    meta["outliers"] = args.outliers
     meta["passes"] = args.repeat
     meta["date"] = datetime.date.today().isoformat()
     print(json.dumps(meta))

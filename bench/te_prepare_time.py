@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "integration")]
+sys.path[:0] = [str(REPO / "tests" / "integration"), str(REPO / "bench")]
 
 from comfy_runtime import import_pack, setup_comfy  # noqa: E402
 
@@ -48,10 +48,7 @@ ENCODERS = {
             "projection_dim": 384,
         },
     ),
-    "t5-xxl": (
-        "t5",
-        {"d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "num_layers": 24},
-    ),
+    "t5-xxl": ("t5xxl", {}),  # ComfyUI's own T5-XXL config, random weights made on the GPU (bench_comfy_te)
 }
 
 
@@ -87,8 +84,21 @@ def main() -> None:
 
     pack = import_pack(REPO)
     family, config = ENCODERS[args.encoder]
-    clip_type, option, _ = fp8_test_nodes.TINY_TEXT_ENCODERS[family]
-    fp8_test_nodes.TINY_TEXT_ENCODERS[family] = (clip_type, option, config)
+    if family == "t5xxl":
+        import comfy.sd
+        from bench_comfy_te import random_t5xxl_state_dict
+
+        state = random_t5xxl_state_dict()
+
+        def encoder():
+            return comfy.sd.load_text_encoder_state_dicts([dict(state)], clip_type=comfy.sd.CLIPType.SD3)
+    else:
+        clip_type, option, _ = fp8_test_nodes.TINY_TEXT_ENCODERS[family]
+        fp8_test_nodes.TINY_TEXT_ENCODERS[family] = (clip_type, option, config)
+
+        def encoder():
+            return fp8_test_nodes.tiny_text_encoder(family, seed=0)
+
     node = pack.NODE_CLASS_MAPPINGS["QuantizeTextEncoderFP8"]()
     cache_module = sys.modules["comfyui_fp8_quant.nodes.text_encoder"]
     results: dict[str, dict] = {}
@@ -97,7 +107,7 @@ def main() -> None:
             cache_module.fit_cache_directory = lambda: Path(cache_dir)
         for recipe in args.recipes.split(","):
             for run in ("cold", "cached"):
-                clip = fp8_test_nodes.tiny_text_encoder(family, seed=0)
+                clip = encoder()
                 handler = _PhaseLog()
                 logging.getLogger().addHandler(handler)
                 start = time.monotonic()

@@ -14,6 +14,7 @@ from fp8_quant.config import (
     USER_ACTIVATION_GRANULARITIES,
     USER_ACTIVATION_SCHEMES,
     WEIGHT_GRANULARITIES,
+    QuantFormat,
     UserOptions,
 )
 from fp8_quant.kernels import KERNEL_NAMES
@@ -37,6 +38,10 @@ TOOLTIPS = {
     "newline separated. Norms, embeddings, modulation and heads are always kept.",
     "te_activation_scheme": "auto: as the recipe says (quality: weight-only, activations in high precision; speed: "
     "a scale per token for the FP8 tensor cores). dynamic / static / none force a scheme.",
+    "quant_format": "The 8-bit format of layers quantized on the fly (a file's own 8-bit layers keep theirs). fp8: "
+    "e4m3 weights and activations on the FP8 tensor cores (Ada, Hopper, Blackwell). int8_rotated: ComfyUI's "
+    "INT8-ConvRot scheme, weights and activations rotated in groups of 256 and rounded to int8 per row; less error "
+    "on models with outlier channels, runs on int8 tensor cores (also RTX 30xx / A100).",
     "recipe": "quality: fitted to this encoder on built-in prompts (error-compensating rounding of the weights, the "
     "most sensitive layers kept in bf16 within 0.55x the bf16 bytes, weight-only); takes a while once. speed: the "
     "same with activations in fp8 (fp8 x fp8) and, on CUDA, the encoder replayed as CUDA graphs. plain: per-channel "
@@ -71,13 +76,14 @@ def _common_inputs() -> dict:
 
 def loader_optional_inputs() -> dict:
     """Optional inputs of Load FP8 DiT, in widget order (shared workflows store widget values by position:
-    ``attention`` came last)."""
+    ``attention`` came after the others, ``quant_format`` after it)."""
     from .attention import ATTENTION_TOOLTIP
 
     return {
         "activation_scheme": _combo("activation_scheme", USER_ACTIVATION_SCHEMES, AUTO),
         **_common_inputs(),
         "attention": (list(ATTENTION_CHOICES), {"default": AttentionChoice.AUTO.value, "tooltip": ATTENTION_TOOLTIP}),
+        "quant_format": _combo("quant_format", [fmt.value for fmt in QuantFormat], QuantFormat.FP8.value),
     }
 
 

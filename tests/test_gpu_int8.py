@@ -30,7 +30,8 @@ def test_int_mm_kernel_matches_the_dequantize_kernel_and_fp32(group, dtype):
     fast, fallback = IntMMKernel(layer.fp8_layer_config, device), Int8DequantKernel(layer.fp8_layer_config, device)
     params = Fp8LinearParams.from_layer(layer)
     for rows in (1, 16, 17, 333, 4096):
-        x = outlier_input(rows, 1024, seed=rows).to(device, dtype)
+        # fp16 holds at most 65504: these outlier inputs reach 2.6e5 at 4096 rows, so they are scaled into range.
+        x = (outlier_input(rows, 1024, seed=rows) / (16 if dtype == torch.float16 else 1)).to(device, dtype)
         out = fast.apply(params, x, layer.bias)
         assert out.dtype == dtype and out.shape == (rows, 512)
         assert rel_err(out, fallback.apply(params, x, layer.bias)) < (1e-5 if dtype == torch.float32 else 4e-3)

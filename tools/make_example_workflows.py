@@ -95,6 +95,7 @@ WIDGETS = {
         "kernel",
         "skip_layers",
         "attention",
+        "quant_format",
     ],
     "QuantizeTextEncoderFP8": [
         "activation_scheme",
@@ -125,6 +126,7 @@ LOAD_DEFAULTS = {
     "kernel": "auto",
     "skip_layers": "",
     "attention": "auto",
+    "quant_format": "fp8",
 }
 TE_DEFAULTS = {
     "activation_scheme": "auto",
