@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import re
 import sys
@@ -122,9 +123,10 @@ def main() -> None:
                 print(f"{recipe} {run}: {end - start:.1f} s", flush=True)
                 if recipe == "plain":
                     break
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     report = {
         "encoder": args.encoder,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),

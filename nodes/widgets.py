@@ -43,9 +43,9 @@ TOOLTIPS = {
     "INT8-ConvRot scheme, weights and activations rotated in groups of 256 and rounded to int8 per row; less error "
     "on models with outlier channels, runs on int8 tensor cores (also RTX 30xx / A100).",
     "recipe": "quality: fitted to this encoder on built-in prompts (error-compensating rounding of the weights, the "
-    "most sensitive layers kept in bf16 within 0.55x the bf16 bytes, weight-only); takes a while once. speed: the "
-    "same with activations in fp8 (fp8 x fp8) and, on CUDA, the encoder replayed as CUDA graphs. plain: per-channel "
-    "scales, no fitting (fastest to prepare).",
+    "most sensitive layers kept in bf16 within 0.55x the bf16 bytes, weight-only); seconds on a GPU, a few minutes "
+    "on a CPU, once: the fit is kept on disk. speed: the same with activations in fp8 (fp8 x fp8) and, on CUDA, "
+    "the encoder replayed as CUDA graphs. plain: per-channel scales, no fitting (fastest to prepare).",
 }
 
 

@@ -64,6 +64,11 @@ def step_table(path: Path, data: dict) -> str:
     passes = int(data.get("passes", 1))
     probe = any("linear_ms" in row for row in results.values())
     setting = ", ComfyUI's dynamic VRAM on" if data.get("dynamic_vram") else ""
+    if data.get("outliers"):
+        setting += (
+            ", a model with trained DiTs' outlier traits (channel spread, outlier input columns, massive residual "
+            "channels)"
+        )
     time_title = f"ms (median of {passes} passes; each pass)" if passes > 1 else "ms"
     lines = [
         f"**{data['preset']}**{setting}, one `apply_model` call inside ComfyUI, latent {latent}, error vs the same "
@@ -202,6 +207,21 @@ def text_encoder_speed_table(path: Path, data: dict) -> str:
     return keyed_table(intro, columns, data["paths"], path, data)
 
 
+def prepare_table(path: Path, data: dict) -> str:
+    """``bench/te_prepare_time.py``: Quantize Text Encoder's preparation time, a cold fit and a stored one."""
+    lines = [
+        f"**Quantize Text Encoder, preparation** ({data['encoder']}, random weights of the real size, "
+        f"{data['device']}):",
+        "",
+        "| run | seconds | phases (s) |",
+        "|---|---|---|",
+    ]
+    for name, run in data["runs"].items():
+        phases = "; ".join(f"{phase} {seconds:.1f}" for phase, seconds in run.get("phases", {}).items()) or "—"
+        lines.append(f"| {name} | {run['seconds']:.1f} | {phases} |")
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
 def attention_table(path: Path, data: dict) -> str:
     """Attention alone per shape: each path's ms, TFLOP/s, speed against cuDNN and error vs fp32."""
     lines = [
@@ -235,6 +255,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 0, step_table(path, data)
         if "summary" in data and "runs" in data:
             return 2, load_table(path, data)
+        if "encoder" in data and "runs" in data:
+            return 3, prepare_table(path, data)
         if "model" in data and "runs" in data:
             return 3, text_encoder_quality_table(path, data)
         if "paths" in data:
