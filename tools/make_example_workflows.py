@@ -27,7 +27,7 @@ Stage = tuple[str, list[str]]  # group title, node keys top to bottom
 # Body heights (below the title bar) that ComfyUI's frontend 1.47 gives each node for its widgets, rounded up;
 # this pack's nodes include their summary box. A text prompt gets room for a few lines.
 NODE_HEIGHTS = {
-    "LoadFP8DiT": 379,
+    "LoadFP8DiT": 410,
     "QuantizeTextEncoderFP8": 379,
     "CLIPLoader": 106,
     "DualCLIPLoader": 130,
