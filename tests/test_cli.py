@@ -119,7 +119,10 @@ def test_existing_output_needs_force(capsys, bf16_file, tmp_path):
 # Runs the command in a child process that signals itself while quantizing the second weight, with the partial
 # file open (the child exits 99 if it is not): deterministic, and a broken handler ends the child, not pytest.
 SIGNAL_ITSELF = """
-import os, sys
+import os, signal, sys
+# A shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt for it: the
+# child takes a terminal's default, as a person pressing Ctrl-C has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import fp8_quant.formats.writer as writer
 from fp8_quant.__main__ import main
 

@@ -46,3 +46,42 @@ def test_int8_layer_on_the_gpu_selects_int_mm():
     method.process_weights_after_loading(layer, "layer")
     assert type(method.kernel_for(layer, device)) is IntMMKernel
     assert "int_mm" in method.explain_kernel(layer, device)
+
+
+@pytest.mark.parametrize("group", [256, 64, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_rotation_and_rounding_match_the_torch_operations(group, dtype):
+    """The Triton kernel's codes and scales are those of ``quantize_int8_rows`` (float32 rotation in torch), up to
+    a value on the other side of a .5 now and then (another summation order)."""
+    from fp8_quant import int8_triton
+    from fp8_quant.quant_int8 import quantize_int8_rows
+
+    for rows, width in ((1, 1024), (17, 5120), (333, 1536), (4096, 5120)):
+        x = (outlier_input(rows, width, seed=rows) / 16).to("cuda", dtype)
+        assert int8_triton.supports_quantize(x, group)
+        codes, scales = int8_triton.quantize_rows(x, group)
+        expected_codes, expected_scales = quantize_int8_rows(x, group)
+        assert codes.dtype == torch.int8 and scales.shape == (rows, 1)
+        assert torch.allclose(scales, expected_scales, rtol=1e-6, atol=0)
+        differ = codes.int() != expected_codes.int()
+        assert (codes.int() - expected_codes.int()).abs().max() <= 1
+        assert differ.float().mean() < 1e-3, differ.float().mean()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_scales_and_bias_match_the_torch_operations(per_channel, with_bias):
+    from fp8_quant import int8_triton
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    acc = torch.randint(-(2**20), 2**20, (333, 520), device="cuda", dtype=torch.int32, generator=generator)
+    rows = torch.rand(333, 1, device="cuda", generator=generator) * 1e-3
+    columns = torch.rand(520, device="cuda", generator=generator) * 1e-2 if per_channel else torch.tensor(3e-3).cuda()
+    bias = torch.randn(520, device="cuda", generator=generator).to(torch.bfloat16) if with_bias else None
+    out = int8_triton.scale_bias(acc, rows, columns, bias, torch.bfloat16)
+    expected = acc.float() * rows * (columns.view(1, -1) if per_channel else columns)
+    if bias is not None:
+        expected = expected + bias.float()
+    assert out.dtype == torch.bfloat16
+    # One bf16 step at most: the kernel may fuse the multiply and the bias add (one rounding fewer).
+    torch.testing.assert_close(out.float(), expected.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-6)

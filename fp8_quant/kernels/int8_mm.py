@@ -14,6 +14,7 @@ with zero rows (what comfy-kitchen does too; it costs a copy of a few rows).
 from __future__ import annotations
 
 import functools
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -147,12 +148,46 @@ class IntMMKernel(Int8LinearKernel):
         return True, None
 
     def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
+        return self._product(x, params).float().mul_(x_scale).mul_(_column_scale(params))
+
+    @staticmethod
+    def _product(x: Tensor, params: Fp8LinearParams) -> Tensor:
+        """The exact int32 product ``x [M, K] @ W.T``."""
         rows = x.shape[0]
         if rows < INT_MM_MIN_ROWS:
             x = F.pad(x, (0, 0, 0, INT_MM_PADDED_ROWS - rows))
         # [N, K] contiguous, passed transposed: the column-major [K, N] operand the int8 GEMM reads fastest.
-        acc = torch._int_mm(x, params.weight.t())[:rows]
-        return acc.float().mul_(x_scale).mul_(_column_scale(params))
+        return torch._int_mm(x, params.weight.t())[:rows]
+
+    def apply(self, params: Fp8LinearParams, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """On a CUDA GPU, for bf16/fp16 activations: the rotation and rounding in one Triton kernel and the scales,
+        bias and cast in another (``int8_triton``), the same numbers as the operations they replace."""
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if not _fused_path(rows, self.config.rotation_group):
+            return super().apply(params, x, bias)
+        from .. import int8_triton
+
+        params = params.to(x.device)
+        codes, x_scale = int8_triton.quantize_rows(rows, self.config.rotation_group)
+        out = int8_triton.scale_bias(
+            self._product(codes, params), x_scale, _column_scale(params), bias, self.output_dtype(x)
+        )
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _fused_path(x: Tensor, group: int | None) -> bool:
+    """Whether the Triton kernels take this call (CUDA, Triton importable, a shape and dtype they handle)."""
+    if not x.is_cuda or FUSED_OFF:
+        return False
+    try:
+        from .. import int8_triton
+    except ImportError:  # a torch without Triton: the torch operations
+        return False
+    return int8_triton.supports_quantize(x, group)
+
+
+# FP8_QUANT_INT8_FUSED=off: the torch operations instead of the fused kernels (for comparisons).
+FUSED_OFF = os.environ.get("FP8_QUANT_INT8_FUSED", "").strip().lower() == "off"
 
 
 class Int8DequantKernel(Int8LinearKernel):

@@ -1,0 +1,225 @@
+"""Fused Triton kernels for the int8 linear (CUDA only; imported lazily by ``kernels.int8_mm``).
+
+Why: done with torch operations, an int8 linear's activations pass through memory some ten times per call (the
+rotation in float32 with its reshapes, the row amax, the division, rounding, clamp and cast) and the product's
+int32 result four more times (to float32, two scale multiplications, the bias, the cast), which costs more than
+the int8 GEMM saves. Here each is one kernel:
+
+- ``quantize_rows``: each row's groups rotated, the row's amax, and its int8 codes, in one program per block of
+  rows. The rotation is a product with the ``g x g`` Hadamard matrix on the tensor cores: its entries are
+  ``+-1/sqrt(g)``, a power of two for every allowed ``g``, so bf16/fp16 operands hold them and the activations
+  exactly, and with float32 accumulation the rotated values are those of the float32 rotation up to the order of
+  summation. The row is rotated twice (once for its amax, once to round it), which costs less than writing the
+  rotated row out and reading it back.
+- ``scale_bias``: ``acc * row_scale * column_scale + bias`` in float32 from the int32 product, cast once.
+
+The numerics are ``quant_int8``'s: scale ``amax / 127`` with a floor, rounding half to even, clamp to [-127, 127].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_utils import AMAX_FLOOR
+from .rotation import _factor
+
+ROWS_PER_PROGRAM = 32
+COLUMN_CHUNK = 64  # output columns of the rotation computed per product (bounds the Hadamard tile held)
+
+
+@triton.jit
+def _rotate_chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G: tl.constexpr, C: tl.constexpr, BM: tl.constexpr):
+    """Rotated values of columns ``start + c .. + C`` of the rows ``rows``: ``x[rows, start:start+G] @ H[:, c:c+C]``."""
+    k = tl.arange(0, G)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + (start + k)[None, :], mask=row_mask[:, None], other=0.0)
+    j = tl.arange(0, C)
+    h = tl.load(h_ptr + k[:, None] * G + (c + j)[None, :])
+    return tl.dot(x, h, out_dtype=tl.float32)
+
+
+@triton.jit
+def _chunk(
+    x_ptr,
+    h_ptr,
+    rows,
+    row_mask,
+    x_stride,
+    start,
+    c,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BM: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """Columns ``start + c .. + C`` of the rows, rotated (``ROTATE``) or as they are, in float32."""
+    if ROTATE:
+        values = _rotate_chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, BM)
+    else:
+        cols = start + c + tl.arange(0, C)
+        values = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=row_mask[:, None], other=0.0)
+        values = values.to(tl.float32)
+    return values
+
+
+@triton.jit
+def _round_half_even(v):
+    """``torch.round``'s rounding (ties to even) for |v| well inside float32's integers."""
+    r = tl.floor(v + 0.5)
+    odd = (r.to(tl.int32) & 1) == 1
+    return tl.where((r - v == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,
+    h_ptr,
+    q_ptr,
+    scale_ptr,
+    n_rows,
+    n_cols,
+    x_stride,
+    q_stride,
+    amax_floor,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BM: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < n_rows
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for start in range(0, n_cols, G):
+        for c in tl.static_range(0, G, C):
+            values = _chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, BM, ROTATE)
+            amax = tl.maximum(amax, tl.max(tl.abs(values), axis=1))
+    scale = tl.div_rn(tl.maximum(amax, amax_floor), tl.full((BM,), 127.0, tl.float32))
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+    for start in range(0, n_cols, G):
+        for c in tl.static_range(0, G, C):
+            values = _chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, BM, ROTATE)
+            # IEEE division (Triton's "/" is an approximate one): the same rounding as ``values / scale`` in torch.
+            codes = _round_half_even(tl.div_rn(values, tl.broadcast_to(scale[:, None], values.shape)))
+            codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
+            cols = start + c + tl.arange(0, C)
+            tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :], codes.to(tl.int8), mask=row_mask[:, None])
+
+
+@triton.jit
+def _scale_bias_kernel(
+    acc_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    acc_stride,
+    out_stride,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    acc = tl.load(acc_ptr + rows[:, None] * acc_stride + cols[None, :], mask=mask, other=0).to(tl.float32)
+    row_scale = tl.load(row_scale_ptr + rows, mask=rows < n_rows, other=0.0)
+    if PER_CHANNEL:
+        col_scale = tl.load(col_scale_ptr + cols, mask=cols < n_cols, other=0.0)
+        out = acc * row_scale[:, None] * col_scale[None, :]
+    else:
+        out = acc * row_scale[:, None] * tl.load(col_scale_ptr)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def supports_quantize(x: torch.Tensor, group: int | None) -> bool:
+    """Whether ``quantize_rows`` takes ``x``: a CUDA bf16/fp16 matrix with unit column stride, rotated in groups of
+    16 to 256 (a tile of the Hadamard matrix fits the kernel) or not at all, ``K`` a multiple of 64."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.stride(1) == 1
+        and x.shape[1] % COLUMN_CHUNK == 0
+        and (group is None or group in (64, 256))
+    )
+
+
+@functools.cache
+def _hadamard(group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``group x group`` rotation matrix in the activations' dtype (its entries are exact there)."""
+    return _factor(group, device.type, device.index).to(dtype).contiguous()
+
+
+def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (see ``supports_quantize``) -> (int8 codes ``[M, K]``, float32 row scales ``[M, 1]``)."""
+    rows, cols = x.shape
+    codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return codes, scales
+    g = group if group is not None else COLUMN_CHUNK
+    h = _hadamard(g, x.dtype, x.device) if group is not None else x  # unused without a rotation
+    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
+    _quantize_rows_kernel[grid](
+        x,
+        h,
+        codes,
+        scales,
+        rows,
+        cols,
+        x.stride(0),
+        codes.stride(0),
+        AMAX_FLOOR,
+        G=g,
+        C=COLUMN_CHUNK,
+        BM=ROWS_PER_PROGRAM,
+        ROTATE=group is not None,
+        num_warps=4,
+        num_stages=1,  # the loop's tiles are reused from L1/L2; pipelining them would not fit shared memory
+    )
+    return codes, scales
+
+
+def scale_bias(
+    acc: torch.Tensor,
+    row_scale: torch.Tensor,
+    column_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(acc * row_scale * column_scale + bias).to(out_dtype)`` for an int32 ``acc [M, N]`` in one pass;
+    ``column_scale``: ``[N]``/``[1, N]`` or a scalar, float32."""
+    rows, cols = acc.shape
+    out = torch.empty((rows, cols), dtype=out_dtype, device=acc.device)
+    if rows == 0:
+        return out
+    column = column_scale.reshape(-1).float().contiguous()
+    per_channel = column.numel() > 1
+    bias_arg = bias.contiguous() if bias is not None else column
+    block_m, block_n = 64, 128
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    _scale_bias_kernel[grid](
+        acc,
+        row_scale.reshape(-1).contiguous(),
+        column,
+        bias_arg,
+        out,
+        rows,
+        cols,
+        acc.stride(0),
+        out.stride(0),
+        PER_CHANNEL=per_channel,
+        HAS_BIAS=bias is not None,
+        BM=block_m,
+        BN=block_n,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,58 @@
+"""The fused int8 Triton kernels' logic on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``), against
+the torch operations they replace (``quant_int8``): codes and scales up to float32 summation order, the scaled
+output equal, for fp16 inputs (the interpreter computes with numpy, which has no bf16). The GPU tests check the
+compiled kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK = r"""
+import json, sys, torch
+sys.path[:0] = [REPO, REPO + "/tests"]
+from helpers import outlier_input
+from fp8_quant import int8_triton
+from fp8_quant.quant_int8 import quantize_int8_rows
+results = {}
+for group in (256, 64, None):
+    for rows, width in ((1, 256), (45, 512)):
+        x = (outlier_input(rows, width, seed=rows) / 16).to(torch.float16)
+        codes, scales = int8_triton.quantize_rows(x, group)
+        expected_codes, expected_scales = quantize_int8_rows(x, group)
+        # The rotation sums in another order than torch's: last-bit scale differences, a rare code across a .5.
+        step = (codes.int() - expected_codes.int()).abs()
+        results[f"{group} {rows}x{width}"] = [
+            bool(step.max() <= 1), bool((step > 0).float().mean() < 1e-3),
+            bool(torch.allclose(scales, expected_scales, rtol=1e-6, atol=0)),
+        ]
+acc = torch.randint(-2**20, 2**20, (45, 130), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+row, column = torch.rand(45, 1) * 1e-3, torch.rand(130) * 1e-2
+bias = torch.randn(130).to(torch.float16)
+for name, col, b in (("channel+bias", column, bias), ("tensor", torch.tensor(3e-3), None)):
+    out = int8_triton.scale_bias(acc, row, col, b, torch.float16)
+    expected = acc.float() * row * col.reshape(1, -1) + (b.float() if b is not None else 0)
+    results[name] = [bool(torch.equal(out, expected.to(torch.float16)))]
+print("RESULT " + json.dumps(results))
+"""
+
+
+def test_fused_int8_kernels_match_the_torch_operations_in_the_interpreter():
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", f"REPO = {str(REPO)!r}\n" + CHECK],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULT ") :])
+    assert results and all(all(flags) for flags in results.values()), results
