@@ -163,10 +163,9 @@ class IntMMKernel(Int8LinearKernel):
         """On a CUDA GPU, for bf16/fp16 activations: the rotation and rounding in one Triton kernel and the scales,
         bias and cast in another (``int8_triton``), the same numbers as the operations they replace."""
         rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if not _fused_path(rows, self.config.rotation_group):
+        int8_triton = _fused_kernels() if rows.is_cuda and not FUSED_OFF else None
+        if int8_triton is None or not int8_triton.supports_quantize(rows, self.config.rotation_group):
             return super().apply(params, x, bias)
-        from .. import int8_triton
-
         params = params.to(x.device)
         codes, x_scale = int8_triton.quantize_rows(rows, self.config.rotation_group)
         out = int8_triton.scale_bias(
@@ -175,15 +174,14 @@ class IntMMKernel(Int8LinearKernel):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _fused_path(x: Tensor, group: int | None) -> bool:
-    """Whether the Triton kernels take this call (CUDA, Triton importable, a shape and dtype they handle)."""
-    if not x.is_cuda or FUSED_OFF:
-        return False
+@functools.cache
+def _fused_kernels():
+    """``int8_triton``, imported once (``None`` without Triton: the torch operations run instead)."""
     try:
         from .. import int8_triton
-    except ImportError:  # a torch without Triton: the torch operations
-        return False
-    return int8_triton.supports_quantize(x, group)
+    except ImportError:
+        return None
+    return int8_triton
 
 
 # FP8_QUANT_INT8_FUSED=off: the torch operations instead of the fused kernels (for comparisons).
