@@ -19,6 +19,7 @@ The numerics are ``quant_int8``'s: scale ``amax / 127`` with a floor, rounding h
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -221,5 +222,151 @@ def scale_bias(
         BM=block_m,
         BN=block_n,
         num_warps=4,
+    )
+    return out
+
+
+# The int8 GEMM with the scales, bias and cast in its epilogue: the int32 product never reaches memory. Tile
+# shapes measured on an H200 (bench/bench_int8_gemm.py); a few are tried per problem size by Triton's autotuner.
+_GEMM_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
+    for bm, bn, bk, stages, warps in (
+        (128, 128, 128, 4, 8),
+        (128, 256, 128, 3, 8),
+        (256, 128, 128, 3, 8),
+        (128, 128, 64, 5, 4),
+        (64, 128, 128, 4, 4),
+    )
+]
+
+
+def _gemm_rows_bucket(rows: int) -> int:
+    """Calls of similar row counts share a tuned tile (a sampling run changes rows only with the batch)."""
+    return 1 << max(4, (rows - 1).bit_length())
+
+
+@triton.jit
+def _scaled_int8_mm_kernel(
+    a_ptr,
+    w_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    a_stride,
+    w_stride,
+    out_stride,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # Grouped tile order: GROUP row-tiles walk the columns together, so the weight tiles they read stay in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = min(tiles_m - first_m, GROUP)
+    tile_m = first_m + (pid % per_group) % group_rows
+    tile_n = (pid % per_group) // group_rows
+    rows = tile_m * BM + tl.arange(0, BM)
+    cols = tile_n * BN + tl.arange(0, BN)
+    k = tl.arange(0, BK)
+    a_rows = tl.where(rows < M, rows, 0)  # clamped, not masked: every load stays in bounds, stores are masked
+    w_cols = tl.where(cols < N, cols, 0)
+    a_tile = a_ptr + a_rows[:, None] * a_stride + k[None, :]
+    w_tile = w_ptr + w_cols[None, :] * w_stride + k[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for start in range(0, K, BK):
+        a = tl.load(a_tile, mask=(start + k)[None, :] < K, other=0)
+        w = tl.load(w_tile, mask=(start + k)[:, None] < K, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_tile += BK
+        w_tile += BK
+    row_mask = rows < M
+    col_mask = cols < N
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    out = acc.to(tl.float32) * row_scale[:, None]
+    if PER_CHANNEL:
+        out = out * tl.load(col_scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    else:
+        out = out * tl.load(col_scale_ptr)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_scaled_int8_mm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])(_scaled_int8_mm_kernel)
+# Triton's interpreter (CPU tests) has no device to time tiles on: it runs the first tile shape.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def supports_scaled_mm(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``scaled_int8_mm`` takes these operands: CUDA int8 ``a [M, K]`` and ``weight [N, K]``, both with
+    unit column stride, ``K`` a multiple of 16 (the product's smallest tile)."""
+    return (
+        a.is_cuda
+        and a.dtype == torch.int8
+        and weight.dtype == torch.int8
+        and a.dim() == 2
+        and weight.dim() == 2
+        and a.shape[1] == weight.shape[1]
+        and a.stride(1) == 1
+        and weight.stride(1) == 1
+        and a.shape[1] % 16 == 0
+    )
+
+
+def scaled_int8_mm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    row_scale: torch.Tensor,
+    column_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``((a @ weight.T) * row_scale * column_scale + bias).to(out_dtype)``: the exact int32 product of int8
+    ``a [M, K]`` and ``weight [N, K]`` scaled in float32 as ``scale_bias`` does, in one kernel."""
+    rows, inner = a.shape
+    cols = weight.shape[0]
+    out = torch.empty((rows, cols), dtype=out_dtype, device=a.device)
+    if rows == 0:
+        return out
+    column = column_scale.reshape(-1).float().contiguous()
+    bias_arg = bias.contiguous() if bias is not None else column
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(cols, meta["BN"]),)
+
+    config = _GEMM_CONFIGS[0]
+    launch = (
+        functools.partial(_scaled_int8_mm_kernel[grid], **config.kwargs, num_warps=config.num_warps)
+        if _INTERPRETED
+        else _scaled_int8_mm_tuned[grid]
+    )
+    launch(
+        a,
+        weight,
+        row_scale.reshape(-1).contiguous(),
+        column,
+        bias_arg,
+        out,
+        rows,
+        cols,
+        inner,
+        _gemm_rows_bucket(rows),
+        a.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        PER_CHANNEL=column.numel() > 1,
+        HAS_BIAS=bias is not None,
     )
     return out

@@ -27,7 +27,8 @@ class SaveFP8Model:
         "while sampling, LoRA patches applied. In the same graph as the sampler, connect the sampler's output to "
         "'after' so the model is saved once sampling is done. Run again with nothing changed, it writes no second "
         "copy and says which file already holds this model. The file goes to models/diffusion_models and loads "
-        "with the stock Load Diffusion Model node."
+        "with the stock Load Diffusion Model node. Int8 layers are written as ComfyUI 0.30's int8_tensorwise "
+        "(comfy-quant format only)."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ()

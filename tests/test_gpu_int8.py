@@ -85,3 +85,32 @@ def test_fused_scales_and_bias_match_the_torch_operations(per_channel, with_bias
     assert out.dtype == torch.bfloat16
     # One bf16 step at most: the kernel may fuse the multiply and the bias add (one rounding fewer).
     torch.testing.assert_close(out.float(), expected.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_int8_gemm_gives_the_int_mm_numbers(per_channel, with_bias):
+    """The Triton GEMM's exact int32 product, scaled in its epilogue, equals ``_int_mm`` then ``scale_bias`` (the
+    same float32 operations on the same integers) for short, odd and long shapes and every output dtype."""
+    from fp8_quant import int8_triton
+
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    for rows, inner, cols in ((1, 256, 520), (17, 1536, 8960), (333, 5120, 1000), (4099, 13824, 5120), (64, 80, 24)):
+        a = torch.randint(-127, 128, (rows, inner), device="cuda", dtype=torch.int8, generator=generator)
+        w = torch.randint(-127, 128, (cols, inner), device="cuda", dtype=torch.int8, generator=generator)
+        row_scale = torch.rand(rows, 1, device="cuda", generator=generator) * 1e-4
+        column = torch.rand(cols, device="cuda", generator=generator) * 1e-3
+        column = column if per_channel else torch.tensor(3e-4).cuda()
+        bias = torch.randn(cols, device="cuda", generator=generator).to(torch.bfloat16) if with_bias else None
+        assert int8_triton.supports_scaled_mm(a, w)
+        exact = (a.double() @ w.double().t()) * row_scale.double() * column.double().reshape(1, -1)
+        exact = exact + (bias.double() if with_bias else 0)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            out = int8_triton.scaled_int8_mm(a, w, row_scale, column, bias, dtype)
+            padded = torch.nn.functional.pad(a, (0, 0, 0, max(0, 17 - rows)))
+            product = torch._int_mm(padded, w.t())[:rows] if inner % 8 == 0 and cols % 8 == 0 else None
+            assert out.dtype == dtype and out.shape == (rows, cols)
+            if product is not None:
+                expected = int8_triton.scale_bias(product, row_scale, column, bias, dtype)
+                assert torch.equal(out, expected), (rows, inner, cols, dtype)
+            assert rel_err(out.double(), exact) < (1e-6 if dtype == torch.float32 else 4e-3)

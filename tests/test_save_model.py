@@ -115,7 +115,7 @@ def test_layers_that_never_ran_have_no_input_scale_and_the_report_says_so(tmp_pa
     assert learnt_input_scale(model.q) is None
     report = save_quantized_model(model, tmp_path / "m.safetensors")
     assert report.input_scales == 0 and "3 without one: not run yet" in report.summary()
-    with pytest.raises(ValueError, match="no fp8 layers"):
+    with pytest.raises(ValueError, match="no 8-bit layers"):
         save_quantized_model(Block(), tmp_path / "n.safetensors")
 
 
@@ -180,3 +180,39 @@ def test_calibration_file_without_input_scales(tmp_path):
     save_file({k: v.to(torch.bfloat16) for k, v in source_weights().items()}, str(path))
     with pytest.raises(CheckpointError, match="holds no input scales"):
         read_input_scales(path)
+
+
+def test_int8_layers_are_written_as_comfyui_int8_tensorwise_exactly(tmp_path):
+    """Rotated int8 layers (and one per tensor, not rotated) beside an fp8 one: comfy-quant holds each int8 layer as
+    ComfyUI 0.30 writes ``int8_tensorwise`` (the int8 values that run, a float32 ``[N, 1]`` or ``[]`` scale, the
+    rotation in its JSON entry), and the values turned back from the rotation are the original weight within int8
+    rounding; the fp8-only formats refuse with the option and the layer named."""
+    from fp8_quant.config import Int8Config
+    from fp8_quant.quant_int8 import dequantize_int8_weight
+
+    torch.manual_seed(0)
+    model = Block()
+    original = {name: getattr(model, name).weight.detach().clone() for name in ("q", "ffn", "out")}
+    prepare_model_for_fp8(model.q, Int8Config(rotation_group=64))
+    prepare_model_for_fp8(model.ffn, Int8Config(rotation_group=None, weight_granularity="tensor"))
+    prepare_model_for_fp8(model.out, Fp8Config())
+    path = tmp_path / "int8.safetensors"
+    report = save_quantized_model(model, path, "comfy-quant", key_prefix="model.diffusion_model.")
+    assert report.int8_layers == 2 and report.fp8_layers == 1, report
+    assert "2 int8 layers as ComfyUI's int8_tensorwise (1 rotated in groups of 64)" in report.summary()
+    stored = read(path)
+    prefix = "model.diffusion_model."
+    entries = {name: json.loads(bytes(stored[f"{prefix}{name}.comfy_quant"].tolist())) for name in ("q", "ffn", "out")}
+    assert entries["q"] == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 64}, entries
+    assert entries["ffn"] == {"format": "int8_tensorwise"}, entries
+    assert entries["out"]["format"] == "float8_e4m3fn", entries
+    assert torch.equal(stored[f"{prefix}q.weight"], model.q.weight) and stored[f"{prefix}q.weight"].dtype == torch.int8
+    assert stored[f"{prefix}q.weight_scale"].shape == (256, 1) and stored[f"{prefix}ffn.weight_scale"].shape == ()
+    assert not any(key.startswith(f"{prefix}q.input") for key in stored)
+    for name, group in (("q", 64), ("ffn", None)):
+        real = dequantize_int8_weight(stored[f"{prefix}{name}.weight"], stored[f"{prefix}{name}.weight_scale"], group)
+        assert rel_err(real, original[name]) < (0.01 if name == "q" else 0.03), name
+    for fmt in ("comfy-scaled", "weight-scale"):
+        with pytest.raises(ValueError, match=r"format: q is an int8 layer"):
+            save_quantized_model(model, tmp_path / f"{fmt}.safetensors", fmt)
+        assert not (tmp_path / f"{fmt}.safetensors").exists()

@@ -11,6 +11,7 @@ Per format:
   Both hold one scale per tensor, as ComfyUI's fp8 layers read them: a layer with per-channel or block scales is
   re-quantized per tensor from its dequantized weight (one more fp8 rounding; the report counts them).
 - ``weight-scale``: this pack's own loader: every granularity as it is (per-channel ``[N, 1]``, blocks), exact.
+- int8 layers (rotated or not) only in ``comfy-quant``, as ComfyUI 0.30's ``int8_tensorwise``: exact.
 
 Input scales: a file's static ``input_scale`` as it is; a scale learnt at run time (``auto_scales``) as the static
 scale it stands for (``history * margin / 448``), also for layers that chose per-token scales, since stock ComfyUI
@@ -32,11 +33,14 @@ from torch import nn
 from ..fp8_utils import dequantize, quantize_weight
 from ..params import Fp8LinearParams
 from ..scheme import PER_TENSOR
+from .comfy_formats import INT8_TENSORWISE
+from .dialects import COMFY_QUANT_SUFFIX
 from .writer import (
     COMFY_QUANT_FORMAT,
     COMFY_SCALED_FORMAT,
     OUTPUT_FORMATS,
     WEIGHT_SCALE_FORMAT,
+    _constant,
     _Planned,
     _write_streaming,
     file_format_entries,
@@ -61,12 +65,23 @@ class SaveReport:
     input_scales: int = 0
     kept: list[str] = field(default_factory=list)
     bytes_out: int = 0
+    int8_layers: int = 0
+    rotated_groups: dict[int, int] = field(default_factory=dict)  # ConvRot group -> int8 layers rotated in it
 
     def summary(self) -> str:
         parts = [f"{self.fp8_layers} fp8 layers ({self.input_scales} with calibrated input scales)"]
+        if self.int8_layers and not self.fp8_layers:
+            parts = []
+        if self.int8_layers:
+            rotated = ", ".join(f"{count} rotated in groups of {group}" for group, count in
+                                sorted(self.rotated_groups.items()))
+            parts.append(
+                f"{self.int8_layers} int8 layers as ComfyUI's int8_tensorwise" + (f" ({rotated})" if rotated else "")
+                + ", read by ComfyUI 0.30+ and this pack"
+            )
         if self.requantized:
             parts.append(f"{self.requantized} re-quantized per tensor for the {self.output_format} format")
-        if self.fp8_layers > self.input_scales:
+        if self.fp8_layers > self.input_scales and self.fp8_layers:
             parts.append(
                 f"{self.fp8_layers - self.input_scales} without one: not run yet, or run with high-precision "
                 "activations (no FP8 GPU and no activation scheme chosen); sample a step first to calibrate them"
@@ -108,7 +123,7 @@ def save_quantized_model(
     plan: list[_Planned] = []
     fp8_layers = {name: module for name, module in model.named_modules() if hasattr(module, "fp8_layer_config")}
     if not fp8_layers:
-        raise ValueError(f"{type(model).__name__} has no fp8 layers: nothing quantized to save")
+        raise ValueError(f"{type(model).__name__} has no 8-bit layers: nothing quantized to save")
     weight_dtypes = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
         layer_name, _, attribute = key.rpartition(".")
@@ -118,17 +133,21 @@ def save_quantized_model(
         elif attribute == "weight":
             params = params_of(layer)
             if params.weight.dtype == torch.int8:
-                raise ValueError(
-                    f"{layer_name}: int8 layers (ComfyUI's int8_tensorwise) are not saved by this pack yet; the file "
-                    "they came from loads as it is"
-                )
+                if output_format != COMFY_QUANT_FORMAT:
+                    raise ValueError(
+                        f"format: {layer_name} is an int8 layer, which only the {COMFY_QUANT_FORMAT} format holds "
+                        f"(ComfyUI's int8_tensorwise); {output_format} files hold fp8 layers only"
+                    )
+                plan += _int8_layer_plan(key_prefix + layer_name, layer, params, report)
+                continue
             weight_dtypes.add(params.weight.dtype)
             plan += _fp8_layer_plan(key_prefix + layer_name, layer, params, output_format, report)
         elif attribute not in ("weight_scale", "input_scale"):
             plan.append(_as_stored(key_prefix + key, tensor))
     if output_format == COMFY_SCALED_FORMAT and len(weight_dtypes) > 1:
         raise ValueError("comfy-scaled files hold one fp8 dtype; this model mixes e4m3 and e5m2: use comfy-quant")
-    plan += file_format_entries(key_prefix, output_format, weight_dtypes.pop())
+    if weight_dtypes:
+        plan += file_format_entries(key_prefix, output_format, weight_dtypes.pop())
     info = {"format": output_format, "writer": "save_quantized_model"}
     _write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress, overwrite)
     report.bytes_out = destination.stat().st_size
@@ -175,6 +194,32 @@ def _fp8_layer_plan(
         value = input_scale.detach().float().cpu().reshape(())
         plan.append(_Planned(input_key, torch.float32, (), lambda: value))
     return plan + layer_format_entries(name, output_format, weight.dtype)
+
+
+def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, report: SaveReport) -> list[_Planned]:
+    """An int8 layer as ComfyUI 0.30 writes ``int8_tensorwise``: the int8 weight as the layer holds it (rotated in
+    its ConvRot group, if it is), a float32 scale ``[N, 1]`` per channel or ``[]`` per tensor, and a
+    ``.comfy_quant`` JSON naming the format and the rotation; no input scale (activations are scaled per row at
+    every call). Exact: the stored values are those that run."""
+    report.int8_layers += 1
+    config = layer.fp8_layer_config
+    group = getattr(config, "rotation_group", None)
+    weight, scale = params.weight, params.weight_scale
+    scale_shape = (weight.shape[0], 1) if scale.dim() == 1 else ()
+    entry: dict = {"format": INT8_TENSORWISE}
+    if group is not None:
+        entry.update(convrot=True, convrot_groupsize=int(group))
+        report.rotated_groups[int(group)] = report.rotated_groups.get(int(group), 0) + 1
+    payload = json.dumps(entry).encode()
+
+    def stored_scale() -> torch.Tensor:
+        return scale.detach().float().cpu().reshape(scale_shape)
+
+    return [
+        _Planned(f"{name}.weight", torch.int8, tuple(weight.shape), lambda: weight.detach().cpu().contiguous()),
+        _Planned(f"{name}.weight_scale", torch.float32, scale_shape, stored_scale),
+        _Planned(f"{name}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)),
+    ]
 
 
 def _as_stored(key: str, tensor: torch.Tensor) -> _Planned:

@@ -4,10 +4,13 @@ stock loader and through Load FP8 DiT: the same latent within rounding, and both
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 from conftest import COMFYUI_DIR, SKIP_REASON, needs_comfy_format, write_comfy_quantized, write_fixture
 from prompts import our_loader, stock_loader
-from test_comfyui import OUTLIER_INPUTS, rel_err, run_inprocess, sample, sample_with_summary
+from test_comfyui import OUTLIER_INPUTS, rel_err, run_inprocess, run_node, sample, sample_with_summary
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON)]
 
@@ -97,3 +100,41 @@ def test_on_the_fly_int8_rotated_is_as_accurate_as_stock_int8_convrot(comfyui, i
     print(errors)
     assert errors["ours_int8_rotated"] <= 1.05 * errors["stock_int8_convrot"], errors
     assert errors["ours_int8_rotated"] < 0.7 * errors["ours_fp8_auto"] < errors["stock_fp8_e4m3fn"], errors
+
+
+def test_save_fp8_model_writes_int8_rotated_layers_that_the_stock_loader_reads(comfyui, int8_files):
+    """Load FP8 DiT rotating and rounding the bf16 model to int8, then Save FP8 Model: the file holds ComfyUI's
+    ``int8_tensorwise`` + ConvRot layers (our values, exactly), ComfyUI's stock loader samples it as our model
+    samples (within the float-ulp drift of the two implementations, a fraction of what int8 costs), and asked for
+    a format that holds fp8 only, the node says which layer and which option in one line."""
+    from safetensors import safe_open
+
+    folder = comfyui.models / "diffusion_models"
+    needs_comfy_format(folder / "tiny_wan_int8_convrot.safetensors")
+    loader = our_loader(int8_files, quant_format="int8_rotated")
+    ours = sample(comfyui, loader, "i8_save_ours", **OUTLIER_INPUTS)
+    node = {"class_type": "SaveFP8Model", "inputs": {"filename_prefix": "saved/tiny_wan_int8", "format": "comfy-quant"}}
+    summary = " ".join(run_node(comfyui, loader, node)["text"])
+    assert "21 int8 layers as ComfyUI's int8_tensorwise (21 rotated in groups of 256)" in summary, summary
+    saved = "saved/tiny_wan_int8_00001_.safetensors"
+    with safe_open(str(folder / saved), framework="pt") as handle:
+        keys = set(handle.keys())
+        entry = json.loads(bytes(handle.get_tensor("model.diffusion_model.blocks.0.ffn.0.comfy_quant").tolist()))
+        weight = handle.get_tensor("model.diffusion_model.blocks.0.ffn.0.weight")
+        scale = handle.get_tensor("model.diffusion_model.blocks.0.ffn.0.weight_scale")
+    assert entry["format"] == "int8_tensorwise" and entry["convrot"] is True, entry
+    assert weight.dtype == torch.int8 and scale.shape == (weight.shape[0], 1), (weight.dtype, scale.shape)
+    assert not any(key.endswith(".input_scale") for key in keys)
+    reference = sample(comfyui, stock_loader(int8_files), "i8_fp32_save", **OUTLIER_INPUTS)
+    stock = sample(comfyui, stock_loader(saved), "i8_save_stock", **OUTLIER_INPUTS)
+    errors = {"stock_vs_ours": rel_err(stock, ours), "ours": rel_err(ours, reference)}
+    errors["stock"] = rel_err(stock, reference)
+    print(errors)
+    assert errors["stock_vs_ours"] < 0.6 * errors["ours"], errors
+    assert errors["stock"] < 1.1 * errors["ours"], errors
+    refused = comfyui.run({"1": loader, "2": {**node, "inputs": {**node["inputs"], "model": ["1", 0],
+                                                                  "format": "comfy-scaled"}}})
+    message = json.dumps(refused["status"])
+    assert refused["status"]["status_str"] == "error" and "format: " in message, message[:2000]
+    assert "is an int8 layer, which only the comfy-quant format holds" in message, message[:2000]
+    assert "Traceback" not in message, message[:2000]
