@@ -267,6 +267,14 @@ class Int8Config:
     def per_channel(self) -> bool:
         return self.weight_granularity == "channel"
 
+    @property
+    def weight_group(self) -> GroupShape:
+        return PER_CHANNEL if self.per_channel else PER_TENSOR
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.int8
+
     def rotation_words(self) -> str:
         return f"rotated in groups of {self.rotation_group}" if self.rotation_group else "not rotated"
 

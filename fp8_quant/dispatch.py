@@ -213,7 +213,10 @@ class Fp8Recipe:
         method = self._methods.get((config, online))
         if method is None:
             if isinstance(config, Int8Config):
-                method = (Int8OnlineLinearMethod if online else Int8LinearMethod)(config, self.kernel)
+                if online:
+                    method = Int8OnlineLinearMethod(config, self.kernel, self.rounded)
+                else:
+                    method = Int8LinearMethod(config, self.kernel)
             elif online:
                 method = Fp8OnlineLinearMethod(config, self.kernel, self.rounded)
             else:

@@ -1,10 +1,11 @@
-"""Error-compensating rounding of a weight to fp8 (GPTQ, Frantar et al. 2022), with the layer's per-channel or
-per-tensor scales.
+"""Error-compensating rounding of a weight to fp8 or int8 (GPTQ, Frantar et al. 2022), with the layer's per-channel
+or per-tensor scales.
 
 Why: rounding each weight to its nearest fp8 value ignores how the errors of a row add up on the inputs the layer
 actually sees. GPTQ rounds one input column at a time and moves the rounding error onto the columns not yet
 rounded, weighted by the inverse of the inputs' Hessian ``H = X^T X``, so that ``X W^T`` (not ``W``) is kept close.
-For fp8 the grid is e4m3 values times the row's scale; the scale stays ``amax / 448`` of the original weight.
+For fp8 the grid is e4m3 values times the row's scale; the scale stays ``amax / 448`` of the original weight. For
+int8 (``torch.int8``) it is the integers in [-127, 127] times ``amax / 127``, rounded half to even (``quant_int8``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from .fp8_utils import cast_to_fp8, fp8_max, scale_from_amax
+from .quant_int8 import INT8_MAX, int8_scale, round_to_int8
 from .scheme import GroupShape
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def gptq_quantize(
     block: int = 128,
     name: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fp8 weight [N, K], scale)`` for ``weight`` [N, K], ``hessian`` [K, K] of the layer's inputs.
+    """``(fp8 or int8 weight [N, K], scale)`` for ``weight`` [N, K], ``hessian`` [K, K] of the layer's inputs;
+    ``fp8_dtype``: the grid (an fp8 dtype, or ``torch.int8``).
 
     ``group``: per channel (scale ``[N]``) or per tensor (scale ``[]``). ``damp``: the fraction of the mean
     diagonal added to ``H`` (numerical stability, as in the paper). Columns are processed in decreasing order of
@@ -45,14 +48,17 @@ def gptq_quantize(
     if not supports(group):
         raise ValueError(f"{name}: error-compensating rounding supports per-channel or per-tensor scales only")
     w = weight.detach().float().clone()
+    scale_of = int8_scale if fp8_dtype == torch.int8 else lambda amax: scale_from_amax(amax, fp8_dtype)
     if group.is_per_tensor():
-        scale = scale_from_amax(w.abs().amax(), fp8_dtype)
+        scale = scale_of(w.abs().amax())
         rows = scale.expand(w.shape[0])
     else:
-        scale = scale_from_amax(w.abs().amax(dim=1), fp8_dtype)
+        scale = scale_of(w.abs().amax(dim=1))
         rows = scale
     inverse = _inverse_cholesky(hessian.to(w.device, torch.float32), damp, name)
     if inverse is None:
+        if fp8_dtype == torch.int8:
+            return round_to_int8(w, rows[:, None]), scale
         return cast_to_fp8(w / rows[:, None], fp8_dtype), scale
     order, hinv = inverse
     with _one_thread_on_cpu(w.device):
@@ -66,9 +72,10 @@ def _round_columns(
     w: torch.Tensor, hinv: torch.Tensor, rows: torch.Tensor, fp8_dtype: torch.dtype, block: int
 ) -> torch.Tensor:
     """The GPTQ loop on ``w`` given as columns ([K, N], contiguous: each step reads and updates whole rows);
-    ``hinv``: upper Cholesky factor of H^-1; ``rows``: the output channels' scales. Returns the fp8 codes [K, N]."""
+    ``hinv``: upper Cholesky factor of H^-1; ``rows``: the output channels' scales. Returns the codes [K, N]."""
     codes = torch.empty_like(w, dtype=fp8_dtype)
-    limit = fp8_max(fp8_dtype)
+    integer = fp8_dtype == torch.int8
+    limit = INT8_MAX if integer else fp8_max(fp8_dtype)
     inverse_rows = 1.0 / rows
     k = w.shape[0]
     for start in range(0, k, block):
@@ -81,7 +88,8 @@ def _round_columns(
             # One column: its fp8 codes, then its rounding error spread over the columns not yet rounded (a rank-1
             # update). Few, in-place operations: this loop runs once per input feature.
             code = codes[start + i]
-            code.copy_((chunk[i] * inverse_rows).clamp_(-limit, limit))
+            scaled = chunk[i] * inverse_rows
+            code.copy_((scaled.round_() if integer else scaled).clamp_(-limit, limit))
             error = torch.addcmul(chunk[i], code.float(), rows, value=-1, out=errors[i]).div_(pivots[i])
             if i + 1 < stop - start:
                 chunk[i + 1 :].addr_(local[i, i + 1 :], error, alpha=-1)

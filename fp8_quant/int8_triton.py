@@ -5,13 +5,16 @@ rotation in float32 with its reshapes, the row amax, the division, rounding, cla
 int32 result four more times (to float32, two scale multiplications, the bias, the cast), which costs more than
 the int8 GEMM saves. Here each is one kernel:
 
-- ``quantize_rows``: each row's groups rotated, the row's amax, and its int8 codes, in one program per block of
-  rows. The rotation is a product with the ``g x g`` Hadamard matrix on the tensor cores: its entries are
-  ``+-1/sqrt(g)``, a power of two for every allowed ``g``, so bf16/fp16 operands hold them and the activations
-  exactly, and with float32 accumulation the rotated values are those of the float32 rotation up to the order of
-  summation. The row is rotated twice (once for its amax, once to round it), which costs less than writing the
-  rotated row out and reading it back.
-- ``scale_bias``: ``acc * row_scale * column_scale + bias`` in float32 from the int32 product, cast once.
+- ``quantize_rows``: two kernels over a grid of (block of rows, group of inputs), so that short calls still
+  fill the GPU: the first rotates each group and folds its |max| into the row's amax (an atomic max), the second
+  rotates it again and rounds it with the row's scale. The rotation is a product with the ``g x g`` Hadamard
+  matrix on the tensor cores: its entries are ``+-1/sqrt(g)``, a power of two for every allowed ``g``, so
+  bf16/fp16 operands hold them and the activations exactly, and with float32 accumulation the rotated values are
+  those of the float32 rotation up to the order of summation. Rotating twice costs less than writing the rotated
+  row out and reading it back. (One program per block of whole rows, as before, took 1.9 ms for a 28080 x 5120
+  call on an H200: too few programs, each a long chain of small products.)
+- ``scaled_int8_mm``: the int8 GEMM with ``acc * row_scale * column_scale + bias`` and the cast in its epilogue,
+  so the int32 product never reaches memory; ``scale_bias`` does that epilogue alone after ``torch._int_mm``.
 
 The numerics are ``quant_int8``'s: scale ``amax / 127`` with a floor, rounding half to even, clamp to [-127, 127].
 """
@@ -28,42 +31,9 @@ import triton.language as tl
 from .fp8_utils import AMAX_FLOOR
 from .rotation import _factor
 
-ROWS_PER_PROGRAM = 32
+ROWS_PER_PROGRAM = 64
 COLUMN_CHUNK = 64  # output columns of the rotation computed per product (bounds the Hadamard tile held)
-
-
-@triton.jit
-def _rotate_chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G: tl.constexpr, C: tl.constexpr, BM: tl.constexpr):
-    """Rotated values of columns ``start + c .. + C`` of the rows ``rows``: ``x[rows, start:start+G] @ H[:, c:c+C]``."""
-    k = tl.arange(0, G)
-    x = tl.load(x_ptr + rows[:, None] * x_stride + (start + k)[None, :], mask=row_mask[:, None], other=0.0)
-    j = tl.arange(0, C)
-    h = tl.load(h_ptr + k[:, None] * G + (c + j)[None, :])
-    return tl.dot(x, h, out_dtype=tl.float32)
-
-
-@triton.jit
-def _chunk(
-    x_ptr,
-    h_ptr,
-    rows,
-    row_mask,
-    x_stride,
-    start,
-    c,
-    G: tl.constexpr,
-    C: tl.constexpr,
-    BM: tl.constexpr,
-    ROTATE: tl.constexpr,
-):
-    """Columns ``start + c .. + C`` of the rows, rotated (``ROTATE``) or as they are, in float32."""
-    if ROTATE:
-        values = _rotate_chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, BM)
-    else:
-        cols = start + c + tl.arange(0, C)
-        values = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=row_mask[:, None], other=0.0)
-        values = values.to(tl.float32)
-    return values
+UNROTATED_GROUP = 256  # columns per program where nothing is rotated
 
 
 @triton.jit
@@ -75,13 +45,55 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(
+def _group_values(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G: tl.constexpr, C: tl.constexpr,
+                  ROTATE: tl.constexpr):
+    """Columns ``start + c .. + C`` of the rows, rotated within their group of ``G`` (``ROTATE``) or as they are,
+    in float32."""
+    if ROTATE:
+        k = tl.arange(0, G)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + (start + k)[None, :], mask=row_mask[:, None], other=0.0)
+        j = tl.arange(0, C)
+        h = tl.load(h_ptr + k[:, None] * G + (c + j)[None, :])
+        values = tl.dot(x, h, out_dtype=tl.float32)
+    else:
+        cols = start + c + tl.arange(0, C)
+        values = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=row_mask[:, None], other=0.0)
+        values = values.to(tl.float32)
+    return values
+
+
+@triton.jit
+def _rotated_amax_kernel(
     x_ptr,
     h_ptr,
+    amax_ptr,
+    n_rows,
+    x_stride,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BM: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """One program per block of rows and group of ``G`` inputs: the group's rotated |max| per row, folded into
+    the row's amax (``amax_ptr``, zeroed first) by an atomic max (all values are >= 0)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < n_rows
+    start = tl.program_id(1) * G
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for c in tl.static_range(0, G, C):
+        values = _group_values(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, ROTATE)
+        amax = tl.maximum(amax, tl.max(tl.abs(values), axis=1))
+    tl.atomic_max(amax_ptr + rows, amax, mask=row_mask)
+
+
+@triton.jit
+def _rotated_codes_kernel(
+    x_ptr,
+    h_ptr,
+    amax_ptr,
     q_ptr,
     scale_ptr,
     n_rows,
-    n_cols,
     x_stride,
     q_stride,
     amax_floor,
@@ -90,23 +102,23 @@ def _quantize_rows_kernel(
     BM: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
+    """The same grid: the group rotated again, divided by the row's scale, rounded and stored as int8; the programs
+    of the first group also store the scales."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_mask = rows < n_rows
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    for start in range(0, n_cols, G):
-        for c in tl.static_range(0, G, C):
-            values = _chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, BM, ROTATE)
-            amax = tl.maximum(amax, tl.max(tl.abs(values), axis=1))
+    group = tl.program_id(1)
+    start = group * G
+    amax = tl.load(amax_ptr + rows, mask=row_mask, other=1.0)
     scale = tl.div_rn(tl.maximum(amax, amax_floor), tl.full((BM,), 127.0, tl.float32))
-    tl.store(scale_ptr + rows, scale, mask=row_mask)
-    for start in range(0, n_cols, G):
-        for c in tl.static_range(0, G, C):
-            values = _chunk(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, BM, ROTATE)
-            # IEEE division (Triton's "/" is an approximate one): the same rounding as ``values / scale`` in torch.
-            codes = _round_half_even(tl.div_rn(values, tl.broadcast_to(scale[:, None], values.shape)))
-            codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
-            cols = start + c + tl.arange(0, C)
-            tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :], codes.to(tl.int8), mask=row_mask[:, None])
+    if group == 0:
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+    for c in tl.static_range(0, G, C):
+        values = _group_values(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, ROTATE)
+        # IEEE division (Triton's "/" is an approximate one): the same rounding as ``values / scale`` in torch.
+        codes = _round_half_even(tl.div_rn(values, tl.broadcast_to(scale[:, None], values.shape)))
+        codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
+        cols = start + c + tl.arange(0, C)
+        tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :], codes.to(tl.int8), mask=row_mask[:, None])
 
 
 @triton.jit
@@ -166,25 +178,16 @@ def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, tor
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows == 0:
         return codes, scales
-    g = group if group is not None else COLUMN_CHUNK
+    g = group if group is not None else UNROTATED_GROUP
+    if cols % g:
+        g = COLUMN_CHUNK  # unrotated widths that are multiples of 64 only
     h = _hadamard(g, x.dtype, x.device) if group is not None else x  # unused without a rotation
-    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-    _quantize_rows_kernel[grid](
-        x,
-        h,
-        codes,
-        scales,
-        rows,
-        cols,
-        x.stride(0),
-        codes.stride(0),
-        AMAX_FLOOR,
-        G=g,
-        C=COLUMN_CHUNK,
-        BM=ROWS_PER_PROGRAM,
-        ROTATE=group is not None,
-        num_warps=4,
-        num_stages=1,  # the loop's tiles are reused from L1/L2; pipelining them would not fit shared memory
+    amax = torch.zeros((rows,), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), cols // g)
+    common = {"G": g, "C": min(COLUMN_CHUNK, g), "BM": ROWS_PER_PROGRAM, "ROTATE": group is not None}
+    _rotated_amax_kernel[grid](x, h, amax, rows, x.stride(0), **common, num_warps=4, num_stages=1)
+    _rotated_codes_kernel[grid](
+        x, h, amax, codes, scales, rows, x.stride(0), codes.stride(0), AMAX_FLOOR, **common, num_warps=4, num_stages=1
     )
     return codes, scales
 

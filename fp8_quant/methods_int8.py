@@ -131,7 +131,16 @@ class Int8LinearMethod:
 
 class Int8OnlineLinearMethod(Int8LinearMethod):
     """For bf16/fp16/fp32 layers rounded to int8 at load, rotated in groups of ``config.rotation_group`` (a layer
-    whose width it does not divide takes the largest power-of-4 group that does, at least 16, or no rotation)."""
+    whose width it does not divide takes the largest power-of-4 group that does, at least 16, or no rotation).
+
+    ``rounded``: per layer name, int8 values and scales chosen ahead of time (error-compensating rounding, not
+    rotated: the config's ``rotation_group`` must be ``None`` for them); such a layer installs them instead of
+    rounding its weight to the nearest values.
+    """
+
+    def __init__(self, config: Int8Config, kernel: str | None = None, rounded: dict | None = None) -> None:
+        super().__init__(config, kernel)
+        self.rounded = rounded if rounded is not None else {}
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, params_dtype=None, device=None
@@ -155,6 +164,14 @@ class Int8OnlineLinearMethod(Int8LinearMethod):
             source = source.to(quantize_device)
         if not bool(torch.isfinite(weight_row_amax(source)).all()):
             raise ValueError(f"{what}: weight holds NaN or inf values; refusing to quantize it")
+        chosen = self.rounded.get(what)
+        if chosen is not None and chosen[0].dtype == torch.int8 and self.config.rotation_group is None:
+            stored, scale = chosen
+            if tuple(stored.shape) != tuple(weight.shape):
+                raise ValueError(f"{what}: rounded weight {list(stored.shape)} does not fit {list(weight.shape)}")
+            self._install(layer, stored.to(home), scale.to(home), None)
+            layer.fp8_name = what
+            return
         group = self.layer_group(source.shape[1])
         if group != self.config.rotation_group:
             logger.debug("%s: %d inputs, rotated in groups of %s", what, source.shape[1], group)

@@ -68,3 +68,41 @@ SENTENCES = [
     "Soft jazz played in the background of the dimly lit café on the corner.",
 ]
 assert len(SENTENCES) == 64
+
+# A second held-out set in another register: image and video prompts, instructions, numbers and names, none of them
+# among the calibration prompts (the test checks). The calibration prompts are of this register too, so this set
+# asks whether the fit generalizes within it, not only across registers.
+HELD_OUT_PROMPTS = [
+    "a watercolor painting of a lighthouse on a cliff during a storm, crashing waves, dramatic clouds",
+    "close-up of a hummingbird drinking nectar from a purple flower, macro photography, bokeh",
+    "an astronaut riding a bicycle on the surface of the moon, earth rising in the background",
+    "a bustling night market in Taipei, neon signs, steam rising from food stalls, 35mm film",
+    "isometric illustration of a tiny cozy library with floating books and warm lamps",
+    "a golden retriever puppy sleeping on a pile of autumn leaves, soft afternoon light",
+    "slow motion shot of a drop of milk splashing into a cup of coffee",
+    "a medieval knight in rusted armor kneeling in a field of sunflowers",
+    "aerial drone footage of a winding river through a dense rainforest, mist over the canopy",
+    "a robot chef flipping pancakes in a retro diner, pastel colors, 1950s style",
+    "pencil sketch of an elderly woman knitting by the window",
+    "the skyline of New York at sunset reflected in the Hudson river",
+    "a bowl of ramen with a soft-boiled egg, green onions and chili oil, top-down view",
+    "two children flying a red kite on a windy beach, wide angle",
+    "a snow leopard walking across a rocky ridge in the Himalayas, telephoto lens",
+    "an abandoned train station overgrown with ivy, rays of light through broken windows",
+    "Set the thermostat to 21 degrees and turn off the lights at 11 pm.",
+    "Chapter 3: the results of the 2019 survey show a 12% increase in remote work.",
+    "Mix 200 g of flour with two eggs and a pinch of salt, then knead for ten minutes.",
+    "Albert Einstein published the theory of special relativity in 1905.",
+    "Please summarise the attached report in three bullet points.",
+    "The train from Berlin to Munich leaves at 9:45 from platform 6.",
+    "a tiny dragon curled around a steaming teacup, fantasy art, highly detailed",
+    "timelapse of clouds rolling over snowy mountain peaks, blue hour",
+    "a portrait of a jazz saxophonist on a smoky stage, spotlight, black and white",
+    "a futuristic city with flying cars and vertical gardens, morning haze",
+    "an origami crane made of newspaper on a wooden desk",
+    "a fox made of autumn leaves running through a forest, magical realism",
+    "hands shaping clay on a pottery wheel, shallow depth of field, warm tones",
+    "a lonely tree on a hill under a starry sky with the milky way",
+    "a vintage red convertible parked in front of a diner in the desert",
+    "a group of friends laughing around a campfire at night, candid photo",
+]

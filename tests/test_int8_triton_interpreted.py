@@ -1,7 +1,7 @@
 """The fused int8 Triton kernels' logic on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``), against
 the torch operations they replace (``quant_int8``): codes and scales up to float32 summation order, the scaled
-output equal, for fp16 inputs (the interpreter computes with numpy, which has no bf16). The GPU tests check the
-compiled kernels."""
+output and the int8 GEMM's (exact int32 sums, the same float32 epilogue) equal, for fp16 inputs (the interpreter
+computes with numpy, which has no bf16). The GPU tests check the compiled kernels."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from fp8_quant import int8_triton
 from fp8_quant.quant_int8 import quantize_int8_rows
 results = {}
 for group in (256, 64, None):
-    for rows, width in ((1, 256), (45, 512)):
+    for rows, width in ((1, 256), (45, 512), (3, 320)):
+        if group == 256 and width % 256:
+            continue
         x = (outlier_input(rows, width, seed=rows) / 16).to(torch.float16)
         codes, scales = int8_triton.quantize_rows(x, group)
         expected_codes, expected_scales = quantize_int8_rows(x, group)
@@ -39,6 +41,15 @@ for name, col, b in (("channel+bias", column, bias), ("tensor", torch.tensor(3e-
     out = int8_triton.scale_bias(acc, row, col, b, torch.float16)
     expected = acc.float() * row * col.reshape(1, -1) + (b.float() if b is not None else 0)
     results[name] = [bool(torch.equal(out, expected.to(torch.float16)))]
+generator = torch.Generator().manual_seed(2)
+for rows, inner, cols in ((45, 192, 130), (3, 64, 40)):
+    a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, generator=generator)
+    w = torch.randint(-127, 128, (cols, inner), dtype=torch.int8, generator=generator)
+    row, column = torch.rand(rows, 1, generator=generator) * 1e-3, torch.rand(cols, generator=generator) * 1e-2
+    b = torch.randn(cols, generator=generator).to(torch.float16)
+    out = int8_triton.scaled_int8_mm(a, w, row, column, b, torch.float16)
+    expected = (a.int() @ w.int().t()).float() * row * column.reshape(1, -1) + b.float()
+    results[f"gemm {rows}x{inner}x{cols}"] = [bool(torch.equal(out, expected.to(torch.float16)))]
 print("RESULT " + json.dumps(results))
 """
 

@@ -533,10 +533,11 @@ TEXT_ENCODER_ERROR_BOUNDS = {
     "lumina2": 0.15,
     "hunyuan_video": 0.15,
 }
-# The issue's bar: at most half the error of ComfyUI's own --fp8_e4m3fn-text-enc (a plain fp8 cast) on the tiny T5.
-# Measured: t5 0.34, umt5 0.50, clip_l 0.22, clip_g 0.18, qwen_image 0.35, hunyuan_video 0.26 (Gemma 2's stock
-# fp8 path fails in ComfyUI itself: its norms add 1 to an fp8 weight).
-STOCK_FP8_RATIO_BOUNDS = {"t5": 0.5}
+# Issue 21's bar: at most 0.4x the error of ComfyUI's own --fp8_e4m3fn-text-enc (a plain fp8 cast) on the tiny T5.
+# Measured with fp8 weight-only: t5 0.34, umt5 0.50, clip_l 0.22, clip_g 0.18, qwen_image 0.35, hunyuan_video 0.26
+# (Gemma 2's stock fp8 path fails in ComfyUI itself: its norms add 1 to an fp8 weight); int8 weight-only (the
+# default now): t5 0.074, umt5 0.19, clip_l 0.062.
+STOCK_FP8_RATIO_BOUNDS = {"t5": 0.4}
 
 
 DYNAMIC_VRAM_NEEDS = "ComfyUI's dynamic VRAM needs a CUDA GPU and comfy-aimdo"
@@ -631,11 +632,11 @@ def test_quantize_text_encoder_through_clip_text_encode(comfyui, family):
     entry = comfyui.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
     shown = " ".join(entry["outputs"]["2"]["text"])
-    assert "linears in fp8" in shown, entry["outputs"]
+    assert "linears in int8" in shown, entry["outputs"]  # the quality recipe: int8 weight-only
     assert "'" not in shown and "high-precision" not in shown, shown  # plain words: no quoted patterns
     log = comfyui.log_text()[log_start:]
     assert log.count("fp8 sensitivity per layer") == 1, log  # the table once
-    assert len(re.findall(r"text encoder \w+: fp8: ", log)) == 1, log  # the details once
+    assert len(re.findall(r"text encoder \w+: int8: ", log)) == 1, log  # the details once
     assert shown not in log, log  # the node's short line is not logged besides them
     reference = load_file(str(comfyui.output / f"te_{family}.safetensors"))
     quantized = load_file(str(comfyui.output / f"te_{family}_fp8.safetensors"))
