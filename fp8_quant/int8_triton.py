@@ -31,7 +31,11 @@ import triton.language as tl
 from .fp8_utils import AMAX_FLOOR
 from .rotation import _factor
 
+# Rows per program: every program reads the whole g x g Hadamard matrix, so long calls take more rows per program
+# (less of that traffic per row); short ones fewer (more programs to fill the GPU).
 ROWS_PER_PROGRAM = 64
+ROWS_PER_PROGRAM_LONG = 128
+LONG_CALL_ROWS = 2048
 COLUMN_CHUNK = 64  # output columns of the rotation computed per product (bounds the Hadamard tile held)
 UNROTATED_GROUP = 256  # columns per program where nothing is rotated
 
@@ -183,11 +187,15 @@ def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, tor
         g = COLUMN_CHUNK  # unrotated widths that are multiples of 64 only
     h = _hadamard(g, x.dtype, x.device) if group is not None else x  # unused without a rotation
     amax = torch.zeros((rows,), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), cols // g)
-    common = {"G": g, "C": min(COLUMN_CHUNK, g), "BM": ROWS_PER_PROGRAM, "ROTATE": group is not None}
-    _rotated_amax_kernel[grid](x, h, amax, rows, x.stride(0), **common, num_warps=4, num_stages=1)
+    long_call = rows >= LONG_CALL_ROWS
+    block = ROWS_PER_PROGRAM_LONG if long_call else ROWS_PER_PROGRAM
+    warps = 8 if long_call else 4
+    grid = (triton.cdiv(rows, block), cols // g)
+    common = {"G": g, "C": min(COLUMN_CHUNK, g), "BM": block, "ROTATE": group is not None}
+    _rotated_amax_kernel[grid](x, h, amax, rows, x.stride(0), **common, num_warps=warps, num_stages=1)
     _rotated_codes_kernel[grid](
-        x, h, amax, codes, scales, rows, x.stride(0), codes.stride(0), AMAX_FLOOR, **common, num_warps=4, num_stages=1
+        x, h, amax, codes, scales, rows, x.stride(0), codes.stride(0), AMAX_FLOOR, **common, num_warps=warps,
+        num_stages=1,
     )
     return codes, scales
 

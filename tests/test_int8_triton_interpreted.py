@@ -21,7 +21,8 @@ from helpers import outlier_input
 from fp8_quant import int8_triton
 from fp8_quant.quant_int8 import quantize_int8_rows
 results = {}
-for group in (256, 64, None):
+for group, long_rows in ((256, 2048), (64, 2048), (None, 2048), (256, 0), (None, 0)):
+    int8_triton.LONG_CALL_ROWS = long_rows  # 0: every call takes the long calls' blocks of rows
     for rows, width in ((1, 256), (45, 512), (3, 320)):
         if group == 256 and width % 256:
             continue
@@ -30,7 +31,7 @@ for group in (256, 64, None):
         expected_codes, expected_scales = quantize_int8_rows(x, group)
         # The rotation sums in another order than torch's: last-bit scale differences, a rare code across a .5.
         step = (codes.int() - expected_codes.int()).abs()
-        results[f"{group} {rows}x{width}"] = [
+        results[f"{group} {rows}x{width} {long_rows}"] = [
             bool(step.max() <= 1), bool((step > 0).float().mean() < 1e-3),
             bool(torch.allclose(scales, expected_scales, rtol=1e-6, atol=0)),
         ]

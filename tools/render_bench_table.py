@@ -13,6 +13,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
   and a Triton GEMM that quantizes its A operand, per DiT shape;
 - ``bench/bench_lowbit_attention.py``: ``{"shapes": {name: {"shape", "paths": {path: {"ms", "tflops",
   "rel_err"}}, "x_cudnn"}}}``, attention alone, torch's SDPA backends beside the pack's 8-bit kernel;
+- ``bench/bench_int8_gemm.py``: ``{"kind": "int8-gemm", "rows": [{"shape", "mkn", "ms": {path: ms}}]}``, the
+  pieces of a rotated int8 linear per DiT shape;
 - ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
   ``{"rows": [...], ...}``), one linear layer.
 """
@@ -247,6 +249,33 @@ def attention_table(path: Path, data: dict) -> str:
     return "\n".join(lines)
 
 
+INT8_GEMM_COLUMNS = (
+    ("bf16 linear", "bf16 linear"),
+    ("fp8 _scaled_mm", "fp8 _scaled_mm alone"),
+    ("int8 _int_mm", "int8 _int_mm alone"),
+    ("int8 Triton GEMM + epilogue", "int8 Triton GEMM+epilogue alone"),
+    ("rotate + round", "int8 rotate+round alone"),
+    ("int8 linear, _int_mm + scale pass", "int8 linear today (_int_mm + scale pass)"),
+    ("**int8 linear, Triton GEMM**", "int8 linear, Triton GEMM"),
+)
+
+
+def int8_gemm_table(path: Path, data: dict) -> str:
+    """``bench/bench_int8_gemm.py``: where a rotated int8 linear's time goes, per DiT shape, in ms."""
+    titles = " | ".join(title for title, _ in INT8_GEMM_COLUMNS)
+    lines = [
+        "**Rotated int8 linear, piece by piece** (ms per call, bf16 activations, rotation groups of 256):",
+        "",
+        f"| shape (M×K×N) | {titles} |",
+        "|---|" + "---|" * len(INT8_GEMM_COLUMNS),
+    ]
+    for row in data["rows"]:
+        m, k, n = row["mkn"]
+        cells = [f"{row['ms'][key]:.3f}" for _, key in INT8_GEMM_COLUMNS]
+        lines.append(f"| {row['shape']} {m}×{k}×{n} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", context_line(path, data)])
+
+
 def render_file(path: Path) -> tuple[int, str]:
     """(0 for a model step, 1 for single layers, 2 for loading: the order in the README; the table)."""
     try:
@@ -267,6 +296,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 1, attention_table(path, data)
         if data.get("kind") == "gemm-variants":
             return 1, gemm_variants_table(path, data)
+        if data.get("kind") == "int8-gemm":
+            return 1, int8_gemm_table(path, data)
         if "rows" in data:
             return 1, linear_table(path, data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
