@@ -90,12 +90,14 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 class QuantFormat(enum.Enum):
     """The 8-bit number format of a model's quantized linears, as users name it (``parse_quant_format``)."""
 
+    AUTO = "auto"  # per GPU (``format_choice.resolve_quant_format``); fp8 where no device is known
     FP8 = "fp8"
     INT8_ROTATED = "int8_rotated"
 
 
 def parse_quant_format(value: Any, option: str = "quant_format") -> QuantFormat:
-    """``fp8`` or ``int8_rotated`` (also ``int8``), case-insensitive; anything else is an error naming ``option``."""
+    """``auto``, ``fp8`` or ``int8_rotated`` (also ``int8``), case-insensitive; anything else is an error naming
+    ``option``."""
     if isinstance(value, QuantFormat):
         return value
     text = str(value).strip().lower().replace("-", "_").replace(" ", "_")
@@ -297,7 +299,8 @@ class UserOptions:
     tokens); weights quantized on the fly get per-tensor or per-channel scales, per layer. ``skip_layers`` are
     extra layers to keep in high precision, on top of the sensitive layers that on-the-fly quantization always
     keeps. ``quant_format``: the number format of layers quantized on the fly, ``fp8`` or ``int8_rotated``
-    (ComfyUI's INT8-ConvRot scheme; a file's own layers keep the file's format).
+    (ComfyUI's INT8-ConvRot scheme; a file's own layers keep the file's format), or ``auto``: the GPU's faster
+    one (``format_choice``; fp8 until a device resolves it).
     """
 
     activation_scheme: str = AUTO

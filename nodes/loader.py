@@ -12,6 +12,7 @@ import torch
 from fp8_quant import Fp8Recipe
 from fp8_quant.bridge import note_kernel_choice
 from fp8_quant.config import unmatched_patterns
+from fp8_quant.format_choice import resolve_quant_format
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.formats.model_writer import architecture_metadata
 from fp8_quant.fp8_utils import is_fp8_dtype
@@ -87,8 +88,9 @@ class LoadFP8DiT:
 
         from .attention import patch_attention
 
+        device = comfy.model_management.get_torch_device()
         with node_error(NODE_TITLE):
-            choices = user_options(**options)
+            choices, format_note = resolve_quant_format(user_options(**options), device)
             attention_choice = parse_attention(attention)
             path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         with node_error(NODE_TITLE, path):
@@ -98,7 +100,6 @@ class LoadFP8DiT:
             recipe = Fp8Recipe.for_checkpoint(
                 checkpoint.config, choices, forced_kernel(kernel), int8_layers=checkpoint.int8_layers
             )
-        device = comfy.model_management.get_torch_device()
         plan = LoadPlan(recipe, quantize_device=device if device.type == "cuda" else None)
         plan.result_device = device if keeps_fp8_on_gpu(scan, device) else None
         plan.progress, plan.weight_caster = (lambda name: progress.step()), comfy_weight_caster()
@@ -115,6 +116,8 @@ class LoadFP8DiT:
         kept = plan.report.kept_names()
         logger.info("%s (%s): %s%s; %s", unet_name, scan.dialect, details, f"; kept: {kept}" if kept else "",
                     attention_summary)  # fmt: skip
+        if format_note is not None and recipe.online is not None and plan.report.quantized:
+            attention_summary += f"; {format_note}"  # said only where layers were quantized on the fly
         summary = f"{unet_name} ({scan.dialect}): {plan.report.short_summary()}{unmatched}; {attention_summary}"
         return {"ui": {"text": [summary]}, "result": (model,)}
 

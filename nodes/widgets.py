@@ -38,7 +38,9 @@ TOOLTIPS = {
     "newline separated. Norms, embeddings, modulation and heads are always kept.",
     "te_activation_scheme": "auto: as the recipe says (quality: weight-only, activations in high precision; speed: "
     "a scale per token for the FP8 tensor cores). dynamic / static / none force a scheme.",
-    "quant_format": "The 8-bit format of layers quantized on the fly (a file's own 8-bit layers keep theirs). fp8: "
+    "quant_format": "The 8-bit format of layers quantized on the fly (a file's own 8-bit layers keep theirs). auto: "
+    "the GPU's faster one (fp8 with FP8 tensor cores, int8_rotated on RTX 20xx/30xx and A100), said in the "
+    "summary. fp8: "
     "e4m3 weights and activations on the FP8 tensor cores (Ada, Hopper, Blackwell). int8_rotated: ComfyUI's "
     "INT8-ConvRot scheme, weights and activations rotated in groups of 256 and rounded to int8 per row; less error "
     "on models with outlier channels, runs on int8 tensor cores (also RTX 30xx / A100).",
@@ -83,7 +85,7 @@ def loader_optional_inputs() -> dict:
         "activation_scheme": _combo("activation_scheme", USER_ACTIVATION_SCHEMES, AUTO),
         **_common_inputs(),
         "attention": (list(ATTENTION_CHOICES), {"default": AttentionChoice.AUTO.value, "tooltip": ATTENTION_TOOLTIP}),
-        "quant_format": _combo("quant_format", [fmt.value for fmt in QuantFormat], QuantFormat.FP8.value),
+        "quant_format": _combo("quant_format", [fmt.value for fmt in QuantFormat], QuantFormat.AUTO.value),
     }
 
 

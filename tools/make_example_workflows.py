@@ -126,7 +126,7 @@ LOAD_DEFAULTS = {
     "kernel": "auto",
     "skip_layers": "",
     "attention": "auto",
-    "quant_format": "fp8",
+    "quant_format": "auto",
 }
 TE_DEFAULTS = {
     "activation_scheme": "auto",
