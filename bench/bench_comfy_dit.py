@@ -183,6 +183,9 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
         "stock on an INT8-ConvRot file": (stock(convrot), False, {}),
         "ours on an INT8-ConvRot file": (ours(convrot), False, {}),
         "ours int8_rotated (bf16 file)": (ours(bf16, quant_format="int8_rotated"), False, {}),
+        "ours int8_rotated, group scales (bf16 file)": (
+            ours(bf16, quant_format="int8_rotated", activation_granularity="group"), False, {}
+        ),
         "ours auto, ComfyUI's attention (bf16 file)": (ours(bf16, attention="comfy"), False, {}),
         "ours auto, 8bit attention (bf16 file)": (ours(bf16, attention="8bit"), False, {}),
         "stock on our comfy-quant file, cuDNN first": (with_attention(stock(quant), cudnn_first), False, {}),

@@ -69,6 +69,9 @@ def paths_for(m: int, k: int, n: int) -> tuple[dict, dict]:
     w_int8, w_int8_scale = quantize_int8_weight(weight, True, GROUP)
     codes, row_scale = int8_triton.quantize_rows(x, GROUP)
     column = w_int8_scale.view(1, -1)
+    # int8 with one scale per row and group of 256 on both operands (activation_granularity group)
+    w_grouped, w_group_scale = quantize_int8_weight(weight, True, GROUP, GROUP)
+    group_codes, group_scale = int8_triton.quantize_groups(x, GROUP, GROUP)
 
     def fp8_gemm():
         return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias,
@@ -95,6 +98,14 @@ def paths_for(m: int, k: int, n: int) -> tuple[dict, dict]:
     def quantize_only():
         return int8_triton.quantize_rows(x, GROUP)
 
+    def grouped_gemm():
+        return int8_triton.grouped_int8_mm(group_codes, w_grouped, group_scale, w_group_scale, GROUP, bias,
+                                           torch.bfloat16)
+
+    def grouped_linear():
+        c, s = int8_triton.quantize_groups(x, GROUP, GROUP)
+        return int8_triton.grouped_int8_mm(c, w_grouped, s, w_group_scale, GROUP, bias, torch.bfloat16)
+
     paths = {
         "bf16 linear": lambda: F.linear(x, weight, bias),
         "fp8 linear (quant + _scaled_mm)": fp8_linear,
@@ -104,11 +115,22 @@ def paths_for(m: int, k: int, n: int) -> tuple[dict, dict]:
         "int8 rotate+round alone": quantize_only,
         "int8 linear today (_int_mm + scale pass)": int8_today,
         "int8 linear, Triton GEMM": int8_fused,
+        "int8 grouped GEMM alone": grouped_gemm,
+        "int8 rotate+round grouped alone": lambda: int8_triton.quantize_groups(x, GROUP, GROUP),
+        "int8 linear, group scales": grouped_linear,
     }
     # Correctness beside the timing: the Triton GEMM against today's path (same codes, same scales).
     reference = int8_triton.scale_bias(torch._int_mm(codes, w_int8.t()), row_scale, column, bias, torch.float32)
     fused = int8_triton.scaled_int8_mm(codes, w_int8, row_scale, column, bias, torch.float32)
+    exact = x.double() @ weight.double().t() + bias.double()
+    errors = {
+        "row scales": int8_triton.scaled_int8_mm(codes, w_int8, row_scale, column, bias, torch.float32),
+        "group scales": int8_triton.grouped_int8_mm(group_codes, w_grouped, group_scale, w_group_scale, GROUP, bias,
+                                                    torch.float32),
+    }
     checks = {"triton_vs_int_mm_max_abs": (fused - reference).abs().max().item()}
+    checks.update({f"rel_err {key}": ((out.double() - exact).norm() / exact.norm()).item()
+                   for key, out in errors.items()})
     return paths, checks
 
 
@@ -132,9 +154,11 @@ def main() -> None:
                 samples[key].append(timed(fn, reps))
         result = {key: sorted(values)[len(values) // 2] for key, values in samples.items()}
         tuned = getattr(int8_triton._scaled_int8_mm_tuned, "cache", {})
+        tuned_grouped = getattr(int8_triton._grouped_int8_mm_tuned[GROUP], "cache", {})
         row = {"shape": name, "mkn": [m, k, n], "ms": result, "checks": checks,
                "tops": {key: flops / ms / 1e9 for key, ms in result.items() if "alone" in key and "round" not in key},
-               "triton_configs": [str(config) for config in tuned.values()][-1:]}
+               "triton_configs": [str(config) for config in tuned.values()][-1:],
+               "grouped_configs": [str(config) for config in tuned_grouped.values()][-1:]}
         rows.append(row)
         print(name, json.dumps({key: round(ms, 4) for key, ms in result.items()}), checks, row["triton_configs"],
               flush=True)

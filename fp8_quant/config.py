@@ -225,6 +225,9 @@ class Fp8Config:
 
 INT8_WEIGHT_GRANULARITIES = ("channel", "tensor")
 INT8_ACTIVATION_SCHEMES = ("dynamic", "none")
+# "token": one activation scale per row, weights per output channel (ComfyUI's int8_tensorwise); "group": one scale
+# per row and rotation group on both operands (finer steps, no ComfyUI file form: Save FP8 Model re-rounds it).
+INT8_ACTIVATION_GRANULARITIES = ("token", "group")
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,8 @@ class Int8Config:
     does (at least 16), or none. ``weight_granularity``: one scale per output channel or per tensor.
     ``activation_scheme``: ``dynamic`` rounds activations to int8 with one scale per row at every call (the int8
     GEMM); ``none`` keeps them in high precision against the dequantized weight (weight-only).
+    ``activation_granularity``: ``token`` (one scale per row) or ``group``: one scale per row and rotation group,
+    and the weights one per output channel and rotation group (``weight_granularity`` channel, rotated layers only).
     """
 
     rotation_group: int | None = 256
@@ -244,6 +249,7 @@ class Int8Config:
     activation_scheme: str = "dynamic"
     ignored_layers: tuple[str, ...] = ()
     output_dtype: torch.dtype | None = None
+    activation_granularity: str = "token"
 
     def __post_init__(self) -> None:
         if self.rotation_group is not None:
@@ -252,6 +258,12 @@ class Int8Config:
             check_group_size(self.rotation_group, what="rotation_group")
         _check_choice("weight_granularity", self.weight_granularity, INT8_WEIGHT_GRANULARITIES)
         _check_choice("activation_scheme", self.activation_scheme, INT8_ACTIVATION_SCHEMES)
+        _check_choice("activation_granularity", self.activation_granularity, INT8_ACTIVATION_GRANULARITIES)
+        if self.grouped_scales and (self.weight_granularity != "channel" or not self.quantizes_activations):
+            raise ValueError(
+                "activation_granularity: 'group' gives int8 weights one scale per output channel and group and needs "
+                "rounded activations; it cannot go with per-tensor weights or weight-only"
+            )
         _check_choice("output_dtype", self.output_dtype, tuple(OUTPUT_DTYPES.values()))
         object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
 
@@ -264,6 +276,11 @@ class Int8Config:
     @property
     def learns_activation_scales(self) -> bool:
         return False
+
+    @property
+    def grouped_scales(self) -> bool:
+        """One scale per row (and output channel) and rotation group, on rotated layers."""
+        return self.activation_granularity == "group"
 
     @property
     def per_channel(self) -> bool:
@@ -281,8 +298,9 @@ class Int8Config:
         return f"rotated in groups of {self.rotation_group}" if self.rotation_group else "not rotated"
 
     def describe(self, activations_rounded: bool = True) -> str:
-        weights = f"int8, per-{self.weight_granularity}, {self.rotation_words()}"
-        acts = "int8, per-token, dynamic" if self.quantizes_activations else "none (weight-only)"
+        per = " and rotation group" if self.grouped_scales else ""
+        weights = f"int8, per-{self.weight_granularity}{per}, {self.rotation_words()}"
+        acts = f"int8, per-token{per}, dynamic" if self.quantizes_activations else "none (weight-only)"
         return f"weights {weights}; activations {acts}"
 
 
@@ -345,10 +363,17 @@ def int8_online_config(options: UserOptions) -> Int8Config:
             f"activation_scheme: {options.activation_scheme!r} has no int8 form; with quant_format int8_rotated "
             "activations are rounded per row at every call ('dynamic', the default) or not at all ('none')"
         )
-    if options.activation_granularity not in (AUTO, "token"):
+    if options.activation_granularity not in (AUTO, *INT8_ACTIVATION_GRANULARITIES):
         raise ValueError(
             f"activation_granularity: {options.activation_granularity!r} has no int8 form; int8 activations have "
-            "one scale per token"
+            "one scale per token ('token', the default) or per token and rotation group ('group')"
+        )
+    grouped = options.activation_granularity == "group"
+    if grouped and (options.weight_granularity == "tensor" or options.activation_scheme == "none"):
+        raise ValueError(
+            "activation_granularity: 'group' with quant_format int8_rotated gives the weights one scale per output "
+            "channel and group and rounds the activations: it cannot go with weight_granularity 'tensor' or "
+            "activation_scheme 'none'"
         )
     if options.weight_granularity not in (AUTO, *INT8_WEIGHT_GRANULARITIES):
         raise ValueError(
@@ -359,6 +384,7 @@ def int8_online_config(options: UserOptions) -> Int8Config:
         weight_granularity="tensor" if options.weight_granularity == "tensor" else "channel",
         activation_scheme="none" if options.activation_scheme == "none" else "dynamic",
         ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
+        activation_granularity="group" if grouped else "token",
     )
 
 

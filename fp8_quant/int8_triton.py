@@ -16,6 +16,11 @@ the int8 GEMM saves. Here each is one kernel:
 - ``scaled_int8_mm``: the int8 GEMM with ``acc * row_scale * column_scale + bias`` and the cast in its epilogue,
   so the int32 product never reaches memory; ``scale_bias`` does that epilogue alone after ``torch._int_mm``.
 
+With one scale per row and rotation group (``quant_int8``'s ``scale_group``), ``quantize_groups`` is one kernel
+over the same grid (a group's |max| is known inside its program, no atomic and no second launch), and
+``grouped_int8_mm`` scales each K step's int32 dot by its row's and column's group scales into a float32
+accumulator.
+
 The numerics are ``quant_int8``'s: scale ``amax / 127`` with a floor, rounding half to even, clamp to [-127, 127].
 """
 
@@ -126,6 +131,41 @@ def _rotated_codes_kernel(
 
 
 @triton.jit
+def _grouped_codes_kernel(
+    x_ptr,
+    h_ptr,
+    q_ptr,
+    scale_ptr,
+    n_rows,
+    x_stride,
+    q_stride,
+    amax_floor,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """One program per block of rows and rotation group: the group rotated, its |max| per row, then rotated again,
+    divided by its own scale, rounded and stored; the scales go group-major (``scale_ptr[group, row]``), so the
+    GEMM reads a tile's row scales of one group contiguously."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = rows < n_rows
+    group = tl.program_id(1)
+    start = group * G
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for c in tl.static_range(0, G, C):
+        values = _group_values(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, True)
+        amax = tl.maximum(amax, tl.max(tl.abs(values), axis=1))
+    scale = tl.div_rn(tl.maximum(amax, amax_floor), tl.full((BM,), 127.0, tl.float32))
+    tl.store(scale_ptr + group * n_rows + rows, scale, mask=row_mask)
+    for c in tl.static_range(0, G, C):
+        values = _group_values(x_ptr, h_ptr, rows, row_mask, x_stride, start, c, G, C, True)
+        codes = _round_half_even(tl.div_rn(values, tl.broadcast_to(scale[:, None], values.shape)))
+        codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
+        cols = start + c + tl.arange(0, C)
+        tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :], codes.to(tl.int8), mask=row_mask[:, None])
+
+
+@triton.jit
 def _scale_bias_kernel(
     acc_ptr,
     row_scale_ptr,
@@ -198,6 +238,30 @@ def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, tor
         num_stages=1,
     )
     return codes, scales
+
+
+def supports_grouped(x: torch.Tensor, group: int | None, scale_group: int) -> bool:
+    """Whether ``quantize_groups`` takes ``x``: as ``supports_quantize``, rotated, with one scale per rotation
+    group."""
+    return group is not None and scale_group == group and supports_quantize(x, group)
+
+
+def quantize_groups(x: torch.Tensor, group: int, scale_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (see ``supports_grouped``) -> (int8 codes ``[M, K]``, float32 scales ``[M, K / g]``, a
+    transposed view of a group-major buffer: ``grouped_int8_mm`` reads it as it is)."""
+    rows, cols = x.shape
+    codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+    scales = torch.empty((cols // scale_group, rows), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return codes, scales.t()
+    long_call = rows >= LONG_CALL_ROWS
+    block = ROWS_PER_PROGRAM_LONG if long_call else ROWS_PER_PROGRAM
+    grid = (triton.cdiv(rows, block), cols // group)
+    _grouped_codes_kernel[grid](
+        x, _hadamard(group, x.dtype, x.device), codes, scales, rows, x.stride(0), codes.stride(0), AMAX_FLOOR,
+        G=group, C=min(COLUMN_CHUNK, group), BM=block, num_warps=8 if long_call else 4, num_stages=1,
+    )
+    return codes, scales.t()
 
 
 def scale_bias(
@@ -379,5 +443,148 @@ def scaled_int8_mm(
         out.stride(0),
         PER_CHANNEL=column.numel() > 1,
         HAS_BIAS=bias is not None,
+    )
+    return out
+
+
+# Group scales: K steps no longer than the scale group (a step's dot is scaled by one group's scales).
+_GROUPED_CONFIGS = {
+    group: [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in shapes
+        if bk <= group
+    ]
+    for group, shapes in {
+        256: (
+            (128, 128, 128, 4, 8),
+            (128, 256, 128, 3, 8),
+            (128, 128, 256, 3, 8),
+            (256, 128, 128, 3, 8),
+            (64, 128, 128, 4, 4),
+        ),
+        64: ((128, 128, 64, 4, 8), (128, 256, 64, 4, 8), (64, 128, 64, 4, 4)),
+    }.items()
+}
+
+
+@triton.jit
+def _grouped_int8_mm_kernel(
+    a_ptr,
+    w_ptr,
+    a_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    a_stride,
+    w_stride,
+    out_stride,
+    a_scale_row_stride,
+    a_scale_group_stride,
+    w_scale_row_stride,
+    w_scale_group_stride,
+    HAS_BIAS: tl.constexpr,
+    G: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # The same tile order and clamped loads as ``_scaled_int8_mm_kernel``; ``K`` is a multiple of ``G`` and ``BK``
+    # divides ``G``, so every step lies inside one scale group and needs no mask.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = min(tiles_m - first_m, GROUP)
+    tile_m = first_m + (pid % per_group) % group_rows
+    tile_n = (pid % per_group) // group_rows
+    rows = tile_m * BM + tl.arange(0, BM)
+    cols = tile_n * BN + tl.arange(0, BN)
+    k = tl.arange(0, BK)
+    a_rows = tl.where(rows < M, rows, 0)
+    w_cols = tl.where(cols < N, cols, 0)
+    a_tile = a_ptr + a_rows[:, None] * a_stride + k[None, :]
+    w_tile = w_ptr + w_cols[None, :] * w_stride + k[:, None]
+    a_scales = a_scale_ptr + a_rows * a_scale_row_stride
+    w_scales = w_scale_ptr + w_cols * w_scale_row_stride
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for start in range(0, K, BK):
+        part = tl.dot(tl.load(a_tile), tl.load(w_tile), out_dtype=tl.int32)
+        group = start // G
+        a_scale = tl.load(a_scales + group * a_scale_group_stride)
+        w_scale = tl.load(w_scales + group * w_scale_group_stride)
+        acc += part.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        a_tile += BK
+        w_tile += BK
+    row_mask = rows < M
+    col_mask = cols < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_grouped_int8_mm_tuned = {
+    group: triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(_grouped_int8_mm_kernel)
+    for group, configs in _GROUPED_CONFIGS.items()
+}
+
+
+def grouped_int8_mm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    row_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    scale_group: int,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``sum over groups g of (a_g @ weight_g.T) * row_scale[:, g] * weight_scale[:, g]`` plus ``bias``, cast to
+    ``out_dtype``: int8 ``a [M, K]`` and ``weight [N, K]`` (``supports_scaled_mm``), float32 group scales
+    ``[M, K / g]`` and ``[N, K / g]`` of any strides, ``g`` 64 or 256."""
+    rows, inner = a.shape
+    cols = weight.shape[0]
+    out = torch.empty((rows, cols), dtype=out_dtype, device=a.device)
+    if rows == 0:
+        return out
+    if scale_group not in _GROUPED_CONFIGS or inner % scale_group:
+        raise ValueError(f"grouped int8 GEMM: scale group {scale_group} for {inner} inputs is not supported")
+    weight_scale = weight_scale.float()
+    row_scale = row_scale.float()
+    bias_arg = bias.contiguous() if bias is not None else weight_scale
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(cols, meta["BN"]),)
+
+    if _INTERPRETED:
+        config = _GROUPED_CONFIGS[scale_group][0]
+        launch = functools.partial(_grouped_int8_mm_kernel[grid], **config.kwargs, num_warps=config.num_warps)
+    else:
+        launch = _grouped_int8_mm_tuned[scale_group][grid]
+    launch(
+        a,
+        weight,
+        row_scale,
+        weight_scale,
+        bias_arg,
+        out,
+        rows,
+        cols,
+        inner,
+        _gemm_rows_bucket(rows),
+        a.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        row_scale.stride(0),
+        row_scale.stride(1),
+        weight_scale.stride(0),
+        weight_scale.stride(1),
+        HAS_BIAS=bias is not None,
+        G=scale_group,
     )
     return out

@@ -25,7 +25,7 @@ from .methods import _checked_weight, _parameter
 from .params import Fp8LinearParams
 from .quant_int8 import dequantize_int8_weight, quantize_int8_weight, quantize_int8_with_scale
 from .rotation import group_size_problem, largest_group
-from .scheme import PER_CHANNEL, PER_TENSOR, weight_group_of_scale, weight_key
+from .scheme import PER_CHANNEL, PER_TENSOR, GroupShape, weight_group_of_scale, weight_key
 
 logger = logging.getLogger(__name__)
 Device = torch.device | str | None
@@ -71,13 +71,19 @@ class Int8LinearMethod:
         layer.weight = _parameter(weight)
         layer.weight_scale = _parameter(scale)
         layer.input_scale = None
+        scale_group = weight.shape[1] // scale.shape[1] if scale.dim() == 2 else None
+        if scale_group is not None:
+            weight_group = GroupShape(scale_group, 1)
+        else:
+            weight_group = PER_CHANNEL if scale.dim() == 1 else PER_TENSOR
         layer.fp8_layer_config = Int8LinearLayerConfig(
-            weight_quant_key=weight_key(torch.int8, PER_CHANNEL if scale.dim() == 1 else PER_TENSOR),
+            weight_quant_key=weight_key(torch.int8, weight_group),
             in_features=weight.shape[1],
             out_features=weight.shape[0],
             rotation_group=group,
             quantizes_activations=self.config.quantizes_activations,
             out_dtype=self.config.output_dtype,
+            scale_group=scale_group,
         )
         layer.fp8_kernels = {}
 
@@ -122,7 +128,7 @@ class Int8LinearMethod:
         """Real values -> (int8 weight, new scale) of the layer's granularity and rotation."""
         config: Int8LinearLayerConfig = layer.fp8_layer_config
         per_channel = config.weight_quant_key.group_shape.is_per_channel()
-        return quantize_int8_weight(real, per_channel, config.rotation_group)
+        return quantize_int8_weight(real, per_channel, config.rotation_group, config.scale_group)
 
     def stored_with_scale(self, layer: nn.Module, real: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Real values -> int8 values at a given scale (an in-place update keeps the weight's scale)."""
@@ -175,7 +181,9 @@ class Int8OnlineLinearMethod(Int8LinearMethod):
         group = self.layer_group(source.shape[1])
         if group != self.config.rotation_group:
             logger.debug("%s: %d inputs, rotated in groups of %s", what, source.shape[1], group)
-        stored, scale = quantize_int8_weight(source, self.config.per_channel, group)
+        # Group scales follow the rotation: an unrotated layer keeps one scale per row and channel.
+        scale_group = group if self.config.grouped_scales else None
+        stored, scale = quantize_int8_weight(source, self.config.per_channel, group, scale_group)
         self._install(layer, stored.to(home), scale.to(home), group)
         layer.fp8_name = what
 

@@ -27,7 +27,8 @@ TOOLTIPS = {
     "learnt at the first step). none: weight-only fp8 (activations stay in high precision; slower, a little more "
     "accurate). On GPUs without FP8 tensor cores activations stay in high precision unless you choose a scheme.",
     "activation_granularity": "For per-call (dynamic) scales: auto = per token, which keeps quiet tokens precise "
-    "when a few are huge (DiT activations); tensor = one scale per call.",
+    "when a few are huge (DiT activations); tensor = one scale per call; group = per token and 128 inputs (fp8), or "
+    "with quant_format int8_rotated one scale per token and 256 inputs on activations and weights (most accurate).",
     "weight_granularity": "For on-the-fly quantization: auto = one scale per tensor where the layer's rows share a "
     "range (the faster kernel, the same precision), else per output channel; where a few input columns are large, "
     "scales fitted to the weight, in groups of 128 inputs where the GPU multiplies those at full speed (H100/H200) "

@@ -68,3 +68,61 @@ def test_fused_int8_kernels_match_the_torch_operations_in_the_interpreter():
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     results = json.loads(lines[-1][len("RESULT ") :])
     assert results and all(all(flags) for flags in results.values()), results
+
+
+CHECK_GROUPED = r"""
+import json, sys, torch
+sys.path[:0] = [REPO, REPO + "/tests"]
+from helpers import outlier_input
+from fp8_quant import int8_triton
+from fp8_quant.quant_int8 import quantize_int8_rows
+results = {}
+for group, long_rows in ((256, 2048), (64, 2048), (64, 0)):
+    int8_triton.LONG_CALL_ROWS = long_rows
+    for rows, width in ((1, 256), (45, 512), (130, 768)):
+        x = (outlier_input(rows, width, seed=rows) / 16).to(torch.float16)
+        codes, scales = int8_triton.quantize_groups(x, group, group)
+        expected_codes, expected_scales = quantize_int8_rows(x, group, scale_group=group)
+        step = (codes.int() - expected_codes.int()).abs()
+        results[f"codes {group} {rows}x{width} {long_rows}"] = [
+            list(scales.shape) == [rows, width // group], bool(step.max() <= 1),
+            bool((step > 0).float().mean() < 1e-3),
+            bool(torch.allclose(scales, expected_scales, rtol=1e-6, atol=0)),
+        ]
+generator = torch.Generator().manual_seed(3)
+for group, rows, inner, cols in ((256, 45, 512, 130), (64, 3, 192, 40), (64, 70, 128, 200)):
+    a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, generator=generator)
+    w = torch.randint(-127, 128, (cols, inner), dtype=torch.int8, generator=generator)
+    groups = inner // group
+    # Scales over three decades, so a group scaled by the wrong one shows.
+    row = 10 ** (-3 * torch.rand(groups, rows, generator=generator))
+    column = 10 ** (-3 * torch.rand(cols, groups, generator=generator))
+    b = torch.randn(cols, generator=generator).to(torch.float16)
+    out = int8_triton.grouped_int8_mm(a, w, row.t(), column, group, b, torch.float32)
+    expected = b.double().clone().expand(rows, cols).clone()
+    for g in range(groups):
+        part = slice(g * group, (g + 1) * group)
+        dot = a[:, part].double() @ w[:, part].double().t()
+        expected += dot * row[g].double()[:, None] * column[:, g].double()[None, :]
+    error = ((out.double() - expected).norm() / expected.norm()).item()
+    results[f"gemm {group} {rows}x{inner}x{cols}"] = [error < 1e-6]
+print("RESULT " + json.dumps(results))
+"""
+
+
+def test_grouped_int8_kernels_match_an_independent_computation_in_the_interpreter():
+    """One scale per row and group: the codes and scales ``quant_int8`` computes, and the GEMM equal to a float64
+    sum of each group's exact dot times its own two scales (wrong group index, a scale left out or the bias
+    dropped each move it by far more than float32 rounding)."""
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", f"REPO = {str(REPO)!r}\n" + CHECK_GROUPED],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULT ") :])
+    assert results and all(all(flags) for flags in results.values()), results

@@ -216,3 +216,27 @@ def test_int8_layers_are_written_as_comfyui_int8_tensorwise_exactly(tmp_path):
         with pytest.raises(ValueError, match=r"format: q is an int8 layer"):
             save_quantized_model(model, tmp_path / f"{fmt}.safetensors", fmt)
         assert not (tmp_path / f"{fmt}.safetensors").exists()
+
+
+def test_group_scaled_int8_layers_are_rounded_again_per_channel_for_comfyui(tmp_path):
+    """int8_tensorwise holds one scale per channel: a layer with one per group is written with its rotated values
+    rounded again per channel (the summary says how many), close to the values that ran, and exact int8 per
+    channel (each row's largest code is 127)."""
+    from fp8_quant.config import Int8Config
+    from fp8_quant.quant_int8 import dequantize_int8_weight
+
+    torch.manual_seed(1)
+    model = Block()
+    prepare_model_for_fp8(model.q, Int8Config(rotation_group=64, activation_granularity="group"))
+    assert model.q.weight_scale.dim() == 2
+    ran = dequantize_int8_weight(model.q.weight, model.q.weight_scale, 64)
+    path = tmp_path / "grouped.safetensors"
+    report = save_quantized_model(model, path, "comfy-quant", key_prefix="")
+    assert report.int8_regrouped == 1
+    assert "1 int8 layers with one scale per group re-rounded to one per channel" in report.summary()
+    stored = read(path)
+    weight, scale = stored["q.weight"], stored["q.weight_scale"]
+    assert weight.dtype == torch.int8 and scale.shape == (model.q.weight.shape[0], 1)
+    assert weight.abs().amax(dim=1).eq(127).all()
+    written = dequantize_int8_weight(weight, scale.reshape(-1), 64)
+    assert 0 < rel_err(written, ran) < 0.01

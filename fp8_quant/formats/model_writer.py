@@ -32,6 +32,7 @@ from torch import nn
 
 from ..fp8_utils import dequantize, quantize_weight
 from ..params import Fp8LinearParams
+from ..quant_int8 import dequantize_int8_weight, quantize_int8_weight
 from ..scheme import PER_TENSOR
 from .comfy_formats import INT8_TENSORWISE
 from .dialects import COMFY_QUANT_SUFFIX
@@ -67,6 +68,7 @@ class SaveReport:
     bytes_out: int = 0
     int8_layers: int = 0
     rotated_groups: dict[int, int] = field(default_factory=dict)  # ConvRot group -> int8 layers rotated in it
+    int8_regrouped: int = 0  # int8 layers with group scales, re-rounded to one scale per channel
 
     def summary(self) -> str:
         parts = [f"{self.fp8_layers} fp8 layers ({self.input_scales} with calibrated input scales)"]
@@ -78,6 +80,11 @@ class SaveReport:
             parts.append(
                 f"{self.int8_layers} int8 layers as ComfyUI's int8_tensorwise" + (f" ({rotated})" if rotated else "")
                 + ", read by ComfyUI 0.30+ and this pack"
+            )
+        if self.int8_regrouped:
+            parts.append(
+                f"{self.int8_regrouped} int8 layers with one scale per group re-rounded to one per channel "
+                "(int8_tensorwise has no group scales)"
             )
         if self.requantized:
             parts.append(f"{self.requantized} re-quantized per tensor for the {self.output_format} format")
@@ -200,26 +207,49 @@ def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, repor
     """An int8 layer as ComfyUI 0.30 writes ``int8_tensorwise``: the int8 weight as the layer holds it (rotated in
     its ConvRot group, if it is), a float32 scale ``[N, 1]`` per channel or ``[]`` per tensor, and a
     ``.comfy_quant`` JSON naming the format and the rotation; no input scale (activations are scaled per row at
-    every call). Exact: the stored values are those that run."""
+    every call). Exact: the stored values are those that run, except for a layer with one scale per group, which
+    ComfyUI's format cannot hold: its rotated values are rounded again with one scale per channel."""
     report.int8_layers += 1
     config = layer.fp8_layer_config
     group = getattr(config, "rotation_group", None)
     weight, scale = params.weight, params.weight_scale
-    scale_shape = (weight.shape[0], 1) if scale.dim() == 1 else ()
+    scale_shape = (weight.shape[0], 1) if scale.dim() else ()
     entry: dict = {"format": INT8_TENSORWISE}
     if group is not None:
         entry.update(convrot=True, convrot_groupsize=int(group))
         report.rotated_groups[int(group)] = report.rotated_groups.get(int(group), 0) + 1
     payload = json.dumps(entry).encode()
 
+    def stored_weight() -> torch.Tensor:
+        return weight.detach().cpu().contiguous()
+
     def stored_scale() -> torch.Tensor:
         return scale.detach().float().cpu().reshape(scale_shape)
 
+    if scale.dim() == 2:
+        report.int8_regrouped += 1
+        stored_weight, stored_scale = _regrouped(weight, scale)
     return [
-        _Planned(f"{name}.weight", torch.int8, tuple(weight.shape), lambda: weight.detach().cpu().contiguous()),
+        _Planned(f"{name}.weight", torch.int8, tuple(weight.shape), stored_weight),
         _Planned(f"{name}.weight_scale", torch.float32, scale_shape, stored_scale),
         _Planned(f"{name}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)),
     ]
+
+
+def _regrouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[Callable, Callable]:
+    """Readers of an int8 weight with group scales rounded again with one scale per channel (in its rotated
+    form): the work is done when the writer first asks, and dropped once both tensors are read, so a whole
+    model's re-rounded copies never sit in memory at once."""
+    held: dict[str, torch.Tensor] = {}
+
+    def take(which: str) -> torch.Tensor:
+        if not held:
+            held["weight"], held["scale"] = quantize_int8_weight(
+                dequantize_int8_weight(weight.detach(), scale.detach(), None), per_channel=True
+            )
+        return held.pop(which)
+
+    return (lambda: take("weight").cpu().contiguous()), (lambda: take("scale").float().cpu().reshape(-1, 1))
 
 
 def _as_stored(key: str, tensor: torch.Tensor) -> _Planned:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..params import Fp8LinearParams
-from ..quant_int8 import quantize_int8_rows, rotated
-from ..scheme import PER_TOKEN, QuantKey, activation_key
+from ..quant_int8 import quantize_int8_rows, rotated, spread_group_scale
+from ..scheme import PER_TOKEN, GroupShape, QuantKey, activation_key
 from .base import _FLOAT_DTYPES, WEIGHT_ONLY_REASON
 
 kInt8DynamicTokenSym = activation_key(torch.int8, static=False, group=PER_TOKEN)
@@ -36,7 +36,8 @@ INT_MM_PADDED_ROWS = 32
 @dataclass(frozen=True)
 class Int8LinearLayerConfig:
     """What an int8 kernel needs to know about one layer. ``rotation_group``: the inputs are rotated in groups of
-    this many (``rotation``) before rounding, or ``None``."""
+    this many (``rotation``) before rounding, or ``None``. ``scale_group``: activations and weights have one scale
+    per row and per this many inputs (``quant_int8``), or ``None`` (one per row and one per output channel)."""
 
     weight_quant_key: QuantKey
     in_features: int
@@ -44,14 +45,20 @@ class Int8LinearLayerConfig:
     rotation_group: int | None = None
     quantizes_activations: bool = True
     out_dtype: torch.dtype | None = None
+    scale_group: int | None = None
 
     @property
     def activation_quant_key(self) -> QuantKey | None:
-        return kInt8DynamicTokenSym if self.quantizes_activations else None
+        if not self.quantizes_activations:
+            return None
+        if self.scale_group is None:
+            return kInt8DynamicTokenSym
+        return activation_key(torch.int8, static=False, group=GroupShape(1, self.scale_group))
 
     def describe(self) -> str:
         rotation = f", rotated in groups of {self.rotation_group}" if self.rotation_group else ""
-        acts = "int8, per-token, dynamic" if self.quantizes_activations else "weight-only"
+        per = f"per-token and {self.scale_group} inputs" if self.scale_group else "per-token"
+        acts = f"int8, {per}, dynamic" if self.quantizes_activations else "weight-only"
         grouping = self.weight_quant_key.group_shape.describe()
         return f"[{self.out_features}x{self.in_features}] weights int8, {grouping}{rotation}; activations {acts}"
 
@@ -64,9 +71,12 @@ class Int8LinearKernel(ABC):
     def __init__(self, config: Int8LinearLayerConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        group = config.rotation_group
         # What rounds this call's activations (``None``: they stay in high precision); reports read it.
-        self.input_quant = functools.partial(quantize_int8_rows, group=group) if config.quantizes_activations else None
+        self.input_quant = (
+            functools.partial(quantize_int8_rows, group=config.rotation_group, scale_group=config.scale_group)
+            if config.quantizes_activations
+            else None
+        )
 
     @classmethod
     @abstractmethod
@@ -80,8 +90,8 @@ class Int8LinearKernel(ABC):
 
     @abstractmethod
     def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
-        """``x`` [M, K] (int8 with ``x_scale`` [M, 1], else high precision) times the weight: float32 [M, N] with
-        every scale applied, bias not yet."""
+        """``x`` [M, K] (int8 with ``x_scale`` [M, 1] or ``[M, K / g]``, else high precision) times the weight:
+        float32 [M, N] with every scale applied, bias not yet."""
 
     def apply(self, params: Fp8LinearParams, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """The layer's output for ``x`` of shape ``[..., K]``: ``[..., N]`` in the output dtype."""
@@ -107,6 +117,16 @@ def _column_scale(params: Fp8LinearParams) -> Tensor:
     """The weight scale as a row ``[1, N]`` (per channel) or a scalar, float32."""
     scale = params.weight_scale.float()
     return scale.view(1, -1) if scale.dim() == 1 else scale
+
+
+def grouped_product(x: Tensor, x_scale: Tensor, params: Fp8LinearParams) -> Tensor:
+    """int8 ``x [M, K]`` with group scales ``[M, K / g]`` times a weight with group scales ``[N, K / g]``: the
+    int8 values times their scales, multiplied in float32 (each term is ``q_x * s_x * q_w * s_w``, the group-wise
+    sum of the fused GEMM up to float32 summation order)."""
+    width = x.shape[-1]
+    values = x.float() * spread_group_scale(x_scale.float(), width)
+    weight = params.weight.float() * spread_group_scale(params.weight_scale.float(), width)
+    return torch.matmul(values, weight.t())
 
 
 @functools.cache
@@ -148,6 +168,8 @@ class IntMMKernel(Int8LinearKernel):
         return True, None
 
     def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
+        if self.config.scale_group is not None:  # no int32 product takes group scales: the float32 one
+            return grouped_product(x, x_scale, params)
         return self._product(x, params).float().mul_(x_scale).mul_(_column_scale(params))
 
     @staticmethod
@@ -168,6 +190,8 @@ class IntMMKernel(Int8LinearKernel):
         if int8_triton is None or not int8_triton.supports_quantize(rows, self.config.rotation_group):
             return super().apply(params, x, bias)
         params = params.to(x.device)
+        if self.config.scale_group is not None:
+            return self._apply_grouped(int8_triton, params, rows, x, bias)
         codes, x_scale = int8_triton.quantize_rows(rows, self.config.rotation_group)
         if int8_triton.supports_scaled_mm(codes, params.weight):
             out = int8_triton.scaled_int8_mm(
@@ -177,6 +201,21 @@ class IntMMKernel(Int8LinearKernel):
             out = int8_triton.scale_bias(
                 self._product(codes, params), x_scale, _column_scale(params), bias, self.output_dtype(x)
             )
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+    def _apply_grouped(self, int8_triton, params: Fp8LinearParams, rows: Tensor, x: Tensor, bias: Tensor | None):
+        """Group scales: the rotation and rounding with one scale per row and group in one kernel, then the GEMM
+        that scales each group's int32 dot in float32 as it goes."""
+        group = self.config.scale_group
+        if not (
+            int8_triton.supports_grouped(rows, self.config.rotation_group, group)
+            and params.weight.stride(1) == 1
+            and params.weight_scale.dim() == 2
+        ):
+            return Int8LinearKernel.apply(self, params, x, bias)
+        codes, x_scale = int8_triton.quantize_groups(rows, self.config.rotation_group, group)
+        out = int8_triton.grouped_int8_mm(codes, params.weight, x_scale, params.weight_scale, group, bias,
+                                          self.output_dtype(x))
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -209,12 +248,18 @@ class Int8DequantKernel(Int8LinearKernel):
         return True, None
 
     def matmul(self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams) -> Tensor:
+        if x_scale is not None and self.config.scale_group is not None:
+            return grouped_product(x, x_scale, params)
         if x_scale is not None:
             acc = torch.matmul(x.float(), params.weight.float().t())
             return acc.mul_(x_scale).mul_(_column_scale(params))
         dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
         values = rotated(x, self.config.rotation_group).to(dtype)
-        weight = params.weight.to(dtype) * _column_scale(params).to(dtype).reshape(-1, 1)
+        scale = params.weight_scale
+        if scale.dim() == 2:  # group scales
+            weight = (params.weight.float() * spread_group_scale(scale.float(), x.shape[-1])).to(dtype)
+        else:
+            weight = params.weight.to(dtype) * _column_scale(params).to(dtype).reshape(-1, 1)
         return F.linear(values, weight).float()
 
 
