@@ -375,6 +375,9 @@ def compare_int8(bf16_path: str, convrot_path: str) -> dict:
         ),
         "ours_fp8_auto": lambda: loader.load(name)["result"][0],
         "ours_int8_rotated": lambda: loader.load(name, quant_format="int8_rotated")["result"][0],
+        "ours_int8_grouped": lambda: loader.load(
+            name, quant_format="int8_rotated", activation_granularity="group"
+        )["result"][0],
     }
     generator = torch.Generator().manual_seed(5)
     positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
