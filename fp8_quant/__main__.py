@@ -25,7 +25,7 @@ import torch
 
 from . import demo, sensitivity_cli
 from .config import WEIGHT_DTYPES, check_patterns, parse_weight_dtype
-from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
+from .formats import DEFAULT_OUTPUT_FORMAT, OUTPUT_DIALECTS, OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.calibration import read_input_scales
 from .formats.inspect import format_inspection, inspect_checkpoint
 from .messages import printable
@@ -113,9 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--format",
         choices=OUTPUT_FORMATS,
-        default=_default(convert_checkpoint, "output_format"),
-        help="comfy-scaled: every ComfyUI reads it; comfy-quant: ComfyUI 0.16 and newer; weight-scale: every scale "
-        "as it is, for Load FP8 DiT (default: %(default)s)",
+        default=str(DEFAULT_OUTPUT_FORMAT),
+        help="; ".join(f"{dialect}: {dialect.summary}" for dialect in OUTPUT_DIALECTS) + " (default: %(default)s)",
     )
     convert_parser.add_argument(
         "--weight-dtype",
