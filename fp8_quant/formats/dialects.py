@@ -3,8 +3,9 @@
 A dialect is a file's format, read or written; ComfyUI's per-layer formats (``float8_e4m3fn``, ``mxfp8``,
 ``int8_tensorwise``, ... in a ``.comfy_quant`` entry) are *layer formats* (``comfy_formats``). Each dialect says:
 
-- its name and how it is recognised from the header alone (``recognises``,
-  tried by ``precedence``: the first that recognises a header is its dialect);
+- its name, how it is recognised from the header alone (``recognises``, tried by ``precedence``: the first that
+  recognises a header is its dialect) and the other names its scales go by (``scale_aliases``: the reader brings
+  them into the canonical state dict as ``weight_scale``/``input_scale``);
 - what its layers must carry (``requires_weight_scale``), the rules it adds to the scan's checks (``check_layer``,
   ``check``) and whether its layers declare their layer format (``declares_layer_formats``: their scales are then
   checked per layer format, by the reader);
@@ -18,9 +19,9 @@ The dialects: ``comfy-quant`` (per-layer ``.comfy_quant`` JSON or ``_quantizatio
 ``int8_tensorwise`` included), ``comfy-scaled`` (ComfyUI's ``scale_weight``/``scale_input`` with the
 ``scaled_fp8`` marker), ``weight-scale`` (vLLM, FastVideo, newer ComfyUI; DeepSeek-style ``weight_scale_inv`` per
 128x128 block), ``plain-fp8`` (fp8 weights, no scales) and ``high-precision`` (nothing fp8: quantize on the fly).
-Old scale names map to the canonical ones in ``SCALE_ALIASES``. A dialect is its name wherever a string is
-expected (messages, JSON, CLI choices, a widget's value), as a member of a str-Enum is, so files, workflows and
-reports spell it as before.
+Every dialect's aliases together are ``SCALE_ALIASES``. A dialect is its name wherever a string is expected
+(messages, JSON, CLI choices, a widget's value), as a member of a str-Enum is, so files, workflows and reports
+spell it as before.
 """
 
 from __future__ import annotations
@@ -42,11 +43,7 @@ from .streaming import PlannedTensor, constant_bytes
 if TYPE_CHECKING:
     from .scan import CheckpointScan, LayerInfo
 
-# The one place where other scale names map to the canonical ones. DeepSeek and vLLM block-quantized files call
-# the weight's scale ``weight_scale_inv`` (it multiplies the fp8 values, like every scale here).
-COMFY_SCALED_NAMES = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
-SCALE_ALIASES = {**COMFY_SCALED_NAMES, "weight_scale_inv": "weight_scale"}
-SCALE_NAMES = ("weight_scale", "input_scale", *SCALE_ALIASES)
+CANONICAL_SCALE_NAMES = ("weight_scale", "input_scale")
 COMFY_QUANT_SUFFIX = "comfy_quant"
 SCALED_FP8_MARKER = "scaled_fp8"
 QUANT_METADATA_KEY = "_quantization_metadata"
@@ -64,7 +61,8 @@ class Dialect(str):
     quantized: ClassVar[bool] = True  # holds 8-bit layers (high-precision: quantized on the fly)
     declares_layer_formats: ClassVar[bool] = False
     written: ClassVar[bool] = False
-    scale_suffixes: ClassVar[tuple[str, str]] = ("weight_scale", "input_scale")
+    scale_aliases: ClassVar[Mapping[str, str]] = {}  # its other scale names -> the canonical ones (read as those)
+    scale_suffixes: ClassVar[tuple[str, str]] = CANONICAL_SCALE_NAMES  # the weight's and input's, as written
     holds_int8: ClassVar[bool] = False
     holds_mixed_fp8_dtypes: ClassVar[bool] = True
 
@@ -162,11 +160,12 @@ class ComfyScaled(Dialect):
     precedence = 1
     summary = "every ComfyUI reads it"
     written = True
+    scale_aliases: ClassVar[Mapping[str, str]] = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
     scale_suffixes = ("scale_weight", "scale_input")
     holds_mixed_fp8_dtypes = False  # the marker names the one fp8 dtype
 
     def recognises(self, layers, marker, metadata_layers) -> bool:
-        old_names = any(name in COMFY_SCALED_NAMES for layer in layers.values() for name in layer.scale_names)
+        old_names = any(name in self.scale_aliases for layer in layers.values() for name in layer.scale_names)
         return marker is not None or old_names
 
     def check(self, scan) -> None:
@@ -193,6 +192,9 @@ class WeightScale(Dialect):
     precedence = 2
     summary = "every scale as it is, for Load FP8 DiT"
     written = True
+    # DeepSeek and vLLM block-quantized files call the weight's scale ``weight_scale_inv`` (it multiplies the fp8
+    # values, like every scale here).
+    scale_aliases: ClassVar[Mapping[str, str]] = {"weight_scale_inv": "weight_scale"}
 
     def recognises(self, layers, marker, metadata_layers) -> bool:
         return any(layer.weight_scale is not None for layer in layers.values())
@@ -229,6 +231,10 @@ HIGH_PRECISION = HighPrecision()
 DIALECTS: tuple[Dialect, ...] = (COMFY_SCALED, COMFY_QUANT, WEIGHT_SCALE, PLAIN_FP8, HIGH_PRECISION)
 OUTPUT_DIALECTS: tuple[Dialect, ...] = tuple(dialect for dialect in DIALECTS if dialect.written)
 OUTPUT_FORMATS: tuple[str, ...] = tuple(str(dialect) for dialect in OUTPUT_DIALECTS)
+# Every other scale name any dialect reads, mapped to the canonical one (the header scan collects scales by these
+# names before the dialect is known).
+SCALE_ALIASES: dict[str, str] = {alias: name for dialect in DIALECTS for alias, name in dialect.scale_aliases.items()}
+SCALE_NAMES: tuple[str, ...] = (*CANONICAL_SCALE_NAMES, *SCALE_ALIASES)
 # What a file is written in unless the caller says otherwise: the dialect every ComfyUI reads.
 DEFAULT_OUTPUT_FORMAT: Dialect = COMFY_SCALED
 

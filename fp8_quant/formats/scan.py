@@ -112,7 +112,8 @@ class CheckpointScan:
         return [layer for layer in self.layers.values() if layer.is_int8]
 
     def weight_schemes(self) -> dict[str, int]:
-        """How many fp8 layers store their weight each way (``LayerInfo.scheme``): an mxfp8 file says mxfp8."""
+        """How many fp8 layers store their weight each way (``LayerInfo.scheme``): an mxfp8 file says mxfp8 (once the
+        reader has read the layer formats, as ``load_checkpoint`` and ``inspect`` do)."""
         return dict(Counter(layer.scheme for layer in self.fp8_layers))
 
     def short_name(self, layer_name: str) -> str:
