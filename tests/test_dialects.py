@@ -179,12 +179,15 @@ def safe_tensors(path):
     return safe_open(str(path), framework="pt")
 
 
-def test_a_dialect_that_is_only_read_is_refused_as_an_output(tmp_path):
+def test_a_dialect_that_is_only_read_is_refused_as_an_output_and_comfyuis_hold_one_scale_per_tensor(tmp_path):
     src = tmp_path / "bf16.safetensors"
     save_file({"q.weight": torch.randn(4, 8).to(torch.bfloat16)}, str(src))
     for name in READ_NAMES - set(WRITTEN_NAMES):
         with pytest.raises(ValueError, match=f"output_format: '{name}' is not allowed"):
             convert_checkpoint(src, tmp_path / "o.safetensors", name)
+    for name in ("comfy-scaled", "comfy-quant"):
+        with pytest.raises(ValueError, match=f"only written in the 'weight-scale' format: .* per tensor in '{name}'"):
+            convert_checkpoint(src, tmp_path / "o.safetensors", name, weight_group=PER_CHANNEL)
     assert not (tmp_path / "o.safetensors").exists()
 
 
