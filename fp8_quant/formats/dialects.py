@@ -11,9 +11,9 @@ A dialect is a file's format, read or written; ComfyUI's per-layer formats (``fl
   checked per layer format, by the reader);
 - the config that loads it as it is (``loading_config``);
 - whether it is written (``written``; ``summary``: who reads such a file), and how: the names its scales get
-  (``scale_keys``), what an fp8 layer and a whole file carry beside their tensors (``layer_entries``,
-  ``file_entries``), which weight granularities it holds exactly (``holds_group``), and whether it holds int8
-  layers and mixed fp8 dtypes.
+  (``scale_keys``) and their shapes (``stored_scale_shape``), what an fp8 layer and a whole file carry beside their
+  tensors (``layer_entries``, ``file_entries``), which weight granularities it holds exactly (``holds_group``), and
+  whether it holds int8 layers and mixed fp8 dtypes.
 
 The dialects: ``comfy-quant`` (per-layer ``.comfy_quant`` JSON or ``_quantization_metadata``, ``mxfp8`` and
 ``int8_tensorwise`` included), ``comfy-scaled`` (ComfyUI's ``scale_weight``/``scale_input`` with the
@@ -115,6 +115,11 @@ class Dialect(str):
     def holds_group(self, group: GroupShape) -> bool:
         """Whether a weight scale of ``group`` is written as it is (else the layer is re-quantized per tensor)."""
         return True
+
+    def stored_scale_shape(self, scale_shape: tuple[int, ...], group: GroupShape) -> tuple[int, ...]:
+        """The shape a weight scale of ``group`` is written in: per-channel scales as ``[N, 1]``, the shape vLLM
+        and FastVideo files use; the others as they are."""
+        return (*scale_shape, 1) if group.is_per_channel() else tuple(scale_shape)
 
     def layer_entries(self, layer: str, weight_dtype: torch.dtype) -> list[PlannedTensor]:
         """What an fp8 layer carries beside its weight and scales."""

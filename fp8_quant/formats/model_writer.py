@@ -36,7 +36,6 @@ from ..scheme import PER_TENSOR
 from .comfy_formats import INT8_TENSORWISE
 from .dialects import COMFY_QUANT, DEFAULT_OUTPUT_FORMAT, Dialect, output_dialect, written_by
 from .streaming import PlannedTensor, write_streaming
-from .writer import stored_scale_shape
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ def _fp8_layer_plan(
         cache["scale"] = scale.cpu()
         return fp8_weight.cpu()
 
-    scale_shape = stored_scale_shape(tuple(params.weight_scale.shape), group) if exact else ()
+    scale_shape = dialect.stored_scale_shape(tuple(params.weight_scale.shape), group) if exact else ()
     scale_key, input_key = dialect.scale_keys(name)
     plan = [
         PlannedTensor(f"{name}.weight", weight.dtype, tuple(weight.shape), stored_weight),

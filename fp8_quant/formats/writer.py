@@ -110,7 +110,7 @@ def convert_checkpoint(
         report.quantized.append(layer)
         cache: dict[str, torch.Tensor] = {}
         quantize = _quantizer(handle, source, key, weight_dtype, weight_group, device, cache)
-        scale_shape = stored_scale_shape(weight_scale_shape(weight_group, *info.shape), weight_group)
+        scale_shape = dialect.stored_scale_shape(weight_scale_shape(weight_group, *info.shape), weight_group)
         scale_key, input_key = dialect.scale_keys(layer)
         plan.append(PlannedTensor(key, weight_dtype, info.shape, lambda q=quantize: q()[0]))
         plan.append(PlannedTensor(scale_key, torch.float32, scale_shape, _scale_from(cache, scale_shape)))
@@ -134,12 +134,6 @@ def convert_checkpoint(
     report.bytes_out = destination.stat().st_size
     logger.info("%s -> %s: %s", source, destination, report.summary())
     return report
-
-
-def stored_scale_shape(scale_shape: tuple[int, ...], group: GroupShape) -> tuple[int, ...]:
-    """The shape a weight scale of ``group`` is written in: per-channel scales as ``[N, 1]``, the shape vLLM and
-    FastVideo files use; the others as they are."""
-    return (*scale_shape, 1) if group.is_per_channel() else tuple(scale_shape)
 
 
 def _check_calibration_matched(source: Path, input_scales: Mapping | None, layers: list[str]) -> None:
