@@ -25,8 +25,9 @@ import torch
 
 from . import demo, sensitivity_cli
 from .config import WEIGHT_DTYPES, check_patterns, parse_weight_dtype
-from .formats import OUTPUT_FORMATS, CheckpointError, convert_checkpoint
+from .formats import DEFAULT_OUTPUT_FORMAT, OUTPUT_DIALECTS, OUTPUT_FORMATS, CheckpointError, convert_checkpoint
 from .formats.calibration import read_input_scales
+from .formats.dialects import written_by
 from .formats.inspect import format_inspection, inspect_checkpoint
 from .messages import printable
 from .scheme import PER_CHANNEL, PER_TENSOR
@@ -113,16 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--format",
         choices=OUTPUT_FORMATS,
-        default=_default(convert_checkpoint, "output_format"),
-        help="comfy-scaled: every ComfyUI reads it; comfy-quant: ComfyUI 0.16 and newer; weight-scale: every scale "
-        "as it is, for Load FP8 DiT (default: %(default)s)",
+        default=str(DEFAULT_OUTPUT_FORMAT),
+        help="; ".join(f"{dialect}: {dialect.summary}" for dialect in OUTPUT_DIALECTS) + " (default: %(default)s)",
     )
     convert_parser.add_argument(
         "--weight-dtype",
         default=str(_default(convert_checkpoint, "weight_dtype")).removeprefix("torch."),
         help=f"fp8 type of the weights: {', '.join(WEIGHT_DTYPES)} (default: %(default)s)",
     )
-    convert_parser.add_argument("--per-channel", action="store_true", help="per-channel scales (weight-scale only)")
+    per_channel_dialects = written_by(lambda dialect: dialect.holds_group(PER_CHANNEL))
+    convert_parser.add_argument(
+        "--per-channel", action="store_true", help=f"per-channel scales ({per_channel_dialects} only)"
+    )
     convert_parser.add_argument("--skip", action="append", default=[], help="extra layer pattern to keep (repeat)")
     convert_parser.add_argument("--no-default-skips", action="store_true", help="also quantize norms, heads, ...")
     convert_parser.add_argument(

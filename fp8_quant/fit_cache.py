@@ -32,7 +32,7 @@ from torch import nn
 from .formats.errors import CheckpointError
 from .formats.header import read_header
 from .formats.safe_io import MAX_QUANT_METADATA_BYTES, loads_bounded, open_tensors
-from .formats.writer import _Planned, _write_streaming
+from .formats.streaming import PlannedTensor, write_streaming
 from .sensitivity import LayerSensitivity, SensitivityReport
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _write(path: Path, key: str, result: FittedResult) -> None:
     plan = []
     for name, (weight, scale) in result.rounded.items():
         for suffix, tensor in (("weight", weight), ("weight_scale", scale)):
-            plan.append(_Planned(f"{name}.{suffix}", tensor.dtype, tuple(tensor.shape), _on_cpu(tensor)))
+            plan.append(PlannedTensor(f"{name}.{suffix}", tensor.dtype, tuple(tensor.shape), _on_cpu(tensor)))
     info = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -164,7 +164,7 @@ def _write(path: Path, key: str, result: FittedResult) -> None:
         "error": result.error,
         "samples": result.samples,
     }
-    _write_streaming(path, plan, {METADATA_KEY: json.dumps(info)}, None)
+    write_streaming(path, plan, {METADATA_KEY: json.dumps(info)}, None)
 
 
 def _on_cpu(tensor: torch.Tensor):

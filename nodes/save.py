@@ -8,8 +8,8 @@ import logging
 import os
 import time
 
+from fp8_quant.formats.dialects import COMFY_QUANT, OUTPUT_FORMATS
 from fp8_quant.formats.model_writer import learnt_input_scale, save_quantized_model
-from fp8_quant.formats.writer import COMFY_QUANT_FORMAT, OUTPUT_FORMATS
 from fp8_quant.messages import printable
 
 from .loader import CATEGORY, node_error
@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 NODE_TITLE = "Save FP8 Model"
 KEY_PREFIX = "model.diffusion_model."  # what ComfyUI's own checkpoint savers write, and its loaders detect
 ANY_TYPE = "*"  # ComfyUI's name for an input that takes any type (both 0.16 and 0.30 accept it)
+
+# The widget's default (new nodes; saved workflows keep their value): the dialect that holds int8 layers too.
+NODE_DEFAULT_FORMAT = str(COMFY_QUANT)
 
 
 class SaveFP8Model:
@@ -43,7 +46,7 @@ class SaveFP8Model:
                 "filename_prefix": ("STRING", {"default": "fp8/ComfyUI"}),
             },
             "optional": {
-                "format": (list(OUTPUT_FORMATS), {"default": COMFY_QUANT_FORMAT, "tooltip": SAVE_FORMAT_TOOLTIP}),
+                "format": (list(OUTPUT_FORMATS), {"default": NODE_DEFAULT_FORMAT, "tooltip": SAVE_FORMAT_TOOLTIP}),
                 # ComfyUI's "any type": an input that only orders this node after the one it comes from.
                 "after": (ANY_TYPE, {"tooltip": SAVE_AFTER_TOOLTIP}),
             },
@@ -55,7 +58,7 @@ class SaveFP8Model:
         earlier summary as if it had saved again. ``save`` itself finds out whether the model changed."""
         return float("nan")
 
-    def save(self, model, filename_prefix: str, format: str = COMFY_QUANT_FORMAT, after=None):
+    def save(self, model, filename_prefix: str, format: str = NODE_DEFAULT_FORMAT, after=None):
         import comfy.model_management
         import folder_paths
 

@@ -185,13 +185,13 @@ def test_convert_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
         return real_quantize(*args, **kwargs)
 
     monkeypatch.setattr(writer, "quantize_weight", counting_quantize)
-    real_write = writer._write_streaming
+    real_write = writer.write_streaming
 
     def checking_write(destination, plan, metadata, progress, overwrite=True):
         assert made["count"] == 0, "tensors were converted before the header was written"
         real_write(destination, plan, metadata, progress, overwrite)
 
-    monkeypatch.setattr(writer, "_write_streaming", checking_write)
+    monkeypatch.setattr(writer, "write_streaming", checking_write)
     convert_checkpoint(src, tmp_path / "fp8.safetensors")
     assert made["count"] == len(LAYERS)
 

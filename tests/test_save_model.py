@@ -128,13 +128,13 @@ def test_save_streams_one_layer_at_a_time(tmp_path, monkeypatch):
     made: list[int] = []
     real_quantize = model_writer.quantize_weight
     monkeypatch.setattr(model_writer, "quantize_weight", lambda *a, **k: made.append(1) or real_quantize(*a, **k))
-    real_write = model_writer._write_streaming
+    real_write = model_writer.write_streaming
 
     def checking_write(destination, plan, metadata, progress, overwrite=True):
         assert not made, "layers were re-quantized before the header was written"
         real_write(destination, plan, metadata, progress, overwrite)
 
-    monkeypatch.setattr(model_writer, "_write_streaming", checking_write)
+    monkeypatch.setattr(model_writer, "write_streaming", checking_write)
     save_quantized_model(model, tmp_path / "m.safetensors", "comfy-quant")
     assert len(made) == 3
 

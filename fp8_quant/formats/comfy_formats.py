@@ -24,6 +24,8 @@ FLOAT8_FORMATS: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3fn, 
 MXFP8 = "mxfp8"
 FP8_FORMATS = (*FLOAT8_FORMATS, MXFP8)
 INT8_TENSORWISE = "int8_tensorwise"
+# Layer formats whose name says more than the weight's dtype and its scales' granularity (mxfp8: e8m0 scales).
+NAMED_LAYER_FORMATS = (MXFP8,)
 # ComfyUI's formats that are not FP8 (4-bit floats, int8 and rotated int4/int8).
 NON_FP8_FORMATS = ("nvfp4", INT8_TENSORWISE, "convrot_w4a4")
 # Those this pack does not read (ComfyUI's own loader does): 4-bit weights.
@@ -90,6 +92,14 @@ def swizzle_mx_scale(exponents: torch.Tensor) -> torch.Tensor:
     flat = torch.zeros(stored_rows * stored_cols, dtype=torch.uint8, device=exponents.device)
     flat[_swizzled_index(rows, groups, stored_cols, exponents.device)] = exponents.to(torch.uint8)
     return flat.view(stored_rows, stored_cols)
+
+
+def decode_mx_scale(stored: torch.Tensor, rows: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored (swizzled e8m0) mxfp8 scale of a weight with ``rows`` rows and ``in_features`` (padded) inputs as
+    float32 group scales ``[rows, in_features / MX_GROUP]`` (``mx_scale_to_float``), with the e8m0 exponents they
+    come from (0: an all-zero group)."""
+    exponents = unswizzle_mx_scale(stored, rows, in_features // MX_GROUP)
+    return mx_scale_to_float(exponents), exponents
 
 
 def mx_scale_to_float(exponents: torch.Tensor) -> torch.Tensor:

@@ -9,22 +9,22 @@ from typing import Any
 import torch
 
 from ..fp8_utils import invalid_scale_mask
-from .comfy_formats import MXFP8, REFUSED_FORMATS, mx_scale_to_float, unswizzle_mx_scale
-from .dialects import CheckpointScan, LayerInfo
+from .comfy_formats import MXFP8, REFUSED_FORMATS, decode_mx_scale
 from .reader import read_layer_formats, scan_checkpoint
 from .safe_io import open_tensors
+from .scan import CheckpointScan, LayerInfo
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Dialect, prefix, layer counts by dtype, bytes fp8 vs the rest, and scale statistics (reads scales only)."""
     scan = scan_checkpoint(path)
-    formats = read_layer_formats(scan)
+    layer_formats = read_layer_formats(scan)
     dtype_counts = Counter(str(layer.weight.dtype).removeprefix("torch.") for layer in scan.layers.values())
     fp8_bytes = sum(layer.nbytes for layer in scan.fp8_layers)
     total = sum(info.nbytes for info in scan.header.tensors.values())
     result: dict[str, Any] = {
         "file": str(scan.path),
-        "dialect": scan.dialect,
+        "dialect": str(scan.dialect),
         "prefix": scan.prefix,
         "tensors": len(scan.header.tensors),
         "weights_by_dtype": dict(sorted(dtype_counts.items())),
@@ -35,11 +35,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "input_scales": sum(layer.input_scale is not None for layer in scan.fp8_layers),
         "int8_layers": dict(Counter(f"rotated in groups of {layer.rotation_group}" if layer.rotation_group else
                                     "not rotated" for layer in scan.int8_layers)),
-        "formats": dict(Counter(formats.values())),
+        "formats": dict(Counter(layer_formats.values())),  # ComfyUI's per-layer formats
+        "weights": scan.weight_schemes(),
         "blocks": _block_shapes(scan),
         "warnings": list(scan.warnings),
     }
-    not_read = Counter(fmt for fmt in formats.values() if fmt in REFUSED_FORMATS)
+    not_read = Counter(fmt for fmt in layer_formats.values() if fmt in REFUSED_FORMATS)
     if not_read:
         result["warnings"].append(
             f"layers in formats that are not FP8 nor int8 ({dict(not_read)}): ComfyUI's own loader reads this file, "
@@ -57,7 +58,7 @@ def _block_shapes(scan: CheckpointScan) -> dict[str, dict[str, Any]]:
         if group is None or not group.is_block() or layer.weight_scale is None:
             continue
         scale = layer.weight_scale
-        stored = "e8m0, swizzled" if layer.quant_format == MXFP8 else str(scale.dtype).removeprefix("torch.")
+        stored = "e8m0, swizzled" if layer.layer_format == MXFP8 else str(scale.dtype).removeprefix("torch.")
         entry = blocks.setdefault(
             group.describe(), {"layers": 0, "scale": f"{layer.scale_names[0]} ({stored})", "shapes": set()}
         )
@@ -73,11 +74,10 @@ def _scale_values(handle, layer: LayerInfo, stored: str) -> tuple[torch.Tensor, 
     """A stored scale's values as float32 (mxfp8's e8m0 bytes decoded), and how many all-zero mxfp8 groups it
     marks (scale byte 0: a group of zeros, not a bad scale)."""
     tensor = handle.get_tensor(f"{layer.name}.{stored}")
-    if layer.quant_format != MXFP8 or stored != "weight_scale":
+    if layer.layer_format != MXFP8 or stored != "weight_scale":
         return tensor.float().flatten(), 0
-    rows, in_features = layer.weight.shape
-    exponents = unswizzle_mx_scale(tensor, rows, in_features // 32)
-    return mx_scale_to_float(exponents).flatten(), int((exponents == 0).sum())
+    scale, exponents = decode_mx_scale(tensor, *layer.weight.shape)
+    return scale.flatten(), int((exponents == 0).sum())
 
 
 def _scale_health(scan: CheckpointScan, warnings: list[str]) -> dict[str, Any]:
@@ -125,6 +125,7 @@ def format_inspection(result: dict[str, Any]) -> str:
         "weights by dtype: " + ", ".join(f"{k} {v}" for k, v in result["weights_by_dtype"].items()),
         f"fp8 layers: {result['fp8_layers']} (granularity {result['granularity'] or '-'}, "
         f"{result['input_scales']} with input scales{formats})",
+        "fp8 weights: " + (", ".join(f"{scheme} {count}" for scheme, count in result["weights"].items()) or "-"),
         f"bytes: fp8 layers {result['fp8_bytes'] / mib:.1f} MiB, the rest {result['other_bytes'] / mib:.1f} MiB",
     ]
     for block, entry in result["blocks"].items():

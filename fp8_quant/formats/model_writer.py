@@ -35,20 +35,8 @@ from ..params import Fp8LinearParams
 from ..quant_int8 import dequantize_int8_weight, quantize_int8_weight
 from ..scheme import PER_TENSOR
 from .comfy_formats import INT8_TENSORWISE
-from .dialects import COMFY_QUANT_SUFFIX
-from .writer import (
-    COMFY_QUANT_FORMAT,
-    COMFY_SCALED_FORMAT,
-    OUTPUT_FORMATS,
-    WEIGHT_SCALE_FORMAT,
-    _constant,
-    _Planned,
-    _write_streaming,
-    file_format_entries,
-    layer_format_entries,
-    scale_keys,
-    stored_scale_shape,
-)
+from .dialects import COMFY_QUANT, DEFAULT_OUTPUT_FORMAT, Dialect, output_dialect, written_by
+from .streaming import PlannedTensor, write_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +97,7 @@ def architecture_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 def save_quantized_model(
     model: nn.Module,
     destination: str | os.PathLike,
-    output_format: str = COMFY_QUANT_FORMAT,
+    output_format: str = DEFAULT_OUTPUT_FORMAT,
     *,
     key_prefix: str = "",
     params_of: ParamsOf = Fp8LinearParams.from_layer,
@@ -117,17 +105,17 @@ def save_quantized_model(
     progress: Callable[[int, int, str], None] | None = None,
     overwrite: bool = True,
 ) -> SaveReport:
-    """Write ``model``'s state as it runs to ``destination`` in ``output_format``; keys get ``key_prefix``.
+    """Write ``model``'s state as it runs to ``destination`` in ``output_format`` (a written dialect's name; int8
+    layers need one that holds them, ``comfy-quant``); keys get ``key_prefix``.
 
     ``params_of``: a quantized layer's current tensors (ComfyUI's layers give a LoRA-patched weight with its own
     scale through theirs). ``overwrite=False``: an existing ``destination`` (one another writer creates meanwhile
     too) is an error and is left as it is. The file appears whole or not at all.
     """
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format: {output_format!r} is not allowed; allowed values: {list(OUTPUT_FORMATS)}")
+    dialect = output_dialect(output_format)
     destination = Path(destination)
-    report = SaveReport(destination, output_format)
-    plan: list[_Planned] = []
+    report = SaveReport(destination, dialect)
+    plan: list[PlannedTensor] = []
     fp8_layers = {name: module for name, module in model.named_modules() if hasattr(module, "fp8_layer_config")}
     if not fp8_layers:
         raise ValueError(f"{type(model).__name__} has no 8-bit layers: nothing quantized to save")
@@ -140,23 +128,24 @@ def save_quantized_model(
         elif attribute == "weight":
             params = params_of(layer)
             if params.weight.dtype == torch.int8:
-                if output_format != COMFY_QUANT_FORMAT:
+                if not dialect.holds_int8:
+                    holder = written_by(lambda other: other.holds_int8)
                     raise ValueError(
-                        f"format: {layer_name} is an int8 layer, which only the {COMFY_QUANT_FORMAT} format holds "
-                        f"(ComfyUI's int8_tensorwise); {output_format} files hold fp8 layers only"
+                        f"format: {layer_name} is an int8 layer, which only the {holder} format holds "
+                        f"(ComfyUI's int8_tensorwise); {dialect} files hold fp8 layers only"
                     )
                 plan += _int8_layer_plan(key_prefix + layer_name, layer, params, report)
                 continue
             weight_dtypes.add(params.weight.dtype)
-            plan += _fp8_layer_plan(key_prefix + layer_name, layer, params, output_format, report)
+            plan += _fp8_layer_plan(key_prefix + layer_name, layer, params, dialect, report)
         elif attribute not in ("weight_scale", "input_scale"):
             plan.append(_as_stored(key_prefix + key, tensor))
-    if output_format == COMFY_SCALED_FORMAT and len(weight_dtypes) > 1:
-        raise ValueError("comfy-scaled files hold one fp8 dtype; this model mixes e4m3 and e5m2: use comfy-quant")
+    if not dialect.holds_mixed_fp8_dtypes and len(weight_dtypes) > 1:
+        raise ValueError(f"{dialect} files hold one fp8 dtype; this model mixes e4m3 and e5m2: use {COMFY_QUANT}")
     if weight_dtypes:
-        plan += file_format_entries(key_prefix, output_format, weight_dtypes.pop())
-    info = {"format": output_format, "writer": "save_quantized_model"}
-    _write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress, overwrite)
+        plan += dialect.file_entries(key_prefix, weight_dtypes.pop())
+    info = {"format": str(dialect), "writer": "save_quantized_model"}
+    write_streaming(destination, plan, {**(metadata or {}), "fp8_quant": json.dumps(info)}, progress, overwrite)
     report.bytes_out = destination.stat().st_size
     logger.info(report.summary())
     return report
@@ -171,12 +160,12 @@ def learnt_input_scale(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _fp8_layer_plan(
-    name: str, layer: nn.Module, params: Fp8LinearParams, output_format: str, report: SaveReport
-) -> list[_Planned]:
+    name: str, layer: nn.Module, params: Fp8LinearParams, dialect: Dialect, report: SaveReport
+) -> list[PlannedTensor]:
     """The weight, its scale, the input scale and the format marker of one fp8 layer."""
     report.fp8_layers += 1
     weight, group = params.weight, params.weight_group
-    exact = output_format == WEIGHT_SCALE_FORMAT or group.is_per_tensor()
+    exact = dialect.holds_group(group)
     report.requantized += not exact
     cache: dict[str, torch.Tensor] = {}
 
@@ -189,21 +178,21 @@ def _fp8_layer_plan(
         cache["scale"] = scale.cpu()
         return fp8_weight.cpu()
 
-    scale_shape = stored_scale_shape(tuple(params.weight_scale.shape), group) if exact else ()
-    scale_key, input_key = scale_keys(name, output_format)
+    scale_shape = dialect.stored_scale_shape(tuple(params.weight_scale.shape), group) if exact else ()
+    scale_key, input_key = dialect.scale_keys(name)
     plan = [
-        _Planned(f"{name}.weight", weight.dtype, tuple(weight.shape), stored_weight),
-        _Planned(scale_key, torch.float32, scale_shape, lambda: cache.pop("scale").reshape(scale_shape)),
+        PlannedTensor(f"{name}.weight", weight.dtype, tuple(weight.shape), stored_weight),
+        PlannedTensor(scale_key, torch.float32, scale_shape, lambda: cache.pop("scale").reshape(scale_shape)),
     ]
     input_scale = learnt_input_scale(layer)
     if input_scale is not None:
         report.input_scales += 1
         value = input_scale.detach().float().cpu().reshape(())
-        plan.append(_Planned(input_key, torch.float32, (), lambda: value))
-    return plan + layer_format_entries(name, output_format, weight.dtype)
+        plan.append(PlannedTensor(input_key, torch.float32, (), lambda: value))
+    return plan + dialect.layer_entries(name, weight.dtype)
 
 
-def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, report: SaveReport) -> list[_Planned]:
+def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, report: SaveReport) -> list[PlannedTensor]:
     """An int8 layer as ComfyUI 0.30 writes ``int8_tensorwise``: the int8 weight as the layer holds it (rotated in
     its ConvRot group, if it is), a float32 scale ``[N, 1]`` per channel or ``[]`` per tensor, and a
     ``.comfy_quant`` JSON naming the format and the rotation; no input scale (activations are scaled per row at
@@ -218,7 +207,6 @@ def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, repor
     if group is not None:
         entry.update(convrot=True, convrot_groupsize=int(group))
         report.rotated_groups[int(group)] = report.rotated_groups.get(int(group), 0) + 1
-    payload = json.dumps(entry).encode()
 
     def stored_weight() -> torch.Tensor:
         return weight.detach().cpu().contiguous()
@@ -230,9 +218,9 @@ def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, repor
         report.int8_regrouped += 1
         stored_weight, stored_scale = _regrouped(weight, scale)
     return [
-        _Planned(f"{name}.weight", torch.int8, tuple(weight.shape), stored_weight),
-        _Planned(f"{name}.weight_scale", torch.float32, scale_shape, stored_scale),
-        _Planned(f"{name}.{COMFY_QUANT_SUFFIX}", torch.uint8, (len(payload),), _constant(payload)),
+        PlannedTensor(f"{name}.weight", torch.int8, tuple(weight.shape), stored_weight),
+        PlannedTensor(f"{name}.weight_scale", torch.float32, scale_shape, stored_scale),
+        COMFY_QUANT.format_entry(name, entry),
     ]
 
 
@@ -252,13 +240,13 @@ def _regrouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[Callable, Cal
     return (lambda: take("weight").cpu().contiguous()), (lambda: take("scale").float().cpu().reshape(-1, 1))
 
 
-def _as_stored(key: str, tensor: torch.Tensor) -> _Planned:
+def _as_stored(key: str, tensor: torch.Tensor) -> PlannedTensor:
     """A high-precision tensor: bf16 where that holds it exactly (weights loaded from a bf16 file, held in fp32 on a
     CPU), else its own dtype (fp16 compute copies, values bf16 would round)."""
     dtype = tensor.dtype
     if dtype in (torch.float32, torch.float16) and _exact_in_bf16(tensor):
         dtype = torch.bfloat16
-    return _Planned(key, dtype, tuple(tensor.shape), lambda: tensor.detach().to("cpu", dtype).contiguous())
+    return PlannedTensor(key, dtype, tuple(tensor.shape), lambda: tensor.detach().to("cpu", dtype).contiguous())
 
 
 def _exact_in_bf16(tensor: torch.Tensor) -> bool:

@@ -26,29 +26,20 @@ from ..scheme import weight_scale_shape
 from .comfy_formats import (
     FP8_FORMATS,
     INT8_TENSORWISE,
+    MX_GROUP,
     MX_SCALE_DTYPES,
     MXFP8,
     NON_FP8_FORMATS,
     REFUSED_FORMATS,
+    decode_mx_scale,
     int8_rotation_group,
     mx_scale_shape,
-    mx_scale_to_float,
-    unswizzle_mx_scale,
     weight_dtype_of,
 )
-from .dialects import (
-    COMFY_QUANT,
-    COMFY_QUANT_SUFFIX,
-    QUANT_METADATA_KEY,
-    SCALE_ALIASES,
-    CheckpointScan,
-    LayerInfo,
-    check_scale_shape,
-    infer_config,
-    scan_header,
-)
+from .dialects import COMFY_QUANT_SUFFIX, QUANT_METADATA_KEY, SCALE_ALIASES
 from .header import CheckpointError, read_header
 from .safe_io import MAX_LAYER_ENTRY_BYTES, loads_bounded, open_tensors
+from .scan import CheckpointScan, LayerInfo, check_scale_shape, scan_header
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +79,8 @@ def load_checkpoint(
     scan = scan if scan is not None else scan_checkpoint(path)
     for warning in scan.warnings:
         logger.warning("%s: %s", scan.path, warning)
-    formats = read_layer_formats(scan)
-    refuse_non_fp8_formats(scan, formats)
+    layer_formats = read_layer_formats(scan)
+    refuse_non_fp8_formats(scan, layer_formats)
     state_dict: dict[str, torch.Tensor] = {}
     names = list(scan.header.tensors)
     consumed = _consumed_keys(scan)
@@ -103,14 +94,15 @@ def load_checkpoint(
     except (OSError, RuntimeError, SafetensorError) as error:  # the header was checked; this is I/O or a race
         raise CheckpointError(f"{scan.path}: could not read tensor data ({error})") from None
     for layer in scan.layers.values():
-        _finish_layer(scan, layer, state_dict, formats.get(layer.name))
-    return Fp8Checkpoint(scan, infer_config(scan), state_dict)
+        _finish_layer(scan, layer, state_dict, layer_formats.get(layer.name))
+    return Fp8Checkpoint(scan, scan.dialect.loading_config(scan), state_dict)
 
 
 def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
-    """Each comfy-quant layer's declared format, validated against its weight and scales (FP8 formats) and noted on
-    its ``LayerInfo``; formats that are not FP8 are returned as they are (``refuse_non_fp8_formats``)."""
-    if scan.dialect != COMFY_QUANT:
+    """Each layer's declared layer format (in a dialect that ``declares_layer_formats``), validated against its
+    weight and scales (FP8 formats) and noted on its ``LayerInfo``; formats that are not FP8 are returned as they
+    are (``refuse_non_fp8_formats``)."""
+    if not scan.dialect.declares_layer_formats:
         return {}
     formats: dict[str, str] = {}
     entries: dict[str, tuple[str, dict]] = {}  # layer -> (where its entry is, the entry)
@@ -118,7 +110,7 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
         for name, entry in scan.quant_metadata.items():
             full_name = name if name in scan.layers else scan.prefix + name
             where = f"{QUANT_METADATA_KEY}[{name!r}]"
-            formats[full_name] = _format_of(scan, where, entry)
+            formats[full_name] = _layer_format_of(scan, where, entry)
             entries[full_name] = (where, entry)
     quant_layers = [layer for layer in scan.layers.values() if layer.comfy_quant is not None]
     for layer in quant_layers:  # sizes first, from the header: a payload is read whole
@@ -134,13 +126,13 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
                 key = f"{layer.name}.{COMFY_QUANT_SUFFIX}"
                 raw = handle.get_tensor(key).flatten().numpy().tobytes()
                 entry = loads_bounded(raw, f"{scan.path}: {key!r}", MAX_LAYER_ENTRY_BYTES)
-                formats[layer.name] = _format_of(scan, key, entry)
+                formats[layer.name] = _layer_format_of(scan, key, entry)
                 entries[layer.name] = (key, entry)
     for name, fmt in formats.items():
         layer = scan.layers.get(name)
         if layer is None:
             raise CheckpointError(f"{scan.path}: quantization entry for {name!r} has no matching weight")
-        layer.quant_format = fmt
+        layer.layer_format = fmt
         if fmt in FP8_FORMATS:
             _check_fp8_format(scan, layer, fmt)
         elif fmt == INT8_TENSORWISE:
@@ -153,9 +145,9 @@ def read_layer_formats(scan: CheckpointScan) -> dict[str, str]:
     return formats
 
 
-def refuse_non_fp8_formats(scan: CheckpointScan, formats: dict[str, str]) -> None:
-    """The one-line error for a file whose layers use a format this pack does not read (4-bit weights)."""
-    for name, fmt in formats.items():
+def refuse_non_fp8_formats(scan: CheckpointScan, layer_formats: dict[str, str]) -> None:
+    """The one-line error for a file whose layers use a layer format this pack does not read (4-bit weights)."""
+    for name, fmt in layer_formats.items():
         if fmt in REFUSED_FORMATS:
             raise CheckpointError(
                 f"{scan.path}: layer {scan.short_name(name)!r} is in ComfyUI's {fmt} format, which is not FP8; "
@@ -180,10 +172,11 @@ def _check_fp8_format(scan: CheckpointScan, layer: LayerInfo, fmt: str) -> None:
         return
     rows, in_features = layer.weight.shape
     expected = mx_scale_shape(rows, in_features)
-    if in_features % 32 or scale.dtype not in MX_SCALE_DTYPES or tuple(scale.shape) != expected:
+    if in_features % MX_GROUP or scale.dtype not in MX_SCALE_DTYPES or tuple(scale.shape) != expected:
         raise CheckpointError(
             f"{scan.path}: mxfp8 layer {layer.name!r} has weight {list(layer.weight.shape)} and scale "
-            f"{scale.dtype} {list(scale.shape)}; mxfp8 stores inputs padded to 32 and e8m0 scales {list(expected)}"
+            f"{scale.dtype} {list(scale.shape)}; mxfp8 stores inputs padded to {MX_GROUP} and e8m0 scales "
+            f"{list(expected)}"
         )
 
 
@@ -210,7 +203,7 @@ def _check_int8_format(scan: CheckpointScan, layer: LayerInfo) -> None:
         )
 
 
-def _format_of(scan: CheckpointScan, where: str, entry: object) -> str:
+def _layer_format_of(scan: CheckpointScan, where: str, entry: object) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
         raise CheckpointError(f"{scan.path}: {where} must be a JSON object with a 'format' string, got {entry!r}")
     fmt = entry["format"]
@@ -262,9 +255,7 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
     if layer.weight_scale is None:  # plain fp8 cast
         state_dict[scale_key] = torch.ones((), dtype=torch.float32, device=state_dict[weight_key].device)
     if fmt == MXFP8:
-        rows, in_features = layer.weight.shape
-        exponents = unswizzle_mx_scale(state_dict[scale_key], rows, in_features // 32)
-        state_dict[scale_key] = mx_scale_to_float(exponents)
+        state_dict[scale_key], _ = decode_mx_scale(state_dict[scale_key], *layer.weight.shape)
     scale = state_dict[scale_key].float()
     if layer.weight_group is not None:
         scale = scale.reshape(weight_scale_shape(layer.weight_group, *state_dict[weight_key].shape))
