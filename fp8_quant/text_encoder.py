@@ -38,6 +38,7 @@ from .config import AUTO, SENSITIVE_LAYER_PATTERNS, Fp8Config, Int8Config, UserO
 from .dispatch import Fp8Recipe, LayerOverride
 from .fit_cache import FitCache, FittedResult, fit_key
 from .fp8_utils import is_fp8_dtype, quantize_weight
+from .layer_state import is_fp8_layer
 from .methods import Fp8OnlineLinearMethod, RoundedWeights
 from .methods_int8 import Int8OnlineLinearMethod
 from .prompts import SENSITIVITY_PROMPTS
@@ -315,7 +316,7 @@ def _candidates(model: nn.Module, recipe: Fp8Recipe) -> dict[str, nn.Linear]:
     chosen = {}
     for name, module in linears:
         weight = module.weight
-        if weight is None or is_fp8_dtype(weight.dtype) or hasattr(module, "fp8_layer_config"):
+        if weight is None or is_fp8_dtype(weight.dtype) or is_fp8_layer(module):
             continue
         decision = recipe.decide(name, weight)
         if isinstance(decision.method, (Fp8OnlineLinearMethod, Int8OnlineLinearMethod)):

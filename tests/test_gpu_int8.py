@@ -27,7 +27,7 @@ def test_int_mm_kernel_matches_the_dequantize_kernel_and_fp32(group, dtype):
     layer = random_linear(1024, 512, seed=1).to(device)
     Int8OnlineLinearMethod(Int8Config(rotation_group=group)).process_weights_after_loading(layer, "layer")
     assert layer.weight.dtype == torch.int8 and layer.weight.device.type == "cuda"
-    fast, fallback = IntMMKernel(layer.fp8_layer_config, device), Int8DequantKernel(layer.fp8_layer_config, device)
+    fast, fallback = IntMMKernel(layer.fp8.layer_config, device), Int8DequantKernel(layer.fp8.layer_config, device)
     params = Fp8LinearParams.from_layer(layer)
     for rows in (1, 16, 17, 333, 4096):
         # fp16 holds at most 65504: these outlier inputs reach 2.6e5 at 4096 rows, so they are scaled into range.

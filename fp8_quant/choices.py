@@ -1,0 +1,142 @@
+"""The one table between the names people and files write and the typed values the core works with.
+
+A node widget, a CLI flag, a checkpoint's metadata and a config dict all name a choice by a string; each string is
+parsed here, once, at that edge (``Choice.parse``), and written back here (``Choice.format``). Inside the core a
+choice is an enum member, a ``GroupShape`` or a dtype, never a string compared again. A bad value is one
+``ValueError`` line naming the option and the allowed values.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from .scheme import BLOCK_128, PER_CHANNEL, PER_TENSOR, PER_TOKEN, PER_TOKEN_GROUP_128, GroupShape
+
+T = TypeVar("T")
+AUTO = "auto"  # "the file's own, or the default": resolved by ``config.resolve``, never past it
+
+
+class ActivationScheme(str, enum.Enum):
+    """How a layer's activations are scaled. ``dynamic``: a scale per call; ``static``: one per-tensor scale, the
+    checkpoint's ``input_scale`` or else one learnt at run time; ``calibrated``: learnt per layer at run time,
+    static per-tensor or dynamic per-token (``auto_scales``); ``none``: kept in high precision (weight-only)."""
+
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+    CALIBRATED = "calibrated"
+    NONE = "none"
+
+    @property
+    def quantizes(self) -> bool:
+        return self is not ActivationScheme.NONE
+
+    @property
+    def learns_scales(self) -> bool:
+        """Scales found while the model runs (where a layer has no ``input_scale`` from its file)."""
+        return self in (ActivationScheme.STATIC, ActivationScheme.CALIBRATED)
+
+    @property
+    def user_choice(self) -> bool:
+        """Whether a person picks it by name; ``calibrated`` is what ``auto`` stands for (a config may name it)."""
+        return self is not ActivationScheme.CALIBRATED
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Choice(Generic[T]):
+    """One option: its name as users see it, its allowed names with the typed value each stands for, and other
+    spellings accepted for them (``aliases``, not listed in errors)."""
+
+    option: str
+    values: Mapping[str, T]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+    def parse(self, value: Any, option: str | None = None) -> T:
+        """The typed value of ``value`` (a name, an alias, or already a typed value); else the error naming
+        ``option`` (default: this option's own name)."""
+        for typed in self.values.values():
+            if value is typed or (value == typed and type(value) is type(typed)):
+                return typed
+        if isinstance(value, str):
+            name = self.aliases.get(value, value)
+            if name in self.values:
+                return self.values[name]
+        raise ValueError(f"{option or self.option}: {value!r} is not allowed; allowed values: {list(self.names)}")
+
+    def format(self, typed: T) -> str:
+        """The name of a typed value, as files and widgets write it."""
+        for name, candidate in self.values.items():
+            if candidate is typed or (candidate == typed and type(candidate) is type(typed)):
+                return name
+        raise ValueError(f"{self.option}: {typed!r} has no name; allowed values: {list(self.names)}")
+
+
+_DTYPE_ALIASES = {
+    "e4m3fn": "float8_e4m3fn",
+    "e4m3": "float8_e4m3fn",
+    "fp8_e4m3fn": "float8_e4m3fn",
+    "e5m2": "float8_e5m2",
+    "fp8_e5m2": "float8_e5m2",
+}
+
+WEIGHT_DTYPE = Choice("weight_dtype", {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2},
+                      _DTYPE_ALIASES)  # fmt: skip
+OUTPUT_DTYPE = Choice(
+    "output_dtype",
+    {AUTO: None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32},
+    {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"},
+)
+ACTIVATION_SCHEME = Choice("activation_scheme", {scheme.value: scheme for scheme in ActivationScheme})
+# Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
+# "block": DeepSeek-style 128x128 weight blocks; "group": 1x128 activation groups (what block-scaled GEMMs take).
+WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tensor": PER_TENSOR, "block": BLOCK_128})
+ACTIVATION_GRANULARITY = Choice(
+    "activation_granularity", {"tensor": PER_TENSOR, "token": PER_TOKEN, "group": PER_TOKEN_GROUP_128}
+)
+INT8_WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tensor": PER_TENSOR})
+INT8_ACTIVATION_SCHEME = Choice(
+    "activation_scheme", {scheme.value: scheme for scheme in (ActivationScheme.DYNAMIC, ActivationScheme.NONE)}
+)
+
+# What a person may pick by name (widgets, CLI), ``auto`` first: the choices' own names, nothing restated.
+USER_ACTIVATION_SCHEMES = (AUTO, *(scheme.value for scheme in ActivationScheme if scheme.user_choice))
+USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITY.names)
+WEIGHT_GRANULARITIES = (AUTO, *WEIGHT_GRANULARITY.names)
+
+
+def parse_user_choice(choice: Choice, value: Any, allowed: tuple[str, ...]) -> str:
+    """A person's choice by name (``auto`` or one of ``allowed``), checked; it stays a name until ``resolve``."""
+    if value not in allowed:
+        raise ValueError(f"{choice.option}: {value!r} is not allowed; allowed values: {list(allowed)}")
+    return value
+
+
+def group_name(choice: Choice[GroupShape], group: GroupShape | None) -> str:
+    """A granularity's name (``auto`` for ``None``: chosen per layer)."""
+    return AUTO if group is None else choice.format(group)
+
+
+__all__ = [
+    "ACTIVATION_GRANULARITY",
+    "ACTIVATION_SCHEME",
+    "AUTO",
+    "OUTPUT_DTYPE",
+    "USER_ACTIVATION_GRANULARITIES",
+    "USER_ACTIVATION_SCHEMES",
+    "WEIGHT_DTYPE",
+    "WEIGHT_GRANULARITIES",
+    "WEIGHT_GRANULARITY",
+    "ActivationScheme",
+    "Choice",
+]
