@@ -130,7 +130,7 @@ def test_group_scaled_layer_on_the_gpu_matches_the_fallback_and_beats_row_scales
         layer = random_linear(1536, 640, seed=5).to(device)
         config = Int8Config(rotation_group=group, activation_granularity=granularity)
         Int8OnlineLinearMethod(config).process_weights_after_loading(layer, "layer")
-        fast, fallback = IntMMKernel(layer.fp8_layer_config, device), Int8DequantKernel(layer.fp8_layer_config, device)
+        fast, fallback = IntMMKernel(layer.fp8.layer_config, device), Int8DequantKernel(layer.fp8.layer_config, device)
         params = Fp8LinearParams.from_layer(layer)
         total = 0.0
         for rows in (1, 17, 333, 4096):

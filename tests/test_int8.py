@@ -244,10 +244,10 @@ def test_group_scales_follow_the_emulated_contract_and_lower_the_error(group):
         layer = online_layer(
             random_linear(width, 96, seed=31), Int8Config(rotation_group=group, activation_granularity=granularity)
         )
-        out = layer.fp8_method.apply(layer, x, layer.bias)
+        out = layer.fp8.method.apply(layer, x, layer.bias)
         errors[granularity] = rel_err(out, expected)
     assert tuple(layer.weight_scale.shape) == (96, width // group)
-    assert layer.fp8_layer_config.scale_group == group
+    assert layer.fp8.layer_config.scale_group == group
     emulated = emulated_grouped_int8_linear(x, reference.weight.detach(), reference.bias.detach(), group)
     assert rel_err(out, emulated) < 2e-4
     assert errors["group"] < 0.9 * errors["token"], errors
@@ -276,7 +276,6 @@ def test_lora_protocol_of_a_group_scaled_int8_layer_keeps_group_scales():
     layer.load_state_dict(reference.state_dict())
     method = Int8OnlineLinearMethod(Int8Config(activation_granularity="group"))
     method.process_weights_after_loading(layer, "layer")
-    layer.fp8_method = method
     real = layer.convert_weight(layer.weight.float())
     assert rel_err(real, reference.weight.detach()) < 0.01
     patched = real + 0.5 * torch.randn(64, 512, generator=torch.Generator().manual_seed(41)) / 512**0.5
