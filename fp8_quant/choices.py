@@ -62,9 +62,9 @@ class Choice(Generic[T]):
     def names(self) -> tuple[str, ...]:
         return tuple(self.values)
 
-    def parse(self, value: Any, option: str | None = None) -> T:
+    def parse(self, value: Any, option: str | None = None, shown: Any = None) -> T:
         """The typed value of ``value`` (a name, an alias, or already a typed value); else the error naming
-        ``option`` (default: this option's own name)."""
+        ``option`` (default: this option's own name) and ``shown`` (default: ``value``), what the user wrote."""
         for typed in self.values.values():
             if value is typed or (value == typed and type(value) is type(typed)):
                 return typed
@@ -72,7 +72,8 @@ class Choice(Generic[T]):
             name = self.aliases.get(value, value)
             if name in self.values:
                 return self.values[name]
-        raise ValueError(f"{option or self.option}: {value!r} is not allowed; allowed values: {list(self.names)}")
+        written = value if shown is None else shown
+        raise ValueError(f"{option or self.option}: {written!r} is not allowed; allowed values: {list(self.names)}")
 
     def format(self, typed: T) -> str:
         """The name of a typed value, as files and widgets write it."""
@@ -104,9 +105,9 @@ WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tens
 ACTIVATION_GRANULARITY = Choice(
     "activation_granularity", {"tensor": PER_TENSOR, "token": PER_TOKEN, "group": PER_TOKEN_GROUP_128}
 )
-INT8_WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tensor": PER_TENSOR})
-INT8_ACTIVATION_SCHEME = Choice(
-    "activation_scheme", {scheme.value: scheme for scheme in (ActivationScheme.DYNAMIC, ActivationScheme.NONE)}
+# A config's weight granularity: ``None`` for auto (chosen per layer at load, ``auto_scales.choose_weight_group``).
+WEIGHT_GRANULARITY_OR_AUTO: Choice[GroupShape | None] = Choice(
+    "weight_granularity", {AUTO: None, **WEIGHT_GRANULARITY.values}
 )
 
 # What a person may pick by name (widgets, CLI), ``auto`` first: the choices' own names, nothing restated.
@@ -122,11 +123,6 @@ def parse_user_choice(choice: Choice, value: Any, allowed: tuple[str, ...]) -> s
     return value
 
 
-def group_name(choice: Choice[GroupShape], group: GroupShape | None) -> str:
-    """A granularity's name (``auto`` for ``None``: chosen per layer)."""
-    return AUTO if group is None else choice.format(group)
-
-
 __all__ = [
     "ACTIVATION_GRANULARITY",
     "ACTIVATION_SCHEME",
@@ -137,6 +133,7 @@ __all__ = [
     "WEIGHT_DTYPE",
     "WEIGHT_GRANULARITIES",
     "WEIGHT_GRANULARITY",
+    "WEIGHT_GRANULARITY_OR_AUTO",
     "ActivationScheme",
     "Choice",
 ]

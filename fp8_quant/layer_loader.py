@@ -85,9 +85,9 @@ def load_layer(
     decision.method.process_weights_after_loading(layer, decision.name, quantize_device, result_device)
     if install is not None:
         install(layer)
-    return LayerReport(
-        name, True, decision.reason, size, fp8_layer_bytes(layer), bf16_size, number_format=layer_format(layer)
-    )
+    scheme = str(layer.fp8.layer_config.weight_quant_key)
+    return LayerReport(name, True, decision.reason, size, fp8_layer_bytes(layer), bf16_size,
+                       number_format=layer_format(layer), weight_scheme=scheme)  # fmt: skip
 
 
 def kept_weight(

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .auto_scales import DEFAULT_POLICY, CalibrationTally, RuntimeActivationScale, choose_weight_group
-from .config import AUTO, Fp8Config
+from .choices import ActivationScheme
+from .config import Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight, weight_row_amax
 from .kernels import (
     FP8ScaledMMLinearKernel,
@@ -60,7 +61,7 @@ class Fp8LinearMethod:
         layer.weight = _parameter(torch.empty(out_features, in_features, dtype=self.config.weight_dtype, device=device))
         scale_shape = weight_scale_shape(self.config.weight_group, out_features, in_features)
         layer.weight_scale = _parameter(torch.ones(scale_shape, dtype=torch.float32, device=device))
-        static = self.config.activation_scheme == "static"
+        static = self.config.activation_scheme is ActivationScheme.STATIC
         layer.input_scale = _parameter(torch.ones((), dtype=torch.float32, device=device)) if static else None
 
     def process_weights_after_loading(
@@ -75,7 +76,7 @@ class Fp8LinearMethod:
             raise ValueError(f"{what}: Fp8LinearMethod expects an fp8 weight, got {weight.dtype}")
         weight_scale = normalize_weight_scale(getattr(layer, "weight_scale", None), tuple(weight.shape), what)
         input_scale = getattr(layer, "input_scale", None)
-        if self.config.activation_scheme == "static" and input_scale is not None:
+        if self.config.activation_scheme is ActivationScheme.STATIC and input_scale is not None:
             input_scale = input_scale.detach().float()
             if input_scale.numel() != 1:
                 raise ValueError(f"{what}: input_scale must be one scalar, got shape {tuple(input_scale.shape)}")
@@ -135,7 +136,7 @@ class Fp8LinearMethod:
         if dynamic.input_quant is None:  # activations stay in high precision: no scale to learn
             return dynamic
         if state.activation is None:
-            may_stay_dynamic = self.config.activation_scheme == "calibrated"
+            may_stay_dynamic = self.config.activation_scheme is ActivationScheme.CALIBRATED
             state.activation = RuntimeActivationScale(
                 DEFAULT_POLICY, may_stay_dynamic, self.calibration, state.name, self.config.activation_group,
                 state.kernels,
@@ -223,7 +224,7 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             self._install(layer, fp8_weight.to(home), weight_scale.to(home), None, what)
             return
         group, fit = self.config.weight_group, False
-        if self.config.weight_granularity == AUTO:
+        if self.config.weight_granularity is None:  # auto: per layer
             choice = choose_weight_group(
                 source, groups_at_speed=block_groups_at_speed(source.device), rows=row_amax
             )

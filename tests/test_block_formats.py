@@ -62,7 +62,7 @@ def test_block_scaled_file_loads_to_the_canonical_form(tmp_path, scale_name, gro
     assert scan.dialect == WEIGHT_SCALE
     assert {layer.granularity for layer in scan.fp8_layers} == {granularity}
     checkpoint = load_checkpoint(path)
-    assert checkpoint.config.weight_granularity == "block"
+    assert checkpoint.config.to_dict()["weight_granularity"] == "block"
     for name, (out_features, in_features) in BIG_LAYERS.items():
         weight = checkpoint.state_dict[f"model.{name}.weight"]
         scale = checkpoint.state_dict[f"model.{name}.weight_scale"]

@@ -308,14 +308,15 @@ def test_text_encoder_style_class_swap_keeps_original(source):
 
 def test_option_mapping():
     online = online_config(UserOptions())
-    assert (online.activation_scheme, online.weight_granularity) == ("calibrated", "auto")
+    assert (online.to_dict()["activation_scheme"], online.to_dict()["weight_granularity"]) == ("calibrated", "auto")
     assert not online.round_activations_on_dequant
     assert online_config(UserOptions(activation_scheme="none")).quantizes_activations is False
     explicit = online_config(UserOptions(activation_scheme="static"))
-    assert explicit.activation_granularity == "tensor" and explicit.round_activations_on_dequant
+    assert explicit.to_dict()["activation_granularity"] == "tensor" and explicit.round_activations_on_dequant
     inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
     assert stored_config(inferred, UserOptions()).activation_scheme == "static"
-    assert stored_config(inferred, UserOptions(activation_scheme="dynamic")).activation_granularity == "token"
+    dynamic = stored_config(inferred, UserOptions(activation_scheme="dynamic"))
+    assert dynamic.to_dict()["activation_granularity"] == "token"
     assert stored_config(Fp8Config(), UserOptions()).activation_scheme == "calibrated"
     assert stored_config(Fp8Config(), UserOptions(activation_scheme="static")).learns_activation_scales
 

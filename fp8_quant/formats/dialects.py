@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..choices import ActivationScheme
 from ..config import Fp8Config
 from ..fp8_utils import is_fp8_dtype
-from ..scheme import MX_BLOCK, GroupShape, expected_scale_shapes, weight_group_of_scale
+from ..scheme import MX_BLOCK, PER_TENSOR, PER_TOKEN, GroupShape, expected_scale_shapes, weight_group_of_scale
 from .comfy_formats import INT8_TENSORWISE, MXFP8
 from .header import CheckpointError, SafetensorsHeader, TensorInfo
 from .safe_io import MAX_QUANT_METADATA_BYTES, loads_bounded
@@ -268,6 +269,6 @@ def infer_config(scan: CheckpointScan) -> Fp8Config | None:
     return Fp8Config(
         weight_dtype=weight_dtype,
         weight_granularity=granularity,
-        activation_scheme="static" if static else "dynamic",
-        activation_granularity="tensor" if static else "token",
+        activation_scheme=ActivationScheme.STATIC if static else ActivationScheme.DYNAMIC,
+        activation_granularity=PER_TENSOR if static else PER_TOKEN,
     )
