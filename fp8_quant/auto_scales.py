@@ -35,6 +35,7 @@ recompiled once.
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -48,7 +49,15 @@ from .scheme import GROUP_128, PER_CHANNEL, PER_TENSOR, PER_TOKEN, GroupShape
 
 logger = logging.getLogger(__name__)
 
-OBSERVING, STATIC, DYNAMIC = "observing", "static", "dynamic"
+class CalibrationPhase(str, enum.Enum):
+    """Where a learning activation quantizer is (see the module docstring); not the config's scheme."""
+
+    OBSERVING = "observing"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+OBSERVING, STATIC, DYNAMIC = CalibrationPhase.OBSERVING, CalibrationPhase.STATIC, CalibrationPhase.DYNAMIC
 _E4M3_MAX = fp8_max(torch.float8_e4m3fn)
 
 

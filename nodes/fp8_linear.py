@@ -28,7 +28,7 @@ from fp8_quant.fp8_utils import (
     tensor_version,
     weight_row_amax,
 )
-from fp8_quant.layer_state import STATE_ATTRIBUTE, Fp8LayerState
+from fp8_quant.layer_state import STATE_ATTRIBUTE, Fp8LayerState, is_fp8_layer, layer_state
 from fp8_quant.methods_int8 import Int8LinearMethod
 
 
@@ -51,12 +51,12 @@ class Fp8ComfyLinearMixin:
 
     def is_fp8(self) -> bool:
         """Whether the layer is quantized (fp8, or int8: the same protocol, other arithmetic)."""
-        return self.__dict__.get(STATE_ATTRIBUTE) is not None
+        return is_fp8_layer(self)
 
     def int8_method(self) -> Int8LinearMethod | None:
         """The layer's int8 method, where it is an int8 layer (its stored weight may be rotated: the method turns it
         into real values and back)."""
-        state = self.__dict__.get(STATE_ATTRIBUTE)
+        state = layer_state(self)
         method = state.method if state is not None else None
         return method if isinstance(method, Int8LinearMethod) else None
 
@@ -173,7 +173,7 @@ class Fp8ComfyLinearMixin:
         return None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        state = self.__dict__.get(STATE_ATTRIBUTE)
+        state = self.__dict__.get(STATE_ATTRIBUTE)  # layer_state(self), inlined: once per forward
         if state is None:
             return super().forward(x, *args, **kwargs)
         if getattr(self, "weight_function", None) or getattr(self, "bias_function", None):
