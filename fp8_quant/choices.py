@@ -83,6 +83,14 @@ class Choice(Generic[T]):
         raise ValueError(f"{self.option}: {typed!r} has no name; allowed values: {list(self.names)}")
 
 
+class QuantFormat(enum.Enum):
+    """The 8-bit number format of a model's quantized linears, as users name it (``QUANT_FORMAT``)."""
+
+    AUTO = "auto"  # per GPU (``format_choice.resolve_quant_format``); fp8 where no device is known
+    FP8 = "fp8"
+    INT8_ROTATED = "int8_rotated"
+
+
 _DTYPE_ALIASES = {
     "e4m3fn": "float8_e4m3fn",
     "e4m3": "float8_e4m3fn",
@@ -99,6 +107,9 @@ OUTPUT_DTYPE = Choice(
     {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"},
 )
 ACTIVATION_SCHEME = Choice("activation_scheme", {scheme.value: scheme for scheme in ActivationScheme})
+QUANT_FORMAT = Choice(
+    "quant_format", {fmt.value: fmt for fmt in QuantFormat}, {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}
+)
 # Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
 # "block": DeepSeek-style 128x128 weight blocks; "group": 1x128 activation groups (what block-scaled GEMMs take).
 WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tensor": PER_TENSOR, "block": BLOCK_128})
@@ -116,18 +127,12 @@ USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITY.names)
 WEIGHT_GRANULARITIES = (AUTO, *WEIGHT_GRANULARITY.names)
 
 
-def parse_user_choice(choice: Choice, value: Any, allowed: tuple[str, ...]) -> str:
-    """A person's choice by name (``auto`` or one of ``allowed``), checked; it stays a name until ``resolve``."""
-    if value not in allowed:
-        raise ValueError(f"{choice.option}: {value!r} is not allowed; allowed values: {list(allowed)}")
-    return value
-
-
 __all__ = [
     "ACTIVATION_GRANULARITY",
     "ACTIVATION_SCHEME",
     "AUTO",
     "OUTPUT_DTYPE",
+    "QUANT_FORMAT",
     "USER_ACTIVATION_GRANULARITIES",
     "USER_ACTIVATION_SCHEMES",
     "WEIGHT_DTYPE",
@@ -136,4 +141,5 @@ __all__ = [
     "WEIGHT_GRANULARITY_OR_AUTO",
     "ActivationScheme",
     "Choice",
+    "QuantFormat",
 ]

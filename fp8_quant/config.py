@@ -10,7 +10,6 @@ table of ``choices``; a config holds typed values (``ActivationScheme``, ``Group
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
@@ -24,6 +23,7 @@ from .choices import (
     ACTIVATION_SCHEME,
     AUTO,
     OUTPUT_DTYPE,
+    QUANT_FORMAT,
     USER_ACTIVATION_GRANULARITIES,
     USER_ACTIVATION_SCHEMES,
     WEIGHT_DTYPE,
@@ -31,6 +31,7 @@ from .choices import (
     WEIGHT_GRANULARITY,
     WEIGHT_GRANULARITY_OR_AUTO,
     ActivationScheme,
+    QuantFormat,
 )
 from .patterns import MAX_PATTERN_CHARS, PatternError, compile_regex
 from .scheme import (
@@ -76,25 +77,12 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 )
 
 
-class QuantFormat(enum.Enum):
-    """The 8-bit number format of a model's quantized linears, as users name it (``parse_quant_format``)."""
-
-    AUTO = "auto"  # per GPU (``format_choice.resolve_quant_format``); fp8 where no device is known
-    FP8 = "fp8"
-    INT8_ROTATED = "int8_rotated"
-
-
 def parse_quant_format(value: Any, option: str = "quant_format") -> QuantFormat:
     """``auto``, ``fp8`` or ``int8_rotated`` (also ``int8``), case-insensitive; anything else is an error naming
     ``option``."""
     if isinstance(value, QuantFormat):
         return value
-    text = str(value).strip().lower().replace("-", "_").replace(" ", "_")
-    text = {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}.get(text, text)
-    for fmt in QuantFormat:
-        if fmt.value == text:
-            return fmt
-    raise ValueError(f"{option}: {value!r} is not allowed; allowed values: {[fmt.value for fmt in QuantFormat]}")
+    return QUANT_FORMAT.parse(str(value).strip().lower().replace("-", "_").replace(" ", "_"), option, shown=value)
 
 
 @dataclass(frozen=True)

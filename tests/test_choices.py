@@ -9,12 +9,14 @@ from fp8_quant.choices import (
     ACTIVATION_GRANULARITY,
     ACTIVATION_SCHEME,
     OUTPUT_DTYPE,
+    QUANT_FORMAT,
     USER_ACTIVATION_GRANULARITIES,
     USER_ACTIVATION_SCHEMES,
     WEIGHT_DTYPE,
     WEIGHT_GRANULARITIES,
     WEIGHT_GRANULARITY_OR_AUTO,
     ActivationScheme,
+    QuantFormat,
 )
 from fp8_quant.config import (
     SENSITIVE_LAYER_PATTERNS,
@@ -22,6 +24,7 @@ from fp8_quant.config import (
     Int8Config,
     UserOptions,
     parse_output_dtype,
+    parse_quant_format,
     parse_weight_dtype,
     resolve,
 )
@@ -45,6 +48,7 @@ NAMES = {
     "activation_granularity": {"tensor": GroupShape(-1, -1), "token": GroupShape(1, -1), "group": GroupShape(1, 128)},
     "weight_dtype": {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2},
     "output_dtype": {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32},
+    "quant_format": {"auto": QuantFormat.AUTO, "fp8": QuantFormat.FP8, "int8_rotated": QuantFormat.INT8_ROTATED},
 }
 CHOICES = {
     "activation_scheme": ACTIVATION_SCHEME,
@@ -52,6 +56,7 @@ CHOICES = {
     "activation_granularity": ACTIVATION_GRANULARITY,
     "weight_dtype": WEIGHT_DTYPE,
     "output_dtype": OUTPUT_DTYPE,
+    "quant_format": QUANT_FORMAT,
 }
 
 
@@ -84,6 +89,8 @@ def test_dtype_spellings_users_write():
     assert parse_output_dtype("bf16") is torch.bfloat16
     assert parse_output_dtype("half") is torch.float16
     assert parse_output_dtype("auto") is None
+    assert parse_quant_format("INT8") is QuantFormat.INT8_ROTATED
+    assert parse_quant_format("int8-convrot").value == "int8_rotated"
 
 
 @pytest.mark.parametrize(
@@ -106,6 +113,8 @@ def test_dtype_spellings_users_write():
          "'token'); use activation_scheme='dynamic' for per-token scales"),
         (lambda: UserOptions(activation_scheme="calibrated"),
          "activation_scheme: 'calibrated' is not allowed; allowed values: ['auto', 'dynamic', 'static', 'none']"),
+        (lambda: UserOptions(quant_format="int4"),
+         "quant_format: 'int4' is not allowed; allowed values: ['auto', 'fp8', 'int8_rotated']"),
         (lambda: UserOptions(weight_granularity="rows"),
          "weight_granularity: 'rows' is not allowed; allowed values: ['auto', 'channel', 'tensor', 'block']"),
     ],
