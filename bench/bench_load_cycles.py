@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_comfy_dit import PRESETS, bench_model, inputs_for, versions  # noqa: E402
 
+from fp8_quant.layer_state import is_fp8_layer  # noqa: E402
+
 OPTION_CYCLE = (
     ("auto", {}, False),
     ("dynamic", {"activation_scheme": "dynamic"}, False),
@@ -150,7 +152,7 @@ def _layer_bytes(model) -> tuple[int, int]:
     """The fp8 model's linear bytes (weights and scales) and the largest linear weight's bf16 bytes."""
     fp8_bytes = largest = 0
     for module in model.modules():
-        if getattr(module, "fp8_layer_config", None) is not None:
+        if is_fp8_layer(module):
             fp8_bytes += module.weight.numel() * module.weight.element_size() + module.weight_scale.numel() * 4
             largest = max(largest, module.weight.numel() * 2)
     return fp8_bytes, largest

@@ -35,6 +35,7 @@ recompiled once.
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -44,11 +45,19 @@ import torch
 from .fp8_utils import AMAX_FLOOR, fp8_max, weight_row_amax
 from .quant_fp8 import QuantFP8
 from .report import count_labels
-from .scheme import GROUP_128, PER_CHANNEL, PER_TENSOR, GroupShape
+from .scheme import GROUP_128, PER_CHANNEL, PER_TENSOR, PER_TOKEN, GroupShape
 
 logger = logging.getLogger(__name__)
 
-OBSERVING, STATIC, DYNAMIC = "observing", "static", "dynamic"
+class CalibrationPhase(str, enum.Enum):
+    """Where a learning activation quantizer is (see the module docstring); not the config's scheme."""
+
+    OBSERVING = "observing"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+OBSERVING, STATIC, DYNAMIC = CalibrationPhase.OBSERVING, CalibrationPhase.STATIC, CalibrationPhase.DYNAMIC
 _E4M3_MAX = fp8_max(torch.float8_e4m3fn)
 
 
@@ -151,9 +160,22 @@ def _copy_to_host(values: torch.Tensor) -> tuple[object, torch.Tensor]:
 
 
 class RuntimeActivationScale:
-    """One layer's activation scale, learnt while it runs; see the module docstring for the phases."""
+    """One layer's activation quantizer whose scale is learnt while it runs; see the module docstring for the phases.
 
-    def __init__(self, policy: ScalePolicy, may_stay_dynamic: bool, tally: CalibrationTally, name: str = "") -> None:
+    It has a quantizer's call shape, ``x -> (x_fp8, scale)``, and goes in ``Fp8LinearParams.activation_quantizer``:
+    the layer's method hands every call to its kernel unchanged. ``kernels``: the layer's kernels by device (the
+    dict of its ``layer_state``); when the layer decides on a static scale, the per-tensor kernels made for it
+    (``use_static_kernel``) replace the dynamic ones there, outside any compiled region."""
+
+    def __init__(
+        self,
+        policy: ScalePolicy,
+        may_stay_dynamic: bool,
+        tally: CalibrationTally,
+        name: str = "",
+        group: GroupShape = PER_TOKEN,
+        kernels: dict | None = None,
+    ) -> None:
         self.policy = policy
         self.may_stay_dynamic = may_stay_dynamic
         self.tally = tally
@@ -166,11 +188,39 @@ class RuntimeActivationScale:
         self.spread: torch.Tensor | None = None  # float32 [1]: the largest token spread seen
         self.scale: torch.Tensor | None = None  # float32 [1]: the static scale of the last call
         self.overshoot: torch.Tensor | None = None  # float32 [1]: largest amax / static range seen (> 1: clamped)
+        self._dynamic_quant = QuantFP8(False, group)
         self._static_quant = QuantFP8(True, PER_TENSOR)
+        self.kernels = kernels if kernels is not None else {}
+        self._static_kernels: dict = {}
         self._pending: tuple[object, torch.Tensor] | None = None
         self._warned = False
         tally.started += 1
         tally.states.append(self)
+
+    def use_static_kernel(self, device: torch.device, kernel) -> None:
+        """The kernel for ``device`` once the scale is static (it is made now, outside any compiled trace)."""
+        self._static_kernels[device] = kernel
+        if self.phase == STATIC:
+            self.kernels[device] = kernel
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's activations in fp8 and their scale, by the phase; then the host bookkeeping (never inside
+        ``torch.compile``: there ``CalibrationTally.after_model_call`` does it once per model call)."""
+        compiling = torch.compiler.is_compiling()
+        phase = self.phase
+        if phase == STATIC:
+            out = self.quantize_static(x)
+        elif phase == DYNAMIC:
+            out = self._dynamic_quant(x)
+        elif compiling and self.history is None:  # no new state inside a compiled graph: dynamic there
+            return self._dynamic_quant(x)
+        else:
+            if not compiling:
+                self.buffers_on(x.device)
+            out = self._observe(x)
+        if not compiling:
+            self.after_call()
+        return out
 
     def buffers_on(self, device: torch.device) -> None:
         if self.history is None or self.history.device != device:
@@ -178,19 +228,15 @@ class RuntimeActivationScale:
                 torch.zeros(1, dtype=torch.float32, device=device) for _ in range(5)
             )
 
-    def observing_quantizer(self, dynamic: QuantFP8):
-        """Observing calls: the dynamic quantizer, whose per-token scales (amax / 448 each) are recorded."""
-
-        def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x_fp8, x_scale = dynamic(x)
-            rows = x_scale.detach().reshape(-1).float()
-            peak = rows.max()
-            torch.maximum(self.history, (peak * _E4M3_MAX).reshape(1), out=self.history)
-            quiet = torch.quantile(rows, 0.1) if rows.numel() > 1 else peak
-            torch.maximum(self.spread, (peak / quiet).reshape(1), out=self.spread)
-            return x_fp8, x_scale
-
-        return quantize
+    def _observe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observing calls: dynamic per-token scales (amax / 448 each), recorded."""
+        x_fp8, x_scale = self._dynamic_quant(x)
+        rows = x_scale.detach().reshape(-1).float()
+        peak = rows.max()
+        torch.maximum(self.history, (peak * _E4M3_MAX).reshape(1), out=self.history)
+        quiet = torch.quantile(rows, 0.1) if rows.numel() > 1 else peak
+        torch.maximum(self.spread, (peak / quiet).reshape(1), out=self.spread)
+        return x_fp8, x_scale
 
     def quantize_static(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Static calls: one pass, the scale from the history; the history follows this call's amax."""
@@ -240,6 +286,7 @@ class RuntimeActivationScale:
             self.phase, self.reason = DYNAMIC, "dynamic per-token (outlier tokens)"
         else:
             self.phase, self.reason = STATIC, "static per-tensor (calibrated)"
+            self.kernels.update(self._static_kernels)
         logger.debug("%s: activations amax %.3g, token spread %.0fx -> %s", self.name, amax, spread, self.reason)
         self.tally.record(self.reason)
 

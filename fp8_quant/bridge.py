@@ -14,14 +14,14 @@ import types
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Fp8Config, Int8Config
 from .cuda_graphs import GraphedForward
-from .dispatch import Fp8Recipe, LayerDecision
-from .fp8_utils import count_fp8_non_finite, is_fp8_dtype
-from .report import Fp8Report, LayerReport, fp8_layer_bytes, layer_format, tensor_bytes
+from .dispatch import Fp8Recipe
+from .layer_loader import load_layer
+from .layer_state import is_fp8_layer, layer_state
+from .report import Fp8Report
 
 logger = logging.getLogger(__name__)
 
@@ -54,83 +54,33 @@ def prepare_model_for_fp8(
     recipe = config if isinstance(config, Fp8Recipe) else Fp8Recipe.for_model(config, kernel)
     kernel = recipe.kernel
     report = Fp8Report(recipe.config)
+    install = install or install_instance_forward
     for index, (name, module) in enumerate(linears):
-        report.layers.append(_prepare_layer(name, module, recipe, quantize_device, install or install_instance_forward))
+        weight = module.weight
+        report.layers.append(load_layer(module, name, recipe, weight, quantize_device=quantize_device, install=install))
         if progress is not None:
             progress(index + 1, len(linears), name)
-    quantized = [module for _, module in linears if hasattr(module, "fp8_layer_config")]
+    quantized = [module for _, module in linears if is_fp8_layer(module)]
     if quantized:
         device = torch.device(compute_device) if compute_device is not None else quantized[0].weight.device
-        for module in quantized:
-            module.fp8_method.prepare_kernels(module, device)
-        note_kernel_choice(report, quantized, device, kernel)
+        prepare_kernels(report, quantized, device, kernel)
     else:
         logger.warning("no linear of %s was quantized: every one was skipped", type(model).__name__)
     logger.info(report.summary())
     return report
 
 
-def note_kernel_choice(report: Fp8Report, quantized: list[nn.Module], device: torch.device, kernel: str | None) -> None:
-    """The report's kernel sentence, and whether activations are really rounded to fp8 on ``device``: the dequantize
-    kernel (CPUs, GPUs without FP8 tensor cores) keeps them in high precision unless asked to round them, and then
-    nothing is calibrated either, so the summary must not say it is. ``quantized``: layers with kernels prepared."""
-    report.kernel_choice = quantized[0].fp8_method.explain_kernel(quantized[0], device, kernel)
-    report.activations_rounded = any(
-        layer.fp8_method.kernel_for(layer, device).input_quant is not None for layer in quantized
-    )
-
-
-def _prepare_layer(
-    name: str,
-    module: nn.Linear,
-    recipe: Fp8Recipe,
-    quantize_device: torch.device | str | None,
-    install: ForwardInstaller,
-) -> LayerReport:
-    size = tensor_bytes(module.weight)
-    bf16_size = 2 * module.weight.numel() if module.weight is not None else 0
-    if hasattr(module, "fp8_layer_config"):
-        return LayerReport(name, False, "already fp8", size, size, bf16_size)
-    weight = module.weight
-    unit_scale = weight is not None and is_fp8_dtype(weight.dtype)
-    if unit_scale:  # a model built from a file this pack never read: its fp8 bytes are checked here
-        bad = count_fp8_non_finite(weight)
-        if bad:
-            raise ValueError(f"{name}: fp8 weight holds {bad} NaN/inf value(s); the model's file is corrupt")
-    decision: LayerDecision = recipe.decide(name, weight, unit_scale=unit_scale)
-    if decision.method is None:
-        if _narrower(decision.keep_dtype, weight):
-            _store_in(module, decision.keep_dtype)
-        held = module.weight.dtype if module.weight is not None else None
-        return LayerReport(name, False, decision.reason, size, tensor_bytes(module.weight), bf16_size, held)
-    if unit_scale:
-        # A plain fp8 cast (how ComfyUI holds an fp8 text-encoder file on a GPU): the stored values are the
-        # weights, at unit scale. Re-quantizing cannot win back precision, so they are used as they are.
-        module.weight_scale = nn.Parameter(torch.ones((), device=weight.device), requires_grad=False)
-        module.input_scale = None
-    decision.method.process_weights_after_loading(module, name, quantize_device)
-    module.fp8_method = decision.method
-    install(module)
-    held = fp8_layer_bytes(module)
-    return LayerReport(name, True, decision.reason, size, held, bf16_size, number_format=layer_format(module))
-
-
-def _narrower(dtype: torch.dtype | None, weight: torch.Tensor | None) -> bool:
-    if dtype is None or weight is None or not weight.dtype.is_floating_point or is_fp8_dtype(weight.dtype):
-        return False
-    return torch.finfo(dtype).bits < torch.finfo(weight.dtype).bits
-
-
-def _store_in(module: nn.Linear, dtype: torch.dtype) -> None:
-    """A layer kept in high precision stored in ``dtype`` (an fp32 model's kept layers in bf16), computed in the
-    input's dtype. A new parameter: the old one may be shared with another model."""
-    module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-    module.forward = types.MethodType(_upcast_linear_forward, module)
-
-
-def _upcast_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    bias = self.bias.to(x.dtype) if self.bias is not None else None
-    return F.linear(x, self.weight.to(x.dtype), bias)
+def prepare_kernels(report: Fp8Report, quantized: list[nn.Module], device: torch.device, kernel: str | None) -> None:
+    """Every quantized layer's kernels chosen now for ``device`` (outside any ``torch.compile`` trace), and the
+    report's kernel sentence: which kernel runs and whether activations are really rounded to 8 bits on ``device``
+    (the dequantize kernel of CPUs and GPUs without FP8 tensor cores keeps them in high precision unless asked to
+    round them, and then nothing is calibrated either, so the summary must not say it is)."""
+    for layer in quantized:
+        layer.fp8.method.prepare_kernels(layer, device)
+    first = quantized[0].fp8
+    report.kernel_choice = first.method.explain_kernel(quantized[0], device, kernel)
+    report.activations_rounded = any(layer.fp8.method.kernel_for(layer, device).input_quant is not None
+                                     for layer in quantized)  # fmt: skip
 
 
 def install_instance_forward(module: nn.Linear) -> None:
@@ -139,7 +89,7 @@ def install_instance_forward(module: nn.Linear) -> None:
 
 def fp8_linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a bridged linear: the method's kernel does the product."""
-    return self.fp8_method.apply(self, x, self.bias)
+    return self.fp8.method.apply(self, x, self.bias)
 
 
 def clone_module_tree(model: nn.Module) -> nn.Module:
@@ -178,9 +128,9 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
         for key, param in module._parameters.items()
     }
     new._buffers = dict(module._buffers)
-    if "fp8_kernels" in new.__dict__:
-        new.fp8_kernels = {}
-    new.__dict__.pop("fp8_activation_scale", None)  # learnt at run time, per model
+    state = layer_state(module)
+    if state is not None:  # kernels and learnt scales are per model
+        new.fp8 = state.for_copy()
     forward = new.__dict__.get("forward")
     if isinstance(forward, GraphedForward):  # graphs of the original's memory: the copy runs eagerly
         del new.forward

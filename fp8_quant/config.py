@@ -3,13 +3,13 @@
 A config is built from a dict (node options, a checkpoint's header, a JSON file) and every unknown value is a
 ``ValueError`` that names the field and the allowed values, so a typo in a workflow never becomes a silent
 default. ``UserOptions`` holds what a person chose by the names they see (node widgets, CLI flags, with
-``auto`` meaning "the file's own or the default"); ``online_config`` and ``stored_config`` are the one place
-where those choices meet a file's config.
+``auto`` meaning "the file's own or the default"); ``resolve`` is the one place where those choices meet a file's
+config and a context's ``Defaults`` (the text encoders' recipes are a table of them). Names are parsed by the one
+table of ``choices``; a config holds typed values (``ActivationScheme``, ``GroupShape``, dtypes).
 """
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
@@ -18,49 +18,39 @@ from typing import Any
 
 import torch
 
+from .choices import (
+    ACTIVATION_GRANULARITY,
+    ACTIVATION_SCHEME,
+    AUTO,
+    OUTPUT_DTYPE,
+    QUANT_FORMAT,
+    USER_ACTIVATION_GRANULARITIES,
+    USER_ACTIVATION_SCHEMES,
+    WEIGHT_DTYPE,
+    WEIGHT_GRANULARITIES,
+    WEIGHT_GRANULARITY,
+    WEIGHT_GRANULARITY_OR_AUTO,
+    ActivationScheme,
+    QuantFormat,
+)
 from .patterns import MAX_PATTERN_CHARS, PatternError, compile_regex
 from .scheme import (
-    BLOCK_128,
     PER_CHANNEL,
     PER_TENSOR,
     PER_TOKEN,
-    PER_TOKEN_GROUP_128,
     GroupShape,
     QuantKey,
     activation_key,
     weight_key,
 )
 
-WEIGHT_DTYPES: dict[str, torch.dtype] = {
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
-_DTYPE_ALIASES = {
-    "e4m3fn": "float8_e4m3fn",
-    "e4m3": "float8_e4m3fn",
-    "fp8_e4m3fn": "float8_e4m3fn",
-    "e5m2": "float8_e5m2",
-    "fp8_e5m2": "float8_e5m2",
-}
-OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
-# Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
-# "block": DeepSeek-style 128x128 weight blocks; "group": 1x128 activation groups (what block-scaled GEMMs take).
-WEIGHT_GROUPS: dict[str, GroupShape] = {"channel": PER_CHANNEL, "tensor": PER_TENSOR, "block": BLOCK_128}
-ACTIVATION_GROUPS: dict[str, GroupShape] = {"tensor": PER_TENSOR, "token": PER_TOKEN, "group": PER_TOKEN_GROUP_128}
-AUTO = "auto"
-# "auto" weights: per tensor, per channel or (outlier input columns) fitted groups, chosen per layer at load
-# (auto_scales.choose_weight_group).
-WEIGHT_GRANULARITIES = (AUTO, *WEIGHT_GROUPS)
-# "calibrated": learnt per layer at run time, static per-tensor or dynamic per-token (auto_scales).
-ACTIVATION_SCHEMES = ("dynamic", "static", "calibrated", "none")
-# Schemes a user picks by name; "auto" stands for the file's own or "calibrated".
-USER_SCHEMES = ("dynamic", "static", "none")
-ACTIVATION_GRANULARITIES = tuple(ACTIVATION_GROUPS)
+# Name -> value views of the parse table (``choices``), for callers that list or look up names.
+WEIGHT_DTYPES: dict[str, torch.dtype] = dict(WEIGHT_DTYPE.values)
+OUTPUT_DTYPES: dict[str, torch.dtype | None] = dict(OUTPUT_DTYPE.values)
+WEIGHT_GROUPS: dict[str, GroupShape] = dict(WEIGHT_GRANULARITY.values)
+ACTIVATION_GROUPS: dict[str, GroupShape] = dict(ACTIVATION_GRANULARITY.values)
+ACTIVATION_SCHEMES = ACTIVATION_SCHEME.names
+ACTIVATION_GRANULARITIES = ACTIVATION_GRANULARITY.names
 
 # Layers that DiTs and text encoders keep in high precision: quantizing them costs much quality for few bytes.
 SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
@@ -87,47 +77,31 @@ SENSITIVE_LAYER_PATTERNS: tuple[str, ...] = (
 )
 
 
-class QuantFormat(enum.Enum):
-    """The 8-bit number format of a model's quantized linears, as users name it (``parse_quant_format``)."""
-
-    AUTO = "auto"  # per GPU (``format_choice.resolve_quant_format``); fp8 where no device is known
-    FP8 = "fp8"
-    INT8_ROTATED = "int8_rotated"
-
-
 def parse_quant_format(value: Any, option: str = "quant_format") -> QuantFormat:
     """``auto``, ``fp8`` or ``int8_rotated`` (also ``int8``), case-insensitive; anything else is an error naming
     ``option``."""
     if isinstance(value, QuantFormat):
         return value
-    text = str(value).strip().lower().replace("-", "_").replace(" ", "_")
-    text = {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}.get(text, text)
-    for fmt in QuantFormat:
-        if fmt.value == text:
-            return fmt
-    raise ValueError(f"{option}: {value!r} is not allowed; allowed values: {[fmt.value for fmt in QuantFormat]}")
+    return QUANT_FORMAT.parse(str(value).strip().lower().replace("-", "_").replace(" ", "_"), option, shown=value)
 
 
 @dataclass(frozen=True)
 class Fp8Config:
-    """How the linears of one model are quantized.
+    """How the linears of one model are quantized, as typed values (names are parsed by ``choices``).
 
-    ``weight_granularity``: ``channel``, ``tensor``, ``block`` (128x128), or ``auto`` (per layer: per tensor where
-    the rows share a range, fitted scales where a few input columns dominate). ``activation_scheme``: ``dynamic``
-    computes an activation scale per call; ``static`` uses one per-tensor scale, the checkpoint's ``input_scale``
-    or else one learnt at run time; ``calibrated`` learns per layer at run time whether a static per-tensor scale
-    serves or per-token scales are needed; ``none`` keeps activations in high precision (weight-only fp8).
-    ``activation_granularity`` is that of dynamic scales (``group``: one per token and 128 inputs).
-    ``output_dtype`` ``None`` means "the input's dtype". ``round_activations_on_dequant``: where the product runs
-    in high precision (the dequantize kernel: CPUs, GPUs without FP8 tensor cores, odd shapes), also round the
-    activations to fp8 as the fp8 product would; off by default, since it only adds error there, and on where a
-    user asked for an activation scheme explicitly (to reproduce an FP8 GPU's numbers).
+    ``weight_granularity``: ``PER_CHANNEL``, ``PER_TENSOR``, ``BLOCK_128``, or ``None`` for "auto" (per layer: per
+    tensor where the rows share a range, fitted scales where a few input columns dominate). ``activation_scheme``:
+    an ``ActivationScheme`` (dynamic, static, calibrated, none). ``activation_granularity`` is that of dynamic
+    scales (``PER_TOKEN_GROUP_128``: one per token and 128 inputs). ``output_dtype`` ``None`` means "the input's
+    dtype". ``round_activations_on_dequant``: where the product runs in high precision (the dequantize kernel:
+    CPUs, GPUs without FP8 tensor cores, odd shapes), also round the activations to fp8 as the fp8 product would
+    (see ``resolve`` for when). Names are accepted for every field and parsed once, here.
     """
 
     weight_dtype: torch.dtype = torch.float8_e4m3fn
-    weight_granularity: str = "channel"
-    activation_scheme: str = "dynamic"
-    activation_granularity: str = "token"
+    weight_granularity: GroupShape | None = PER_CHANNEL
+    activation_scheme: ActivationScheme = ActivationScheme.DYNAMIC
+    activation_granularity: GroupShape = PER_TOKEN
     ignored_layers: tuple[str, ...] = ()
     output_dtype: torch.dtype | None = None
     round_activations_on_dequant: bool = False
@@ -135,15 +109,16 @@ class Fp8Config:
     quant_format = QuantFormat.FP8  # not a field: what every config of this class is
 
     def __post_init__(self) -> None:
-        _check_choice("weight_dtype", self.weight_dtype, tuple(WEIGHT_DTYPES.values()))
-        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
-        _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
-        _check_choice("activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
-        _check_choice("output_dtype", self.output_dtype, tuple(OUTPUT_DTYPES.values()))
-        if self.activation_scheme == "static" and self.activation_granularity != "tensor":
+        object.__setattr__(self, "weight_dtype", WEIGHT_DTYPE.parse(self.weight_dtype))
+        object.__setattr__(self, "weight_granularity", WEIGHT_GRANULARITY_OR_AUTO.parse(self.weight_granularity))
+        object.__setattr__(self, "activation_scheme", ACTIVATION_SCHEME.parse(self.activation_scheme))
+        object.__setattr__(self, "activation_granularity", ACTIVATION_GRANULARITY.parse(self.activation_granularity))
+        object.__setattr__(self, "output_dtype", OUTPUT_DTYPE.parse(self.output_dtype))
+        if self.activation_scheme is ActivationScheme.STATIC and self.activation_granularity != PER_TENSOR:
             raise ValueError(
                 "activation_granularity: a static activation scale is one calibrated scalar, so it must be "
-                f"'tensor' (got {self.activation_granularity!r}); use activation_scheme='dynamic' for per-token scales"
+                f"'tensor' (got {self._names()['activation_granularity']!r}); use activation_scheme='dynamic' for "
+                "per-token scales"
             )
         object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
 
@@ -165,37 +140,58 @@ class Fp8Config:
             kwargs["ignored_layers"] = parse_patterns(kwargs["ignored_layers"])
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
+    def _names(self) -> dict[str, str]:
+        """The choices by name, as files, widgets and messages write them."""
         return {
-            "weight_dtype": _name_of(WEIGHT_DTYPES, self.weight_dtype),
-            "weight_granularity": self.weight_granularity,
-            "activation_scheme": self.activation_scheme,
-            "activation_granularity": self.activation_granularity,
+            "weight_dtype": WEIGHT_DTYPE.format(self.weight_dtype),
+            "weight_granularity": WEIGHT_GRANULARITY_OR_AUTO.format(self.weight_granularity),
+            "activation_scheme": ACTIVATION_SCHEME.format(self.activation_scheme),
+            "activation_granularity": ACTIVATION_GRANULARITY.format(self.activation_granularity),
+            "output_dtype": OUTPUT_DTYPE.format(self.output_dtype),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        names = self._names()
+        return {
+            "weight_dtype": names["weight_dtype"],
+            "weight_granularity": names["weight_granularity"],
+            "activation_scheme": names["activation_scheme"],
+            "activation_granularity": names["activation_granularity"],
             "ignored_layers": list(self.ignored_layers),
-            "output_dtype": _name_of(OUTPUT_DTYPES, self.output_dtype),
+            "output_dtype": names["output_dtype"],
             "round_activations_on_dequant": self.round_activations_on_dequant,
         }
+
+    def __repr__(self) -> str:
+        """By the choices' names (stable across versions: the text encoders' fit cache keys on it)."""
+        names = self._names()
+        return (
+            f"Fp8Config(weight_dtype={self.weight_dtype}, weight_granularity={names['weight_granularity']!r}, "
+            f"activation_scheme={names['activation_scheme']!r}, "
+            f"activation_granularity={names['activation_granularity']!r}, ignored_layers={self.ignored_layers!r}, "
+            f"output_dtype={self.output_dtype}, round_activations_on_dequant={self.round_activations_on_dequant})"
+        )
 
     def with_ignored(self, patterns: Iterable[str]) -> Fp8Config:
         return replace(self, ignored_layers=tuple(self.ignored_layers) + tuple(patterns))
 
     @property
     def quantizes_activations(self) -> bool:
-        return self.activation_scheme != "none"
+        return self.activation_scheme.quantizes
 
     @property
     def learns_activation_scales(self) -> bool:
         """Scales found while the model runs (where a layer has no ``input_scale`` from its file)."""
-        return self.activation_scheme in ("static", "calibrated")
+        return self.activation_scheme.learns_scales
 
     @property
     def weight_group(self) -> GroupShape:
         """The configured weight granularity; "auto" is decided per layer (the fallback here is per channel)."""
-        return WEIGHT_GROUPS.get(self.weight_granularity, PER_CHANNEL)
+        return self.weight_granularity if self.weight_granularity is not None else PER_CHANNEL
 
     @property
     def activation_group(self) -> GroupShape:
-        return ACTIVATION_GROUPS[self.activation_granularity]
+        return self.activation_granularity
 
     @property
     def weight_quant_key(self) -> QuantKey:
@@ -206,17 +202,19 @@ class Fp8Config:
         """The activation scheme; activations use e4m3fn whatever the weights use (e5m2 x e5m2 has no kernel)."""
         if not self.quantizes_activations:
             return None
-        return activation_key(torch.float8_e4m3fn, self.activation_scheme == "static", self.activation_group)
+        return activation_key(torch.float8_e4m3fn, self.activation_scheme is ActivationScheme.STATIC,
+                              self.activation_group)  # fmt: skip
 
-    def describe(self, activations_rounded: bool = True) -> str:
+    def describe(self, activations_rounded: bool = True, weights: str | None = None) -> str:
         """The scheme in words; ``activations_rounded`` ``False``: the kernel that runs keeps activations in high
-        precision (the dequantize kernel), so no activation is rounded or calibrated, whatever the scheme says."""
-        weights = str(self.weight_quant_key)
-        if self.weight_granularity == AUTO:
+        precision (the dequantize kernel), so no activation is rounded or calibrated, whatever the scheme says.
+        ``weights``: the weights as the layers run them, where the report knows better than the config."""
+        weights = weights or str(self.weight_quant_key)
+        if self.weight_granularity is None:
             weights = weights.replace("per-channel", "per-tensor, per-channel or fitted groups by layer")
         if self.quantizes_activations and not activations_rounded:
             acts = "not rounded (this device multiplies dequantized weights)"
-        elif self.activation_scheme == "calibrated":
+        elif self.activation_scheme is ActivationScheme.CALIBRATED:
             acts = "calibrated by layer at the first step"
         else:
             acts = str(self.activation_quant_key) if self.activation_quant_key else "none (weight-only)"
@@ -297,15 +295,13 @@ class Int8Config:
     def rotation_words(self) -> str:
         return f"rotated in groups of {self.rotation_group}" if self.rotation_group else "not rotated"
 
-    def describe(self, activations_rounded: bool = True) -> str:
+    def describe(self, activations_rounded: bool = True, weights: str | None = None) -> str:
         per = " and rotation group" if self.grouped_scales else ""
         weights = f"int8, per-{self.weight_granularity}{per}, {self.rotation_words()}"
         acts = f"int8, per-token{per}, dynamic" if self.quantizes_activations else "none (weight-only)"
         return f"weights {weights}; activations {acts}"
 
 
-USER_ACTIVATION_SCHEMES = (AUTO, *USER_SCHEMES)
-USER_ACTIVATION_GRANULARITIES = (AUTO, *ACTIVATION_GRANULARITIES)
 
 
 @dataclass(frozen=True)
@@ -339,20 +335,70 @@ class UserOptions:
         return QuantFormat(self.quant_format)
 
 
-def online_config(options: UserOptions) -> Fp8Config | Int8Config:
-    """How a bf16/fp16/fp32 model is quantized on the fly: e4m3fn, weights and activations scaled per layer as
-    ``auto`` says unless the user chose otherwise, or (``quant_format`` int8_rotated) int8 rotated in groups of 256
-    with activations rounded per row; sensitive layers and the user's ``skip_layers`` stay as they are."""
-    if options.format is QuantFormat.INT8_ROTATED:
+@dataclass(frozen=True)
+class Defaults:
+    """What ``auto`` stands for in one context (the DiT loaders, each text-encoder recipe): the activation scheme
+    and the weight granularity where neither the user nor the file chose one (``None``: per layer);
+    ``round_whenever_quantized``: the dequantize kernel rounds activations wherever the scheme quantizes them (the
+    reported error is the FP8 GPU's), else only where the user chose a scheme explicitly; ``int8_weight_only``:
+    weight-only layers are int8 (per channel or per tensor, not rotated) rather than fp8."""
+
+    activation_scheme: ActivationScheme = ActivationScheme.CALIBRATED
+    weight_granularity: GroupShape | None = None
+    round_whenever_quantized: bool = False
+    int8_weight_only: bool = False
+
+
+# Models quantized on the fly or loaded from a file (Load FP8 DiT, the CLI): activations calibrated per layer at the
+# first step, weights per layer; the dequantize kernel rounds activations only where a scheme was chosen explicitly
+# (to reproduce an FP8 GPU's numbers), since it only adds error there. The text encoders' table is in text_encoder.
+DIT_DEFAULTS = Defaults()
+
+
+def resolve(
+    options: UserOptions, file_config: Fp8Config | None = None, defaults: Defaults = DIT_DEFAULTS
+) -> Fp8Config | Int8Config:
+    """The one place where a person's choices meet a file's config and the context's defaults.
+
+    ``file_config``: the config of a file's fp8 layers; then the weights are the file's (each layer's scale shape
+    decides; ``weight_granularity`` only applies on the fly) and ``auto`` keeps the file's calibrated input scales
+    where it has them. Without one, the model is quantized on the fly: the user's choices, else ``defaults``, with
+    the sensitive layers and the user's ``skip_layers`` kept; ``quant_format`` int8_rotated gives the int8 scheme.
+    ``activation_granularity`` ``auto``: one scale per token when it is computed per call, one per tensor when it
+    is calibrated (static).
+    """
+    if file_config is None and options.format is QuantFormat.INT8_ROTATED:
         return int8_online_config(options)
-    scheme = "calibrated" if options.activation_scheme == AUTO else options.activation_scheme
+    chosen = options.activation_scheme != AUTO
+    if chosen:
+        scheme = ACTIVATION_SCHEME.parse(options.activation_scheme)
+    elif file_config is not None and file_config.activation_scheme is ActivationScheme.STATIC:
+        scheme = ActivationScheme.STATIC
+    else:
+        scheme = defaults.activation_scheme
+    if options.activation_granularity != AUTO:
+        granularity = ACTIVATION_GRANULARITY.parse(options.activation_granularity)
+    else:
+        granularity = PER_TENSOR if scheme is ActivationScheme.STATIC else PER_TOKEN
+    rounds = scheme.quantizes if defaults.round_whenever_quantized else chosen
+    activations = {"activation_scheme": scheme, "activation_granularity": granularity}
+    if file_config is not None:
+        return replace(file_config, **activations, round_activations_on_dequant=rounds)
+    weights = WEIGHT_GRANULARITY_OR_AUTO.parse(options.weight_granularity)
+    weights = defaults.weight_granularity if weights is None else weights
+    skips = SENSITIVE_LAYER_PATTERNS + options.skip_layers
+    if defaults.int8_weight_only and not scheme.quantizes and weights in (None, PER_CHANNEL, PER_TENSOR):
+        granularity_name = "tensor" if weights == PER_TENSOR else "channel"
+        return Int8Config(rotation_group=None, weight_granularity=granularity_name, activation_scheme="none",
+                          ignored_layers=skips)  # fmt: skip
     return Fp8Config(
-        weight_granularity=options.weight_granularity,
-        activation_scheme=scheme,
-        activation_granularity=_activation_granularity(options.activation_granularity, scheme),
-        ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
-        round_activations_on_dequant=options.activation_scheme != AUTO,
+        weight_granularity=weights, **activations, ignored_layers=skips, round_activations_on_dequant=rounds
     )
+
+
+def online_config(options: UserOptions) -> Fp8Config | Int8Config:
+    """How a bf16/fp16/fp32 model is quantized on the fly (``resolve`` without a file)."""
+    return resolve(options)
 
 
 def int8_online_config(options: UserOptions) -> Int8Config:
@@ -389,28 +435,11 @@ def int8_online_config(options: UserOptions) -> Int8Config:
 
 
 def stored_config(file_config: Fp8Config, options: UserOptions) -> Fp8Config:
-    """How the fp8 layers of a file run: the file's own config, with the user's activation choices on top.
-
-    The weight granularity is the file's (each layer's scale shape decides); ``weight_granularity`` only applies
-    to on-the-fly quantization. ``auto`` takes the file's calibrated input scales where it has them and calibrates
-    per layer otherwise.
-    """
-    scheme = options.activation_scheme
-    if scheme == AUTO:
-        scheme = "static" if file_config.activation_scheme == "static" else "calibrated"
-    return replace(
-        file_config,
-        activation_scheme=scheme,
-        activation_granularity=_activation_granularity(options.activation_granularity, scheme),
-        round_activations_on_dequant=options.activation_scheme != AUTO,
-    )
-
-
-def _activation_granularity(choice: str, scheme: str) -> str:
-    """``auto``: one scale per token when it is computed per call, one per tensor when it is calibrated."""
-    if choice != AUTO:
-        return choice
-    return "tensor" if scheme == "static" else "token"
+    """How the fp8 layers of a file run: the file's own config, with the user's activation choices on top
+    (``resolve`` with the file's config)."""
+    config = resolve(options, file_config)
+    assert isinstance(config, Fp8Config)
+    return config
 
 
 def is_layer_skipped(name: str, config_or_patterns: Fp8Config | Iterable[str]) -> bool:
@@ -441,21 +470,13 @@ def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
 def parse_weight_dtype(value: Any) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
-    text = str(value).lower().removeprefix("torch.")
-    text = _DTYPE_ALIASES.get(text, text)
-    if text not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype: {value!r} is not allowed; allowed values: {list(WEIGHT_DTYPES)}")
-    return WEIGHT_DTYPES[text]
+    return WEIGHT_DTYPE.parse(str(value).lower().removeprefix("torch."), shown=value)
 
 
 def parse_output_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    text = str(value).lower().removeprefix("torch.")
-    text = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}.get(text, text)
-    if text not in OUTPUT_DTYPES:
-        raise ValueError(f"output_dtype: {value!r} is not allowed; allowed values: {list(OUTPUT_DTYPES)}")
-    return OUTPUT_DTYPES[text]
+    return OUTPUT_DTYPE.parse(str(value).lower().removeprefix("torch."), shown=value)
 
 
 def parse_patterns(value: Any) -> tuple[str, ...]:
@@ -494,12 +515,9 @@ def _check_choice(field_name: str, value: Any, allowed: tuple[Any, ...]) -> None
         raise ValueError(f"{field_name}: {value!r} is not allowed; allowed values: {shown}")
 
 
-def _name_of(table: Mapping[str, Any], value: Any) -> str:
-    return next(name for name, candidate in table.items() if candidate == value)
-
-
 __all__ = [
     "SENSITIVE_LAYER_PATTERNS",
+    "Defaults",
     "Fp8Config",
     "Int8Config",
     "QuantFormat",
@@ -511,6 +529,7 @@ __all__ = [
     "parse_patterns",
     "parse_quant_format",
     "parse_weight_dtype",
+    "resolve",
     "stored_config",
     "unmatched_patterns",
 ]

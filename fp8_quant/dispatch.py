@@ -5,7 +5,7 @@ patches built models both ask ``Fp8Recipe.decide`` for every linear, with the la
 arrives (fp8 from a file, or high precision), and do what it says. Rules that live here and nowhere else:
 
 - an fp8 weight runs on the stored-weight method, whose scheme is the file's with the user's activation choices
-  (``config.stored_config``); a layer the user asked to skip is kept in high precision instead (the loader
+  (``config.resolve``); a layer the user asked to skip is kept in high precision instead (the loader
   dequantizes it);
 - a static scheme takes the layer's ``input_scale`` from its file, and a layer without one learns its scale at
   run time (``auto_scales``), said in the reason; under ``auto`` (``calibrated``) a layer with an ``input_scale``
@@ -27,11 +27,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import Fp8Config, Int8Config, UserOptions, matching_pattern, online_config, stored_config
+from .choices import ActivationScheme
+from .config import Fp8Config, Int8Config, UserOptions, matching_pattern, resolve
 from .fp8_utils import HIGH_PRECISION_DTYPES, is_fp8_dtype
 from .kernels import kernel_class
 from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod, RoundedWeights
 from .methods_int8 import Int8LinearMethod, Int8OnlineLinearMethod
+from .scheme import PER_TENSOR
 
 QUANTIZED = "quantized"
 STORED_FP8 = "fp8 in file"
@@ -73,7 +75,7 @@ class Fp8Recipe:
     """Every per-layer choice for one model.
 
     ``stored``: the scheme of weights that arrive in fp8; ``online``: how high-precision weights are quantized
-    (``None`` keeps them); ``stored_skips``: patterns that keep even an fp8 weight in high precision (the user's
+    (``None`` keeps them); ``ignored_layers``: patterns that keep even an fp8 weight in high precision (the user's
     own, never the default sensitive-layer list: a file's author chose what to quantize); ``kernel``: a forced
     kernel name, or ``None`` to choose per device. ``overrides``: per-layer choices by exact name (they win over
     the patterns); ``rounded``: fp8 weights chosen ahead of time per layer (error-compensating rounding), used in
@@ -82,9 +84,9 @@ class Fp8Recipe:
     model name, with their ConvRot group (``None``: not rotated).
     """
 
-    stored: Fp8Config = field(default_factory=lambda: Fp8Config(weight_granularity="tensor"))
+    stored: Fp8Config = field(default_factory=lambda: Fp8Config(weight_granularity=PER_TENSOR))
     online: Fp8Config | Int8Config | None = None
-    stored_skips: tuple[str, ...] = ()
+    ignored_layers: tuple[str, ...] = ()
     kernel: str | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     rounded: RoundedWeights = field(default_factory=dict)
@@ -109,10 +111,10 @@ class Fp8Recipe:
         file's bf16 layers were kept on purpose)."""
         kernel = None if kernel in (None, "auto") else kernel
         int8_layers = dict(int8_layers or {})
-        common = {"stored_skips": options.skip_layers, "kernel": kernel, "int8_layers": int8_layers}
+        common = {"ignored_layers": options.skip_layers, "kernel": kernel, "int8_layers": int8_layers}
         if file_config is None and not int8_layers:
-            return cls(online=online_config(options), **common)
-        stored = stored_config(file_config or Fp8Config(weight_granularity="tensor"), options)
+            return cls(online=resolve(options), **common)
+        stored = resolve(options, file_config or Fp8Config(weight_granularity=PER_TENSOR))
         return cls(stored=stored, **common)
 
     @classmethod
@@ -122,10 +124,10 @@ class Fp8Recipe:
         ``config.ignored_layers`` skips them. ``per_model``: ``overrides``, ``rounded``, ``keep_dtype`` (see the
         class)."""
         if isinstance(config, Int8Config):
-            stored = Fp8Config(weight_granularity="tensor", ignored_layers=config.ignored_layers)
+            stored = Fp8Config(weight_granularity=PER_TENSOR, ignored_layers=config.ignored_layers)
         else:
-            stored = replace(config, weight_granularity="tensor")
-        return cls(stored=stored, online=config, stored_skips=config.ignored_layers, kernel=kernel, **per_model)
+            stored = replace(config, weight_granularity=PER_TENSOR)
+        return cls(stored=stored, online=config, ignored_layers=config.ignored_layers, kernel=kernel, **per_model)
 
     @property
     def config(self) -> Fp8Config | Int8Config:
@@ -177,7 +179,7 @@ class Fp8Recipe:
                 "weights as ComfyUI's int8_tensorwise layers only)"
             )
         group = self.int8_layers[name]
-        pattern = matching_pattern(name, self.stored_skips)
+        pattern = matching_pattern(name, self.ignored_layers)
         if pattern is not None:
             return LayerDecision(name, None, f"matched {pattern!r}", stored_rotation=group)
         reason = STORED_INT8_ROTATED if group is not None else STORED_INT8
@@ -186,21 +188,21 @@ class Fp8Recipe:
     def _stored_int8_config(self, group: int | None) -> Int8Config:
         """How a file's int8 layers run: the file's rotation; activations rounded per row unless the user asked for
         none (weight-only)."""
-        scheme = "none" if self.stored.activation_scheme == "none" else "dynamic"
-        return Int8Config(rotation_group=group, activation_scheme=scheme, output_dtype=self.stored.output_dtype)
+        scheme = ActivationScheme.DYNAMIC if self.stored.quantizes_activations else ActivationScheme.NONE
+        return Int8Config(rotation_group=group, activation_scheme=scheme.value, output_dtype=self.stored.output_dtype)
 
     def _decide_stored(self, name: str, has_input_scale: bool, unit_scale: bool) -> LayerDecision:
-        pattern = matching_pattern(name, self.stored_skips)
+        pattern = matching_pattern(name, self.ignored_layers)
         if pattern is not None:
             return LayerDecision(name, None, f"matched {pattern!r}")
         reason = UNIT_SCALE_FP8 if unit_scale else STORED_FP8
         config = self.stored
-        if config.activation_scheme == "static" and not has_input_scale:
+        if config.activation_scheme is ActivationScheme.STATIC and not has_input_scale:
             reason = STATIC_WITHOUT_INPUT_SCALE
-        elif config.activation_scheme == "calibrated" and has_input_scale:
+        elif config.activation_scheme is ActivationScheme.CALIBRATED and has_input_scale:
             # auto on a file where only some layers carry a calibrated input scale (``convert --calibrated`` from a
             # partial run): those layers use theirs, the others are calibrated at run time.
-            config = replace(config, activation_scheme="static", activation_granularity="tensor")
+            config = replace(config, activation_scheme=ActivationScheme.STATIC, activation_granularity=PER_TENSOR)
             reason = STORED_WITH_INPUT_SCALE
         return LayerDecision(name, self._method(config, online=False), reason)
 

@@ -249,6 +249,11 @@ def _row_chunks(weight: torch.Tensor, multiple: int = 1, max_elements: int = 1 <
 _FP8_NON_FINITE_FROM = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
+def unit_weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The scale of an fp8 weight stored with none (a plain cast): its values are the weights, one scale of 1."""
+    return torch.ones((), dtype=torch.float32, device=weight.device)
+
+
 def count_fp8_non_finite(weight: torch.Tensor) -> int:
     """How many values of an fp8 tensor are NaN or inf, read from its bytes where the tensor is.
 

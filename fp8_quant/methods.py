@@ -14,8 +14,9 @@ import logging
 import torch
 from torch import nn
 
-from .auto_scales import DEFAULT_POLICY, DYNAMIC, STATIC, CalibrationTally, RuntimeActivationScale, choose_weight_group
-from .config import AUTO, Fp8Config
+from .auto_scales import DEFAULT_POLICY, CalibrationTally, RuntimeActivationScale, choose_weight_group
+from .choices import ActivationScheme
+from .config import Fp8Config
 from .fp8_utils import check_scale, is_fp8_dtype, quantize_weight, weight_row_amax
 from .kernels import (
     FP8ScaledMMLinearKernel,
@@ -24,9 +25,9 @@ from .kernels import (
     explain_choice,
     select_kernel,
 )
+from .layer_state import Fp8LayerState
 from .params import Fp8LinearParams
 from .scheme import (
-    QuantKey,
     activation_key,
     expected_scale_shapes,
     kFp8StaticTensorSym,
@@ -60,7 +61,7 @@ class Fp8LinearMethod:
         layer.weight = _parameter(torch.empty(out_features, in_features, dtype=self.config.weight_dtype, device=device))
         scale_shape = weight_scale_shape(self.config.weight_group, out_features, in_features)
         layer.weight_scale = _parameter(torch.ones(scale_shape, dtype=torch.float32, device=device))
-        static = self.config.activation_scheme == "static"
+        static = self.config.activation_scheme is ActivationScheme.STATIC
         layer.input_scale = _parameter(torch.ones((), dtype=torch.float32, device=device)) if static else None
 
     def process_weights_after_loading(
@@ -75,7 +76,7 @@ class Fp8LinearMethod:
             raise ValueError(f"{what}: Fp8LinearMethod expects an fp8 weight, got {weight.dtype}")
         weight_scale = normalize_weight_scale(getattr(layer, "weight_scale", None), tuple(weight.shape), what)
         input_scale = getattr(layer, "input_scale", None)
-        if self.config.activation_scheme == "static" and input_scale is not None:
+        if self.config.activation_scheme is ActivationScheme.STATIC and input_scale is not None:
             input_scale = input_scale.detach().float()
             if input_scale.numel() != 1:
                 raise ValueError(f"{what}: input_scale must be one scalar, got shape {tuple(input_scale.shape)}")
@@ -86,8 +87,7 @@ class Fp8LinearMethod:
         home = torch.device(result_device) if result_device is not None else weight.device
         if input_scale is not None:
             input_scale = input_scale.to(home)
-        self._install(layer, weight.detach().to(home).contiguous(), weight_scale.to(home), input_scale)
-        layer.fp8_name = what
+        self._install(layer, weight.detach().to(home).contiguous(), weight_scale.to(home), input_scale, what)
 
     def _install(
         self,
@@ -95,14 +95,13 @@ class Fp8LinearMethod:
         weight: torch.Tensor,
         weight_scale: torch.Tensor,
         input_scale: torch.Tensor | None,
+        name: str,
     ) -> None:
         # New Parameter objects, never in-place writes: a module shared with another model keeps its tensors.
         layer.weight = _parameter(weight)
         layer.weight_scale = _parameter(weight_scale)
         layer.input_scale = _parameter(input_scale) if input_scale is not None else None
-        layer.fp8_layer_config = self.layer_config(weight, weight_scale)
-        layer.fp8_kernels = {}
-        layer.__dict__.pop("fp8_activation_scale", None)
+        layer.fp8 = Fp8LayerState(self, self.layer_config(weight, weight_scale), name)
 
     def layer_config(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> FP8ScaledMMLinearLayerConfig:
         """The layer's own scheme: its actual scale shape wins over the config (checkpoints mix granularities)."""
@@ -117,36 +116,44 @@ class Fp8LinearMethod:
             round_activations_on_dequant=self.config.round_activations_on_dequant,
         )
 
-    def kernel_for(
-        self, layer: nn.Module, device: torch.device, activation_key: QuantKey | None = None
-    ) -> FP8ScaledMMLinearKernel:
-        """The kernel for this layer on ``device`` (for another activation scheme than its own, if given)."""
-        kernels: dict = layer.fp8_kernels
-        kernel = kernels.get((device, activation_key))
-        if kernel is None:
-            config = layer.fp8_layer_config
-            if activation_key is not None:
-                config = dataclasses.replace(config, activation_quant_key=activation_key)
+    def kernel_for(self, layer: nn.Module, device: torch.device) -> FP8ScaledMMLinearKernel:
+        """The kernel that runs this layer on ``device`` now (made the first time: see ``_make_kernels``)."""
+        state: Fp8LayerState = layer.fp8
+        return state.kernels.get(device) or self._make_kernels(layer, state, device)
+
+    def _make_kernels(self, layer: nn.Module, state: Fp8LayerState, device: torch.device) -> FP8ScaledMMLinearKernel:
+        """The layer's kernel on ``device``. A layer that learns its activation scale (no ``input_scale``) starts on
+        the dynamic kernel with its learning quantizer (``auto_scales``), which switches it to the per-tensor kernel
+        made here once its scale is static; where the kernel keeps activations in high precision nothing is learnt."""
+        config = state.layer_config
+        if not self._learns_scales or layer.input_scale is not None:
             kernel = select_kernel(config, device, self.kernel)
-            kernels[(device, activation_key)] = kernel
-        return kernel
+            state.kernels[device] = kernel
+            return kernel
+        dynamic_config = dataclasses.replace(config, activation_quant_key=self._dynamic_key)
+        dynamic = select_kernel(dynamic_config, device, self.kernel)
+        state.kernels[device] = dynamic
+        if dynamic.input_quant is None:  # activations stay in high precision: no scale to learn
+            return dynamic
+        if state.activation is None:
+            may_stay_dynamic = self.config.activation_scheme is ActivationScheme.CALIBRATED
+            state.activation = RuntimeActivationScale(
+                DEFAULT_POLICY, may_stay_dynamic, self.calibration, state.name, self.config.activation_group,
+                state.kernels,
+            )  # fmt: skip
+        state.activation.buffers_on(device)  # its statistics live on the device, made before any compile
+        static = dataclasses.replace(config, activation_quant_key=kFp8StaticTensorSym)
+        state.activation.use_static_kernel(device, select_kernel(static, device, self.kernel))
+        return state.kernels[device]
 
     def explain_kernel(self, layer: nn.Module, device: torch.device, forced: str | None = None) -> str:
         """The sentence saying which kernel runs this layer on ``device`` and why (for reports)."""
-        return explain_choice(layer.fp8_layer_config, device, forced)[1]
+        return explain_choice(layer.fp8.layer_config, device, forced)[1]
 
     def prepare_kernels(self, layer: nn.Module, device: torch.device | str) -> None:
         """Choose the layer's kernels for ``device`` now, outside any ``torch.compile`` trace (loaders call this with
         the compute device, so that a compiled first forward finds them made)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.kernel_for(layer, device)
-        if self._learns_scales and layer.input_scale is None:
-            dynamic = self.kernel_for(layer, device, self._dynamic_key)
-            self.kernel_for(layer, device, kFp8StaticTensorSym)
-            if dynamic.input_quant is not None:  # its statistics live on the device, made before any compile
-                self._activation_scale(layer).buffers_on(device)
+        self.kernel_for(layer, compute_device(device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
@@ -154,53 +161,22 @@ class Fp8LinearMethod:
     def apply_params(
         self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The product with tensors other than the layer's own (a LoRA-patched weight, an offloaded one)."""
-        if not self._learns_scales or params.input_scale is not None:
-            return self.kernel_for(layer, x.device).apply(params, x, bias)
-        dynamic = self.kernel_for(layer, x.device, self._dynamic_key)
-        if dynamic.input_quant is None:  # activations stay in high precision: no scale to learn
-            return dynamic.apply(params, x, bias)
-        return self._apply_learnt_scale(layer, dynamic, params, x, bias)
+        """The product with tensors other than the layer's own (a LoRA-patched weight, an offloaded one); ``params``
+        carries the layer's learning activation quantizer, if it has one."""
+        state: Fp8LayerState = layer.fp8
+        kernel = state.kernels.get(x.device)
+        if kernel is None:  # the first call on this device (no prepare_kernels): its quantizer is made now
+            kernel = self.kernel_for(layer, x.device)
+            params = params._replace(activation_quantizer=state.activation)
+        return kernel.apply(params, x, bias)
 
-    def _activation_scale(self, layer: nn.Module) -> RuntimeActivationScale:
-        state = layer.__dict__.get("fp8_activation_scale")
-        if state is None:
-            may_stay_dynamic = self.config.activation_scheme == "calibrated"
-            state = RuntimeActivationScale(DEFAULT_POLICY, may_stay_dynamic, self.calibration, _layer_name(layer))
-            layer.fp8_activation_scale = state
-        return state
 
-    def _apply_learnt_scale(
-        self,
-        layer: nn.Module,
-        dynamic: FP8ScaledMMLinearKernel,
-        params: Fp8LinearParams,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """A layer whose activation scale is learnt while it runs (``auto_scales``): observe, then static or not."""
-        compiling = torch.compiler.is_compiling()
-        state = layer.__dict__.get("fp8_activation_scale")
-        if state is None or (compiling and state.history is None):
-            if compiling:  # no new state inside a compiled graph (prepare_kernels makes it): dynamic there
-                return dynamic.apply(params, x, bias)
-            state = self._activation_scale(layer)
-        phase = state.phase
-        if phase == STATIC:
-            static = params._replace(activation_quantizer=state.quantize_static)
-            out = self.kernel_for(layer, x.device, kFp8StaticTensorSym).apply(static, x, bias)
-        elif phase == DYNAMIC:
-            out = dynamic.apply(params, x, bias)
-        else:
-            if not compiling:
-                state.buffers_on(x.device)
-            observing = params._replace(activation_quantizer=state.observing_quantizer(dynamic.input_quant))
-            out = dynamic.apply(observing, x, bias)
-        if not compiling:
-            state.after_call()
-            if state.phase == STATIC and phase != STATIC:
-                self.kernel_for(layer, x.device, kFp8StaticTensorSym)  # made now, not inside a compiled trace
-        return out
+def compute_device(device: torch.device | str) -> torch.device:
+    """``device`` as the forward will see it (``cuda`` with its index)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class Fp8OnlineLinearMethod(Fp8LinearMethod):
@@ -245,23 +221,17 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
             fp8_weight, weight_scale = self.rounded[what]
             if tuple(fp8_weight.shape) != tuple(weight.shape):
                 raise ValueError(f"{what}: rounded weight {list(fp8_weight.shape)} does not fit {list(weight.shape)}")
-            self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
-            layer.fp8_name = what
+            self._install(layer, fp8_weight.to(home), weight_scale.to(home), None, what)
             return
         group, fit = self.config.weight_group, False
-        if self.config.weight_granularity == AUTO:
+        if self.config.weight_granularity is None:  # auto: per layer
             choice = choose_weight_group(
                 source, groups_at_speed=block_groups_at_speed(source.device), rows=row_amax
             )
             group, fit = choice.group, choice.fit
             logger.debug("%s: %s", what, choice.reason)
         fp8_weight, weight_scale = quantize_weight(source, self.config.weight_dtype, group, fit=fit)
-        self._install(layer, fp8_weight.to(home), weight_scale.to(home), None)
-        layer.fp8_name = what
-
-
-def _layer_name(layer: nn.Module) -> str:
-    return layer.__dict__.get("fp8_name", type(layer).__name__)
+        self._install(layer, fp8_weight.to(home), weight_scale.to(home), None, what)
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:

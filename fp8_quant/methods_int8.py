@@ -5,8 +5,8 @@ ConvRot or not); ``Int8OnlineLinearMethod`` rounds a bf16/fp16/fp32 weight to in
 groups (``rotation``), one layer at a time. Both end with the layout every kernel reads (``Fp8LinearParams``):
 ``weight`` int8 ``[N, K]`` contiguous (rotated where the layer's ``rotation_group`` says), ``weight_scale`` float32
 ``[N]`` or ``[]``, no input scale (activations are scaled per row at every call). The layer's own scheme, its
-rotation group included, is its ``fp8_layer_config`` (an ``Int8LinearLayerConfig``): the LoRA protocol reads it
-to turn a stored weight into real values and back.
+rotation group included, is its ``layer.fp8.layer_config`` (an ``Int8LinearLayerConfig``, see ``layer_state``): the
+LoRA protocol reads it to turn a stored weight into real values and back.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .config import Int8Config
 from .fp8_utils import check_scale, weight_row_amax
 from .kernels.int8_mm import INT8_KERNELS, Int8LinearKernel, Int8LinearLayerConfig
 from .kernels.selection import explain_choice, select_kernel
-from .methods import _checked_weight, _parameter
+from .layer_state import Fp8LayerState
+from .methods import _checked_weight, _parameter, compute_device
 from .params import Fp8LinearParams
 from .quant_int8 import dequantize_int8_weight, quantize_int8_weight, quantize_int8_with_scale
 from .rotation import group_size_problem, largest_group
@@ -63,10 +64,11 @@ class Int8LinearMethod:
             raise ValueError(f"{what}: {problem}")
         scale = normalize_int8_scale(getattr(layer, "weight_scale", None), tuple(weight.shape), what)
         home = torch.device(result_device) if result_device is not None else weight.device
-        self._install(layer, weight.detach().to(home).contiguous(), scale.to(home), group)
-        layer.fp8_name = what
+        self._install(layer, weight.detach().to(home).contiguous(), scale.to(home), group, what)
 
-    def _install(self, layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor, group: int | None) -> None:
+    def _install(
+        self, layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor, group: int | None, name: str
+    ) -> None:
         # New Parameter objects, never in-place writes: a module shared with another model keeps its tensors.
         layer.weight = _parameter(weight)
         layer.weight_scale = _parameter(scale)
@@ -76,7 +78,7 @@ class Int8LinearMethod:
             weight_group = GroupShape(scale_group, 1)
         else:
             weight_group = PER_CHANNEL if scale.dim() == 1 else PER_TENSOR
-        layer.fp8_layer_config = Int8LinearLayerConfig(
+        layer_config = Int8LinearLayerConfig(
             weight_quant_key=weight_key(torch.int8, weight_group),
             in_features=weight.shape[1],
             out_features=weight.shape[0],
@@ -85,27 +87,24 @@ class Int8LinearMethod:
             out_dtype=self.config.output_dtype,
             scale_group=scale_group,
         )
-        layer.fp8_kernels = {}
+        layer.fp8 = Fp8LayerState(self, layer_config, name)
 
-    def kernel_for(self, layer: nn.Module, device: torch.device, activation_key=None) -> Int8LinearKernel:
-        """The kernel for this layer on ``device`` (``activation_key``: unused, int8 layers have one scheme)."""
-        kernels: dict = layer.fp8_kernels
+    def kernel_for(self, layer: nn.Module, device: torch.device) -> Int8LinearKernel:
+        """The kernel for this layer on ``device`` (int8 layers have one scheme)."""
+        kernels = layer.fp8.kernels
         kernel = kernels.get(device)
         if kernel is None:
-            kernel = select_kernel(layer.fp8_layer_config, device, self.kernel, INT8_KERNELS)
+            kernel = select_kernel(layer.fp8.layer_config, device, self.kernel, INT8_KERNELS)
             kernels[device] = kernel
         return kernel
 
     def explain_kernel(self, layer: nn.Module, device: torch.device, forced: str | None = None) -> str:
         """The sentence saying which kernel runs this layer on ``device`` and why (for reports)."""
-        return explain_choice(layer.fp8_layer_config, device, forced, INT8_KERNELS)[1]
+        return explain_choice(layer.fp8.layer_config, device, forced, INT8_KERNELS)[1]
 
     def prepare_kernels(self, layer: nn.Module, device: torch.device | str) -> None:
         """Choose the layer's kernel for ``device`` now, outside any ``torch.compile`` trace."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.kernel_for(layer, device)
+        self.kernel_for(layer, compute_device(device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
@@ -114,7 +113,8 @@ class Int8LinearMethod:
         self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The product with tensors other than the layer's own (a LoRA-patched weight, an offloaded one)."""
-        return self.kernel_for(layer, x.device).apply(params, x, bias)
+        kernel = layer.fp8.kernels.get(x.device) or self.kernel_for(layer, x.device)
+        return kernel.apply(params, x, bias)
 
     # The weight protocol of ComfyUI's patcher (LoRA): stored values <-> real values, through the rotation.
 
@@ -122,17 +122,17 @@ class Int8LinearMethod:
         """A stored weight (int8 values, possibly upcast to float by ComfyUI) -> its real values, un-rotated, in
         ``weight``'s float dtype (float32 for int8)."""
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        return dequantize_int8_weight(weight, scale, layer.fp8_layer_config.rotation_group, dtype)
+        return dequantize_int8_weight(weight, scale, layer.fp8.layer_config.rotation_group, dtype)
 
     def stored_weight(self, layer: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Real values -> (int8 weight, new scale) of the layer's granularity and rotation."""
-        config: Int8LinearLayerConfig = layer.fp8_layer_config
+        config: Int8LinearLayerConfig = layer.fp8.layer_config
         per_channel = config.weight_quant_key.group_shape.is_per_channel()
         return quantize_int8_weight(real, per_channel, config.rotation_group, config.scale_group)
 
     def stored_with_scale(self, layer: nn.Module, real: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Real values -> int8 values at a given scale (an in-place update keeps the weight's scale)."""
-        return quantize_int8_with_scale(real, scale, layer.fp8_layer_config.rotation_group)
+        return quantize_int8_with_scale(real, scale, layer.fp8.layer_config.rotation_group)
 
 
 class Int8OnlineLinearMethod(Int8LinearMethod):
@@ -175,8 +175,7 @@ class Int8OnlineLinearMethod(Int8LinearMethod):
             stored, scale = chosen
             if tuple(stored.shape) != tuple(weight.shape):
                 raise ValueError(f"{what}: rounded weight {list(stored.shape)} does not fit {list(weight.shape)}")
-            self._install(layer, stored.to(home), scale.to(home), None)
-            layer.fp8_name = what
+            self._install(layer, stored.to(home), scale.to(home), None, what)
             return
         group = self.layer_group(source.shape[1])
         if group != self.config.rotation_group:
@@ -184,8 +183,7 @@ class Int8OnlineLinearMethod(Int8LinearMethod):
         # Group scales follow the rotation: an unrotated layer keeps one scale per row and channel.
         scale_group = group if self.config.grouped_scales else None
         stored, scale = quantize_int8_weight(source, self.config.per_channel, group, scale_group)
-        self._install(layer, stored.to(home), scale.to(home), group)
-        layer.fp8_name = what
+        self._install(layer, stored.to(home), scale.to(home), group, what)
 
     def layer_group(self, in_features: int) -> int | None:
         """The rotation group of a layer with ``in_features`` inputs under this config."""

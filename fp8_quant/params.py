@@ -33,9 +33,11 @@ class Fp8LinearParams(NamedTuple):
 
     @classmethod
     def from_layer(cls, layer: nn.Module) -> Fp8LinearParams:
-        """A layer's own tensors, read at call time (ComfyUI swaps a layer's parameters when it patches or moves it)."""
-        group = layer.fp8_layer_config.weight_quant_key.group_shape
-        return cls(layer.weight, layer.weight_scale, layer.input_scale, group)
+        """A layer's own tensors, read at call time (ComfyUI swaps a layer's parameters when it patches or moves it),
+        and its learning activation quantizer (``layer_state``)."""
+        state = layer.fp8
+        group = state.layer_config.weight_quant_key.group_shape
+        return cls(layer.weight, layer.weight_scale, layer.input_scale, group, state.activation)
 
     def to(self, device: torch.device) -> Fp8LinearParams:
         """The same tensors on ``device``; a no-op for a layer that is there (the usual case)."""

@@ -80,7 +80,7 @@ class QuantFP8:
         scale_out: torch.Tensor,
         overshoot: torch.Tensor,
         margin: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Static quantization with ``scale = margin * history / fp8 max``, where ``history`` (float32 ``[1]``) is the
         largest amax seen; this call's amax joins the history and, where it passes the scale's range, ``overshoot``.
         Returns ``(x_fp8, scale, history)``, the last being the buffer that now holds the history: the fused kernel

@@ -25,6 +25,7 @@ class LayerReport:
     bf16_bytes: int = 0  # the weight's size in bf16: the yardstick of memory budgets
     held_dtype: torch.dtype | None = None  # what a kept layer's weight is held in (fp32 on a CPU, bf16 on a GPU, ...)
     number_format: str = "fp8"  # a quantized layer's: "fp8" or "int8" (``layer_format``)
+    weight_scheme: str = ""  # a quantized layer's weights as they run ("fp8 e4m3, per-channel"), from its state
 
 
 @dataclass
@@ -107,8 +108,24 @@ class Fp8Report:
             by_reason.setdefault(layer.reason, []).append(layer.name)
         return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in sorted(by_reason.items()))
 
+    def ran_weights(self) -> str | None:
+        """The weights' scheme as the quantized fp8 layers run it (by layer count where they differ), where that is
+        not what the config names: a file's layers (an mxfp8 file says mxfp8, not "block 128x128"); ``None`` where
+        the config says it (or chooses per layer, and says so)."""
+        if not isinstance(self.config, Fp8Config) or self.config.weight_granularity is None:
+            return None
+        counts: dict[str, int] = {}
+        for layer in self.quantized:
+            if layer.number_format == "fp8" and layer.weight_scheme:
+                counts[layer.weight_scheme] = counts.get(layer.weight_scheme, 0) + 1
+        if not counts or set(counts) == {str(self.config.weight_quant_key)}:
+            return None
+        if len(counts) == 1:
+            return next(iter(counts))
+        return " / ".join(f"{scheme} ({n} layer{'s' if n > 1 else ''})" for scheme, n in sorted(counts.items()))
+
     def summary(self) -> str:
-        text = f"{self.headline()}; {self.config.describe(self.activations_rounded)}"
+        text = f"{self.headline()}; {self.config.describe(self.activations_rounded, self.ran_weights())}"
         if self.kernel_choice:
             text += f"; kernel {self.kernel_choice}"
         return "; ".join([text, *self.notes])

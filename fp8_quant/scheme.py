@@ -151,6 +151,8 @@ class QuantKey:
         dtype_name = {torch.float8_e4m3fn: "fp8 e4m3", torch.float8_e5m2: "fp8 e5m2"}.get(self.dtype, str(self.dtype))
         grouping = self.scale.group_shape.describe()
         if self.is_weight:
+            if self.scale.group_shape == MX_BLOCK:  # power-of-two scales of 32 inputs: a format of its own
+                return f"mxfp8 ({dtype_name}, {grouping}, power-of-two scales)"
             return f"{dtype_name}, {grouping}"
         kind = "static" if self.scale.static else "dynamic"
         return f"{dtype_name}, {grouping}, {kind}"

@@ -34,20 +34,32 @@ from . import gptq
 from .block_replay import BlockReplay
 from .bridge import ForwardInstaller, ProgressCallback, prepare_model_for_fp8
 from .calibration import Forward, Sample, call_model, input_hessians, output_error, run_samples
-from .config import AUTO, SENSITIVE_LAYER_PATTERNS, Fp8Config, Int8Config, UserOptions
+from .choices import ActivationScheme
+from .config import Defaults, Fp8Config, Int8Config, QuantFormat, UserOptions, resolve
 from .dispatch import Fp8Recipe, LayerOverride
 from .fit_cache import FitCache, FittedResult, fit_key
 from .fp8_utils import is_fp8_dtype, quantize_weight
+from .layer_state import is_fp8_layer
 from .methods import Fp8OnlineLinearMethod, RoundedWeights
 from .methods_int8 import Int8OnlineLinearMethod
 from .prompts import SENSITIVITY_PROMPTS
 from .quant_int8 import quantize_int8_weight
 from .report import Fp8Report, mib
+from .scheme import PER_CHANNEL
 from .sensitivity import SensitivityReport, choose_kept, fake_fp8, measure_sensitivity
 
 logger = logging.getLogger(__name__)
 
-RECIPES = ("quality", "speed", "plain")
+# What ``auto`` stands for under each recipe (``config.resolve``): ``quality`` weight-only, ``speed`` and ``plain``
+# per-token fp8 activations; per-channel weight scales; where the product runs dequantized (CPUs, older GPUs)
+# activations are still rounded as fp8 x fp8 would: the reported error is the FP8 GPU's.
+_PER_TOKEN_FP8 = Defaults(ActivationScheme.DYNAMIC, PER_CHANNEL, round_whenever_quantized=True)
+RECIPE_DEFAULTS: dict[str, Defaults] = {
+    "quality": Defaults(ActivationScheme.NONE, PER_CHANNEL, round_whenever_quantized=True),
+    "speed": _PER_TOKEN_FP8,
+    "plain": _PER_TOKEN_FP8,
+}
+RECIPES = tuple(RECIPE_DEFAULTS)
 # The number format of weight-only layers: int8 (the default, see above) or fp8 (for comparisons).
 WEIGHT_ONLY_FORMATS = ("int8", "fp8")
 ROUNDINGS = ("gptq", "nearest")
@@ -70,28 +82,8 @@ def text_encoder_config(options: UserOptions, recipe: str, weight_only_format: s
         raise ValueError(
             f"weight_only_format: {weight_only_format!r} is not allowed; allowed values: {list(WEIGHT_ONLY_FORMATS)}"
         )
-    scheme = options.activation_scheme
-    if scheme == AUTO:
-        scheme = "none" if recipe == "quality" else "dynamic"
-    granularity = options.activation_granularity
-    if granularity == AUTO:
-        granularity = "tensor" if scheme == "static" else "token"
-    if weight_only_format == "int8" and scheme == "none" and options.weight_granularity in (AUTO, "channel", "tensor"):
-        return Int8Config(
-            rotation_group=None,
-            weight_granularity="tensor" if options.weight_granularity == "tensor" else "channel",
-            activation_scheme="none",
-            ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
-        )
-    return Fp8Config(
-        weight_granularity="channel" if options.weight_granularity == AUTO else options.weight_granularity,
-        activation_scheme=scheme,
-        activation_granularity=granularity,
-        ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
-        # Where the product runs dequantized (CPUs, older GPUs) activations are still rounded as fp8 x fp8 would:
-        # the reported error is the FP8 GPU's.
-        round_activations_on_dequant=scheme != "none",
-    )
+    defaults = replace(RECIPE_DEFAULTS[recipe], int8_weight_only=weight_only_format == "int8")
+    return resolve(replace(options, quant_format=QuantFormat.FP8.value), None, defaults)  # the recipes' own formats
 
 
 def quantize_text_encoder(
@@ -315,7 +307,7 @@ def _candidates(model: nn.Module, recipe: Fp8Recipe) -> dict[str, nn.Linear]:
     chosen = {}
     for name, module in linears:
         weight = module.weight
-        if weight is None or is_fp8_dtype(weight.dtype) or hasattr(module, "fp8_layer_config"):
+        if weight is None or is_fp8_dtype(weight.dtype) or is_fp8_layer(module):
             continue
         decision = recipe.decide(name, weight)
         if isinstance(decision.method, (Fp8OnlineLinearMethod, Int8OnlineLinearMethod)):

@@ -14,7 +14,7 @@ import logging
 
 from fp8_quant.attention import ATTENTION_CHOICES, AttentionChoice, AttentionDispatcher, in_guarded_step
 
-from .loader import CATEGORY, node_error
+from .common import CATEGORY, node_error
 
 logger = logging.getLogger(__name__)
 

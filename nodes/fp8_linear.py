@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8_quant import Fp8LinearMethod, Fp8LinearParams
+from fp8_quant import Fp8LinearParams
 from fp8_quant.fp8_utils import (
     broadcast_weight_scale,
     cast_to_fp8,
@@ -28,6 +28,7 @@ from fp8_quant.fp8_utils import (
     tensor_version,
     weight_row_amax,
 )
+from fp8_quant.layer_state import STATE_ATTRIBUTE, Fp8LayerState, is_fp8_layer, layer_state
 from fp8_quant.methods_int8 import Int8LinearMethod
 
 
@@ -45,36 +46,40 @@ class WeightCaster:
 class Fp8ComfyLinearMixin:
     """Put before a ComfyUI ``Linear`` class: fp8 forward plus the convert/set weight protocol."""
 
-    fp8_method: Fp8LinearMethod | Int8LinearMethod | None = None
+    fp8: Fp8LayerState | None = None  # the layer's 8-bit state (``fp8_quant.layer_state``), where it is quantized
     fp8_weight_caster: WeightCaster | None = None
 
     def is_fp8(self) -> bool:
         """Whether the layer is quantized (fp8, or int8: the same protocol, other arithmetic)."""
-        return self.__dict__.get("fp8_method") is not None
+        return is_fp8_layer(self)
 
     def int8_method(self) -> Int8LinearMethod | None:
         """The layer's int8 method, where it is an int8 layer (its stored weight may be rotated: the method turns it
         into real values and back)."""
-        method = self.__dict__.get("fp8_method")
+        state = layer_state(self)
+        method = state.method if state is not None else None
         return method if isinstance(method, Int8LinearMethod) else None
 
     def current_weight_scale(self) -> torch.Tensor:
         """The scale of the weight the layer holds now: a LoRA-patched weight brings its own scale, and when
         ComfyUI's unpatch puts the backed-up weight back, the layer's own scale applies again."""
-        patched = self.__dict__.get("patched_weight")
+        patched = self.fp8.patched
         if patched is not None and patched[0]() is self.weight:
             return patched[1]
         return self.weight_scale
 
     def fp8_params(self, weight: torch.Tensor | None = None, device: torch.device | None = None) -> Fp8LinearParams:
         """The tensors the kernel multiplies with: the current weight (or ``weight``, e.g. one ComfyUI streamed in)
-        and its scale; scales are copied to ``device`` once and cached."""
-        group = self.fp8_layer_config.weight_quant_key.group_shape
+        and its scale, and the layer's learning activation quantizer; scales are copied to ``device`` once and
+        cached."""
+        state = self.fp8
+        group = state.layer_config.weight_quant_key.group_shape
         weight_scale, input_scale = self.current_weight_scale(), self.input_scale
         if device is not None:
             weight_scale = self._scale_on(weight_scale, device)
             input_scale = self._scale_on(input_scale, device) if input_scale is not None else None
-        return Fp8LinearParams(self.weight if weight is None else weight, weight_scale, input_scale, group)
+        weight = self.weight if weight is None else weight
+        return Fp8LinearParams(weight, weight_scale, input_scale, group, state.activation)
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
         """Stored fp8 values (already upcast by ComfyUI) -> real weight values, for LoRA math."""
@@ -117,10 +122,10 @@ class Fp8ComfyLinearMixin:
             scale = self._scale_like(weight).float()
             self.weight.data.copy_(cast_to_fp8(weight.float() / scale, self.weight.dtype))
             return None
-        group = self.fp8_layer_config.weight_quant_key.group_shape
+        group = self.fp8.layer_config.weight_quant_key.group_shape
         stored, scale = quantize_weight(weight.float(), self.weight.dtype, group)
         self.weight = nn.Parameter(stored, requires_grad=False)
-        self.patched_weight = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
+        self.fp8.patched = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
         return None
 
     def _set_int8_weight(self, int8: Int8LinearMethod, weight: torch.Tensor, inplace_update: bool) -> None:
@@ -132,7 +137,7 @@ class Fp8ComfyLinearMixin:
             return None
         stored, scale = int8.stored_weight(self, weight.float())
         self.weight = nn.Parameter(stored, requires_grad=False)
-        self.patched_weight = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
+        self.fp8.patched = (weakref.ref(self.weight), scale.to(self.weight_scale.device))
         return None
 
     def _refuse_non_finite_patch(self, weight: torch.Tensor) -> None:
@@ -143,7 +148,7 @@ class Fp8ComfyLinearMixin:
         if bool(torch.isfinite(row_amax).all()):
             return
         bad = int((~torch.isfinite(weight)).sum())
-        name = self.__dict__.get("fp8_name", type(self).__name__)
+        name = self.fp8.name
         raise ValueError(
             f"{name}: the LoRA/patch applied to this layer gives {bad} NaN/inf weight value(s); the patch is refused "
             "(check the LoRA file and its strength)"
@@ -151,7 +156,7 @@ class Fp8ComfyLinearMixin:
 
     def _scale_like(self, weight: torch.Tensor) -> torch.Tensor:
         """The current weight scale on ``weight``'s device and dtype, broadcastable against it (blocks repeated)."""
-        group = self.fp8_layer_config.weight_quant_key.group_shape
+        group = self.fp8.layer_config.weight_quant_key.group_shape
         scale = self.current_weight_scale().to(device=weight.device, dtype=weight.dtype)
         return broadcast_weight_scale(scale, weight.shape, group)
 
@@ -168,20 +173,21 @@ class Fp8ComfyLinearMixin:
         return None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self.is_fp8():
+        state = self.__dict__.get(STATE_ATTRIBUTE)  # layer_state(self), inlined: once per forward
+        if state is None:
             return super().forward(x, *args, **kwargs)
         if getattr(self, "weight_function", None) or getattr(self, "bias_function", None):
             return self._forward_lowvram_patched(x)
         caster = self.fp8_weight_caster
         if caster is not None and self.weight.device != x.device:
             return self._forward_offloaded(caster, x)
-        return self.fp8_method.apply_params(self, self.fp8_params(), x, self.bias)
+        return state.method.apply_params(self, self.fp8_params(), x, self.bias)
 
     def _forward_offloaded(self, caster: WeightCaster, x: torch.Tensor) -> torch.Tensor:
         """A layer ComfyUI left on the offload device (lowvram): its weight comes over through ComfyUI's caster,
         the fp8 kernel runs on it, and ComfyUI's offload stream is released after."""
         weight, bias, handle = caster.cast(self, x)
-        output = self.fp8_method.apply_params(self, self.fp8_params(weight, x.device), x, bias)
+        output = self.fp8.method.apply_params(self, self.fp8_params(weight, x.device), x, bias)
         caster.uncast(self, weight, bias, handle)
         return output
 
@@ -195,7 +201,7 @@ class Fp8ComfyLinearMixin:
         weight_functions = getattr(self, "weight_function", None) or []
         params = self.fp8_params(weight, x.device)
         if not weight_functions:
-            return self.fp8_method.apply_params(self, params, x, bias)
+            return self.fp8.method.apply_params(self, params, x, bias)
         int8 = self.int8_method()
         if int8 is not None:
             weight = int8.real_weight(self, weight, params.weight_scale).to(x.dtype)
@@ -211,7 +217,7 @@ class Fp8ComfyLinearMixin:
         host wait for the GPU at every offloaded layer, and the scales are a few KB."""
         if scale.device == device:
             return scale
-        cache: dict = self.__dict__.setdefault("fp8_scales_on_device", {})
+        cache = self.fp8.scales_on_device
         key = (id(scale), tensor_version(scale), device)
         cached = cache.get(key)
         if cached is None or cached[0] is not scale:

@@ -35,7 +35,6 @@ _PATCHER_MODULE_ATTRIBUTES = (
     "bias_lowvram_function",
     "comfy_patched_weights",
     "prev_comfy_cast_weights",
-    "fp8_scales_on_device",
 )
 _LINEAR_ATTRIBUTES = ("in_features", "out_features", "weight")
 

@@ -10,9 +10,10 @@ import time
 
 from fp8_quant.formats.dialects import COMFY_QUANT, OUTPUT_FORMATS
 from fp8_quant.formats.model_writer import learnt_input_scale, save_quantized_model
+from fp8_quant.layer_state import fp8_layers, is_fp8_layer
 from fp8_quant.messages import printable
 
-from .loader import CATEGORY, node_error
+from .common import CATEGORY, node_error
 from .widgets import SAVE_AFTER_TOOLTIP, SAVE_FORMAT_TOOLTIP
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class SaveFP8Model:
         import folder_paths
 
         diffusion_model = model.model.diffusion_model
-        if not any(hasattr(module, "fp8_layer_config") for module in diffusion_model.modules()):
+        if not any(is_fp8_layer(module) for module in diffusion_model.modules()):
             raise RuntimeError(f"{NODE_TITLE}: this model has no FP8 layers to save; connect Load FP8 DiT's MODEL")
         state = _model_state(model, filename_prefix, format)
         earlier = _WRITTEN.get(state)
@@ -106,7 +107,7 @@ _WRITTEN: dict[tuple, tuple[str, str]] = {}
 def _model_state(model, filename_prefix: str, output_format: str) -> tuple:
     """What decides the file's content: the model object, its weight patches (LoRA; ComfyUI gives each set a new
     ``patches_uuid``), every layer's input scale as it was learnt so far, and the node's own choices."""
-    layers = [module for module in model.model.diffusion_model.modules() if hasattr(module, "fp8_layer_config")]
+    layers = [module for _, module in fp8_layers(model.model.diffusion_model)]
     scales = tuple(None if scale is None else float(scale) for scale in map(learnt_input_scale, layers))
     patches = str(getattr(model, "patches_uuid", ""))
     return id(model.model), patches, scales, filename_prefix, output_format

@@ -21,8 +21,8 @@ from fp8_quant.prompts import CALIBRATION_PROMPTS, SENSITIVITY_PROMPTS
 from fp8_quant.text_encoder import quantize_text_encoder
 
 from .comfy_cast import comfy_weight_caster
+from .common import CATEGORY, node_error, unmatched_skips_note
 from .fp8_linear import install_comfy_forward
-from .loader import CATEGORY, node_error, unmatched_skips_note
 from .patcher import (
     comfy_quantized_layers,
     describe_comfy_quantized,

@@ -53,7 +53,7 @@ def test_even_activations_become_static_per_tensor_with_a_margin():
     x = quiet_tokens(4, 33, 256, seed=2)
     for _ in range(method_policy_calls()):
         method.apply(layer, x, layer.bias)
-    state = layer.fp8_activation_scale
+    state = layer.fp8.activation
     assert state.phase == STATIC and "static" in state.reason
     next_scale = state.history.reshape(()) * state.policy.margin / 448
     torch.testing.assert_close(next_scale, x.abs().max() * state.policy.margin / 448, rtol=1e-5, atol=0)
@@ -71,7 +71,7 @@ def test_outlier_tokens_keep_dynamic_per_token_scales():
     x = outlier_input(4, 64, 256, seed=3)  # log-normal token magnitudes and x300 "massive" tokens
     for _ in range(method_policy_calls()):
         method.apply(layer, x, layer.bias)
-    state = layer.fp8_activation_scale
+    state = layer.fp8.activation
     assert state.phase == DYNAMIC and "outlier tokens" in state.reason
     assert rel_err(method.apply(layer, x, layer.bias), reference(x)) < 0.05
 
@@ -81,7 +81,7 @@ def test_forced_static_learns_even_with_outlier_tokens():
     x = outlier_input(4, 64, 256, seed=4)
     for _ in range(method_policy_calls()):
         method.apply(layer, x, layer.bias)
-    assert layer.fp8_activation_scale.phase == STATIC
+    assert layer.fp8.activation.phase == STATIC
 
 
 def test_static_scale_follows_activations_that_outgrow_it(caplog):
@@ -89,7 +89,7 @@ def test_static_scale_follows_activations_that_outgrow_it(caplog):
     x = quiet_tokens(64, 256, seed=5)
     for _ in range(method_policy_calls()):
         method.apply(layer, x, layer.bias)
-    state = layer.fp8_activation_scale
+    state = layer.fp8.activation
     assert state.phase == STATIC
     state.policy = ScalePolicy(check_every=1)
     big = x * 10  # five times past the static range (margin 2)
@@ -120,7 +120,7 @@ def test_nothing_is_learnt_where_activations_stay_in_high_precision():
     _, layer, method = calibrated_layer(kernel=DequantLinearKernel.name)
     for _ in range(3):
         method.apply(layer, quiet_tokens(8, 256), layer.bias)
-    assert "fp8_activation_scale" not in layer.__dict__
+    assert layer.fp8.activation is None
 
 
 def test_compiled_calls_never_change_phase(monkeypatch):
@@ -131,7 +131,7 @@ def test_compiled_calls_never_change_phase(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     for _ in range(5):
         method.apply(layer, x, layer.bias)
-    state = layer.fp8_activation_scale
+    state = layer.fp8.activation
     assert state.phase == OBSERVING and state.calls == 1
 
 
@@ -153,7 +153,7 @@ def test_first_call_compiled_in_one_graph_and_calibrated_by_the_model_hook():
     method.prepare_kernels(layer, "cpu")
     x = quiet_tokens(8, 256, seed=9)
     compiled = torch.compile(lambda inp: method.apply(layer, inp, layer.bias), backend="eager", fullgraph=True)
-    state = layer.fp8_activation_scale
+    state = layer.fp8.activation
     for _ in range(ScalePolicy().calls + 1):
         out = compiled(x)
         method.calibration.after_model_call()

@@ -62,7 +62,7 @@ def test_block_scaled_file_loads_to_the_canonical_form(tmp_path, scale_name, gro
     assert scan.dialect == WEIGHT_SCALE
     assert {layer.granularity for layer in scan.fp8_layers} == {granularity}
     checkpoint = load_checkpoint(path)
-    assert checkpoint.config.weight_granularity == "block"
+    assert checkpoint.config.to_dict()["weight_granularity"] == "block"
     for name, (out_features, in_features) in BIG_LAYERS.items():
         weight = checkpoint.state_dict[f"model.{name}.weight"]
         scale = checkpoint.state_dict[f"model.{name}.weight_scale"]
@@ -203,10 +203,10 @@ def test_mxfp8_layer_runs_dequantized_and_says_why(tmp_path):
     layer.input_scale = None
     method = recipe.decide("blocks.0.ffn.0", layer.weight).method
     method.process_weights_after_loading(layer, "blocks.0.ffn.0")
-    assert layer.fp8_layer_config.weight_quant_key.group_shape == MX_BLOCK
-    ok, reason = ChannelWiseScaledMMKernel.can_implement(layer.fp8_layer_config)
+    assert layer.fp8.layer_config.weight_quant_key.group_shape == MX_BLOCK
+    ok, reason = ChannelWiseScaledMMKernel.can_implement(layer.fp8.layer_config)
     assert not ok and "mxfp8" in reason and "capability 10.0+" in reason
-    assert explain_choice(layer.fp8_layer_config, "cpu")[0].name == "dequant"
+    assert explain_choice(layer.fp8.layer_config, "cpu")[0].name == "dequant"
     x = torch.randn(5, 64)
     expected = x @ source_weights()["blocks.0.ffn.0.weight"].t() + layer.bias
     assert rel_err(method.apply(layer, x, layer.bias), expected) < 0.04

@@ -109,7 +109,7 @@ def test_online_method_auto_on_cpu_takes_fitted_groups():
     reference = copy.deepcopy(layer)
     method = Fp8OnlineLinearMethod(Fp8Config(weight_granularity="auto"))
     method.process_weights_after_loading(layer, "blocks.0.ffn.0")
-    assert layer.fp8_layer_config.weight_quant_key.group_shape == GROUP_128
+    assert layer.fp8.layer_config.weight_quant_key.group_shape == GROUP_128
     x = outlier_input(2, 9, 384, seed=4)
     assert rel_err(method.apply(layer, x, layer.bias), reference(x)) < 0.03
 
@@ -142,12 +142,12 @@ def test_block_layer_kernel_choice_says_why_on_cpu():
     layer = torch.nn.Linear(384, 256)
     method = Fp8OnlineLinearMethod(Fp8Config(weight_granularity="block"))
     method.process_weights_after_loading(layer, "layer")
-    kernel, why = explain_choice(layer.fp8_layer_config, CPU)
+    kernel, why = explain_choice(layer.fp8.layer_config, CPU)
     assert kernel is DequantLinearKernel
     assert "cpu has no FP8 tensor cores" in why
-    ok, reason = ChannelWiseScaledMMKernel.can_implement(layer.fp8_layer_config)
+    ok, reason = ChannelWiseScaledMMKernel.can_implement(layer.fp8.layer_config)
     assert not ok and reason == "block 128x128 weight scales need a block-scaled kernel"
-    forced, why = explain_choice(layer.fp8_layer_config, CPU, BlockScaledMMKernel.name)
+    forced, why = explain_choice(layer.fp8.layer_config, CPU, BlockScaledMMKernel.name)
     assert forced is DequantLinearKernel and "forced scaled_mm_block" in why
     ok, reason = BlockScaledMMKernel.can_implement(
         Fp8OnlineLinearMethod(Fp8Config()).layer_config(layer.weight, torch.ones(256))

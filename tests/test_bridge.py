@@ -6,6 +6,7 @@ from helpers import outlier_input, rel_err
 from torch import nn
 
 from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8
+from fp8_quant.layer_state import is_fp8_layer
 
 
 class CustomLinear(nn.Linear):
@@ -150,7 +151,7 @@ def test_plain_fp8_weights_are_used_at_unit_scale():
         assert rel_err(model(x), expected) < 0.08  # only the activations are quantized
     for layer, weight in zip((source[0], source[2]), before, strict=True):
         assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))
-        assert not hasattr(layer, "fp8_method")
+        assert not is_fp8_layer(layer)
 
 
 def test_a_built_model_with_nan_fp8_bytes_is_refused_naming_the_layer():

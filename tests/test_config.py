@@ -8,9 +8,9 @@ from fp8_quant.config import matching_pattern
 def test_defaults_are_the_recommended_scheme():
     config = Fp8Config()
     assert config.weight_dtype == torch.float8_e4m3fn
-    assert config.weight_granularity == "channel"
-    assert config.activation_scheme == "dynamic"
-    assert config.activation_granularity == "token"
+    names = config.to_dict()  # the typed fields, by the names files and widgets write
+    assert (names["weight_granularity"], names["activation_scheme"], names["activation_granularity"]) == (
+        "channel", "dynamic", "token")
     assert str(config.activation_quant_key) == "fp8 e4m3, per-token, dynamic"
     assert str(config.weight_quant_key) == "fp8 e4m3, per-channel"
 

@@ -193,10 +193,11 @@ def test_a_dialect_that_is_only_read_is_refused_as_an_output_and_comfyuis_hold_o
 
 def test_an_mxfp8_file_says_mxfp8_and_a_block_file_says_its_block(tmp_path):
     mx = write_mxfp8(tmp_path / "mx.safetensors", source_weights())
-    assert load_checkpoint(mx).scan.weight_schemes() == {"mxfp8 (fp8 e4m3, groups of 32 per channel)": len(LAYERS)}
+    words = "mxfp8 (fp8 e4m3, groups of 32 per channel, power-of-two scales)"
+    assert load_checkpoint(mx).scan.weight_schemes() == {words: len(LAYERS)}
     report = inspect_checkpoint(mx)
-    assert report["weights"] == {"mxfp8 (fp8 e4m3, groups of 32 per channel)": len(LAYERS)}
-    assert "fp8 weights: mxfp8 (fp8 e4m3, groups of 32 per channel) 3" in format_inspection(report)
+    assert report["weights"] == {words: len(LAYERS)}
+    assert f"fp8 weights: {words} 3" in format_inspection(report)
     plain = write_dialect(tmp_path / "ws.safetensors", "weight-scale", source_weights(), group=PER_CHANNEL)
     assert inspect_checkpoint(plain)["weights"] == {"fp8 e4m3, per-channel": len(LAYERS)}
 

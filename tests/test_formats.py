@@ -64,8 +64,8 @@ def test_each_dialect_loads_with_inferred_config(tmp_path, prefix, dialect, opti
     checkpoint = load_checkpoint(path)
     check_values(checkpoint, source, prefix)
     config = checkpoint.config
-    assert config.weight_granularity == granularity
-    assert config.activation_scheme == "dynamic" and config.activation_granularity == "token"
+    assert config.to_dict()["weight_granularity"] == granularity
+    assert config.to_dict()["activation_scheme"] == "dynamic" and config.to_dict()["activation_granularity"] == "token"
     scale = checkpoint.state_dict[prefix + "blocks.0.attn.q.weight_scale"]
     assert scale.dtype == torch.float32 and scale.shape == ((64,) if granularity == "channel" else ())
 

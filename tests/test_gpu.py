@@ -7,7 +7,7 @@ from helpers import outlier_input, random_linear, rel_err
 from fp8_quant import Fp8Config, Fp8OnlineLinearMethod, QuantFP8, prepare_model_for_fp8, supports_fp8_compute
 from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_input_static
 from fp8_quant.kernels import ChannelWiseScaledMMKernel, DequantLinearKernel, PerTensorScaledMMKernel
-from fp8_quant.scheme import PER_TENSOR, PER_TOKEN, kFp8StaticTensorSym
+from fp8_quant.scheme import PER_TENSOR, PER_TOKEN
 
 pytestmark = [
     pytest.mark.gpu,
@@ -169,8 +169,8 @@ def test_calibrated_model_on_cuda_learns_without_host_sync_and_compiles():
         for _ in range(2):
             out = model(x)
         for layer in (model[0], model[2]):
-            assert layer.fp8_activation_scale.phase == STATIC
-            assert type(layer.fp8_method.kernel_for(layer, x.device, kFp8StaticTensorSym)) is PerTensorScaledMMKernel
+            assert layer.fp8.activation.phase == STATIC
+            assert type(layer.fp8.method.kernel_for(layer, x.device)) is PerTensorScaledMMKernel
         assert rel_err(out.float(), reference) < 0.08  # two fp8 layers in fp16; a lost scale would be far off
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(x).float(), out.float(), rtol=0.02, atol=0.02)

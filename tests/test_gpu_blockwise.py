@@ -81,7 +81,7 @@ def test_block_layers_run_on_the_block_kernel(activation_granularity, dtype):
     method = Fp8OnlineLinearMethod(config)
     method.process_weights_after_loading(layer, "layer", quantize_device=device)
     layer.to(device)
-    assert layer.fp8_layer_config.weight_quant_key.group_shape == BLOCK_128
+    assert layer.fp8.layer_config.weight_quant_key.group_shape == BLOCK_128
     x = outlier_input(4, 77, 1024, seed=4) / 64  # inside float16's range
     out = method.apply(layer, x.to(device, dtype), layer.bias)
     assert type(method.kernel_for(layer, device)) is BlockScaledMMKernel
@@ -101,7 +101,7 @@ def test_auto_weights_keep_the_row_wise_gemm_on_fp8_gpus():
     method = Fp8OnlineLinearMethod(Fp8Config(weight_granularity="auto", activation_granularity="token"))
     method.process_weights_after_loading(layer, "layer", quantize_device=device)
     layer.to(device)
-    assert layer.fp8_layer_config.weight_quant_key.group_shape != GROUP_128
+    assert layer.fp8.layer_config.weight_quant_key.group_shape != GROUP_128
     assert type(method.kernel_for(layer, device)) is not BlockScaledMMKernel
     x = outlier_input(4, 77, 1024, seed=4)
     out = method.apply(layer, x.to(device, torch.bfloat16), layer.bias)

@@ -27,7 +27,7 @@ def test_int_mm_kernel_matches_the_dequantize_kernel_and_fp32(group, dtype):
     layer = random_linear(1024, 512, seed=1).to(device)
     Int8OnlineLinearMethod(Int8Config(rotation_group=group)).process_weights_after_loading(layer, "layer")
     assert layer.weight.dtype == torch.int8 and layer.weight.device.type == "cuda"
-    fast, fallback = IntMMKernel(layer.fp8_layer_config, device), Int8DequantKernel(layer.fp8_layer_config, device)
+    fast, fallback = IntMMKernel(layer.fp8.layer_config, device), Int8DequantKernel(layer.fp8.layer_config, device)
     params = Fp8LinearParams.from_layer(layer)
     for rows in (1, 16, 17, 333, 4096):
         # fp16 holds at most 65504: these outlier inputs reach 2.6e5 at 4096 rows, so they are scaled into range.
@@ -130,7 +130,7 @@ def test_group_scaled_layer_on_the_gpu_matches_the_fallback_and_beats_row_scales
         layer = random_linear(1536, 640, seed=5).to(device)
         config = Int8Config(rotation_group=group, activation_granularity=granularity)
         Int8OnlineLinearMethod(config).process_weights_after_loading(layer, "layer")
-        fast, fallback = IntMMKernel(layer.fp8_layer_config, device), Int8DequantKernel(layer.fp8_layer_config, device)
+        fast, fallback = IntMMKernel(layer.fp8.layer_config, device), Int8DequantKernel(layer.fp8.layer_config, device)
         params = Fp8LinearParams.from_layer(layer)
         total = 0.0
         for rows in (1, 17, 333, 4096):

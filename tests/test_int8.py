@@ -84,7 +84,6 @@ def emulated_int8_linear(x, weight, bias, group, per_channel=True):
 def online_layer(linear: torch.nn.Linear, config: Int8Config) -> torch.nn.Linear:
     method = Int8OnlineLinearMethod(config)
     method.process_weights_after_loading(linear, "layer")
-    linear.fp8_method = method
     return linear
 
 
@@ -95,7 +94,7 @@ def test_online_int8_layer_matches_the_emulated_contract_and_fp32(group):
     expected_fp32 = reference(x).detach()
     emulated = emulated_int8_linear(x, reference.weight.detach(), reference.bias.detach(), group)
     layer = online_layer(random_linear(512, 96, seed=3), Int8Config(rotation_group=group))
-    out = layer.fp8_method.apply(layer, x, layer.bias)
+    out = layer.fp8.method.apply(layer, x, layer.bias)
     assert out.dtype == torch.float32 and out.shape == (40, 96)
     # the same rounding as the contract says, up to a few values that float32 rotation puts across a .5 boundary
     assert rel_err(out, emulated) < 2e-4
@@ -109,7 +108,7 @@ def test_rotation_lowers_the_error_on_inputs_with_outlier_channels():
         reference = random_linear(1024, 128, seed=6)
         expected = reference(x).detach()
         layer = online_layer(random_linear(1024, 128, seed=6), Int8Config(rotation_group=group))
-        errors[group] = rel_err(layer.fp8_method.apply(layer, x, layer.bias), expected)
+        errors[group] = rel_err(layer.fp8.method.apply(layer, x, layer.bias), expected)
     assert errors[256] < 0.5 * errors[None], errors
 
 
@@ -117,7 +116,7 @@ def test_int_mm_kernel_gives_the_dequantize_kernels_numbers():
     """The GPU kernel's code (padding of short calls, the transposed weight, the epilogue) run on this CPU's
     ``torch._int_mm``: the same output as the fallback for every row count, short calls included."""
     layer = online_layer(random_linear(256, 64, seed=7), Int8Config())
-    config = layer.fp8_layer_config
+    config = layer.fp8.layer_config
     fast, fallback = IntMMKernel(config, torch.device("cpu")), Int8DequantKernel(config, torch.device("cpu"))
     params = Fp8LinearParams.from_layer(layer)
     for rows in (1, 16, 17, 100):
@@ -131,20 +130,20 @@ def test_weight_only_int8_keeps_activations_and_is_more_accurate():
     expected = reference(x).detach()
     dynamic = online_layer(random_linear(512, 64, seed=8), Int8Config())
     weight_only = online_layer(random_linear(512, 64, seed=8), Int8Config(activation_scheme="none"))
-    kernel = weight_only.fp8_method.kernel_for(weight_only, torch.device("cpu"))
+    kernel = weight_only.fp8.method.kernel_for(weight_only, torch.device("cpu"))
     assert kernel.input_quant is None
-    err_dynamic = rel_err(dynamic.fp8_method.apply(dynamic, x, dynamic.bias), expected)
-    err_weight_only = rel_err(weight_only.fp8_method.apply(weight_only, x, weight_only.bias), expected)
+    err_dynamic = rel_err(dynamic.fp8.method.apply(dynamic, x, dynamic.bias), expected)
+    err_weight_only = rel_err(weight_only.fp8.method.apply(weight_only, x, weight_only.bias), expected)
     assert err_weight_only < err_dynamic < 0.02
 
 
 def test_cpu_chooses_the_dequantize_kernel_and_says_why():
     layer = online_layer(random_linear(256, 64), Int8Config())
-    kernel, why = explain_choice(layer.fp8_layer_config, "cpu", None, INT8_KERNELS)
+    kernel, why = explain_choice(layer.fp8.layer_config, "cpu", None, INT8_KERNELS)
     assert kernel is Int8DequantKernel and "int8 tensor cores" in why
     odd = online_layer(random_linear(256, 60), Int8Config())
-    assert "divisible by 8" in IntMMKernel.can_implement(odd.fp8_layer_config)[1]
-    forced, why = explain_choice(layer.fp8_layer_config, "cpu", "scaled_mm_tensor", INT8_KERNELS)
+    assert "divisible by 8" in IntMMKernel.can_implement(odd.fp8.layer_config)[1]
+    forced, why = explain_choice(layer.fp8.layer_config, "cpu", "scaled_mm_tensor", INT8_KERNELS)
     assert forced is Int8DequantKernel and "forced scaled_mm_tensor: not a kernel for these weights" in why
 
 
@@ -156,7 +155,7 @@ def test_stored_int8_layer_takes_comfyui_scale_shapes_and_refuses_others():
         layer.weight = torch.nn.Parameter(stored, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale.reshape(shape), requires_grad=False)
         Int8LinearMethod(Int8Config()).process_weights_after_loading(layer, "blocks.0.q")
-        assert layer.weight_scale.shape == (32,) and layer.fp8_layer_config.rotation_group == 256
+        assert layer.weight_scale.shape == (32,) and layer.fp8.layer_config.rotation_group == 256
     assert normalize_int8_scale(torch.tensor([0.5]), (32, 256), "x").shape == ()
     with pytest.raises(ValueError, match=r"blocks\.0\.q: weight_scale of shape \[2, 2\]"):
         normalize_int8_scale(torch.ones(2, 2), (32, 256), "blocks.0.q")
@@ -191,7 +190,7 @@ def test_on_the_fly_int8_rotated_is_a_core_choice_and_beats_fp8_on_outliers():
         report = prepare_model_for_fp8(model, Fp8Recipe(online=online_config(UserOptions(quant_format=fmt))))
         errors[fmt] = rel_err(model(x).detach(), expected)
         assert report.formats() == fmt.removesuffix("_rotated")
-    assert model[0].fp8_layer_config.rotation_group == 256 and model[2].fp8_layer_config.rotation_group == 64
+    assert model[0].fp8.layer_config.rotation_group == 256 and model[2].fp8.layer_config.rotation_group == 64
     assert errors["int8_rotated"] < 0.7 * errors["fp8"], errors
     with pytest.raises(ValueError, match=r"activation_scheme: 'static' has no int8 form"):
         online_config(UserOptions(quant_format="int8", activation_scheme="static"))
@@ -209,7 +208,6 @@ def test_lora_protocol_of_a_rotated_int8_layer_goes_through_the_rotation():
     layer.load_state_dict(reference.state_dict())
     method = Int8OnlineLinearMethod(Int8Config())
     method.process_weights_after_loading(layer, "layer")
-    layer.fp8_method = method
     real = layer.convert_weight(layer.weight.float())
     assert rel_err(real, reference.weight.detach()) < 0.01  # un-rotated: a rotated weight would be ~1.4 away
     patched = real + 0.5 * torch.randn(64, 512, generator=torch.Generator().manual_seed(21)) / 512**0.5
@@ -246,10 +244,10 @@ def test_group_scales_follow_the_emulated_contract_and_lower_the_error(group):
         layer = online_layer(
             random_linear(width, 96, seed=31), Int8Config(rotation_group=group, activation_granularity=granularity)
         )
-        out = layer.fp8_method.apply(layer, x, layer.bias)
+        out = layer.fp8.method.apply(layer, x, layer.bias)
         errors[granularity] = rel_err(out, expected)
     assert tuple(layer.weight_scale.shape) == (96, width // group)
-    assert layer.fp8_layer_config.scale_group == group
+    assert layer.fp8.layer_config.scale_group == group
     emulated = emulated_grouped_int8_linear(x, reference.weight.detach(), reference.bias.detach(), group)
     assert rel_err(out, emulated) < 2e-4
     assert errors["group"] < 0.9 * errors["token"], errors
@@ -278,7 +276,6 @@ def test_lora_protocol_of_a_group_scaled_int8_layer_keeps_group_scales():
     layer.load_state_dict(reference.state_dict())
     method = Int8OnlineLinearMethod(Int8Config(activation_granularity="group"))
     method.process_weights_after_loading(layer, "layer")
-    layer.fp8_method = method
     real = layer.convert_weight(layer.weight.float())
     assert rel_err(real, reference.weight.detach()) < 0.01
     patched = real + 0.5 * torch.randn(64, 512, generator=torch.Generator().manual_seed(41)) / 512**0.5

@@ -80,7 +80,6 @@ def load_layer(checkpoint, name: str, options: UserOptions | None = None):
     layer.weight_scale = torch.nn.Parameter(state[f"{PREFIX}{name}.weight_scale"], requires_grad=False)
     layer.bias = torch.nn.Parameter(state[f"{PREFIX}{name}.bias"].float(), requires_grad=False)
     decision.method.process_weights_after_loading(layer, name)
-    layer.fp8_method = decision.method
     return layer, decision, recipe
 
 
@@ -103,11 +102,11 @@ def test_comfyui_int8_file_reads_into_int8_layers_close_to_float32(tmp_path, per
     layer, decision, recipe = load_layer(checkpoint, "blocks.0.ffn.0")
     assert decision.reason == (STORED_INT8_ROTATED if group else STORED_INT8)
     assert recipe.online is None  # a quantized file: its bf16 layers stay as they are
-    assert layer.fp8_layer_config.rotation_group == group
+    assert layer.fp8.layer_config.rotation_group == group
     reference = source()["blocks.0.ffn.0.weight"]
     x = outlier_input(24, 512, seed=2)
     expected = x @ reference.T + checkpoint.state_dict[f"{PREFIX}blocks.0.ffn.0.bias"].float()
-    error = rel_err(layer.fp8_method.apply(layer, x, layer.bias), expected)
+    error = rel_err(layer.fp8.method.apply(layer, x, layer.bias), expected)
     bounds = {(True, True): 0.012, (False, True): 0.03, (True, False): 0.03, (False, False): 0.12}
     assert error < bounds[(per_channel, group is not None)], error
 
@@ -119,14 +118,14 @@ def test_rotated_file_is_more_accurate_than_the_unrotated_one(tmp_path):
     for group in (None, 256):
         checkpoint = load_checkpoint(write_int8(tmp_path / f"i8_{group}.safetensors", group=group))
         layer, _, _ = load_layer(checkpoint, "blocks.0.ffn.0")
-        errors[group] = rel_err(layer.fp8_method.apply(layer, x), x @ reference.T)
+        errors[group] = rel_err(layer.fp8.method.apply(layer, x), x @ reference.T)
     assert errors[256] < 0.6 * errors[None], errors
 
 
 def test_weight_only_choice_keeps_int8_activations_in_high_precision(tmp_path):
     checkpoint = load_checkpoint(write_int8(tmp_path / "i8.safetensors"))
     layer, _, _ = load_layer(checkpoint, "blocks.0.attn.q", UserOptions(activation_scheme="none"))
-    assert layer.fp8_method.kernel_for(layer, torch.device("cpu")).input_quant is None
+    assert layer.fp8.method.kernel_for(layer, torch.device("cpu")).input_quant is None
 
 
 def test_skipped_int8_layer_is_kept_with_its_rotation_for_the_loader_to_undo(tmp_path):

@@ -56,7 +56,7 @@ def test_kernel_matches_float_reference(kernel, weight_granularity, activation_g
     config = Fp8Config(weight_granularity=weight_granularity, activation_granularity=activation_granularity)
     reference, layer, method = make_layer(config, kernel, bias=bias, dtype=dtype)
     chosen = kernel_class(kernel)
-    if chosen.can_implement(layer.fp8_layer_config)[0] and chosen.is_supported(CPU, forced=True)[0]:
+    if chosen.can_implement(layer.fp8.layer_config)[0] and chosen.is_supported(CPU, forced=True)[0]:
         assert type(method.kernel_for(layer, CPU)) is kernel_class(kernel)
     x = outlier_input(*shape, seed=11, dtype=dtype)
     out = method.apply(layer, x, layer.bias)
@@ -124,7 +124,7 @@ def test_dequant_fallback_keeps_the_numerics_contract():
     _, layer, _ = make_layer(config)
     x = outlier_input(3, 9, 256, seed=14)
     fast = Fp8OnlineLinearMethod(config, ChannelWiseScaledMMKernel.name).apply(layer, x, layer.bias)
-    layer.fp8_kernels = {}
+    layer.fp8.kernels.clear()
     fallback = Fp8OnlineLinearMethod(config, DequantLinearKernel.name).apply(layer, x, layer.bias)
     # Row-wise _scaled_mm outputs bf16 (CUDA allows nothing else): the two differ by that rounding only.
     assert rel_err(fallback, fast) < 4e-3
@@ -137,8 +137,8 @@ def test_dequant_leaves_activations_unrounded_unless_asked():
     reference, layer, method = make_layer(Fp8Config(), DequantLinearKernel.name)
     weight_only = Fp8OnlineLinearMethod(Fp8Config(activation_scheme="none"), DequantLinearKernel.name)
     layer_weight_only = copy.deepcopy(layer)
-    layer_weight_only.fp8_kernels = {}
-    layer_weight_only.fp8_layer_config = weight_only.layer_config(layer.weight, layer.weight_scale)
+    layer_weight_only.fp8.kernels.clear()
+    layer_weight_only.fp8.layer_config = weight_only.layer_config(layer.weight, layer.weight_scale)
     unrounded = method.apply(layer, x, layer.bias)
     assert torch.equal(unrounded, weight_only.apply(layer_weight_only, x, layer.bias))
     _, rounded_layer, rounded = make_layer(
@@ -151,7 +151,7 @@ def test_dequant_leaves_activations_unrounded_unless_asked():
 def test_weight_only_runs_on_dequant_and_is_more_accurate():
     x = outlier_input(32, 256, seed=15)
     reference, layer, method = make_layer(Fp8Config(activation_scheme="none"), ChannelWiseScaledMMKernel.name)
-    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU, ChannelWiseScaledMMKernel.name)
+    kernel_cls, why = explain_choice(layer.fp8.layer_config, CPU, ChannelWiseScaledMMKernel.name)
     assert kernel_cls is DequantLinearKernel and "weight-only" in why
     assert rel_err(method.apply(layer, x, layer.bias), reference_output(reference, x)) < 0.03
 
@@ -165,7 +165,7 @@ def test_config_output_dtype(output_dtype):
 
 def test_automatic_choice_on_cpu_is_dequant_with_reason():
     _, layer, _ = make_layer(Fp8Config())
-    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU)
+    kernel_cls, why = explain_choice(layer.fp8.layer_config, CPU)
     assert kernel_cls is DequantLinearKernel
     assert "cpu has no FP8 tensor cores" in why
 
@@ -174,8 +174,8 @@ def test_kernels_say_device_support_apart_from_layer_support():
     _, layer, _ = make_layer(Fp8Config())
     assert PerTensorScaledMMKernel.is_supported(CPU) == (False, "cpu has no FP8 tensor cores")
     assert PerTensorScaledMMKernel.is_supported(CPU, forced=True) == (True, None)
-    assert ChannelWiseScaledMMKernel.can_implement(layer.fp8_layer_config) == (True, None)
-    ok, reason = PerTensorScaledMMKernel.can_implement(layer.fp8_layer_config)
+    assert ChannelWiseScaledMMKernel.can_implement(layer.fp8.layer_config) == (True, None)
+    ok, reason = PerTensorScaledMMKernel.can_implement(layer.fp8.layer_config)
     assert not ok and "per-channel" in reason
     assert DequantLinearKernel.is_supported(torch.device("meta")) == (True, None)
 
@@ -184,7 +184,7 @@ def test_kernels_say_device_support_apart_from_layer_support():
 def test_unaligned_shape_falls_back_with_reason(in_features, out_features, caplog):
     config = Fp8Config()
     reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name, in_features, out_features)
-    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU, ChannelWiseScaledMMKernel.name)
+    kernel_cls, why = explain_choice(layer.fp8.layer_config, CPU, ChannelWiseScaledMMKernel.name)
     assert kernel_cls is DequantLinearKernel
     assert "divisible by 16" in why
     x = outlier_input(8, in_features, seed=16)
@@ -197,10 +197,10 @@ def test_unaligned_shape_falls_back_with_reason(in_features, out_features, caplo
 def test_e5m2_weights_fall_back_from_scaled_mm():
     config = Fp8Config(weight_dtype=torch.float8_e5m2, weight_granularity="tensor", activation_granularity="tensor")
     reference, layer, method = make_layer(config, ChannelWiseScaledMMKernel.name)
-    kernel_cls, why = explain_choice(layer.fp8_layer_config, CPU, ChannelWiseScaledMMKernel.name)
+    kernel_cls, why = explain_choice(layer.fp8.layer_config, CPU, ChannelWiseScaledMMKernel.name)
     assert kernel_cls is DequantLinearKernel and "e4m3fn" in why
     # The per-tensor kernel takes e5m2 weights against e4m3 activations.
-    assert explain_choice(layer.fp8_layer_config, CPU, PerTensorScaledMMKernel.name)[0] is PerTensorScaledMMKernel
+    assert explain_choice(layer.fp8.layer_config, CPU, PerTensorScaledMMKernel.name)[0] is PerTensorScaledMMKernel
     x = outlier_input(8, 256, seed=17)
     assert rel_err(method.apply(layer, x, layer.bias), reference_output(reference, x)) < 0.08
 
@@ -219,12 +219,12 @@ def test_e5m2_pair_is_refused():
 def test_environment_variable_forces_kernel(monkeypatch):
     _, layer, _ = make_layer(Fp8Config(weight_granularity="tensor", activation_granularity="tensor"))
     monkeypatch.setenv(KERNEL_ENV, PerTensorScaledMMKernel.name)
-    assert type(select_kernel(layer.fp8_layer_config, CPU)) is PerTensorScaledMMKernel
+    assert type(select_kernel(layer.fp8.layer_config, CPU)) is PerTensorScaledMMKernel
     monkeypatch.setenv(KERNEL_ENV, "auto")
-    assert type(select_kernel(layer.fp8_layer_config, CPU)) is DequantLinearKernel
+    assert type(select_kernel(layer.fp8.layer_config, CPU)) is DequantLinearKernel
     monkeypatch.setenv(KERNEL_ENV, "cutlass9000")
     with pytest.raises(ValueError, match="cutlass9000"):
-        select_kernel(layer.fp8_layer_config, CPU)
+        select_kernel(layer.fp8.layer_config, CPU)
 
 
 def test_unknown_forced_kernel_is_an_error():

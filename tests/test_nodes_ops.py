@@ -161,7 +161,7 @@ def test_weights_left_in_the_file_dtype_go_to_the_dtype_comfyui_built_them_for()
     """ComfyUI's dynamic VRAM loads some modules' tensors as the file has them and records the dtype it built the
     module for; the classic patcher this pack uses does not cast them, so the loader does, once. Fp8 layers and
     modules without a recorded dtype stay as they are."""
-    from nodes.loader import store_in_built_dtypes
+    from nodes.dtype_policy import store_in_built_dtypes
 
     model = nn.Module()
     model.embed = nn.Embedding(8, 4).to(torch.bfloat16)
@@ -170,7 +170,7 @@ def test_weights_left_in_the_file_dtype_go_to_the_dtype_comfyui_built_them_for()
     model.fp8 = nn.Linear(4, 4, bias=False)
     model.fp8.weight = nn.Parameter(torch.ones(4, 4).to(torch.float8_e4m3fn), requires_grad=False)
     model.fp8.weight_comfy_model_dtype = torch.float16
-    model.fp8.fp8_method = object()
+    model.fp8.fp8 = object()  # what fp8_quant.layer_state.is_fp8_layer looks for
     embed_values = model.embed.weight.detach().clone()
     store_in_built_dtypes(model)
     assert model.embed.weight.dtype == torch.float16
@@ -308,14 +308,15 @@ def test_text_encoder_style_class_swap_keeps_original(source):
 
 def test_option_mapping():
     online = online_config(UserOptions())
-    assert (online.activation_scheme, online.weight_granularity) == ("calibrated", "auto")
+    assert (online.to_dict()["activation_scheme"], online.to_dict()["weight_granularity"]) == ("calibrated", "auto")
     assert not online.round_activations_on_dequant
     assert online_config(UserOptions(activation_scheme="none")).quantizes_activations is False
     explicit = online_config(UserOptions(activation_scheme="static"))
-    assert explicit.activation_granularity == "tensor" and explicit.round_activations_on_dequant
+    assert explicit.to_dict()["activation_granularity"] == "tensor" and explicit.round_activations_on_dequant
     inferred = Fp8Config(weight_granularity="tensor", activation_scheme="static", activation_granularity="tensor")
     assert stored_config(inferred, UserOptions()).activation_scheme == "static"
-    assert stored_config(inferred, UserOptions(activation_scheme="dynamic")).activation_granularity == "token"
+    dynamic = stored_config(inferred, UserOptions(activation_scheme="dynamic"))
+    assert dynamic.to_dict()["activation_granularity"] == "token"
     assert stored_config(Fp8Config(), UserOptions()).activation_scheme == "calibrated"
     assert stored_config(Fp8Config(), UserOptions(activation_scheme="static")).learns_activation_scales
 
@@ -477,8 +478,8 @@ def test_auto_uses_partial_calibrated_input_scales(tmp_path, source, capsys):
     calibrated, other = model.blocks[0].attn.q, model.blocks[0].attn.k
     assert calibrated.input_scale is not None
     assert calibrated.input_scale.item() == pytest.approx(0.0123, rel=1e-6)
-    assert calibrated.fp8_method.config.activation_scheme == "static"
-    assert other.input_scale is None and other.fp8_method.config.learns_activation_scales
+    assert calibrated.fp8.method.config.activation_scheme == "static"
+    assert other.input_scale is None and other.fp8.method.config.learns_activation_scales
     reasons = {layer.name: layer.reason for layer in plan.report.layers}
     assert "input scale" in reasons["blocks.0.attn.q"] and "input scale" not in reasons["blocks.0.attn.k"]
     assert main(["inspect", str(dst)]) == 0

@@ -77,7 +77,7 @@ def test_weight_scale_format_is_the_model_exactly(tmp_path):
         scale = saved[f"model.{name}.weight_scale"]
         assert weight_group_of_scale(tuple(scale.shape), *layer.weight.shape) == group
         assert torch.equal(scale.reshape(layer.weight_scale.shape), layer.weight_scale)
-        state = layer.fp8_activation_scale
+        state = layer.fp8.activation
         expected = state.history.max() * state.policy.margin / 448
         assert torch.allclose(saved[f"model.{name}.input_scale"], expected)
     raw = read(tmp_path / "m.safetensors")
@@ -100,7 +100,7 @@ def test_comfy_formats_hold_one_scale_per_tensor(tmp_path, output_format):
         layer = getattr(model, name)
         weight = saved[f"model.diffusion_model.{name}.weight"]
         saved_real = dequantize(weight, saved[f"model.diffusion_model.{name}.weight_scale"])
-        group = layer.fp8_layer_config.weight_quant_key.group_shape
+        group = layer.fp8.layer_config.weight_quant_key.group_shape
         running = dequantize(layer.weight, layer.weight_scale, group=group)
         if group.is_per_tensor():
             assert torch.equal(saved_real, running)  # written as it runs

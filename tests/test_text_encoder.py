@@ -249,8 +249,8 @@ def test_recipe_overrides_decide_per_layer():
     reasons = {layer.name: layer.reason for layer in report.layers}
     assert reasons["blocks.0.0"] == "kept for the test"
     assert model.blocks[0][0].weight.dtype == torch.bfloat16
-    assert not model.blocks[0][2].fp8_method.config.quantizes_activations
-    assert model.blocks[1][2].fp8_method.config.quantizes_activations
+    assert not model.blocks[0][2].fp8.method.config.quantizes_activations
+    assert model.blocks[1][2].fp8.method.config.quantizes_activations
     assert torch.equal(model.blocks[1][0].weight.view(torch.uint8), codes.view(torch.uint8))
     assert model(torch.randn(3, 32)).isfinite().all()
 

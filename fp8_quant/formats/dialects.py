@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..choices import ActivationScheme
 from ..config import Fp8Config
 from ..fp8_utils import is_fp8_dtype
-from ..scheme import GroupShape
+from ..scheme import PER_TENSOR, PER_TOKEN, GroupShape
 from .comfy_formats import FLOAT8_FORMATS
 from .header import CheckpointError, TensorInfo
 from .streaming import PlannedTensor, constant_bytes
@@ -102,8 +103,8 @@ class Dialect(str):
         return Fp8Config(
             weight_dtype=weight_dtype,
             weight_granularity=granularity,
-            activation_scheme="static" if static else "dynamic",
-            activation_granularity="tensor" if static else "token",
+            activation_scheme=ActivationScheme.STATIC if static else ActivationScheme.DYNAMIC,
+            activation_granularity=PER_TENSOR if static else PER_TOKEN,
         )
 
     # ---- writing (``written`` dialects) -----------------------------------------------------------------------

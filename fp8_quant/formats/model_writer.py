@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from ..fp8_utils import dequantize, quantize_weight
+from ..layer_state import fp8_layers as quantized_layers
+from ..layer_state import layer_state
 from ..params import Fp8LinearParams
 from ..quant_int8 import dequantize_int8_weight, quantize_int8_weight
 from ..scheme import PER_TENSOR
@@ -116,7 +118,7 @@ def save_quantized_model(
     destination = Path(destination)
     report = SaveReport(destination, dialect)
     plan: list[PlannedTensor] = []
-    fp8_layers = {name: module for name, module in model.named_modules() if hasattr(module, "fp8_layer_config")}
+    fp8_layers = dict(quantized_layers(model))
     if not fp8_layers:
         raise ValueError(f"{type(model).__name__} has no 8-bit layers: nothing quantized to save")
     weight_dtypes = set()
@@ -155,8 +157,9 @@ def learnt_input_scale(layer: nn.Module) -> torch.Tensor | None:
     """The layer's static input scale: its file's, else the one its activations taught it at run time."""
     if getattr(layer, "input_scale", None) is not None:
         return layer.input_scale.detach().float().reshape(())
-    state = layer.__dict__.get("fp8_activation_scale")
-    return state.static_input_scale() if state is not None else None
+    state = layer_state(layer)
+    learnt = state.activation if state is not None else None
+    return learnt.static_input_scale() if learnt is not None else None
 
 
 def _fp8_layer_plan(
@@ -199,7 +202,7 @@ def _int8_layer_plan(name: str, layer: nn.Module, params: Fp8LinearParams, repor
     every call). Exact: the stored values are those that run, except for a layer with one scale per group, which
     ComfyUI's format cannot hold: its rotated values are rounded again with one scale per channel."""
     report.int8_layers += 1
-    config = layer.fp8_layer_config
+    config = layer.fp8.layer_config
     group = getattr(config, "rotation_group", None)
     weight, scale = params.weight, params.weight_scale
     scale_shape = (weight.shape[0], 1) if scale.dim() else ()

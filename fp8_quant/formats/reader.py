@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import Fp8Config
-from ..fp8_utils import check_scale, count_fp8_non_finite
+from ..fp8_utils import check_scale, count_fp8_non_finite, unit_weight_scale
 from ..scheme import weight_scale_shape
 from .comfy_formats import (
     FP8_FORMATS,
@@ -253,7 +253,7 @@ def _finish_layer(scan: CheckpointScan, layer: LayerInfo, state_dict: dict[str, 
         return
     _check_fp8_values(scan, weight_key, state_dict[weight_key])
     if layer.weight_scale is None:  # plain fp8 cast
-        state_dict[scale_key] = torch.ones((), dtype=torch.float32, device=state_dict[weight_key].device)
+        state_dict[scale_key] = unit_weight_scale(state_dict[weight_key])
     if fmt == MXFP8:
         state_dict[scale_key], _ = decode_mx_scale(state_dict[scale_key], *layer.weight.shape)
     scale = state_dict[scale_key].float()

@@ -78,7 +78,8 @@ class LayerInfo:
         if not self.is_fp8:
             return None
         stored = str(weight_key(self.weight.dtype, self.weight_group or PER_TENSOR))
-        return f"{self.layer_format} ({stored})" if self.layer_format in NAMED_LAYER_FORMATS else stored
+        named = self.layer_format in NAMED_LAYER_FORMATS and not stored.startswith(f"{self.layer_format} ")
+        return f"{self.layer_format} ({stored})" if named else stored
 
     @property
     def nbytes(self) -> int:

@@ -52,6 +52,8 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     """
     from fp8_test_nodes import tiny_text_encoder
 
+    from fp8_quant.layer_state import is_fp8_layer
+
     pack = import_pack()
     clip = tiny_text_encoder(family, storage=storage)
     tokens = clip.tokenize("a red fox jumps over the lazy dog, cinematic")
@@ -78,7 +80,7 @@ def check_text_encoder(family: str, with_lora: bool = False, storage: str = "bf1
     again, again_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     unchanged = not changed and not changed_after_use
     drift = rel_err(again, reference)
-    fp8_layers = sum(1 for m in new_clip.cond_stage_model.modules() if getattr(m, "fp8_method", None) is not None)
+    fp8_layers = sum(1 for m in new_clip.cond_stage_model.modules() if is_fp8_layer(m))
     result = {
         "rel_err": rel_err(quantized, reference),
         "input_unchanged": unchanged,
@@ -164,6 +166,7 @@ def check_lowvram(model_path: str) -> dict:
     comfy_ops = sys.modules["comfyui_fp8_quant.nodes.comfy_ops"]
     from fp8_quant import Fp8Recipe, UserOptions
     from fp8_quant.formats import load_checkpoint
+    from fp8_quant.layer_state import is_fp8_layer
 
     device = comfy.model_management.get_torch_device()
 
@@ -196,7 +199,7 @@ def check_lowvram(model_path: str) -> dict:
                 out = model.apply_model(x.to(device), timestep.to(device), c_crossattn=context.to(device))
             key = f"{mode}{'_patched' if patched else ''}"
             results[key] = out.float().cpu()
-            fp8_layers = [m for m in model.modules() if getattr(m, "fp8_method", None) is not None]
+            fp8_layers = [m for m in model.modules() if is_fp8_layer(m)]
             results[key + "_fp8_layers"] = len(fp8_layers)
             results[key + "_cast_layers"] = sum(1 for m in fp8_layers if getattr(m, "comfy_cast_weights", False))
             results[key + "_offloaded_layers"] = sum(1 for m in fp8_layers if m.weight.device != device)
@@ -225,6 +228,7 @@ def check_operations(model_path: str) -> dict:
     comfy_ops = sys.modules["comfyui_fp8_quant.nodes.comfy_ops"]
     from fp8_quant import Fp8Recipe, UserOptions
     from fp8_quant.formats import load_checkpoint
+    from fp8_quant.layer_state import is_fp8_layer
 
     device = comfy.model_management.get_torch_device()
     torch.manual_seed(1)
@@ -243,7 +247,7 @@ def check_operations(model_path: str) -> dict:
             model = patcher.model
             out = model.apply_model(x.to(device), timestep.to(device), c_crossattn=context.to(device))
         others = [m for m in model.diffusion_model.modules() if hasattr(m, "comfy_cast_weights")]
-        others = [m for m in others if getattr(m, "fp8_method", None) is None]
+        others = [m for m in others if not is_fp8_layer(m)]
         results[name] = {
             "out": out.float().cpu(),
             "casting_modules": sum(1 for m in others if m.comfy_cast_weights),
