@@ -3,8 +3,9 @@ of the same numbers: used on the CPU through Triton's interpreter (``test_quant_
 GPU (``test_gpu_quant_paths.py``).
 
 ``check_all`` returns, per case, how far each output is from the reference: ``codes`` as the fraction of fp8 codes
-that differ, the scales, histories and overshoot as their largest relative difference, ``clamped`` as 0 where a
-static call's values past the range were clamped (1 where none were: the case would not test the clamp).
+that differ (``far``: further apart than a tie rounded the other way), the scales, histories and overshoot as their
+largest relative difference, ``clamped`` as 0 where a static call's values past the range were clamped (1 where
+none were: the case would not test the clamp).
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def _code_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.view(torch.uint8) != expected.view(torch.uint8)).float().mean().item()
 
 
+def _far_codes(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The fraction of codes further apart than the two fp8 values next to a rounding boundary (bit patterns of
+    one sign differ by 1 there): a logic error, not a tie rounded the other way."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return 1.0
+    steps = (actual.view(torch.uint8).short() - expected.view(torch.uint8).short()).abs()
+    return (steps > 1).float().mean().item()
+
+
+def _code_measures(actual: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
+    return {"codes": _code_mismatch(actual, expected), "far": _far_codes(actual, expected)}
+
+
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if actual.shape != expected.shape:
         return float("inf")
@@ -69,18 +83,18 @@ def check_all(
                 scale = rows.clamp(min=FLOOR) / limit
                 results[f"token {name}"] = {
                     "scale": _relative(s, scale),
-                    "codes": _code_mismatch(q, _codes(x, scale, fp8, cast)),
+                    **_code_measures(q, _codes(x, scale, fp8, cast)),
                 }
                 q, s = quant_triton.quantize_dynamic_triton(x, fp8, False)  # the largest row scale, then static
                 scale = x.float().abs().amax().clamp(min=FLOOR) / limit
                 results[f"tensor {name}"] = {
                     "scale": _relative(s, scale),
-                    "codes": _code_mismatch(q, _codes(x, scale, fp8, cast)),
+                    **_code_measures(q, _codes(x, scale, fp8, cast)),
                 }
                 given = (x.float().abs().max() / limit / 3).reshape(())  # a third of the range: values clamp
                 q = quant_triton.quantize_static_triton(x, given, fp8)
                 results[f"static {name}"] = {
-                    "codes": _code_mismatch(q, _codes(x, given, fp8, cast)),
+                    **_code_measures(q, _codes(x, given, fp8, cast)),
                     "clamped": 0.0 if bool((q.float().abs() == limit).any()) else 1.0,
                 }
                 amax = x.float().abs().amax().reshape(1)
@@ -92,7 +106,7 @@ def check_all(
                     ratio = amax / (scale * limit)
                     results[f"running {label} {name}"] = {
                         "scale": _relative(scale_out, scale),
-                        "codes": _code_mismatch(q, _codes(x, scale, fp8, cast)),
+                        **_code_measures(q, _codes(x, scale, fp8, cast)),
                         "history": _relative(next_history, torch.maximum(history, amax)),
                         "overshoot": _relative(overshoot, ratio) if bool(ratio > 1) else float(overshoot.item() != 0),
                     }
@@ -104,7 +118,7 @@ def check_all(
             expected = _codes(groups, scale[..., None], fp8, cast).reshape(shape)
             results[f"groups {fp8_name} {'x'.join(map(str, shape))}"] = {
                 "scale": _relative(s, scale),
-                "codes": _code_mismatch(q, expected),
+                **_code_measures(q, expected),
             }
     wide = inputs((9, 512), dtypes[0], 9, device)
     view = wide[:, 64:384]  # rows with a stride past their width go to the kernel as they are
@@ -112,7 +126,7 @@ def check_all(
     scale = view.float().abs().amax(-1, keepdim=True).clamp(min=FLOOR) / 448.0
     results["token strided view"] = {
         "scale": _relative(s, scale),
-        "codes": _code_mismatch(q, _codes(view, scale, torch.float8_e4m3fn, cast)),
+        **_code_measures(q, _codes(view, scale, torch.float8_e4m3fn, cast)),
     }
     return results
 
