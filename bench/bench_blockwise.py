@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_linear import make_input, our_layer, recorder, rows_by_shape, run_benchmark
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-sys.path.insert(0, str(REPO / "bench"))
 
 from bench_linear import bench_ms  # noqa: E402
 from comfy_runtime import import_pack, setup_comfy  # noqa: E402

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_linear import bench_ms, make_input
 
@@ -33,6 +32,7 @@ from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_weight
 from fp8_quant.kernels.fast_accum import time_both
 from fp8_quant.quant_fp8 import QuantFP8
 from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
+from fp8_quant.testing import rel_err
 
 SHAPES = [
     # name, M, K, N, compute dtype
@@ -51,10 +51,6 @@ SHAPES = [
     ("Flux single linear2", 4608, 15360, 3072, torch.bfloat16),
     ("Flux txt qkv", 512, 3072, 9216, torch.bfloat16),
 ]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def triton_gemm():

@@ -29,6 +29,7 @@ from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
 from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_weight
 from fp8_quant.quant_fp8 import DISABLE_TRITON_ENV
 from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
+from fp8_quant.testing import rel_err
 
 SHAPES = [
     ("Flux qkv 1024px", 4608, 3072, 9216),
@@ -69,10 +70,6 @@ def make_input(m: int, k: int, seed: int) -> torch.Tensor:
     outliers = torch.randperm(k, device="cuda", generator=generator)[: max(1, k // 256)]
     x[:, outliers] *= 20
     return x.to(torch.bfloat16)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm()).item()
 
 
 class Layer(torch.nn.Module):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 from bench_comfy_dit import PRESETS, bench_model, inputs_for, versions  # noqa: E402

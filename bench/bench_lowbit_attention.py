@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_quant import lowbit_attention as la
+from fp8_quant.testing import rel_err
 
 SHAPES = {
     # name: (batch, heads, query tokens, key tokens, head dim, dtype)
@@ -96,10 +97,6 @@ def time_paths(paths: dict, args: tuple, rounds: int = 7, calls: int = 5) -> dic
             end.synchronize()
             times[name].append(start.elapsed_time(end) / calls)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def rel_err(actual, expected) -> float:
-    return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
 def main() -> None:

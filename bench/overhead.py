@@ -16,8 +16,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_quant import Fp8Config, Fp8OnlineLinearMethod, QuantFP8
-from fp8_quant.fp8_utils import quantize_weight
-from fp8_quant.quant_triton import _launch
+from fp8_quant.fp8_utils import quantize_input_dynamic, quantize_weight
+from fp8_quant.quant_triton import quantize_dynamic_triton
 from fp8_quant.scheme import PER_TOKEN
 
 FP8 = torch.float8_e4m3fn
@@ -41,15 +41,12 @@ def per_call(fn, calls: int = 300) -> tuple[float, float]:
 
 
 def eager_quant(x):
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
-    scale = amax.clamp(min=1e-12) * (1.0 / 448.0)
-    return (x / scale).clamp(-448.0, 448.0).to(FP8), scale
+    """The pack's eager dynamic per-token quantization (what ``QuantFP8`` runs off CUDA and under compile)."""
+    return quantize_input_dynamic(x, FP8, per_token=True)
 
 
 def compiled_linear_fn(x, weight, weight_scale_row):
-    amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = amax.clamp(min=1e-12) / 448.0
-    q = (x.float() / scale).clamp(-448.0, 448.0).to(FP8)
+    q, scale = eager_quant(x)
     return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale_row, out_dtype=torch.bfloat16)
 
 
@@ -79,7 +76,7 @@ def run_shape(m: int, k: int, n: int, compiled_quant, compiled_linear) -> None:
             lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16),
         ),
         ("empty x2 (alloc cost)", lambda: (torch.empty_like(xq), torch.empty(m, 1, device="cuda"))),
-        ("triton quant _launch only", lambda: _launch(x, FP8, None)),
+        ("triton quant kernel only", lambda: quantize_dynamic_triton(x, FP8, True)),
         ("QuantFP8 triton", lambda: quant(x)),
         ("eager quant (vector_norm)", lambda: eager_quant(x)),
         ("compiled quant", lambda: compiled_quant(x)),

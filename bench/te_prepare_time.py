@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "integration"), str(REPO / "bench")]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 from comfy_runtime import import_pack, setup_comfy  # noqa: E402
 

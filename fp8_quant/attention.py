@@ -2,10 +2,10 @@
 GPU (chosen by timing the candidates once per problem), the pack's 8-bit kernel (``lowbit_attention``) where asked
 for, or the caller's own attention (ComfyUI's) for anything these do not cover.
 
-Why by measurement: on an H200 torch's cuDNN backend runs DiT shapes 1.6-1.9x faster than FlashAttention-2, which
+Why by measurement: on some GPUs torch's cuDNN backend runs DiT shapes much faster than FlashAttention-2, which
 ComfyUI lists first, while on other GPUs and torch versions the order differs; the numbers are in the bench notes.
 The 8-bit kernel is not an automatic choice: where it is faster than cuDNN (long videos) it rounds P and V in e4m3,
-about a hundred times the error of 16-bit attention (``bench/results/lowbit-attention-h200.json``).
+far more error than 16-bit attention (``bench/NOTES.md``, session 7).
 
 Everything here is ComfyUI-free: ``AttentionDispatcher.attend`` takes ``[B, H, N, D]`` tensors and returns
 ``None`` where the caller's own attention must run, with the reason logged once.

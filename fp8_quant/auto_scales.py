@@ -1,6 +1,6 @@
 """Per-layer automatic scale choices: weight granularity at load, activation scales learnt at run time.
 
-Why: per-tensor ``_scaled_mm`` is the fastest FP8 GEMM (about 8% over row-wise on Hopper), and a static activation
+Why: per-tensor ``_scaled_mm`` is the fastest FP8 GEMM (on Hopper, ahead of row-wise), and a static activation
 scale quantizes in one pass without an amax reduction. e4m3's relative precision is the same everywhere in its
 normal range (2^-6 .. 448, 15 binades), so one scale per tensor costs nothing as long as the rows of a weight, or
 the tokens of an activation, lie within a few binades of each other; only a layer whose rows or tokens differ
@@ -9,14 +9,13 @@ wildly (a weight with dead channels, "massive activation" tokens) needs a scale 
 Weights with a few large input columns (trained DiTs have them) are the other case. There the error is carried by
 the few large values of each row, and what helps is not more range but those values landing on the fp8 grid: scales
 fitted to the least squared error (``fp8_utils.quantize_weight(fit=True)``), one per 128 inputs of a row where that
-costs no speed (devices that dequantize every layer anyway; on an H100 the block-scaled GEMM runs 0.75-0.8x the row-
-wise one, measured with bench/bench_blockwise.py), else one per row. Measured on a tiny Wan 2.1 with 4 input columns
-x8 per block linear (CPU, latent error vs bf16 as a ratio to ComfyUI's fp8_e4m3fn cast; tests/integration): one
-scale per tensor 0.52 (what the stock loader reaches on a comfy-quant file), 128x128 blocks 0.52 (a block still
-holds 16k values), per channel 0.44, this choice (fitted groups of 128) 0.33. In simulation on the same model: a
-smoothing factor per input column folded into the activations 0.44 (it makes each column's largest value exact,
-nothing more), with fitted scales 0.36; fitted per-channel scales 0.39; fitted groups of 32 0.28, but no fp8 GEMM
-takes those (MX GEMMs take groups of 32 with power-of-two scales, which cannot be fitted: 0.52).
+costs no speed (devices that dequantize every layer anyway; where row-wise fp8 runs, the block-scaled GEMM is
+slower, bench/bench_blockwise.py), else one per row. On a tiny Wan 2.1 with large input columns (tests/integration)
+fitted groups of 128 had the least error of the choices any fp8 GEMM takes: less than per channel, per tensor or
+128x128 blocks (a block still holds 16k values), less than smoothing factors folded into the activations (they make
+each column's largest value exact, nothing more); the comparison is in bench/NOTES.md. Fitted groups of 32 would be
+better still, but no fp8 GEMM takes those (MX GEMMs take groups of 32 with power-of-two scales, which cannot be
+fitted).
 
 Activations, with no host synchronisation on the forward path:
 - observing: the first ``policy.calls`` calls run dynamic per-token; device tensors record the largest amax and

@@ -1,8 +1,8 @@
 """Replay a module's forward as CUDA graphs, one per input signature (a text encoder: one per padded length).
 
-Why: a text encoder runs a few hundred tokens through a few hundred linears. On an H100 each fp8 linear then costs
-~70 us of host time (Python, the dispatcher, the launches) for 20-40 us of GPU work, so the encoder spends most of
-its time launching kernels. A CUDA graph records one forward's kernels once and replays them with one launch.
+Why: a text encoder runs a few hundred tokens through a few hundred linears. Each fp8 linear then costs more host
+time (Python, the dispatcher, the launches) than GPU work (bench/NOTES.md has the figures), so the encoder spends
+most of its time launching kernels. A CUDA graph records one forward's kernels once and replays them with one launch.
 
 What makes a graph valid, and what is checked before each replay:
 - the same input signature: tensor shapes, dtypes and devices, and the non-tensor arguments, exactly;

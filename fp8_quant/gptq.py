@@ -100,8 +100,7 @@ def _round_columns(
 
 @contextlib.contextmanager
 def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """The loop is thousands of small operations: on a CPU, threads cost more than they give (5x slower measured
-    on two busy cores)."""
+    """The loop is thousands of small operations: on a CPU, threads cost more than they give (bench/NOTES.md)."""
     if device.type != "cpu":
         yield
         return

@@ -12,8 +12,9 @@ longer rows take a second pass from L2. Three modes:
   reads a value another program of the same launch is writing. Rows that pass the scale's range raise
   ``overshoot`` (their amax over the range), so a clamped call can be reported later.
 
-Launch cost: Triton's own launch path (argument binding, specialization, cache key) takes ~25 of the ~35 us a launch
-costs the host, and a DiT at a few thousand tokens, or a text encoder, waits for the host at every linear. The
+Launch cost: Triton's own launch path (argument binding, specialization, cache key) is most of what a launch costs
+the host (bench/overhead.py; figures in bench/NOTES.md), and a DiT at a few thousand tokens, or a text encoder,
+waits for the host at every linear. The
 compiled kernel is therefore kept per specialization (``_Launch.key``: what Triton specializes on for these
 arguments) and launched directly. Whether this Triton's compiled kernels take the direct call is checked once per
 process on a small problem against the normal launch; where not, every launch takes the normal path.

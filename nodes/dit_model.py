@@ -23,7 +23,7 @@ def load_fp8_diffusion_model(
     it is built in, as the stock loader picks them (``comfy.ops.pick_operations``): they run torch's own forward.
     ComfyUI's weight-casting operations (``manual_cast``) send every norm, embedding and kept linear through its
     cast at every call, which costs more host time than an fp8 linear saves wherever the GPU waits for the host (a
-    512 px Flux image: a 14 ms step took 33 ms that way on an H100); they are kept where ComfyUI runs the model in
+    512 px Flux image's step took twice as long, bench/NOTES.md); they are kept where ComfyUI runs the model in
     another dtype than it stores it in (a bf16-only model on a GPU without bf16). ComfyUI's patcher still switches
     casting on for the modules it leaves on the host (lowvram) or patches per call (LoRA there).
     """

@@ -1,4 +1,5 @@
-"""Shared test helpers: inputs with outlier channels (as DiT activations have) and error measures."""
+"""Test helpers: the inputs and error measures shared with bench/ (``fp8_quant.testing``, re-exported here for the
+tests' ``from helpers import ...``) and a Hadamard matrix built entry by entry."""
 
 from __future__ import annotations
 
@@ -6,50 +7,9 @@ import functools
 
 import torch
 
+from fp8_quant.testing import mean_row_rel_err, outlier_input, random_linear, rel_err
 
-def outlier_input(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, factor: float = 20.0) -> torch.Tensor:
-    """N(0, 1) with outlier channels and outlier tokens, as DiT activations have; fresh per seed, never zero.
-
-    One in 16 channels of the last dimension is scaled by ``factor``, token magnitudes spread log-normally, and
-    one in 32 tokens is "massive" (x300), which is what makes a single per-tensor scale crush the quiet tokens.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=generator)
-    if len(shape) > 1:
-        token_gain = torch.exp(torch.randn(*shape[:-1], 1, generator=generator))
-        massive = torch.rand(*shape[:-1], 1, generator=generator) < 1 / 32
-        massive.view(-1)[0] = True
-        x *= token_gain * torch.where(massive, 300.0, 1.0)
-    channels = shape[-1]
-    outliers = torch.randperm(channels, generator=generator)[: max(1, channels // 16)]
-    x[..., outliers] *= factor
-    return x.to(dtype)
-
-
-def random_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 1) -> torch.nn.Linear:
-    torch.manual_seed(seed)
-    layer = torch.nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        # Uneven channel magnitudes, so per-channel weight scales matter.
-        layer.weight.mul_(torch.logspace(-1, 1, out_features)[:, None])
-        if bias:
-            layer.bias.normal_()
-    return layer
-
-
-def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    assert torch.isfinite(actual).all(), "output has NaN/inf"
-    return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
-def mean_row_rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """Relative error of each token (row), averaged: small tokens count as much as loud ones.
-
-    A global norm hides per-tensor scaling's damage to quiet tokens, which normalisation layers later amplify.
-    """
-    assert torch.isfinite(actual).all(), "output has NaN/inf"
-    diff = (actual.double() - reference.double()).reshape(-1, reference.shape[-1]).norm(dim=-1)
-    return (diff / reference.double().reshape(-1, reference.shape[-1]).norm(dim=-1)).mean().item()
+__all__ = ["explicit_hadamard", "mean_row_rel_err", "outlier_input", "random_linear", "rel_err"]
 
 
 H4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]]

@@ -1,4 +1,4 @@
-"""tools/render_bench_table.py: the README's performance section comes from bench/results/*.json."""
+"""tools/render_bench_table.py: the benchmarks page (docs/benchmarks.md) comes from bench/results/*.json."""
 
 from __future__ import annotations
 
@@ -134,5 +134,30 @@ def test_section_replaced_between_markers_only():
         bench_table.replace_section("no markers", "new")
 
 
-def test_readme_performance_section_is_up_to_date():
+def test_gpu_test_run_summary_is_shown_after_the_measurements(tmp_path):
+    """tools/run_gpu_tests.sh keeps its summary in bench/results/: one row, and the failed tests by name."""
+    (tmp_path / "a_step.json").write_text(json.dumps(STEP))
+    (tmp_path / "gpu-tests-h200.json").write_text(
+        json.dumps(
+            {
+                "kind": "gpu-tests",
+                "gpu": "NVIDIA H200",
+                "torch": "2.11.0",
+                "triton": "3.6.0",
+                "commit": "abc1234",
+                "date": "2026-12-03",
+                "counts": {"passed": 40, "failed": 1, "skipped": 2},
+                "failed": ["tests/test_gpu.py::test_x"],
+            }
+        )
+    )
+    text = bench_table.render(tmp_path)
+    assert text.index("wan14b-4layers") < text.index("GPU test suite")
+    assert "| NVIDIA H200 | 2.11.0 | 3.6.0 | abc1234 | 40 | 1 | 2 |" in text
+    assert "Failed: `tests/test_gpu.py::test_x`" in text
+
+
+def test_benchmarks_page_is_up_to_date_and_linked_from_the_readme():
     assert bench_table.main(["--check"]) == 0, "run python tools/render_bench_table.py"
+    readme = (bench_table.ROOT / "README.md").read_text()
+    assert "(docs/benchmarks.md)" in readme and bench_table.START not in readme

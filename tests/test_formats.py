@@ -408,9 +408,10 @@ def test_block_scale_on_a_high_precision_weight_is_named(tmp_path):
     weight = source_weights()["blocks.0.ffn.0.weight"].to(torch.bfloat16)  # 128 x 64
     edit(
         path,
-        lambda t: t.update({"blocks.0.ffn.0.weight": weight, "blocks.0.ffn.0.weight_scale": torch.ones(1, 1)}),
+        lambda t: t.update({"blocks.0.ffn.0.weight": weight, "blocks.0.ffn.0.weight_scale": torch.full((1, 1), 2.0)}),
     )
-    assert load_checkpoint(path).state_dict["blocks.0.ffn.0.weight"].dtype == torch.bfloat16  # one value: fine
+    loaded = load_checkpoint(path).state_dict["blocks.0.ffn.0.weight"]  # one value: fine, multiplied in
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, weight * 2)  # x2 is exact in bf16
     edit(path, lambda t: t.__setitem__("blocks.0.ffn.0.weight_scale", torch.ones(128, 2)))  # groups of 32
     with pytest.raises(CheckpointError, match=r"'blocks\.0\.ffn\.0\.weight_scale' of shape \[128, 2\] does not fit"):
         load_checkpoint(path)

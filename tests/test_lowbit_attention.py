@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import rel_err
 
 from fp8_quant import lowbit_attention as la
 
@@ -23,10 +24,6 @@ def attention_inputs(b=1, h=4, n_q=300, n_k=300, d=128, seed=0, k_offset=4.0):
 def reference(q, k, v):
     logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
     return torch.softmax(logits, dim=-1) @ v.double()
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 @pytest.mark.parametrize("qk", la.QK_FORMATS)

@@ -1,8 +1,9 @@
-"""Render the README's performance tables from the benchmark results in bench/results/*.json.
+"""Render the benchmarks page (docs/benchmarks.md) from the benchmark results in bench/results/*.json.
 
-Run: python tools/render_bench_table.py [--check]. The README holds the rendered tables between the markers
+Run: python tools/render_bench_table.py [--check]. docs/benchmarks.md holds the rendered tables between the markers
 ``<!-- bench:start -->`` and ``<!-- bench:end -->``; this script rewrites that part (``--check``: only say whether
-it is up to date, exit status 1 if not), so the numbers users read are always the ones a benchmark wrote.
+it is up to date, exit status 1 if not; ``tests/test_bench_table.py`` runs it), so the numbers users read are
+always the ones a benchmark wrote. The README links the page and keeps a short summary.
 
 Result files (what ``--json PATH`` of the benchmark scripts writes; the optional keys ``gpu``, ``torch``,
 ``comfyui``, ``comfy-kitchen`` and ``date`` at the top level are shown with the table):
@@ -15,6 +16,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
   "rel_err"}}, "x_cudnn"}}}``, attention alone, torch's SDPA backends beside the pack's 8-bit kernel;
 - ``bench/bench_int8_gemm.py``: ``{"kind": "int8-gemm", "rows": [{"shape", "mkn", "ms": {path: ms}}]}``, the
   pieces of a rotated int8 linear per DiT shape;
+- ``tools/run_gpu_tests.sh``: ``{"kind": "gpu-tests", "counts": {"passed", "failed", "skipped"}, "failed": [...]}``,
+  the last run of the GPU test suite on a GPU;
 - ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
   ``{"rows": [...], ...}``), one linear layer.
 """
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 STEP_STOCK, STEP_QUANT = "stock default dtype", "stock on our comfy-quant file"
 LINEAR_BF16, LINEAR_FAST = "bf16 F.linear", "ComfyUI fp8_e4m3fn_fast"
@@ -128,7 +131,7 @@ def gemm_variants_table(path: Path, data: dict) -> str:
     lines = [
         "**fp8 GEMM variants** per DiT shape (ms per call; × = exact accumulation's time / fast accumulation's; "
         "accumulation error vs an fp64 product of the same fp8 operands, layer error vs the unrounded operands' "
-        "product; \"today\" is the one-pass quantizer then per-tensor `_scaled_mm`):",
+        'product; "today" is the one-pass quantizer then per-tensor `_scaled_mm`):',
         "",
         "| shape (M×K×N) | dtype | per-tensor exact ms | fast ms | × | accum. error exact / fast | layer error exact / "
         "fast | row-wise exact ms | fast ms | × | quant pass ms | today ms |"
@@ -276,8 +279,24 @@ def int8_gemm_table(path: Path, data: dict) -> str:
     return "\n".join([*lines, "", context_line(path, data)])
 
 
+def gpu_tests_table(path: Path, data: dict) -> str:
+    counts = data["counts"]
+    lines = [
+        "**GPU test suite** (`tools/run_gpu_tests.sh`: `pytest -m gpu tests/test_gpu*.py`):",
+        "",
+        "| GPU | torch | triton | commit | passed | failed | skipped |",
+        "|---|---|---|---|---|---|---|",
+        f"| {data.get('gpu', '?')} | {data.get('torch', '?')} | {data.get('triton', '?')} | {data.get('commit', '?')} "
+        f"| {counts['passed']} | {counts['failed']} | {counts['skipped']} |",
+    ]
+    if data.get("failed"):
+        lines += ["", "Failed: " + ", ".join(f"`{name}`" for name in data["failed"])]
+    return "\n".join([*lines, "", context_line(path, {key: data.get(key) for key in ("date", "notes")})])
+
+
 def render_file(path: Path) -> tuple[int, str]:
-    """(0 for a model step, 1 for single layers, 2 for loading: the order in the README; the table)."""
+    """(0 for a model step, 1 for single layers, 2 for loading, 3 for text encoders, 4 for test runs: the order on
+    the page; the table)."""
     try:
         data = json.loads(path.read_text())
         if isinstance(data, list):
@@ -296,6 +315,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 1, attention_table(path, data)
         if data.get("kind") == "gemm-variants":
             return 1, gemm_variants_table(path, data)
+        if data.get("kind") == "gpu-tests":
+            return 4, gpu_tests_table(path, data)
         if data.get("kind") == "int8-gemm":
             return 1, int8_gemm_table(path, data)
         if "rows" in data:
@@ -306,7 +327,7 @@ def render_file(path: Path) -> tuple[int, str]:
 
 
 def render(results: Path = RESULTS) -> str:
-    """The README section: every result file's table, step results first, or the placeholder."""
+    """The page's generated section: every result file's table, step results first, or the placeholder."""
     files = sorted(results.glob("*.json")) if results.is_dir() else []
     if not files:
         return PLACEHOLDER
@@ -314,32 +335,32 @@ def render(results: Path = RESULTS) -> str:
     return "\n\n".join(table for _, table in tables)
 
 
-def replace_section(readme: str, section: str) -> str:
-    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
-        raise ResultError(f"{README}: needs one {START} ... {END} pair")
-    head, rest = readme.split(START)
+def replace_section(page: str, section: str) -> str:
+    if page.count(START) != 1 or page.count(END) != 1 or page.index(START) > page.index(END):
+        raise ResultError(f"{PAGE}: needs one {START} ... {END} pair")
+    head, rest = page.split(START)
     _, tail = rest.split(END)
     return f"{head}{START}\n{section}\n{END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README is not what this would write")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page is not what this would write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        current = README.read_text()
+        current = PAGE.read_text()
         wanted = replace_section(current, render())
     except ResultError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.check:
         if wanted != current:
-            print(f"error: {README}: performance section is stale; run python tools/render_bench_table.py")
+            print(f"error: {PAGE}: the tables are stale; run python tools/render_bench_table.py")
             return 1
         return 0
-    README.write_text(wanted)
-    logger.info("wrote the performance section of %s", README)
+    PAGE.write_text(wanted)
+    logger.info("wrote the tables of %s", PAGE)
     return 0
 
 

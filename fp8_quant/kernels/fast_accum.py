@@ -1,12 +1,12 @@
 """Whether an fp8 GEMM runs with fast accumulation: by kernel (the default), or timed per problem on request.
 
 Why: on Hopper, the fp8 GEMMs behind ``_scaled_mm`` promote their partial sums to fp32 every few K-steps unless
-told not to (``use_fast_accum=True``). Measured on H100s with torch 2.11 (``bench/bench_gemm_variants.py``, three
-machines): the row-wise GEMM (per-token x per-channel scales) ran 1.06-1.33x faster without the promotion on every
-DiT shape, in every run, which brings it level with the per-tensor GEMM; the per-tensor GEMM gained 0-12% on some
-shapes, lost up to 8% on others, and a given shape's gain moved between runs and even between two timings in one
-process. The error it adds, ~2e-3 relative per layer, is small beside the ~3.7e-2 of rounding both operands to fp8
-(a layer's error moved by 0.1-0.4%, a Wan step's not at all). The stock ComfyUI path keeps it off.
+told not to (``use_fast_accum=True``). On the GPUs measured (``bench/bench_gemm_variants.py``; the figures are in
+``bench/NOTES.md``, "Where the code's choices come from") the row-wise GEMM (per-token x per-channel scales) ran
+faster without the promotion on every DiT shape and in every run, which brings it level with the per-tensor GEMM;
+the per-tensor GEMM's gain was small, sometimes a loss, and moved between runs and even between two timings in one
+process. The error it adds is small beside that of rounding both operands to fp8. The stock ComfyUI path keeps it
+off.
 
 So the default (``rowwise``) is a fixed rule: fast accumulation for the row-wise kernel, exact for per-tensor. The
 same model then computes the same image in every run, which a choice timed at run time could not promise (timings
@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 FAST_ACCUM_ENV = "FP8_QUANT_FAST_ACCUM"
 DEFAULT_SETTING = "rowwise"
 FAST_ACCUM_CHOICES = (DEFAULT_SETTING, "auto", "on", "off")
-# ``auto`` does not time smaller GEMMs (exact accumulation): under ~50 GFLOP (~40 us on an H100; a DiT's 512 text
-# tokens) the host's launches set the pace, and the two ways timed within noise of each other.
+# ``auto`` does not time smaller GEMMs (exact accumulation): under ~50 GFLOP (a DiT's 512 text tokens) the host's
+# launches set the pace, and the two ways timed within noise of each other.
 MIN_FLOP = 5e10
 # ``auto``: fast accumulation must take at most this fraction of the exact time, in both timings, to be chosen.
 MARGIN = 0.93

@@ -49,8 +49,8 @@ def block_groups_at_speed(device: torch.device | str) -> bool:
     device = torch.device(device)
     if fp8_compute_unsupported(device) is not None:
         return True
-    # Measured on an H100 (torch 2.11, bench/bench_blockwise.py): the block-scaled GEMM runs 0.75-0.8x the
-    # row-wise one on DiT shapes, so groups are not free where row-wise fp8 runs: per channel is chosen there.
+    # The block-scaled GEMM runs slower than the row-wise one on DiT shapes (bench/bench_blockwise.py, figures in
+    # bench/NOTES.md), so groups are not free where row-wise fp8 runs: per channel is chosen there.
     return False
 
 

@@ -31,12 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from fp8_quant.formats import convert_checkpoint
 from fp8_quant.scheme import PER_CHANNEL
+from fp8_quant.testing import rel_err
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON)]
-
-
-def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((actual.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

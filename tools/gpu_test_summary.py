@@ -1,0 +1,102 @@
+"""Summarise a GPU test run (pytest's JUnit XML report) as a result file in bench/results/.
+
+Written by ``tools/run_gpu_tests.sh``; ``tools/render_bench_table.py`` shows it on the benchmarks page, so the
+last run of the GPU suite before a kernel change is kept beside the measurements. Usage:
+``python tools/gpu_test_summary.py REPORT.xml OUT.json [--seconds S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KIND = "gpu-tests"
+
+
+def outcome(case: ET.Element) -> str:
+    if case.find("failure") is not None or case.find("error") is not None:
+        return "failed"
+    return "skipped" if case.find("skipped") is not None else "passed"
+
+
+def test_id(case: ET.Element) -> str:
+    module = case.get("classname", "?").replace(".", "/")
+    return f"{module}.py::{case.get('name', '?')}"
+
+
+def environment() -> dict[str, str]:
+    """The GPU and the versions the run used (each one absent where it cannot be read)."""
+    info: dict[str, str] = {"python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = str(torch.version.cuda)
+            capability = torch.cuda.get_device_capability(0)
+            info["capability"] = f"{capability[0]}.{capability[1]}"
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def summarise(report: Path, seconds: float | None = None) -> dict:
+    cases = list(ET.parse(report).iter("testcase"))
+    counts = Counter(outcome(case) for case in cases)
+    by_file: dict[str, Counter] = {}
+    for case in cases:
+        by_file.setdefault(test_id(case).split("::")[0], Counter())[outcome(case)] += 1
+    return {
+        "kind": KIND,
+        **environment(),
+        "date": datetime.date.today().isoformat(),
+        "seconds": round(seconds, 1) if seconds is not None else None,
+        "counts": {key: counts[key] for key in ("passed", "failed", "skipped")},
+        "files": {
+            name: {key: c[key] for key in ("passed", "failed", "skipped")} for name, c in sorted(by_file.items())
+        },
+        "failed": [test_id(case) for case in cases if outcome(case) == "failed"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seconds", type=float)
+    args = parser.parse_args(argv)
+    summary = summarise(args.report, args.seconds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    counts = summary["counts"]
+    print(
+        f"{summary.get('gpu', 'no GPU')}: {counts['passed']} passed, {counts['failed']} failed, "
+        f"{counts['skipped']} skipped -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
