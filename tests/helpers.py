@@ -29,3 +29,23 @@ def explicit_hadamard(size: int) -> torch.Tensor:
                 value *= H4[(i // 4**d) % 4][(j // 4**d) % 4]
             matrix[i, j] = value
     return matrix / size**0.5
+
+
+def run_interpreted(script: str, repo: str) -> dict:
+    """``script`` in a fresh Python under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is
+    imported), with ``REPO`` defined; the JSON of its last ``RESULT `` line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"REPO = {repo!r}\n" + script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -5,13 +5,10 @@ computes with numpy, which has no bf16). The GPU tests check the compiled kernel
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_interpreted
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK = r"""
@@ -57,16 +54,7 @@ print("RESULT " + json.dumps(results))
 
 def test_fused_int8_kernels_match_the_torch_operations_in_the_interpreter():
     pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", f"REPO = {str(REPO)!r}\n" + CHECK],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TRITON_INTERPRET="1"),
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULT ") :])
+    results = run_interpreted(CHECK, str(REPO))
     assert results and all(all(flags) for flags in results.values()), results
 
 
@@ -115,14 +103,5 @@ def test_grouped_int8_kernels_match_an_independent_computation_in_the_interprete
     sum of each group's exact dot times its own two scales (wrong group index, a scale left out or the bias
     dropped each move it by far more than float32 rounding)."""
     pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", f"REPO = {str(REPO)!r}\n" + CHECK_GROUPED],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TRITON_INTERPRET="1"),
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULT ") :])
+    results = run_interpreted(CHECK_GROUPED, str(REPO))
     assert results and all(all(flags) for flags in results.values()), results

@@ -19,13 +19,10 @@ tensors, fails and leaves Triton's own launch for every call.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_interpreted
 from quant_reference import expected_cases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,16 +57,7 @@ print("RESULT " + json.dumps(check_all(quant_triton, "cpu", interpreter_cast)))
 
 def test_fused_fp8_quantization_matches_torch_in_the_interpreter():
     pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", f"REPO = {str(REPO)!r}\n" + CHECK],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TRITON_INTERPRET="1"),
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULT ") :])
+    results = run_interpreted(CHECK, str(REPO))
     assert len(results) == expected_cases(dtypes=2), sorted(results)
     # Exact: the same float32 operations in the same order, and codes through the same cast.
     failed = {name: measures for name, measures in results.items() if any(value != 0 for value in measures.values())}
