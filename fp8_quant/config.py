@@ -259,8 +259,9 @@ class Int8Config:
         _check_choice("activation_granularity", self.activation_granularity, INT8_ACTIVATION_GRANULARITIES)
         if self.grouped_scales and (self.weight_granularity != "channel" or not self.quantizes_activations):
             raise ValueError(
-                "activation_granularity: 'group' gives int8 weights one scale per output channel and group and needs "
-                "rounded activations; it cannot go with per-tensor weights or weight-only"
+                "activation_granularity: 'group' with quant_format int8_rotated gives the weights one scale per "
+                "output channel and group and rounds the activations: it cannot go with weight_granularity 'tensor' "
+                "or activation_scheme 'none'"
             )
         _check_choice("output_dtype", self.output_dtype, tuple(OUTPUT_DTYPES.values()))
         object.__setattr__(self, "ignored_layers", check_patterns("ignored_layers", self.ignored_layers))
@@ -414,13 +415,6 @@ def int8_online_config(options: UserOptions) -> Int8Config:
             f"activation_granularity: {options.activation_granularity!r} has no int8 form; int8 activations have "
             "one scale per token ('token', the default) or per token and rotation group ('group')"
         )
-    grouped = options.activation_granularity == "group"
-    if grouped and (options.weight_granularity == "tensor" or options.activation_scheme == "none"):
-        raise ValueError(
-            "activation_granularity: 'group' with quant_format int8_rotated gives the weights one scale per output "
-            "channel and group and rounds the activations: it cannot go with weight_granularity 'tensor' or "
-            "activation_scheme 'none'"
-        )
     if options.weight_granularity not in (AUTO, *INT8_WEIGHT_GRANULARITIES):
         raise ValueError(
             f"weight_granularity: {options.weight_granularity!r} has no int8 form; allowed with quant_format "
@@ -430,7 +424,7 @@ def int8_online_config(options: UserOptions) -> Int8Config:
         weight_granularity="tensor" if options.weight_granularity == "tensor" else "channel",
         activation_scheme="none" if options.activation_scheme == "none" else "dynamic",
         ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
-        activation_granularity="group" if grouped else "token",
+        activation_granularity="group" if options.activation_granularity == "group" else "token",
     )
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..params import Fp8LinearParams
-from ..quant_int8 import quantize_int8_rows, rotated, spread_group_scale
+from ..quant_int8 import dequantize_int8_weight, quantize_int8_rows, rotated, spread_group_scale
 from ..scheme import PER_TOKEN, GroupShape, QuantKey, activation_key
 from .base import _FLOAT_DTYPES, WEIGHT_ONLY_REASON
 
@@ -123,10 +123,8 @@ def grouped_product(x: Tensor, x_scale: Tensor, params: Fp8LinearParams) -> Tens
     """int8 ``x [M, K]`` with group scales ``[M, K / g]`` times a weight with group scales ``[N, K / g]``: the
     int8 values times their scales, multiplied in float32 (each term is ``q_x * s_x * q_w * s_w``, the group-wise
     sum of the fused GEMM up to float32 summation order)."""
-    width = x.shape[-1]
-    values = x.float() * spread_group_scale(x_scale.float(), width)
-    weight = params.weight.float() * spread_group_scale(params.weight_scale.float(), width)
-    return torch.matmul(values, weight.t())
+    values = x.float() * spread_group_scale(x_scale.float(), x.shape[-1])
+    return torch.matmul(values, dequantize_int8_weight(params.weight, params.weight_scale).t())
 
 
 @functools.cache
@@ -255,9 +253,8 @@ class Int8DequantKernel(Int8LinearKernel):
             return acc.mul_(x_scale).mul_(_column_scale(params))
         dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
         values = rotated(x, self.config.rotation_group).to(dtype)
-        scale = params.weight_scale
-        if scale.dim() == 2:  # group scales
-            weight = (params.weight.float() * spread_group_scale(scale.float(), x.shape[-1])).to(dtype)
+        if params.weight_scale.dim() == 2:  # group scales
+            weight = dequantize_int8_weight(params.weight, params.weight_scale, dtype=dtype)
         else:
             weight = params.weight.to(dtype) * _column_scale(params).to(dtype).reshape(-1, 1)
         return F.linear(values, weight).float()
