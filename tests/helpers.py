@@ -49,3 +49,25 @@ def run_interpreted(script: str, repo: str) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def grouped_int8_operands(group: int, rows: int, inner: int, cols: int, generator: torch.Generator):
+    """Random int8 ``a [M, K]`` and ``w [N, K]`` with group scales over three decades (so a group scaled by the
+    wrong one shows): row scales group-major ``[K / g, M]``, column scales ``[N, K / g]``."""
+    a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, generator=generator)
+    w = torch.randint(-127, 128, (cols, inner), dtype=torch.int8, generator=generator)
+    groups = inner // group
+    row = 10 ** (-3 * torch.rand(groups, rows, generator=generator))
+    column = 10 ** (-3 * torch.rand(cols, groups, generator=generator))
+    return a, w, row, column
+
+
+def grouped_int8_reference(a, w, row, column, bias, group: int) -> torch.Tensor:
+    """The group-scaled int8 product read independently: each group's exact dot times its own two scales, summed
+    in float64, plus the bias."""
+    expected = bias.double().expand(a.shape[0], w.shape[0]).clone()
+    for g in range(a.shape[1] // group):
+        part = slice(g * group, (g + 1) * group)
+        dot = a[:, part].double() @ w[:, part].double().t()
+        expected += dot * row[g].double()[:, None] * column[:, g].double()[None, :]
+    return expected

@@ -3,7 +3,7 @@ same int8 values, an exact int32 product) for short and long calls and every out
 
 import pytest
 import torch
-from helpers import outlier_input, random_linear, rel_err
+from helpers import grouped_int8_operands, grouped_int8_reference, outlier_input, random_linear, rel_err
 
 from fp8_quant.config import Int8Config
 from fp8_quant.kernels.int8_mm import Int8DequantKernel, IntMMKernel, int_mm_unsupported
@@ -150,18 +150,10 @@ def test_grouped_int8_gemm_matches_a_float64_group_sum():
 
     generator = torch.Generator().manual_seed(9)
     for group, rows, inner, cols in ((256, 4096, 5120, 1536), (64, 33, 448, 200), (256, 1, 512, 128)):
-        a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, generator=generator)
-        w = torch.randint(-127, 128, (cols, inner), dtype=torch.int8, generator=generator)
-        groups = inner // group
-        row = 10 ** (-3 * torch.rand(groups, rows, generator=generator))
-        column = 10 ** (-3 * torch.rand(cols, groups, generator=generator))
+        a, w, row, column = grouped_int8_operands(group, rows, inner, cols, generator)
         bias = torch.randn(cols, generator=generator)
         out = int8_triton.grouped_int8_mm(
             a.cuda(), w.cuda(), row.cuda().t(), column.cuda(), group, bias.cuda(), torch.float32
         ).cpu()
-        expected = bias.double().expand(rows, cols).clone()
-        for g in range(groups):
-            part = slice(g * group, (g + 1) * group)
-            dot = a[:, part].double() @ w[:, part].double().t()
-            expected += dot * row[g].double()[:, None] * column[:, g].double()
+        expected = grouped_int8_reference(a, w, row, column, bias, group)
         assert rel_err(out, expected) < 1e-6, (group, rows, inner, cols)

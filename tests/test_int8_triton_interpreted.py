@@ -61,7 +61,7 @@ def test_fused_int8_kernels_match_the_torch_operations_in_the_interpreter():
 CHECK_GROUPED = r"""
 import json, sys, torch
 sys.path[:0] = [REPO, REPO + "/tests"]
-from helpers import outlier_input
+from helpers import grouped_int8_operands, grouped_int8_reference, outlier_input
 from fp8_quant import int8_triton
 from fp8_quant.quant_int8 import quantize_int8_rows
 results = {}
@@ -79,19 +79,10 @@ for group, long_rows in ((256, 2048), (64, 2048), (64, 0)):
         ]
 generator = torch.Generator().manual_seed(3)
 for group, rows, inner, cols in ((256, 45, 512, 130), (64, 3, 192, 40), (64, 70, 128, 200)):
-    a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, generator=generator)
-    w = torch.randint(-127, 128, (cols, inner), dtype=torch.int8, generator=generator)
-    groups = inner // group
-    # Scales over three decades, so a group scaled by the wrong one shows.
-    row = 10 ** (-3 * torch.rand(groups, rows, generator=generator))
-    column = 10 ** (-3 * torch.rand(cols, groups, generator=generator))
+    a, w, row, column = grouped_int8_operands(group, rows, inner, cols, generator)
     b = torch.randn(cols, generator=generator).to(torch.float16)
     out = int8_triton.grouped_int8_mm(a, w, row.t(), column, group, b, torch.float32)
-    expected = b.double().clone().expand(rows, cols).clone()
-    for g in range(groups):
-        part = slice(g * group, (g + 1) * group)
-        dot = a[:, part].double() @ w[:, part].double().t()
-        expected += dot * row[g].double()[:, None] * column[:, g].double()[None, :]
+    expected = grouped_int8_reference(a, w, row, column, b, group)
     error = ((out.double() - expected).norm() / expected.norm()).item()
     results[f"gemm {group} {rows}x{inner}x{cols}"] = [error < 1e-6]
 print("RESULT " + json.dumps(results))
