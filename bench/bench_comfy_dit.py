@@ -176,6 +176,8 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
         "ours auto (bf16 file)": (ours(bf16), False, {}),
         "ours auto, exact accumulation (bf16 file)": (ours(bf16), False, EXACT_ACCUM),
         "ours auto (comfy-quant file)": (ours(quant), False, {}),
+        "ours auto, no CUDA graphs (bf16 file)": (ours(bf16, cuda_graphs="off"), False, {}),
+        "ours auto, no CUDA graphs (comfy-quant file)": (ours(quant, cuda_graphs="off"), False, {}),
         "ours dynamic per-token": (ours(bf16, activation_scheme="dynamic"), False, {}),
         "ours static": (ours(bf16, activation_scheme="static"), False, {}),
         "ours weight-only": (ours(bf16, activation_scheme="none"), False, {}),

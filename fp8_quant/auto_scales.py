@@ -268,6 +268,8 @@ class RuntimeActivationScale:
     def _poll(self) -> tuple[float, ...] | None:
         """(amax, spread, overshoot) from the device without waiting for it: the copy is requested once, read once
         it is done."""
+        if self.history.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # a CUDA-graph capture (``step_graphs``) runs this call once: no copy or event query in it
         if self._pending is None:
             event, host = _copy_to_host(torch.cat([self.history, self.spread, self.overshoot]))
             if event is None:

@@ -91,6 +91,13 @@ class QuantFormat(enum.Enum):
     INT8_ROTATED = "int8_rotated"
 
 
+class CudaGraphs(enum.Enum):
+    """Whether a diffusion model's steps may replay as CUDA graphs (``step_graphs``): ``auto`` where it is safe."""
+
+    AUTO = "auto"
+    OFF = "off"
+
+
 _DTYPE_ALIASES = {
     "e4m3fn": "float8_e4m3fn",
     "e4m3": "float8_e4m3fn",
@@ -110,6 +117,7 @@ ACTIVATION_SCHEME = Choice("activation_scheme", {scheme.value: scheme for scheme
 QUANT_FORMAT = Choice(
     "quant_format", {fmt.value: fmt for fmt in QuantFormat}, {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}
 )
+CUDA_GRAPHS = Choice("cuda_graphs", {choice.value: choice for choice in CudaGraphs}, {"on": "auto"})
 # Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
 # "block": DeepSeek-style 128x128 weight blocks; "group": 1x128 activation groups (what block-scaled GEMMs take).
 WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tensor": PER_TENSOR, "block": BLOCK_128})
@@ -131,6 +139,7 @@ __all__ = [
     "ACTIVATION_GRANULARITY",
     "ACTIVATION_SCHEME",
     "AUTO",
+    "CUDA_GRAPHS",
     "OUTPUT_DTYPE",
     "QUANT_FORMAT",
     "USER_ACTIVATION_GRANULARITIES",
@@ -141,5 +150,6 @@ __all__ = [
     "WEIGHT_GRANULARITY_OR_AUTO",
     "ActivationScheme",
     "Choice",
+    "CudaGraphs",
     "QuantFormat",
 ]

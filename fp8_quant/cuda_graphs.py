@@ -38,70 +38,129 @@ class GraphedForward:
     """A callable that stands in for ``module.forward``: eager where a graph cannot serve, else a replay."""
 
     def __init__(
-        self, module: nn.Module, forward: Callable[..., Any], max_graphs: int = MAX_GRAPHS, ignored: tuple = ()
+        self,
+        module: nn.Module,
+        forward: Callable[..., Any] | None,
+        max_graphs: int = MAX_GRAPHS,
+        ignored: tuple = (),
+        ready: Callable[[], str | None] | None = None,
+        max_captures_in_a_row: int | None = None,
     ) -> None:
+        """``forward``: what ``__call__`` runs (``run`` takes one per call instead); ``ready``: a reason not to
+        capture or replay now (e.g. layers still calibrating), or ``None``; ``max_captures_in_a_row``: give up
+        (until ``drop``) when that many calls in a row each needed a new graph, inputs that never repeat."""
         self.module = module
         self.forward = forward
         self.max_graphs = max_graphs
         self.ignored = frozenset(ignored)
+        self.ready = ready
+        self.max_captures_in_a_row = max_captures_in_a_row
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.weights: tuple | None = None
         self.pool = None
-        self.disabled = False
+        self.disabled = False  # a capture failed: this forward cannot be captured, it runs eagerly from now on
+        self.gave_up: str | None = None  # inputs that do not repeat: eager until ``drop``
+        self.reason: str | None = None  # why the last call ran eagerly (``None``: it captured or replayed)
         self.replays = 0
+        self.captures = 0
+        self._captures_in_a_row = 0
         self.previous: Callable[..., Any] | None = None  # an instance forward the module had before
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.forward, *args, **kwargs)
+
+    def run(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``forward(*args, **kwargs)``, replayed from a graph where one serves (captured the first time)."""
         if self.ignored:
             kwargs = {key: value for key, value in kwargs.items() if key not in self.ignored}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), None)
-        if self.disabled or device is None or device.type != "cuda" or torch.compiler.is_compiling():
-            return self.forward(*args, **kwargs)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
-            return self.forward(*args, **kwargs)
-        weights = self._weights(device)
-        if weights is None:
-            return self.forward(*args, **kwargs)
+        reason, weights = self._why_eager(device)
+        self.reason = reason
+        if reason is not None:
+            return forward(*args, **kwargs)
         if weights != self.weights:  # moved or patched: old graphs point at old memory
             self.graphs.clear()
             self.weights = weights
         key = (spec, torch.is_inference_mode_enabled(), *(_leaf_key(leaf) for leaf in leaves))
         graph = self.graphs.get(key)
         if graph is None:
-            captured = self._capture(key, leaves, spec, device)
+            captured = self._capture(forward, key, leaves, spec, device)
             if captured is None:
-                return self.forward(*args, **kwargs)
+                return forward(*args, **kwargs)
             return captured.warmup_output
         self.graphs.move_to_end(key)
         self.replays += 1
+        self._captures_in_a_row = 0
         return graph.replay(leaves)
 
-    def _weights(self, device: torch.device) -> tuple | None:
-        """The parameters' addresses, or ``None`` where the module cannot be captured as it is now."""
+    def _why_eager(self, device: torch.device | None) -> tuple[str | None, tuple | None]:
+        """(why this call runs eagerly or ``None``, the parameters' addresses where it may replay)."""
+        if self.disabled:
+            return "its forward cannot be captured", None
+        if self.gave_up is not None:
+            return self.gave_up, None
+        if device is None or device.type != "cuda":
+            return "the inputs are not on a CUDA device", None
+        if torch.compiler.is_compiling():
+            return "it runs under torch.compile", None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
+            return "gradients are enabled", None
+        weights, reason = self._weights(device)
+        if reason is not None:
+            return reason, None
+        not_ready = self.ready() if self.ready is not None else None
+        return not_ready, weights
+
+    def drop(self) -> None:
+        """Forget the graphs (their memory goes back to the allocator) and start afresh; a forward that could not be
+        captured stays eager."""
+        self.graphs.clear()
+        self.weights, self.pool, self.gave_up = None, None, None
+        self._captures_in_a_row = 0
+
+    def _weights(self, device: torch.device) -> tuple[tuple | None, str | None]:
+        """(the parameters' addresses, ``None``) where the module can be captured as it is now, else (``None``, why
+        not): a tensor elsewhere than ``device``, per-call weight functions (ComfyUI's lowvram patches), or forward
+        hooks, whose Python a replay would skip."""
         addresses = []
         for tensor in [*self.module.parameters(), *self.module.buffers()]:
             if tensor.device != device:
-                return None
+                return None, "weights are not all on the GPU (lowvram or offloaded)"
             addresses.append(tensor.data_ptr())
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None, "a global forward hook watches the modules"
         for submodule in self.module.modules():
             if getattr(submodule, "weight_function", None) or getattr(submodule, "bias_function", None):
-                return None
-        return tuple(addresses)
+                return None, "weights are patched per call (lowvram)"
+            if submodule._forward_hooks or submodule._forward_pre_hooks:
+                return None, "a forward hook watches a layer"
+        return tuple(addresses), None
 
-    def _capture(self, key: tuple, leaves: list, spec: Any, device: torch.device) -> _Graph | None:
+    def _capture(
+        self, forward: Callable[..., Any], key: tuple, leaves: list, spec: Any, device: torch.device
+    ) -> _Graph | None:
+        limit = self.max_captures_in_a_row
+        if limit is not None and self._captures_in_a_row >= limit:
+            self.gave_up = f"its inputs changed at each of {limit} calls in a row"
+            self.reason = self.gave_up
+            self.graphs.clear()
+            return None
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            graph = _Graph.capture(self.forward, leaves, spec, device, self.pool)
+            graph = _Graph.capture(forward, leaves, spec, device, self.pool)
         except Exception as error:  # any failure to capture means: run eagerly
             self.disabled = True
+            self.reason = f"its forward cannot be captured ({error})"
             name = type(self.module).__name__
             logger.warning("%s: CUDA graph capture failed (%s); the forward runs eagerly", name, error)
             return None
         self.graphs[key] = graph
+        self.captures += 1
+        self._captures_in_a_row += 1
         return graph
 
 

@@ -70,6 +70,10 @@ def make_override(dispatcher: AttentionDispatcher):
             return out
         return out.transpose(1, 2).reshape(b, n_q, heads * dim_head)
 
+    # What step graphs (``step_graphs``) ask of an attention function: is it the pack's, and does its Python decide
+    # per step (the 8-bit kernel's guarded first and last steps read the sigmas), which a replay would not run.
+    attention_override.fp8_quant_attention = True
+    attention_override.decides_per_step = dispatcher.choice is AttentionChoice.LOWBIT
     return attention_override
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fp8_quant import Fp8Recipe
+from fp8_quant.choices import CUDA_GRAPHS
 from fp8_quant.format_choice import resolve_quant_format
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.formats.model_writer import architecture_metadata
@@ -14,6 +15,7 @@ from .comfy_cast import comfy_weight_caster
 from .comfy_ops import LoadPlan
 from .common import CATEGORY, node_error, unmatched_skips_note
 from .dit_model import load_fp8_diffusion_model
+from .step_graphs import add_step_graphs
 from .vram_policy import keeps_fp8_on_gpu
 from .widgets import forced_kernel, loader_optional_inputs, user_options
 
@@ -42,9 +44,12 @@ class LoadFP8DiT:
             "optional": loader_optional_inputs(),
         }
 
-    def load(self, unet_name: str, kernel: str = "auto", attention: str = "auto", **options: str):
+    def load(
+        self, unet_name: str, kernel: str = "auto", attention: str = "auto", cuda_graphs: str = "auto", **options: str
+    ):
         """``options``: the other widgets (activation_scheme, activation_granularity, weight_granularity,
-        skip_layers), defaults as in ``UserOptions``; ``attention``: as the Patch Attention node's."""
+        skip_layers), defaults as in ``UserOptions``; ``attention``: as the Patch Attention node's; ``cuda_graphs``:
+        whether sampling steps may replay as CUDA graphs (``fp8_quant.step_graphs``)."""
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -57,6 +62,7 @@ class LoadFP8DiT:
         with node_error(NODE_TITLE):
             choices, format_note = resolve_quant_format(user_options(**options), device)
             attention_choice = parse_attention(attention)
+            graphs_choice = CUDA_GRAPHS.parse(cuda_graphs)
             path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         with node_error(NODE_TITLE, path):
             scan = scan_checkpoint(path)
@@ -77,6 +83,7 @@ class LoadFP8DiT:
         unmatched = unmatched_skips_note(NODE_TITLE, choices.skip_layers, plan.report)
         add_calibration_hook(model, plan)
         model, attention_summary = patch_attention(model, attention_choice, in_place=True)  # no node holds it yet
+        attention_summary += f"; {add_step_graphs(model, graphs_choice, device)}"
         # The log has the details (patterns, scheme, the kernel's reasoning, the kept layers); the node a short line.
         kept = plan.report.kept_names()
         logger.info("%s (%s): %s%s; %s", unet_name, scan.dialect, details, f"; kept: {kept}" if kept else "",

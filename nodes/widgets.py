@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from fp8_quant.attention import ATTENTION_CHOICES, AttentionChoice
+from fp8_quant.choices import CudaGraphs
 from fp8_quant.config import (
     AUTO,
     USER_ACTIVATION_GRANULARITIES,
@@ -45,6 +46,11 @@ TOOLTIPS = {
     "e4m3 weights and activations on the FP8 tensor cores (Ada, Hopper, Blackwell). int8_rotated: ComfyUI's "
     "INT8-ConvRot scheme, weights and activations rotated in groups of 256 and rounded to int8 per row; less error "
     "on models with outlier channels, runs on int8 tensor cores (also RTX 30xx / A100).",
+    "cuda_graphs": "auto: once the first steps have calibrated the activation scales, each sampling step replays "
+    "as a CUDA graph (one launch instead of one per kernel: faster where the GPU waits for the CPU, small models and "
+    "images), where that is safe: the whole model on the GPU (not lowvram), no torch.compile, no other node's model "
+    "patches or wrappers. Graphs are freed when sampling ends; the console log says how many steps replayed and why "
+    "not. off: every step runs as usual.",
     "recipe": "quality: fitted to this encoder on built-in prompts (error-compensating rounding of the weights, the "
     "most sensitive layers kept in bf16 within 0.55x the bf16 bytes, weight-only); seconds on a GPU, a few minutes "
     "on a CPU, once: the fit is kept on disk. speed: the same with activations in fp8 (fp8 x fp8) and, on CUDA, "
@@ -79,7 +85,7 @@ def _common_inputs() -> dict:
 
 def loader_optional_inputs() -> dict:
     """Optional inputs of Load FP8 DiT, in widget order (shared workflows store widget values by position:
-    ``attention`` came after the others, ``quant_format`` after it)."""
+    ``attention`` came after the others, ``quant_format`` after it, ``cuda_graphs`` last)."""
     from .attention import ATTENTION_TOOLTIP
 
     return {
@@ -87,6 +93,7 @@ def loader_optional_inputs() -> dict:
         **_common_inputs(),
         "attention": (list(ATTENTION_CHOICES), {"default": AttentionChoice.AUTO.value, "tooltip": ATTENTION_TOOLTIP}),
         "quant_format": _combo("quant_format", [fmt.value for fmt in QuantFormat], QuantFormat.AUTO.value),
+        "cuda_graphs": _combo("cuda_graphs", [choice.value for choice in CudaGraphs], CudaGraphs.AUTO.value),
     }
 
 

@@ -4,7 +4,7 @@ Usage: python inprocess_checks.py text_encoder FAMILY [lora] [fp8|comfy_quant] [
        python inprocess_checks.py fit_cache FAMILY
        python inprocess_checks.py serve (checks as JSON lines on stdin: see ``serve``)
        python inprocess_checks.py lowvram MODEL | sampling MODEL [dynamic] | stock_sample SEED MODEL... OUT
-       python inprocess_checks.py int8_layers MODEL | int8_compare BF16_MODEL CONVROT_MODEL
+       python inprocess_checks.py int8_layers MODEL | int8_compare BF16_MODEL CONVROT_MODEL | step_graphs MODEL
 (prints one line ``RESULT {json}``). ``dynamic``: ComfyUI's dynamic VRAM on, as main.py has it on NVIDIA GPUs
 (needs a GPU and comfy-aimdo).
 ComfyUI's ``nodes`` module and this pack's ``nodes`` package share a name, so the pack is imported under a
@@ -314,6 +314,60 @@ def check_sampling(model_path: str) -> dict:
     }
 
 
+def check_step_graphs(model_path: str) -> dict:
+    """KSampler's sampling (CFG: cond + uncond in one batch) with Load FP8 DiT's step graphs on and off: the same
+    latent, a second run with another latent shape, a run interrupted at its fourth step and one after it. Per
+    run, the step graphs' counts; per comparison, the relative difference of the two latents."""
+    import comfy.model_management
+    import comfy.sample
+    import folder_paths
+
+    pack = import_pack()
+    step_graphs = sys.modules["comfyui_fp8_quant.nodes.step_graphs"]
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(model_path).parent))
+    loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
+    loaded = {key: loader.load(Path(model_path).name, cuda_graphs=key) for key in ("auto", "off")}
+    models = {key: output["result"][0] for key, output in loaded.items()}
+    graphs = step_graphs.step_graphs_of(models["auto"])
+    generator = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
+    negative = [[2.0 * torch.randn(1, 8, 4096, generator=generator), {}]]
+
+    def sample(key: str, latent: torch.Tensor, callback=None) -> torch.Tensor:
+        noise = comfy.sample.prepare_noise(latent, 42)
+        return comfy.sample.sample(
+            models[key], noise, 8, 2.0, "euler", "simple", positive, negative, latent, seed=42, disable_pbar=True,
+            callback=callback,
+        ).float()  # fmt: skip
+
+    def interrupt(step, *args):
+        if step == 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    runs, errors = {}, {}
+    for name, latent in (("first", torch.zeros(1, 16, 2, 16, 16)), ("other_shape", torch.zeros(1, 16, 1, 8, 24))):
+        graphed = sample("auto", latent)
+        runs[name] = graphs.last_run
+        errors[name] = rel_err(graphed, sample("off", latent))
+    interrupted = False
+    try:
+        sample("auto", torch.zeros(1, 16, 2, 16, 16), callback=interrupt)
+    except comfy.model_management.InterruptProcessingException:
+        interrupted = True
+    runs["interrupted"] = graphs.last_run
+    after = sample("auto", torch.zeros(1, 16, 2, 16, 16))
+    runs["after_interrupt"] = graphs.last_run
+    errors["after_interrupt"] = rel_err(after, sample("off", torch.zeros(1, 16, 2, 16, 16)))
+    comfy.model_management.unload_all_models()
+    return {
+        "device": str(comfy.model_management.get_torch_device()),
+        "errors": errors,
+        "runs": runs,
+        "interrupted": interrupted,
+        "summaries": {key: output["ui"]["text"][0] for key, output in loaded.items()},
+    }
+
+
 def check_int8_layers(model_path: str) -> dict:
     """Each block linear of an int8 file, stock (ComfyUI's own int8 layer, comfy-kitchen's kernels) and ours, on the
     same input: the input each stock layer saw in one forward of the stock model. Per layer, the relative
@@ -443,6 +497,8 @@ def run_check(argv: list[str]) -> dict:
         return check_lowvram(argument)
     if check == "sampling":
         return check_sampling(argument)
+    if check == "step_graphs":
+        return check_step_graphs(argument)
     if check == "operations":
         return check_operations(argument)
     if check == "int8_compare":

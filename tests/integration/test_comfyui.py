@@ -661,6 +661,28 @@ def test_sampling_in_process_close_to_bf16_and_beats_stock_fp8(tmp_path, vram):
         assert "kernel scaled_mm" in result["summaries"]["auto"], result
 
 
+def test_step_graphs_sample_as_eager_steps_do(tmp_path):
+    """Load FP8 DiT's step graphs (on by default) against the same model with them off, through KSampler's sampling
+    with CFG: the same latents (on a GPU within the rounding of a scale frozen at capture; on the CPU exactly, with
+    the reason said), a second latent shape, an interrupted run and one after it."""
+    model = write_fixture("wan", tmp_path / "tiny_wan.safetensors")
+    result = run_inprocess("step_graphs", str(model))
+    print(result)
+    runs, errors = result["runs"], result["errors"]
+    assert result["interrupted"], result
+    assert "CUDA graphs auto" in result["summaries"]["auto"] and "CUDA graphs off" in result["summaries"]["off"]
+    assert runs["interrupted"]["calls"] == 4 and runs["first"]["calls"] == 8, result  # finished after an interrupt
+    if not result["device"].startswith("cuda"):
+        assert all(error < 1e-5 for error in errors.values()), result  # the same eager steps
+        assert all(run["replays"] == 0 for run in runs.values()), result
+        assert all("not on a CUDA device" in run["summary"] for run in runs.values()), result
+        return
+    # The activation scales calibrate over the first calls (eager), then one capture, then replays.
+    for name in ("first", "other_shape", "after_interrupt"):
+        assert runs[name]["captures"] >= 1 and runs[name]["replays"] >= 4, result
+    assert all(error < 0.02 for error in errors.values()), result
+
+
 def test_loader_builds_plain_operations_unless_comfyui_casts_the_model(tmp_path):
     """Plain operations (no weight cast per call, the stock choice for a model in its compute dtype) around the fp8
     layers; weight-casting ones where ComfyUI runs the model in another dtype than it builds it in."""

@@ -1,0 +1,177 @@
+"""Step graphs on the CPU: when a step may be captured or replayed, when it gives up, and what the ComfyUI glue
+refuses. The capture itself needs CUDA (tests/test_gpu_step_graphs.py); here ``_Graph.capture`` is a stand-in that
+records the call and ``_why_eager`` is told the inputs are on a GPU, so the bookkeeping around it is what runs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from fp8_quant import cuda_graphs
+from fp8_quant.auto_scales import OBSERVING, STATIC
+from fp8_quant.choices import CUDA_GRAPHS, CudaGraphs
+from fp8_quant.layer_state import Fp8LayerState
+from fp8_quant.step_graphs import MAX_CAPTURES_IN_A_ROW, StepGraphs
+from nodes.step_graphs import foreign_work, transformer_options_of
+
+
+class FakeGraph:
+    """What ``_Graph`` gives: the capturing call's output, and replays that run the forward again (the real one
+    replays its kernels on the inputs copied in)."""
+
+    def __init__(self, forward, leaves, spec):
+        self.forward, self.spec = forward, spec
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, spec)
+        self.warmup_output = forward(*args, **kwargs)
+
+    def replay(self, leaves):
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, self.spec)
+        return self.forward(*args, **kwargs)
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """Graph bookkeeping as on a GPU: every call may capture (weights at one address), captures are stand-ins."""
+    captured = []
+
+    def capture(cls, forward, leaves, spec, device, pool):
+        captured.append(spec)
+        return FakeGraph(forward, leaves, spec)
+
+    monkeypatch.setattr(cuda_graphs._Graph, "capture", classmethod(capture))
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: object())
+
+    def why_eager(self, device):
+        not_ready = self.ready() if self.ready is not None else None
+        return (self.gave_up or not_ready), (1,)
+
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "_why_eager", why_eager)
+    return captured
+
+
+class Layer(nn.Linear):
+    """A linear with an 8-bit layer state whose activation quantizer is in ``phase`` after ``calls`` calls."""
+
+    def __init__(self, phase=OBSERVING, calls=1) -> None:
+        super().__init__(4, 4)
+        self.fp8 = Fp8LayerState(None, None, "layer", activation=SimpleNamespace(phase=phase, calls=calls))
+
+
+def test_a_step_captures_once_then_replays_and_a_new_shape_gets_its_own_graph(on_gpu):
+    model = nn.Sequential(nn.Linear(4, 4))
+    graphs = StepGraphs(model)
+    x, other = torch.randn(2, 4), torch.randn(3, 4)
+    outputs = [graphs.run(model, (x,), {}) for _ in range(3)] + [graphs.run(model, (other,), {})]
+    assert len(on_gpu) == 2 and graphs.graphed.replays == 2  # captured x, replayed x twice, captured other
+    assert all(torch.equal(out, model(x)) for out in outputs[:3])
+    assert graphs.summary() == "CUDA graphs: 2 of 4 model calls replayed (2 captured)"
+
+
+def test_no_capture_while_a_layer_calibrates_and_layers_that_never_ran_do_not_count(on_gpu):
+    learning, unused = Layer(OBSERVING, calls=1), Layer(OBSERVING, calls=0)
+    model = nn.Sequential(learning, unused)
+    graphs = StepGraphs(model)
+    x = torch.randn(2, 4)
+    graphs.run(learning, (x,), {})
+    assert not on_gpu and graphs.reasons == {"1 layer(s) are still calibrating their activation scales": 1}
+    learning.fp8.activation.phase = STATIC  # decided (a later eager call polls it): the next step captures
+    graphs.run(learning, (x,), {})
+    graphs.run(learning, (x,), {})
+    assert len(on_gpu) == 1 and graphs.graphed.replays == 1
+    assert graphs.summary() == "CUDA graphs: 1 of 3 model calls replayed (1 captured)"  # calibration is not a fault
+
+
+def test_inputs_that_change_every_call_give_up_until_the_run_ends(on_gpu):
+    model = nn.Linear(4, 4)
+    graphs = StepGraphs(model)
+    x = torch.randn(2, 4)
+    for step in range(MAX_CAPTURES_IN_A_ROW + 2):
+        graphs.run(lambda x, step: model(x), (x, float(step)), {})  # a float that differs per call: a new key
+    assert len(on_gpu) == MAX_CAPTURES_IN_A_ROW and not graphs.graphed.graphs  # gave up and let the graphs go
+    assert "changed at each of 3 calls in a row" in graphs.summary()
+    line = graphs.finish()
+    assert graphs.last_run["captures"] == MAX_CAPTURES_IN_A_ROW and graphs.last_run["summary"] == line
+    graphs.run(model, (x,), {})  # a new run tries again
+    assert len(on_gpu) == MAX_CAPTURES_IN_A_ROW + 1 and graphs.calls == 1
+
+
+def test_new_weights_drop_the_old_graphs(on_gpu, monkeypatch):
+    model = nn.Linear(4, 4)
+    graphs = StepGraphs(model)
+    x = torch.randn(2, 4)
+    graphs.run(model, (x,), {})
+    addresses = iter([(2,), (2,)])
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "_why_eager", lambda self, device: (None, next(addresses)))
+    graphs.run(model, (x,), {})  # the weights moved (a LoRA patch, an offload and reload): captured again
+    assert len(on_gpu) == 2 and graphs.graphed.replays == 0
+
+
+def test_refused_steps_run_eagerly_with_the_reason():
+    model = nn.Linear(4, 4)
+    graphs = StepGraphs(model)
+    x = torch.randn(2, 4)
+    assert torch.equal(graphs.run(model, (x,), {}, refused="model patches (x) run inside the model"), model(x))
+    assert graphs.summary().endswith("eager where model patches (x) run inside the model")
+
+
+def test_on_the_cpu_every_step_is_eager_and_says_why():
+    model = nn.Linear(4, 4)
+    graphs = StepGraphs(model)
+    graphs.run(model, (torch.randn(2, 4),), {})
+    assert graphs.graphed.reason == "the inputs are not on a CUDA device" and not graphs.graphed.graphs
+
+
+def ours():
+    return None
+
+
+def pack_attention():
+    return None
+
+
+pack_attention.fp8_quant_attention = True
+pack_attention.decides_per_step = False
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({}, None),
+        ({"wrappers": {"diffusion_model": {"fp8_quant.step_graphs": [ours]}}, "patches": {}}, None),
+        ({"wrappers": {"apply_model": {"x": [print]}}}, None),  # outside the diffusion model: no concern
+        ({"wrappers": {"diffusion_model": {"teacache": [print]}}}, "another node's model wrapper (teacache)"),
+        ({"patches": {"double_block": [print]}}, "model patches (double_block)"),
+        ({"patches": {"double_block": []}}, None),
+        ({"patches_replace": {"dit": {("double_block", 0): print}}}, "model patches replace (dit)"),
+        ({"optimized_attention_override": print}, "another node's attention function"),
+        ({"optimized_attention_override": pack_attention}, None),
+        ({"prefetch_dynamic_vbars": True}, "dynamic VRAM"),
+    ],
+)
+def test_what_runs_inside_the_model_keeps_steps_eager(options, reason):
+    found = foreign_work(options, ours, "diffusion_model")
+    assert (found is None) if reason is None else (reason in found), found
+
+
+def test_8bit_attention_that_switches_per_step_keeps_steps_eager():
+    def attention():
+        return None
+
+    attention.fp8_quant_attention, attention.decides_per_step = True, True
+    assert "first and last steps" in foreign_work({"optimized_attention_override": attention}, ours, "diffusion_model")
+
+
+def test_transformer_options_are_found_as_keyword_or_last_positional_dict():
+    options = {"cond_or_uncond": [0, 1]}
+    assert transformer_options_of((), {"transformer_options": options}) is options
+    assert transformer_options_of((torch.ones(1), {"control": 1}, options), {}) is options
+    assert transformer_options_of((torch.ones(1),), {}) == {}
+
+
+def test_the_option_parses_once_with_a_one_line_error():
+    assert CUDA_GRAPHS.parse("auto") is CudaGraphs.AUTO and CUDA_GRAPHS.parse("off") is CudaGraphs.OFF
+    with pytest.raises(ValueError, match=r"cuda_graphs: 'always' is not allowed; allowed values: \['auto', 'off'\]"):
+        CUDA_GRAPHS.parse("always")
