@@ -48,7 +48,7 @@ class BlockReplay:
         max_bytes: int = MAX_RECORDED_BYTES,
     ) -> BlockReplay | None:
         """Run ``samples`` once, keeping each block call's output; ``None`` where nothing can be replayed."""
-        blocks = _blocks(model, layers)
+        blocks = transformer_blocks(model, layers)
         if not blocks:
             return None
         outputs: list[list[Any]] = []
@@ -128,7 +128,7 @@ class BlockReplay:
             yield counted
 
 
-def _blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[nn.Module]:
+def transformer_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[nn.Module]:
     """The children of every ``nn.ModuleList`` that holds measured layers in two or more of its children, outermost
     lists only (a list nested inside a chosen block is part of that block)."""
     measured = {id(module) for module in layers.values()}

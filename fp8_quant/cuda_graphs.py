@@ -45,20 +45,25 @@ class GraphedForward:
         ignored: tuple = (),
         ready: Callable[[], str | None] | None = None,
         max_captures_in_a_row: int | None = None,
+        may_hold: Callable[[int], bool] | None = None,
     ) -> None:
         """``forward``: what ``__call__`` runs (``run`` takes one per call instead); ``ready``: a reason not to
         capture or replay now (e.g. layers still calibrating), or ``None``; ``max_captures_in_a_row``: give up
-        (until ``drop``) when that many calls in a row each needed a new graph, inputs that never repeat."""
+        (until ``drop``) when that many calls in a row each needed a new graph, inputs that never repeat;
+        ``may_hold(bytes)``: whether a new graph may hold that much memory in its inputs and outputs (the bytes of
+        its tensor inputs, twice); where not, give up until ``drop``."""
         self.module = module
         self.forward = forward
         self.max_graphs = max_graphs
         self.ignored = frozenset(ignored)
         self.ready = ready
         self.max_captures_in_a_row = max_captures_in_a_row
+        self.may_hold = may_hold
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.weights: tuple | None = None
         self.pool = None
         self.disabled = False  # a capture failed: this forward cannot be captured, it runs eagerly from now on
+        self.failure = ""  # why, with the capture's error
         self.gave_up: str | None = None  # inputs that do not repeat: eager until ``drop``
         self.reason: str | None = None  # why the last call ran eagerly (``None``: it captured or replayed)
         self.replays = 0
@@ -97,7 +102,7 @@ class GraphedForward:
     def _why_eager(self, device: torch.device | None) -> tuple[str | None, tuple | None]:
         """(why this call runs eagerly or ``None``, the parameters' addresses where it may replay)."""
         if self.disabled:
-            return "its forward cannot be captured", None
+            return self.failure, None
         if self.gave_up is not None:
             return self.gave_up, None
         if device is None or device.type != "cuda":
@@ -146,6 +151,12 @@ class GraphedForward:
             self.reason = self.gave_up
             self.graphs.clear()
             return None
+        if self.may_hold is not None:
+            held = 2 * sum(leaf.nbytes for leaf in leaves if isinstance(leaf, torch.Tensor))
+            if not self.may_hold(held):
+                self.gave_up = "its graphs would hold more GPU memory than allowed (a large step keeps the GPU busy)"
+                self.reason = self.gave_up
+                return None
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         if self.pool is None:
@@ -154,7 +165,8 @@ class GraphedForward:
             graph = _Graph.capture(forward, leaves, spec, device, self.pool)
         except Exception as error:  # any failure to capture means: run eagerly
             self.disabled = True
-            self.reason = f"its forward cannot be captured ({error})"
+            self.failure = f"its forward cannot be captured ({' '.join(str(error).split())[:300]})"
+            self.reason = self.failure
             name = type(self.module).__name__
             logger.warning("%s: CUDA graph capture failed (%s); the forward runs eagerly", name, error)
             return None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8_quant import cuda_graphs
+from fp8_quant import cuda_graphs, step_graphs
 from fp8_quant.auto_scales import OBSERVING, STATIC
 from fp8_quant.choices import CUDA_GRAPHS, CudaGraphs
 from fp8_quant.layer_state import Fp8LayerState
@@ -64,10 +64,10 @@ def test_a_step_captures_once_then_replays_and_a_new_shape_gets_its_own_graph(on
     model = nn.Sequential(nn.Linear(4, 4))
     graphs = StepGraphs(model)
     x, other = torch.randn(2, 4), torch.randn(3, 4)
-    outputs = [graphs.run(model, (x,), {}) for _ in range(3)] + [graphs.run(model, (other,), {})]
-    assert len(on_gpu) == 2 and graphs.graphed.replays == 2  # captured x, replayed x twice, captured other
-    assert all(torch.equal(out, model(x)) for out in outputs[:3])
-    assert graphs.summary() == "CUDA graphs: 2 of 4 model calls replayed (2 captured)"
+    outputs = [graphs.run(model, (x,), {}) for _ in range(4)] + [graphs.run(model, (other,), {})]
+    assert len(on_gpu) == 2 and graphs.graphed.replays == 2  # eager, captured x, replayed x twice, captured other
+    assert all(torch.equal(out, model(x)) for out in outputs[:4])
+    assert graphs.summary() == "CUDA graphs: 2 of 5 model calls replayed (2 captured)"  # the first call: eager
 
 
 def test_no_capture_while_a_layer_calibrates_and_layers_that_never_ran_do_not_count(on_gpu):
@@ -75,33 +75,37 @@ def test_no_capture_while_a_layer_calibrates_and_layers_that_never_ran_do_not_co
     model = nn.Sequential(learning, unused)
     graphs = StepGraphs(model)
     x = torch.randn(2, 4)
+    graphs.run(learning, (x,), {})  # the first call of a run is eager: it shows which layers run
     graphs.run(learning, (x,), {})
-    assert not on_gpu and graphs.reasons == {"1 layer(s) are still calibrating their activation scales": 1}
+    assert not on_gpu and list(graphs.reasons.values()) == [1, 1]
+    assert "1 layer(s) are still calibrating their activation scales" in graphs.reasons
     learning.fp8.activation.phase = STATIC  # decided (a later eager call polls it): the next step captures
     graphs.run(learning, (x,), {})
     graphs.run(learning, (x,), {})
     assert len(on_gpu) == 1 and graphs.graphed.replays == 1
-    assert graphs.summary() == "CUDA graphs: 1 of 3 model calls replayed (1 captured)"  # calibration is not a fault
+    assert graphs.summary() == "CUDA graphs: 1 of 4 model calls replayed (1 captured)"  # calibration is not a fault
 
 
 def test_inputs_that_change_every_call_give_up_until_the_run_ends(on_gpu):
     model = nn.Linear(4, 4)
     graphs = StepGraphs(model)
     x = torch.randn(2, 4)
-    for step in range(MAX_CAPTURES_IN_A_ROW + 2):
+    for step in range(MAX_CAPTURES_IN_A_ROW + 3):
         graphs.run(lambda x, step: model(x), (x, float(step)), {})  # a float that differs per call: a new key
     assert len(on_gpu) == MAX_CAPTURES_IN_A_ROW and not graphs.graphed.graphs  # gave up and let the graphs go
     assert "changed at each of 3 calls in a row" in graphs.summary()
     line = graphs.finish()
     assert graphs.last_run["captures"] == MAX_CAPTURES_IN_A_ROW and graphs.last_run["summary"] == line
-    graphs.run(model, (x,), {})  # a new run tries again
-    assert len(on_gpu) == MAX_CAPTURES_IN_A_ROW + 1 and graphs.calls == 1
+    graphs.run(model, (x,), {})
+    graphs.run(model, (x,), {})  # a new run tries again (after its first, eager call)
+    assert len(on_gpu) == MAX_CAPTURES_IN_A_ROW + 1 and graphs.calls == 2
 
 
 def test_new_weights_drop_the_old_graphs(on_gpu, monkeypatch):
     model = nn.Linear(4, 4)
     graphs = StepGraphs(model)
     x = torch.randn(2, 4)
+    graphs.run(model, (x,), {})
     graphs.run(model, (x,), {})
     addresses = iter([(2,), (2,)])
     monkeypatch.setattr(cuda_graphs.GraphedForward, "_why_eager", lambda self, device: (None, next(addresses)))
@@ -175,3 +179,54 @@ def test_the_option_parses_once_with_a_one_line_error():
     assert CUDA_GRAPHS.parse("auto") is CudaGraphs.AUTO and CUDA_GRAPHS.parse("off") is CudaGraphs.OFF
     with pytest.raises(ValueError, match=r"cuda_graphs: 'always' is not allowed; allowed values: \['auto', 'off'\]"):
         CUDA_GRAPHS.parse("always")
+
+
+class TwoBlocks(nn.Module):
+    """A transformer-like model: its quantized layers in the children of a ``ModuleList``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(Layer(STATIC)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.fixture
+def whole_step_fails(on_gpu, monkeypatch):
+    """As Wan's step in ComfyUI: its capture fails (a host-to-GPU copy inside); its blocks' captures do not."""
+    fake = cuda_graphs._Graph.capture
+
+    def capture(cls, forward, leaves, spec, device, pool):
+        if isinstance(forward, TwoBlocks):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return fake.__func__(cls, forward, leaves, spec, device, pool)
+
+    monkeypatch.setattr(cuda_graphs._Graph, "capture", classmethod(capture))
+    return on_gpu
+
+
+def test_a_step_that_cannot_be_captured_whole_replays_block_by_block(whole_step_fails):
+    model = TwoBlocks()
+    graphs = StepGraphs(model)
+    x = torch.randn(2, 4)
+    outputs = [graphs.run(model, (x,), {}) for _ in range(5)]  # eager, whole fails, blocks captured, 2 replayed
+    assert all(torch.equal(out, model(x)) for out in outputs)
+    assert len(whole_step_fails) == 2 and graphs.block_replays == 2
+    assert all("forward" not in block.__dict__ for block in model.blocks)  # nothing left on the model between steps
+    assert graphs.summary().startswith("CUDA graphs: 2 of 5 model calls replayed block by block (2 blocks;")
+    graphs.finish()
+    assert graphs.last_run["block_by_block"] and "not permitted" in graphs.last_run["failure"]
+
+
+def test_block_graphs_that_would_hold_too_much_memory_are_not_made(whole_step_fails, monkeypatch):
+    monkeypatch.setattr(step_graphs, "MAX_BLOCK_GRAPHS_BYTES", 3 * 2 * 2 * 4 * 4 // 2)  # under two blocks' inputs
+    model = TwoBlocks()
+    graphs = StepGraphs(model)
+    x = torch.randn(2, 4)
+    for _ in range(5):
+        graphs.run(model, (x,), {})
+    assert graphs.block_replays == 0 and not any(graphed.graphs for _, graphed in graphs.blocks)
+    assert "more GPU memory than allowed" in graphs.summary()

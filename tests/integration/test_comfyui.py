@@ -679,7 +679,7 @@ def test_step_graphs_sample_as_eager_steps_do(tmp_path):
         return
     # The activation scales calibrate over the first calls (eager), then one capture, then replays.
     for name in ("first", "other_shape", "after_interrupt"):
-        assert runs[name]["captures"] >= 1 and runs[name]["replays"] >= 4, result
+        assert runs[name]["captures"] >= 1 and runs[name]["replays"] >= 3, result
     assert all(error < 0.02 for error in errors.values()), result
 
 
