@@ -117,6 +117,21 @@ ACTIVATION_SCHEME = Choice("activation_scheme", {scheme.value: scheme for scheme
 QUANT_FORMAT = Choice(
     "quant_format", {fmt.value: fmt for fmt in QuantFormat}, {"int8": "int8_rotated", "int8_convrot": "int8_rotated"}
 )
+class Int8ActivationScales(enum.Enum):
+    """How int8 activations are scaled: one scale per row (token), as ComfyUI's ``int8_tensorwise`` does; or one per
+    row and rotation group, with the weights one per output channel and group (finer steps; no ComfyUI file form)."""
+
+    TOKEN = "token"
+    GROUP = "group"
+
+
+INT8_WEIGHT_GRANULARITY = Choice("weight_granularity", {"channel": PER_CHANNEL, "tensor": PER_TENSOR})
+INT8_ACTIVATION_SCHEME = Choice(
+    "activation_scheme", {"dynamic": ActivationScheme.DYNAMIC, "none": ActivationScheme.NONE}
+)
+INT8_ACTIVATION_GRANULARITY = Choice(
+    "activation_granularity", {scales.value: scales for scales in Int8ActivationScales}
+)
 CUDA_GRAPHS = Choice("cuda_graphs", {choice.value: choice for choice in CudaGraphs}, {"on": "auto"})
 # Granularity names as users write them, and the GroupShape each stands for (see scheme.py for the axes).
 # "block": DeepSeek-style 128x128 weight blocks; "group": 1x128 activation groups (what block-scaled GEMMs take).
@@ -140,6 +155,9 @@ __all__ = [
     "ACTIVATION_SCHEME",
     "AUTO",
     "CUDA_GRAPHS",
+    "INT8_ACTIVATION_GRANULARITY",
+    "INT8_ACTIVATION_SCHEME",
+    "INT8_WEIGHT_GRANULARITY",
     "OUTPUT_DTYPE",
     "QUANT_FORMAT",
     "USER_ACTIVATION_GRANULARITIES",
@@ -151,5 +169,6 @@ __all__ = [
     "ActivationScheme",
     "Choice",
     "CudaGraphs",
+    "Int8ActivationScales",
     "QuantFormat",
 ]

@@ -22,6 +22,9 @@ from .choices import (
     ACTIVATION_GRANULARITY,
     ACTIVATION_SCHEME,
     AUTO,
+    INT8_ACTIVATION_GRANULARITY,
+    INT8_ACTIVATION_SCHEME,
+    INT8_WEIGHT_GRANULARITY,
     OUTPUT_DTYPE,
     QUANT_FORMAT,
     USER_ACTIVATION_GRANULARITIES,
@@ -31,6 +34,7 @@ from .choices import (
     WEIGHT_GRANULARITY,
     WEIGHT_GRANULARITY_OR_AUTO,
     ActivationScheme,
+    Int8ActivationScales,
     QuantFormat,
 )
 from .patterns import MAX_PATTERN_CHARS, PatternError, compile_regex
@@ -221,11 +225,9 @@ class Fp8Config:
         return f"weights {weights}; activations {acts}"
 
 
-INT8_WEIGHT_GRANULARITIES = ("channel", "tensor")
-INT8_ACTIVATION_SCHEMES = ("dynamic", "none")
-# "token": one activation scale per row, weights per output channel (ComfyUI's int8_tensorwise); "group": one scale
-# per row and rotation group on both operands (finer steps, no ComfyUI file form: Save FP8 Model re-rounds it).
-INT8_ACTIVATION_GRANULARITIES = ("token", "group")
+INT8_WEIGHT_GRANULARITIES = INT8_WEIGHT_GRANULARITY.names
+INT8_ACTIVATION_SCHEMES = INT8_ACTIVATION_SCHEME.names
+INT8_ACTIVATION_GRANULARITIES = INT8_ACTIVATION_GRANULARITY.names
 
 
 @dataclass(frozen=True)
@@ -243,21 +245,23 @@ class Int8Config:
     """
 
     rotation_group: int | None = 256
-    weight_granularity: str = "channel"
-    activation_scheme: str = "dynamic"
+    weight_granularity: GroupShape = PER_CHANNEL
+    activation_scheme: ActivationScheme = ActivationScheme.DYNAMIC
     ignored_layers: tuple[str, ...] = ()
     output_dtype: torch.dtype | None = None
-    activation_granularity: str = "token"
+    activation_granularity: Int8ActivationScales = Int8ActivationScales.TOKEN
 
     def __post_init__(self) -> None:
         if self.rotation_group is not None:
             from .rotation import check_group_size  # config stays importable without the math modules
 
             check_group_size(self.rotation_group, what="rotation_group")
-        _check_choice("weight_granularity", self.weight_granularity, INT8_WEIGHT_GRANULARITIES)
-        _check_choice("activation_scheme", self.activation_scheme, INT8_ACTIVATION_SCHEMES)
-        _check_choice("activation_granularity", self.activation_granularity, INT8_ACTIVATION_GRANULARITIES)
-        if self.grouped_scales and (self.weight_granularity != "channel" or not self.quantizes_activations):
+        # Names (widgets, files, the CLI) or typed values in; typed values from here on.
+        object.__setattr__(self, "weight_granularity", INT8_WEIGHT_GRANULARITY.parse(self.weight_granularity))
+        object.__setattr__(self, "activation_scheme", INT8_ACTIVATION_SCHEME.parse(self.activation_scheme))
+        granularity = INT8_ACTIVATION_GRANULARITY.parse(self.activation_granularity)
+        object.__setattr__(self, "activation_granularity", granularity)
+        if self.grouped_scales and (not self.per_channel or not self.quantizes_activations):
             raise ValueError(
                 "activation_granularity: 'group' with quant_format int8_rotated gives the weights one scale per "
                 "output channel and group and rounds the activations: it cannot go with weight_granularity 'tensor' "
@@ -270,7 +274,7 @@ class Int8Config:
 
     @property
     def quantizes_activations(self) -> bool:
-        return self.activation_scheme != "none"
+        return self.activation_scheme.quantizes
 
     @property
     def learns_activation_scales(self) -> bool:
@@ -279,15 +283,15 @@ class Int8Config:
     @property
     def grouped_scales(self) -> bool:
         """One scale per row (and output channel) and rotation group, on rotated layers."""
-        return self.activation_granularity == "group"
+        return self.activation_granularity is Int8ActivationScales.GROUP
 
     @property
     def per_channel(self) -> bool:
-        return self.weight_granularity == "channel"
+        return self.weight_granularity == PER_CHANNEL
 
     @property
     def weight_group(self) -> GroupShape:
-        return PER_CHANNEL if self.per_channel else PER_TENSOR
+        return self.weight_granularity
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -298,7 +302,7 @@ class Int8Config:
 
     def describe(self, activations_rounded: bool = True, weights: str | None = None) -> str:
         per = " and rotation group" if self.grouped_scales else ""
-        weights = f"int8, per-{self.weight_granularity}{per}, {self.rotation_words()}"
+        weights = f"int8, per-{INT8_WEIGHT_GRANULARITY.format(self.weight_granularity)}{per}, {self.rotation_words()}"
         acts = f"int8, per-token{per}, dynamic" if self.quantizes_activations else "none (weight-only)"
         return f"weights {weights}; activations {acts}"
 
@@ -389,9 +393,8 @@ def resolve(
     weights = defaults.weight_granularity if weights is None else weights
     skips = SENSITIVE_LAYER_PATTERNS + options.skip_layers
     if defaults.int8_weight_only and not scheme.quantizes and weights in (None, PER_CHANNEL, PER_TENSOR):
-        granularity_name = "tensor" if weights == PER_TENSOR else "channel"
-        return Int8Config(rotation_group=None, weight_granularity=granularity_name, activation_scheme="none",
-                          ignored_layers=skips)  # fmt: skip
+        return Int8Config(rotation_group=None, weight_granularity=PER_TENSOR if weights == PER_TENSOR else PER_CHANNEL,
+                          activation_scheme=ActivationScheme.NONE, ignored_layers=skips)  # fmt: skip
     return Fp8Config(
         weight_granularity=weights, **activations, ignored_layers=skips, round_activations_on_dequant=rounds
     )
@@ -420,11 +423,11 @@ def int8_online_config(options: UserOptions) -> Int8Config:
             f"weight_granularity: {options.weight_granularity!r} has no int8 form; allowed with quant_format "
             f"int8_rotated: {[AUTO, *INT8_WEIGHT_GRANULARITIES]}"
         )
+    named = {"weight_granularity": options.weight_granularity, "activation_scheme": options.activation_scheme,
+             "activation_granularity": options.activation_granularity}  # fmt: skip
     return Int8Config(
-        weight_granularity="tensor" if options.weight_granularity == "tensor" else "channel",
-        activation_scheme="none" if options.activation_scheme == "none" else "dynamic",
         ignored_layers=SENSITIVE_LAYER_PATTERNS + options.skip_layers,
-        activation_granularity="group" if options.activation_granularity == "group" else "token",
+        **{name: value for name, value in named.items() if value != AUTO},  # auto: the config's defaults
     )
 
 

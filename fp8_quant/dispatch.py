@@ -189,7 +189,7 @@ class Fp8Recipe:
         """How a file's int8 layers run: the file's rotation; activations rounded per row unless the user asked for
         none (weight-only)."""
         scheme = ActivationScheme.DYNAMIC if self.stored.quantizes_activations else ActivationScheme.NONE
-        return Int8Config(rotation_group=group, activation_scheme=scheme.value, output_dtype=self.stored.output_dtype)
+        return Int8Config(rotation_group=group, activation_scheme=scheme, output_dtype=self.stored.output_dtype)
 
     def _decide_stored(self, name: str, has_input_scale: bool, unit_scale: bool) -> LayerDecision:
         pattern = matching_pattern(name, self.ignored_layers)

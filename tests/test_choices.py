@@ -167,14 +167,19 @@ def test_resolve_a_files_config_keeps_its_weights_and_its_static_scales_under_au
 
 def test_resolve_int8_on_the_fly():
     config = resolve(UserOptions(quant_format="int8_rotated", weight_granularity="tensor"))
-    assert isinstance(config, Int8Config) and config.rotation_group == 256 and config.weight_granularity == "tensor"
+    assert isinstance(config, Int8Config) and config.rotation_group == 256 and config.weight_granularity == PER_TENSOR
+    assert config.activation_scheme is ActivationScheme.DYNAMIC and config.activation_granularity.value == "token"
+    grouped = resolve(UserOptions(quant_format="int8_rotated", activation_granularity="group"))
+    assert grouped.grouped_scales and grouped.per_channel and "per-channel and rotation group" in grouped.describe()
+    weight_only = resolve(UserOptions(quant_format="int8_rotated", activation_scheme="none"))
+    assert weight_only.activation_scheme is ActivationScheme.NONE and not weight_only.quantizes_activations
 
 
 def test_text_encoder_recipes_are_a_defaults_table():
     assert RECIPES == ("quality", "speed", "plain") and set(RECIPE_DEFAULTS) == set(RECIPES)
     quality = text_encoder_config(UserOptions(), "quality")
     assert isinstance(quality, Int8Config) and quality.rotation_group is None
-    assert not quality.quantizes_activations and quality.weight_granularity == "channel"
+    assert not quality.quantizes_activations and quality.weight_granularity == PER_CHANNEL
     assert quality.ignored_layers == SENSITIVE_LAYER_PATTERNS
     quality_fp8 = text_encoder_config(UserOptions(), "quality", weight_only_format="fp8")
     assert isinstance(quality_fp8, Fp8Config) and not quality_fp8.quantizes_activations
@@ -188,7 +193,7 @@ def test_text_encoder_recipes_are_a_defaults_table():
     assert isinstance(static, Fp8Config) and static.activation_granularity == PER_TENSOR
     block = text_encoder_config(UserOptions(weight_granularity="block", activation_scheme="none"), "plain")
     assert isinstance(block, Fp8Config) and block.weight_granularity == BLOCK_128  # int8 has no blocks
-    assert text_encoder_config(UserOptions(weight_granularity="tensor"), "quality").weight_granularity == "tensor"
+    assert text_encoder_config(UserOptions(weight_granularity="tensor"), "quality").weight_granularity == PER_TENSOR
 
 
 def test_a_files_summary_says_what_its_layers_run(tmp_path):
