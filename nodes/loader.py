@@ -83,7 +83,8 @@ class LoadFP8DiT:
         unmatched = unmatched_skips_note(NODE_TITLE, choices.skip_layers, plan.report)
         add_calibration_hook(model, plan)
         model, attention_summary = patch_attention(model, attention_choice, in_place=True)  # no node holds it yet
-        attention_summary += f"; {add_step_graphs(model, graphs_choice, device)}"
+        graphs_summary = add_step_graphs(model, graphs_choice, device)
+        attention_summary += f"; {graphs_summary}" if graphs_summary else ""
         # The log has the details (patterns, scheme, the kernel's reasoning, the kept layers); the node a short line.
         kept = plan.report.kept_names()
         logger.info("%s (%s): %s%s; %s", unet_name, scan.dialect, details, f"; kept: {kept}" if kept else "",

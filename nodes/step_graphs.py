@@ -27,8 +27,8 @@ STEP_GRAPHS_KEY = "fp8_quant.step_graphs"
 
 
 def add_step_graphs(patcher, choice: CudaGraphs, device=None) -> str:
-    """Set up step graphs on ``patcher`` (a model no other node holds yet); the summary's phrase for it
-    (``device``: the compute device, for that phrase; the wrappers check each call's own)."""
+    """Set up step graphs on ``patcher`` (a model no other node holds yet); the summary's phrase for it, empty on a
+    device without CUDA (``device``: the compute device, for that phrase; the wrappers check each call's own)."""
     if choice is CudaGraphs.OFF:
         return "CUDA graphs off"
     if not hasattr(patcher, "add_wrapper_with_key"):
@@ -56,8 +56,8 @@ def add_step_graphs(patcher, choice: CudaGraphs, device=None) -> str:
     patcher.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, STEP_GRAPHS_KEY, diffusion_model_wrapper)
     patcher.add_wrapper_with_key(wrappers.OUTER_SAMPLE, STEP_GRAPHS_KEY, outer_sample_wrapper)
     if device is not None and getattr(device, "type", None) != "cuda":
-        return "CUDA graphs auto (none on this device: steps run as usual)"
-    return "CUDA graphs auto (steps replay once calibrated, where safe; each run's count in the log)"
+        return ""  # nothing to say on the node: no CUDA here (the wrappers stay, for a model moved later)
+    return "CUDA graphs auto"  # each run's count and reasons go to the log (the node's box has room for little)
 
 
 def step_graphs_of(patcher) -> StepGraphs | None:

@@ -670,7 +670,8 @@ def test_step_graphs_sample_as_eager_steps_do(tmp_path):
     print(result)
     runs, errors = result["runs"], result["errors"]
     assert result["interrupted"], result
-    assert "CUDA graphs auto" in result["summaries"]["auto"] and "CUDA graphs off" in result["summaries"]["off"]
+    assert "CUDA graphs off" in result["summaries"]["off"]
+    assert ("CUDA graphs auto" in result["summaries"]["auto"]) == result["device"].startswith("cuda"), result
     assert runs["interrupted"]["calls"] == 4 and runs["first"]["calls"] == 8, result  # finished after an interrupt
     if not result["device"].startswith("cuda"):
         assert all(error < 1e-5 for error in errors.values()), result  # the same eager steps
