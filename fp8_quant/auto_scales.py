@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from .fp8_utils import AMAX_FLOOR, fp8_max, weight_row_amax
-from .quant_fp8 import QuantFP8
+from .quant_fp8 import QuantFP8, as_row_scales
 from .report import count_labels
 from .scheme import GROUP_128, PER_CHANNEL, PER_TENSOR, PER_TOKEN, GroupShape
 
@@ -220,6 +221,38 @@ class RuntimeActivationScale:
         if not compiling:
             self.after_call()
         return out
+
+    def bind(
+        self, x_dtype: torch.dtype, cols: int, device: torch.device, row_scales: bool = False
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """This quantizer in its current phase for one layer's rows on ``device``, as a prepared call runs it
+        (``QuantFP8.bind`` says what is bound); ``None`` while observing (a few calls: the general path runs
+        them). The phase's kernel is bound too, so a prepared call checks ``phase`` to know it still holds."""
+        if self.phase == OBSERVING or self.history is None or self.history.device != device:
+            return None
+        if self.phase == DYNAMIC:
+            dynamic = self._dynamic_quant.bind(x_dtype, cols, device, row_scales=row_scales)
+
+            def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                out = dynamic(x)
+                self.after_call()
+                return out
+
+            return quantize_dynamic
+        launch = self._static_quant.bind_running(x_dtype, cols, device, self.policy.margin, row_scales)
+
+        def quantize_static(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if launch is not None and x.shape[0]:
+                x_fp8, scales = launch(x, (self.scale, self.history, self.spare, self.overshoot))
+                self.history, self.spare = self.spare, self.history
+                scale = scales if row_scales else self.scale.reshape(())
+            else:
+                x_fp8, scale = self.quantize_static(x)
+                scale = as_row_scales(scale, x.shape[0]) if row_scales else scale
+            self.after_call()
+            return x_fp8, scale
+
+        return quantize_static
 
     def buffers_on(self, device: torch.device) -> None:
         if self.history is None or self.history.device != device:

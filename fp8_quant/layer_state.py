@@ -19,6 +19,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .auto_scales import RuntimeActivationScale
+    from .prepared import PreparedCall
 
 STATE_ATTRIBUTE = "fp8"
 
@@ -30,7 +31,8 @@ class Fp8LayerState:
     ``kernels``: the kernel that runs the layer now, by device; ``activation``: where the layer learns its
     activation scale at run time, the quantizer that does it (``auto_scales.RuntimeActivationScale``);
     ``patched``: a LoRA-patched weight (weakly) with its own scale; ``scales_on_device``: scales copied once to
-    the compute device for an offloaded layer."""
+    the compute device for an offloaded layer; ``prepared``: the layer's call with what does not change between
+    calls worked out once (``prepared``), while it holds."""
 
     method: Any
     layer_config: Any
@@ -39,6 +41,7 @@ class Fp8LayerState:
     activation: RuntimeActivationScale | None = None
     patched: tuple[weakref.ref, torch.Tensor] | None = None
     scales_on_device: dict = field(default_factory=dict)
+    prepared: PreparedCall | None = None
 
     @property
     def plan(self):
@@ -48,7 +51,15 @@ class Fp8LayerState:
     def for_copy(self) -> Fp8LayerState:
         """The state of a copy of the module: the same plan and scheme; kernels, learnt scales and device copies
         of its own (they are per model)."""
-        return replace(self, kernels={}, activation=None, scales_on_device={})
+        return replace(self, kernels={}, activation=None, scales_on_device={}, prepared=None)
+
+    def current_weight_scale(self, layer: nn.Module) -> torch.Tensor:
+        """The scale of the weight ``layer`` holds now: a LoRA-patched weight brings its own scale, and when
+        ComfyUI's unpatch puts the backed-up weight back, the layer's own scale applies again."""
+        patched = self.patched
+        if patched is not None and patched[0]() is layer.weight:
+            return patched[1]
+        return layer.weight_scale
 
 
 def is_fp8_layer(module: nn.Module) -> bool:

@@ -27,6 +27,7 @@ from .kernels import (
 )
 from .layer_state import Fp8LayerState
 from .params import Fp8LinearParams
+from .prepared import prepare_call
 from .scheme import (
     activation_key,
     expected_scale_shapes,
@@ -156,7 +157,7 @@ class Fp8LinearMethod:
         self.kernel_for(layer, compute_device(device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
+        return apply_prepared(self, layer, x, bias)
 
     def apply_params(
         self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -169,6 +170,21 @@ class Fp8LinearMethod:
             kernel = self.kernel_for(layer, x.device)
             params = params._replace(activation_quantizer=state.activation)
         return kernel.apply(params, x, bias)
+
+
+def apply_prepared(method, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's product through its prepared call where that still holds, else the general path (after which
+    a prepared call is made for the next call: ``prepared``)."""
+    state: Fp8LayerState = layer.fp8
+    prepared = state.prepared
+    if prepared is not None and not torch.compiler.is_compiling():
+        out = prepared.serve(layer, state, x, bias)
+        if out is not None:
+            return out
+    out = method.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
+    if not torch.compiler.is_compiling():
+        prepare_call(layer, state, x, bias)
+    return out
 
 
 def compute_device(device: torch.device | str) -> torch.device:

@@ -22,7 +22,7 @@ from .fp8_utils import check_scale, weight_row_amax
 from .kernels.int8_mm import INT8_KERNELS, Int8LinearKernel, Int8LinearLayerConfig
 from .kernels.selection import explain_choice, select_kernel
 from .layer_state import Fp8LayerState
-from .methods import _checked_weight, _parameter, compute_device
+from .methods import _checked_weight, _parameter, apply_prepared, compute_device
 from .params import Fp8LinearParams
 from .quant_int8 import dequantize_int8_weight, quantize_int8_weight, quantize_int8_with_scale
 from .rotation import group_size_problem, largest_group
@@ -107,7 +107,7 @@ class Int8LinearMethod:
         self.kernel_for(layer, compute_device(device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
+        return apply_prepared(self, layer, x, bias)
 
     def apply_params(
         self, layer: nn.Module, params: Fp8LinearParams, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -96,8 +97,88 @@ class QuantFP8:
         torch.maximum(history, amax.reshape(1), out=history)
         return fp8_utils.quantize_input_static(x, scale, self.dtype), scale, history
 
+    def bind(
+        self,
+        x_dtype: torch.dtype,
+        cols: int,
+        device: torch.device,
+        scale: torch.Tensor | None = None,
+        row_scales: bool = False,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """This quantizer for one layer's rows ``[M, cols]`` of ``x_dtype`` on ``device``, as a prepared call runs it
+        (``prepared``): ``rows -> (x_fp8 [M, cols], scale)`` with the choices a call would make (Triton or eager,
+        the launch's constants, a static scale's float32 copy on the device) made once. ``row_scales``: the scale
+        comes back ``[M, 1]`` (what the row-wise GEMM takes) whatever the granularity, else as ``__call__`` gives
+        it. Never inside ``torch.compile`` (the prepared call is not used there)."""
+        static = None
+        if self.static:
+            if scale is None:
+                raise ValueError("static QuantFP8 needs the calibrated input scale")
+            static = scale.detach().to(device=device, dtype=torch.float32)
+        if self.use_triton and device.type == "cuda" and (self.static or (self.per_token and not self.group)):
+            mode = _triton_kernels().STATIC if self.static else _triton_kernels().DYNAMIC
+            launch = _triton_kernels().RowQuantizer(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales)
+            if static is None:
+                return _bound_rows(launch, None, None, row_scales, self)
+            return _bound_rows(launch, (static.reshape(1), None, None, None), static.reshape(()), row_scales, self)
+        return _bound_call(self, static, row_scales)
+
+    def bind_running(
+        self, x_dtype: torch.dtype, cols: int, device: torch.device, margin: float, row_scales: bool
+    ) -> Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """``running`` bound to one layer's rows (``bind``): ``(rows, (scale_out, history, next_history,
+        overshoot)) -> (x_fp8, row scales or None)``, the caller swapping the histories after; ``None`` where the
+        eager path runs (``running`` itself then)."""
+        if not (self.use_triton and device.type == "cuda"):
+            return None
+        kernels = _triton_kernels()
+        launch = kernels.RowQuantizer(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales)
+
+        def quantize(x: torch.Tensor, buffers: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return launch(_rows_of(x), buffers)
+
+        return quantize
+
     def _triton(self, x: torch.Tensor) -> bool:
         return bool(self.use_triton and x.is_cuda and x.numel()) and not torch.compiler.is_compiling()
+
+
+def as_row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-token ``[M, 1]`` or per-tensor scale as the ``[M, 1]`` the row-wise GEMM takes (a copy where it is one
+    value: the GEMM wants it contiguous)."""
+    scale_a = scale if scale.dim() == 2 else scale.reshape(-1, 1)
+    return scale_a if scale_a.shape[0] == rows else scale_a.expand(rows, 1).contiguous()
+
+
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as rows with unit column stride (what the fused kernel reads)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _bound_rows(launch, buffers, fixed_scale, row_scales: bool, general: QuantFP8):
+    """A bound fused launch: one allocation for the codes (and one for the row scales), one launch; an empty input
+    takes the general path (no launch has zero programs)."""
+    buffers = buffers or (None, None, None, None)
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2d = _rows_of(x)
+        if not x2d.shape[0]:
+            return _bound_call(general, fixed_scale, row_scales)(x)
+        quantized, scales = launch(x2d, buffers)
+        return quantized, (scales if scales is not None else fixed_scale)
+
+    return quantize
+
+
+def _bound_call(quant: QuantFP8, static: torch.Tensor | None, row_scales: bool):
+    """The general call with a static scale already on the device (the eager path: CPUs, no Triton)."""
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quantized, scale = quant(x, static)
+        return quantized, (as_row_scales(scale, x.shape[0]) if row_scales else scale)
+
+    return quantize
 
 
 @functools.cache

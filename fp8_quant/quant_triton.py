@@ -14,10 +14,14 @@ longer rows take a second pass from L2. Three modes:
 
 Launch cost: Triton's own launch path (argument binding, specialization, cache key) is most of what a launch costs
 the host (bench/overhead.py; figures in bench/NOTES.md), and a DiT at a few thousand tokens, or a text encoder,
-waits for the host at every linear. The
-compiled kernel is therefore kept per specialization (``_Launch.key``: what Triton specializes on for these
-arguments) and launched directly. Whether this Triton's compiled kernels take the direct call is checked once per
-process on a small problem against the normal launch; where not, every launch takes the normal path.
+waits for the host at every linear. The compiled kernel is therefore kept per specialization (``_Launch.key``: what
+Triton specializes on for these arguments) and launched directly. Whether this Triton's compiled kernels take the
+direct call is checked once per process on a small problem against the normal launch; where not, every launch
+takes the normal path. Pointers a mode does not read are passed as ``None`` (a constant to Triton): the launcher
+checks every pointer it is given with a driver call. ``RowQuantizer`` is one layer's launch with what stays fixed
+(mode, dtypes, row length, device) worked out once, so that a call derives only what depends on its input.
+A static or running launch can also write its one scale out per row (``row_scales``): the row-wise GEMM takes an
+``[M, 1]`` scale, which would otherwise cost another allocation and a copy kernel per call.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def _quant_rows_kernel(
     amax_floor,
     margin,
     MODE: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -92,6 +97,9 @@ def _quant_rows_kernel(
         tl.atomic_max(next_history_ptr, tl.maximum(block_amax, history))
         ratio = block_amax / (scale * fp8_limit)
         tl.atomic_max(overshoot_ptr, ratio, mask=ratio > 1.0)
+    if ROW_SCALES:
+        if MODE != 0:  # the one scale, once per row, for a GEMM that takes [M, 1] (dynamic stored its own above)
+            tl.store(row_scale_ptr + rows, tl.zeros([ROWS], dtype=tl.float32) + scale, mask=row_mask)
     if ONE_BLOCK:
         quantized = tl.clamp(values / scale, -fp8_limit, fp8_limit)
         tl.store(q_rows + cols, quantized.to(q_ptr.dtype.element_ty), mask=mask)
@@ -112,27 +120,40 @@ def _launch(
     next_history: torch.Tensor | None = None,
     overshoot: torch.Tensor | None = None,
     margin: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    row_scales: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch on ``x2d`` (rows with unit column stride): the fp8 values, and the scale of each row ``[M, 1]``
+    where the mode computes one (dynamic) or ``row_scales`` asks for the given one per row."""
     rows, cols = x2d.shape
     quantized = torch.empty((rows, cols), dtype=dtype, device=x2d.device)
-    row_scales = torch.empty((rows, 1), dtype=torch.float32, device=x2d.device) if mode == DYNAMIC else None
-    launch = _Launch.of(x2d, quantized, row_scales, scale, history, next_history, overshoot, dtype, margin, mode)
+    row_scales = mode == DYNAMIC or row_scales
+    scales_out = torch.empty((rows, 1), dtype=torch.float32, device=x2d.device) if row_scales else None
+    launch = _Launch.of(x2d, quantized, scales_out, scale, history, next_history, overshoot, dtype, margin, mode)
     compiled = _direct_launches.get(launch.key)
     if compiled is not None:
         compiled[launch.grid](*launch.arguments)  # the compiled kernel on the current stream, past Triton's launch path
-        return quantized, row_scales
+        return quantized, scales_out
     compiled = launch.through_triton()
     if direct_launch_works():
         _direct_launches[launch.key] = compiled
-    return quantized, row_scales
+    return quantized, scales_out
+
+
+def _input_key(rows: int, x_ptr: int, x_stride: int) -> tuple:
+    """What Triton specializes on that comes with the input: its 16-byte alignment, the row count's being 1 or a
+    multiple of 16, the row stride's being 1 or a multiple of 16, and either's passing 32 bits."""
+    return (
+        x_ptr % 16 == 0, rows == 1, rows % 16 == 0, x_stride == 1, x_stride % 16 == 0, rows >= 2**31,
+        x_stride >= 2**31,
+    )  # fmt: skip
 
 
 class _Launch(NamedTuple):
     """One launch of ``_quant_rows_kernel``: its arguments in the kernel's order (constexprs last), grid and warps.
 
     ``key`` holds what Triton specializes a compiled kernel on for these arguments (each tensor's dtype and 16-byte
-    alignment; each integer's being 1, a multiple of 16, or past 32 bits; the constexprs; the warps) and the device:
-    launches with equal keys run the same compiled kernel."""
+    alignment, which pointers are ``None``; each integer's being 1, a multiple of 16, or past 32 bits; the
+    constexprs; the warps) and the device: launches with equal keys run the same compiled kernel."""
 
     arguments: tuple
     grid: tuple[int, int, int]
@@ -142,52 +163,96 @@ class _Launch(NamedTuple):
     @classmethod
     def of(cls, x2d, quantized, row_scales, scale, history, next_history, overshoot, dtype, margin, mode) -> _Launch:
         rows, cols = x2d.shape
-        one_block, rows_per_program, block, num_warps = _launch_shape(cols)
-        unused = quantized  # pointers a mode does not touch
-        pointers = (
-            x2d,
-            quantized,
-            row_scales if row_scales is not None else unused,
-            scale if scale is not None else unused,
-            history if history is not None else unused,
-            next_history if next_history is not None else unused,
-            overshoot if overshoot is not None else unused,
-        )
         x_stride = x2d.stride(0)
-        integers = (rows, cols, x_stride, quantized.stride(0))
-        constants = (mode, one_block, rows_per_program, block)
-        # The input can be a view off the alignment or carry an odd stride; the outputs are new allocations (aligned,
-        # row stride ``cols``); the one-element buffers (scale, history) enter with their dtype and alignment. The
-        # constants and warps follow from ``mode`` and ``cols``.
+        buffers = (scale, history, next_history, overshoot)
         key = (
-            torch.cuda.current_device(),
-            x2d.dtype,
-            dtype,
-            x2d.data_ptr() % 16 == 0,
-            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in pointers[3:] if t is not quantized),
-            mode,
-            cols,
-            rows == 1,
-            rows % 16 == 0,
-            x_stride == 1,
-            x_stride % 16 == 0,
-            rows >= 2**31,
-            x_stride >= 2**31,
+            *_fixed_key(x2d.dtype, dtype, mode, cols, row_scales is not None, buffers),
+            *_input_key(rows, x2d.data_ptr(), x_stride),
         )
-        arguments = (*pointers, *integers, fp8_max(dtype), AMAX_FLOOR, float(margin), *constants)
+        arguments = _arguments(x2d, quantized, row_scales, buffers, rows, cols, x_stride, dtype, margin, mode)
+        _, rows_per_program, _, num_warps = _launch_shape(cols)
         return cls(arguments, (triton.cdiv(rows, rows_per_program), 1, 1), num_warps, key)
 
     def through_triton(self):
         """Triton's own launch (compiling on first use); returns the compiled kernel."""
-        mode, one_block, rows_per_program, block = self.arguments[-4:]
+        mode, row_scales, one_block, rows_per_program, block = self.arguments[-5:]
         return _quant_rows_kernel[self.grid](
-            *self.arguments[:-4],
+            *self.arguments[:-5],
             MODE=mode,
+            ROW_SCALES=row_scales,
             ONE_BLOCK=one_block,
             ROWS=rows_per_program,
             BLOCK=block,
             num_warps=self.num_warps,
         )
+
+
+def _fixed_key(x_dtype: torch.dtype, dtype: torch.dtype, mode: int, cols: int, row_scales: bool, buffers) -> tuple:
+    """The part of a launch's key that one layer's launches share: the device, the dtypes, the mode, the row length
+    (the constexprs and warps follow from it), and each one-element buffer's dtype and alignment (or its absence)."""
+    return (
+        torch.cuda.current_device(), x_dtype, dtype, mode, cols, row_scales,
+        tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in buffers),
+    )  # fmt: skip
+
+
+def _arguments(x2d, quantized, row_scales, buffers, rows, cols, x_stride, dtype, margin, mode) -> tuple:
+    """The kernel's arguments in its order, constexprs last (the outputs are new allocations: row stride ``cols``)."""
+    one_block, rows_per_program, block, _ = _launch_shape(cols)
+    constants = (mode, row_scales is not None, one_block, rows_per_program, block)
+    return (
+        x2d, quantized, row_scales, *buffers, rows, cols, x_stride, cols, fp8_max(dtype), AMAX_FLOOR, float(margin),
+        *constants,
+    )  # fmt: skip
+
+
+class RowQuantizer:
+    """``_quant_rows_kernel`` launches for one layer: one mode, input and fp8 dtype, row length and device, with
+    the fixed part of the key, the grid's divisor and the constants worked out once. A call derives only what
+    comes with its input (``_input_key``) and launches the compiled kernel directly; anything it has not seen yet
+    (a first shape, another current device, a Triton without the direct launch) takes ``_launch``.
+
+    ``buffers``: ``(scale, history, next_history, overshoot)`` for the call (``None`` where the mode reads none);
+    they must keep the dtype and alignment of the first call's (the layer's own float32 buffers do)."""
+
+    def __init__(self, mode: int, x_dtype: torch.dtype, dtype: torch.dtype, cols: int, device: torch.device,
+                 margin: float = 1.0, row_scales: bool = False) -> None:  # fmt: skip
+        self.mode, self.x_dtype, self.dtype, self.cols, self.margin = mode, x_dtype, dtype, cols, float(margin)
+        self.device, self.device_index = device, device.index if device.index is not None else 0
+        self.row_scales = mode == DYNAMIC or row_scales
+        one_block, self.rows_per_program, block, _ = _launch_shape(cols)
+        self.limit = fp8_max(dtype)
+        self.constants = (mode, self.row_scales, one_block, self.rows_per_program, block)
+        self.compiled: dict[tuple, object] = {}
+
+    def __call__(
+        self, x2d: torch.Tensor, buffers: tuple = (None, None, None, None)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = x2d.shape[0]
+        x_stride = x2d.stride(0)
+        key = _input_key(rows, x2d.data_ptr(), x_stride)
+        compiled = self.compiled.get(key)
+        if compiled is None or torch.cuda.current_device() != self.device_index:
+            return self._first(x2d, buffers, key)
+        quantized = torch.empty((rows, self.cols), dtype=self.dtype, device=self.device)
+        scales = torch.empty((rows, 1), dtype=torch.float32, device=self.device) if self.row_scales else None
+        compiled[(-(-rows // self.rows_per_program), 1, 1)](
+            x2d, quantized, scales, *buffers, rows, self.cols, x_stride, self.cols, self.limit, AMAX_FLOOR,
+            self.margin, *self.constants,
+        )  # fmt: skip
+        return quantized, scales
+
+    def _first(self, x2d: torch.Tensor, buffers: tuple, key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Through ``_launch``; its compiled kernel is kept for this input key where the direct launch works."""
+        out = _launch(x2d, self.dtype, self.mode, *buffers, margin=self.margin, row_scales=self.row_scales)
+        if torch.cuda.current_device() == self.device_index:
+            fixed = _fixed_key(self.x_dtype, self.dtype, self.mode, self.cols, self.row_scales, buffers)
+            compiled = _direct_launches.get((*fixed, *key))
+            if compiled is not None:
+                if len(self.compiled) > 16:  # input keys of many odd views
+                    self.compiled.clear()
+                self.compiled[key] = compiled
+        return out
 
 
 _launch_shapes: dict[int, tuple[bool, int, int, int]] = {}

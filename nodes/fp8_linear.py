@@ -30,6 +30,7 @@ from fp8_quant.fp8_utils import (
 )
 from fp8_quant.layer_state import STATE_ATTRIBUTE, Fp8LayerState, is_fp8_layer, layer_state
 from fp8_quant.methods_int8 import Int8LinearMethod
+from fp8_quant.prepared import prepare_call
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,8 @@ class Fp8ComfyLinearMixin:
         return method if isinstance(method, Int8LinearMethod) else None
 
     def current_weight_scale(self) -> torch.Tensor:
-        """The scale of the weight the layer holds now: a LoRA-patched weight brings its own scale, and when
-        ComfyUI's unpatch puts the backed-up weight back, the layer's own scale applies again."""
-        patched = self.fp8.patched
-        if patched is not None and patched[0]() is self.weight:
-            return patched[1]
-        return self.weight_scale
+        """The scale of the weight the layer holds now (``Fp8LayerState.current_weight_scale``)."""
+        return self.fp8.current_weight_scale(self)
 
     def fp8_params(self, weight: torch.Tensor | None = None, device: torch.device | None = None) -> Fp8LinearParams:
         """The tensors the kernel multiplies with: the current weight (or ``weight``, e.g. one ComfyUI streamed in)
@@ -178,10 +175,20 @@ class Fp8ComfyLinearMixin:
             return super().forward(x, *args, **kwargs)
         if getattr(self, "weight_function", None) or getattr(self, "bias_function", None):
             return self._forward_lowvram_patched(x)
+        bias = self.bias
+        prepared = state.prepared
+        compiling = torch.compiler.is_compiling()
+        if prepared is not None and not compiling:  # the usual call: nothing changed since the last one
+            out = prepared.serve(self, state, x, bias)
+            if out is not None:
+                return out
         caster = self.fp8_weight_caster
         if caster is not None and self.weight.device != x.device:
             return self._forward_offloaded(caster, x)
-        return state.method.apply_params(self, self.fp8_params(), x, self.bias)
+        out = state.method.apply_params(self, self.fp8_params(), x, bias)
+        if not compiling:
+            prepare_call(self, state, x, bias)
+        return out
 
     def _forward_offloaded(self, caster: WeightCaster, x: torch.Tensor) -> torch.Tensor:
         """A layer ComfyUI left on the offload device (lowvram): its weight comes over through ComfyUI's caster,

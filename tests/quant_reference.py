@@ -120,6 +120,27 @@ def check_all(
                 "scale": _relative(s, scale),
                 **_code_measures(q, expected),
             }
+    # One scale written out per row (the row-wise GEMM's [M, 1]) by a static and a running launch.
+    x = inputs((37, 200), dtypes[0], 11, device)
+    given = (x.float().abs().max() / 448.0 / 3).reshape(1)
+    launch = quant_triton.RowQuantizer(quant_triton.STATIC, x.dtype, torch.float8_e4m3fn, 200, torch.device(device),
+                                       row_scales=True)  # fmt: skip
+    q, rows = launch(x, (given, None, None, None))
+    results["static row scales"] = {
+        "scale": _relative(rows, given.expand(37, 1)),
+        **_code_measures(q, _codes(x, given, torch.float8_e4m3fn, cast)),
+    }
+    history = x.float().abs().amax().reshape(1) * 2
+    next_history, scale_out, overshoot = (torch.zeros(1, device=device) for _ in range(3))
+    launch = quant_triton.RowQuantizer(quant_triton.RUNNING, x.dtype, torch.float8_e4m3fn, 200, torch.device(device),
+                                       2.0, row_scales=True)  # fmt: skip
+    q, rows = launch(x, (scale_out, history, next_history, overshoot))
+    scale = history * 2.0 / 448.0
+    results["running row scales"] = {
+        "scale": _relative(rows, scale.expand(37, 1)) + _relative(scale_out, scale),
+        **_code_measures(q, _codes(x, scale, torch.float8_e4m3fn, cast)),
+        "history": _relative(next_history, history),
+    }
     wide = inputs((9, 512), dtypes[0], 9, device)
     view = wide[:, 64:384]  # rows with a stride past their width go to the kernel as they are
     q, s = quant_triton.quantize_dynamic_triton(view, torch.float8_e4m3fn, True)
@@ -134,4 +155,4 @@ def check_all(
 def expected_cases(dtypes: int) -> int:
     """How many cases ``check_all`` runs with ``dtypes`` input dtypes."""
     per_shape = 5  # token, tensor, static, running within, running past
-    return len(LIMIT) * (len(SHAPES) * dtypes * per_shape + len(GROUP_SHAPES)) + 1
+    return len(LIMIT) * (len(SHAPES) * dtypes * per_shape + len(GROUP_SHAPES)) + 3  # + row scales, strided view

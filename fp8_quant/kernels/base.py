@@ -11,6 +11,7 @@ weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..params import Fp8LinearParams
+from ..prepared import Product, general_product
 from ..quant_fp8 import QuantFP8
-from ..scheme import QuantKey
+from ..scheme import GroupShape, QuantKey
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Why an fp8 GEMM passes over a weight-only layer (one wording, so a summary names it once for every such kernel).
@@ -101,6 +103,31 @@ class FP8ScaledMMLinearKernel(ABC):
         if out.dtype != out_dtype:
             out = out.to(out_dtype)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+    def prepare(
+        self,
+        weight_scale: Tensor,
+        input_scale: Tensor | None,
+        weight_group: GroupShape,
+        activation_quantizer,
+        bias: Tensor | None,
+        x: Tensor,
+    ) -> Product | None:
+        """The product for inputs like ``x`` (dtype, device, width) with these tensors, as a prepared call runs it
+        (``prepared``): ``(x, weight) -> out``. The weight comes with each call (see ``prepared`` for why); a kernel
+        that can bind more than the general ``apply`` does (``scaled_mm``) overrides this."""
+        return general_product(self.apply, weight_scale, input_scale, weight_group, activation_quantizer, bias)
+
+    def bind_quantizer(
+        self, input_scale: Tensor | None, activation_quantizer, x: Tensor, row_scales: bool
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor]] | None:
+        """The activation quantizer ``apply`` would run, bound to this layer's rows (``QuantFP8.bind``); ``None``
+        where it has no bound form now (a learnt scale still observing)."""
+        if self.input_quant is None:
+            return None
+        if activation_quantizer is not None:
+            return activation_quantizer.bind(x.dtype, x.shape[-1], x.device, row_scales)
+        return self.input_quant.bind(x.dtype, x.shape[-1], x.device, input_scale, row_scales)
 
     def output_dtype(self, x: torch.Tensor) -> torch.dtype:
         if self.config.out_dtype is not None:

@@ -60,6 +60,17 @@ def on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def fixed_fast_accum(setting: str, by_rule: bool, x: torch.Tensor) -> bool | None:
+    """The choice where it does not depend on the problem (every setting but ``auto`` on a GPU), else ``None``."""
+    if not on_gpu(x) or setting == "off":
+        return False
+    if setting == "on":
+        return True
+    if setting == DEFAULT_SETTING:
+        return by_rule
+    return None
+
+
 def use_fast_accum(
     setting: str,
     kind: str,
@@ -77,12 +88,9 @@ def use_fast_accum(
     problem times it (a few ms, once per shape per process); while compiling (so that no guard ties a graph to a
     token count) or capturing a CUDA graph, a problem keeps the exact accumulation.
     """
-    if not on_gpu(x) or setting == "off":
-        return False
-    if setting == "on":
-        return True
-    if setting == DEFAULT_SETTING:
-        return by_rule
+    fixed = fixed_fast_accum(setting, by_rule, x)
+    if fixed is not None:
+        return fixed
     if torch.compiler.is_compiling():
         return False
     flop = 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..params import Fp8LinearParams
+from ..prepared import Product, general_product
 from ..quant_int8 import dequantize_int8_weight, quantize_int8_rows, rotated, spread_group_scale
 from ..scheme import PER_TOKEN, GroupShape, QuantKey, activation_key
 from .base import _FLOAT_DTYPES, WEIGHT_ONLY_REASON
@@ -106,6 +107,11 @@ class Int8LinearKernel(ABC):
             out = out.add_(bias.to(out.device, out.dtype))
         out = out.to(out_dtype)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+    def prepare(self, weight_scale: Tensor, input_scale: Tensor | None, weight_group: GroupShape,
+                activation_quantizer, bias: Tensor | None, x: Tensor) -> Product:  # fmt: skip
+        """As a prepared call runs it (``prepared``): ``apply`` with the layer's tensors but the weight bound."""
+        return general_product(self.apply, weight_scale, input_scale, weight_group, activation_quantizer, bias)
 
     def output_dtype(self, x: Tensor) -> torch.dtype:
         if self.config.out_dtype is not None:

@@ -13,9 +13,11 @@ from torch import Tensor
 
 from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype, tensor_version
 from ..params import Fp8LinearParams
-from ..scheme import MX_BLOCK
+from ..prepared import Product
+from ..quant_fp8 import as_row_scales
+from ..scheme import MX_BLOCK, GroupShape
 from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
-from .fast_accum import fast_accum_setting, use_fast_accum
+from .fast_accum import fast_accum_setting, fixed_fast_accum, use_fast_accum
 
 
 def _device_support(device: torch.device, forced: bool) -> tuple[bool, str | None]:
@@ -82,6 +84,8 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
 
     # The default rule: fast accumulation for this kernel or not (measured per kernel, see ``fast_accum``).
     fast_accum_by_rule: bool = False
+    # Whether the GEMM takes the activation scale as ``[M, 1]`` (row-wise) rather than one value.
+    row_scales: bool = False
 
     def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
         super().__init__(config, device)
@@ -92,7 +96,7 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
     ) -> tuple[Tensor, bool]:
         """The product, and whether ``bias`` went into it: CUDA fuses a bias only in the output dtype, and never
         with a float32 output (the base class adds it otherwise)."""
-        fused = bias if bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32 else None
+        fused = _fusable(bias, out_dtype)
 
         def run(fast: bool) -> Tensor:
             return torch._scaled_mm(
@@ -103,6 +107,59 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
             self.fast_accum, self.name, self.fast_accum_by_rule, x, weight, out_dtype, fused is not None, run
         )
         return run(fast), fused is not None
+
+    def gemm_dtype(self, out_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the GEMM itself outputs for a layer that wants ``out_dtype`` (the base class casts after)."""
+        return out_dtype
+
+    def weight_scale_operand(self, weight_scale: Tensor, out_features: int) -> Tensor:
+        """The weight scale as this GEMM's ``scale_b``."""
+        return weight_scale.reshape(())
+
+    def prepare(
+        self,
+        weight_scale: Tensor,
+        input_scale: Tensor | None,
+        weight_group: GroupShape,
+        activation_quantizer,
+        bias: Tensor | None,
+        x: Tensor,
+    ) -> Product | None:
+        """The whole call bound (see the base class): the quantizer with its launch, ``scale_b`` as the GEMM takes
+        it, the bias in the output dtype, the fast-accumulation flag (``auto`` times per problem, so it keeps the
+        general path). Per call: at most a reshape, the quantizer's launch, the GEMM, and a view back."""
+        general = super().prepare(weight_scale, input_scale, weight_group, activation_quantizer, bias, x)
+        quantize = self.bind_quantizer(input_scale, activation_quantizer, x, self.row_scales)
+        fast = fixed_fast_accum(self.fast_accum, self.fast_accum_by_rule, x)
+        if quantize is None or fast is None:
+            return general
+        out_dtype = self.output_dtype(x)
+        gemm_dtype = self.gemm_dtype(out_dtype)
+        if bias is not None and (bias.device != x.device or bias.dtype != out_dtype):
+            bias = bias.to(x.device, out_dtype)
+        fused = _fusable(bias, gemm_dtype)
+        added = bias.to(gemm_dtype) if bias is not None and fused is None else None
+        out_features, in_features = self.config.out_features, self.config.in_features
+        scale_b = self.weight_scale_operand(weight_scale.to(x.device), out_features)
+        cast = gemm_dtype != out_dtype
+
+        def product(x: Tensor, weight: Tensor) -> Tensor:
+            rows = x if x.dim() == 2 else x.reshape(-1, in_features)
+            x_fp8, scale_a = quantize(rows)
+            out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=fused,
+                                   out_dtype=gemm_dtype, use_fast_accum=fast)  # fmt: skip
+            if added is not None:
+                out = out + added
+            if cast:
+                out = out.to(out_dtype)
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+
+        return product
+
+
+def _fusable(bias: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:
+    """The bias where ``_scaled_mm`` can add it itself: in the output dtype, and not with a float32 output."""
+    return bias if bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32 else None
 
 
 class PerTensorScaledMMKernel(_ScaledMMKernel):
@@ -142,6 +199,7 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
     name = "scaled_mm_rowwise"
     # Faster without the fp32 promotion on every DiT shape timed (``fast_accum``), level with per-tensor then.
     fast_accum_by_rule = True
+    row_scales = True
 
     def __init__(self, config: FP8ScaledMMLinearLayerConfig, device: torch.device) -> None:
         super().__init__(config, device)
@@ -167,18 +225,18 @@ class ChannelWiseScaledMMKernel(_ScaledMMKernel):
     def matmul(
         self, x: Tensor, x_scale: Tensor | None, params: Fp8LinearParams, bias: Tensor | None, out_dtype: torch.dtype
     ) -> tuple[Tensor, bool]:
-        rows = x.shape[0]
-        scale_a = x_scale if x_scale.dim() == 2 else x_scale.reshape(-1, 1)
-        if scale_a.shape[0] != rows:
-            scale_a = scale_a.expand(rows, 1).contiguous()
-        weight_scale = params.weight_scale
+        scale_a = as_row_scales(x_scale, x.shape[0])
+        scale_b = self.weight_scale_operand(params.weight_scale, params.weight.shape[0])
+        return self._scaled_mm(x, params.weight, scale_a, scale_b, bias, self.gemm_dtype(out_dtype))
+
+    def gemm_dtype(self, out_dtype: torch.dtype) -> torch.dtype:
+        return out_dtype if out_dtype in self.output_dtypes else torch.bfloat16
+
+    def weight_scale_operand(self, weight_scale: Tensor, out_features: int) -> Tensor:
+        """``[1, N]``: a per-channel scale viewed so, a per-tensor one repeated (``_per_tensor_as_rows``)."""
         if weight_scale.dim() == 1:
-            scale_b = weight_scale.view(1, -1)
-        else:
-            scale_b = self._per_tensor_as_rows(weight_scale, params.weight.shape[0])
-        if out_dtype not in self.output_dtypes:
-            out_dtype = torch.bfloat16
-        return self._scaled_mm(x, params.weight, scale_a, scale_b, bias, out_dtype)
+            return weight_scale.view(1, -1)
+        return self._per_tensor_as_rows(weight_scale, out_features)
 
     def _per_tensor_as_rows(self, scale: Tensor, out_features: int) -> Tensor:
         """A per-tensor weight scale as the ``[1, N]`` row ``_scaled_mm`` wants, made once per scale tensor: a

@@ -1,0 +1,180 @@
+"""Host cost of one linear call: us per call at few rows, where the GPU waits for the host, for bf16 and our paths.
+
+Why: at 1 or 256 rows a linear's GPU work is a few microseconds, so a forward of many such calls (a text encoder, a
+small or distilled DiT, the modulation linears) runs at the pace of the host's launches; an 8-bit path whose call
+costs the host much more than a bf16 one loses there, however fast its GEMM. Calls are queued back to back, as in a
+model's forward; each path is timed in every round, rounds interleaved (a clock change falls on all alike), and the
+median round is reported with its ratio to bf16 ``F.linear`` of the same run.
+
+Paths: bf16 ``F.linear``; ComfyUI's own bf16 ``Linear`` (``comfy.ops.disable_weight_init`` and ``manual_cast``) where
+``COMFYUI_DIR`` points at a ComfyUI checkout; ours (a ComfyUI-style ``Linear`` loaded through the pack's operations
+class, on ComfyUI's own base class where available): auto on a bf16 weight after calibration (static scale), dynamic
+per-token, an fp8 weight, int8_rotated.
+
+Usage: python bench/bench_linear_host.py [--json PATH] [--rounds 7] [--smoke]  (``--smoke``: tiny sizes, any device)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fp8_quant import Fp8Recipe, UserOptions
+from fp8_quant.config import Fp8Config
+from fp8_quant.fp8_utils import quantize_weight
+from fp8_quant.scheme import PER_CHANNEL
+from fp8_quant.testing import random_linear
+from nodes.comfy_ops import LoadPlan, make_fp8_operations
+
+WIDTHS = (3072, 5120)
+ROWS = (1, 256)
+
+
+class PlainOps:
+    """Stands in for ``comfy.ops.disable_weight_init`` without ComfyUI: torch's own forward."""
+
+    class Linear(nn.Linear):
+        weight_function: list = []  # noqa: RUF012 (as ComfyUI's: empty unless lowvram patches it)
+        bias_function: list = []  # noqa: RUF012
+
+        def reset_parameters(self) -> None:
+            return None
+
+
+def comfy_ops():
+    """ComfyUI's operations classes where ``COMFYUI_DIR`` is set: ``(disable_weight_init, manual_cast)``."""
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from comfy_runtime import setup_comfy
+
+    setup_comfy()
+    import comfy.ops
+
+    return comfy.ops.disable_weight_init, comfy.ops.manual_cast
+
+
+def our_layer(base, width: int, device: str, options: UserOptions, fp8_file: bool = False) -> nn.Module:
+    """A ComfyUI-style ``Linear`` loaded through the pack's operations class, on ``device``."""
+    source = random_linear(width, width, seed=1)
+    weight, bias = source.weight.detach(), source.bias.detach().to(torch.bfloat16)
+    state = {"layer.weight": weight.to(torch.bfloat16), "layer.bias": bias}
+    file_config = None
+    if fp8_file:
+        stored, scale = quantize_weight(weight, group=PER_CHANNEL)
+        state = {"layer.weight": stored, "layer.weight_scale": scale, "layer.bias": bias}
+        file_config = Fp8Config()
+    plan = LoadPlan(Fp8Recipe.for_checkpoint(file_config, options), result_device=device)
+    holder = nn.Module()
+    holder.layer = make_fp8_operations(base, plan).Linear(width, width, dtype=torch.bfloat16)
+    holder.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    plan.prepare_kernels(holder, torch.device(device))
+    return holder.layer
+
+
+def calibrate(layer: nn.Module, width: int, device: str) -> None:
+    """Calls on even tokens until a learning layer has decided (the decision waits for a copy to the host)."""
+    generator = torch.Generator(device=device).manual_seed(3)
+    for _ in range(8):
+        layer(torch.randn(64, width, generator=generator, device=device).to(torch.bfloat16))
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+
+def time_us(fn: Callable[[], object], reps: int, device: str) -> float:
+    """us per call, ``reps`` calls queued back to back."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1000 / reps
+    begin = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - begin) * 1e6 / reps
+
+
+def paths(width: int, device: str, comfy) -> dict[str, nn.Module | Callable]:
+    base = comfy[0] if comfy else PlainOps
+    weight = random_linear(width, width, seed=1).to(device, torch.bfloat16)
+    found: dict[str, Callable] = {"bf16 F.linear": lambda x: F.linear(x, weight.weight, weight.bias)}
+    if comfy:
+        for name, ops in zip(("ComfyUI disable_weight_init bf16", "ComfyUI manual_cast bf16"), comfy):
+            stock = ops.Linear(width, width, dtype=torch.bfloat16, device=device)
+            stock.weight, stock.bias = weight.weight, weight.bias
+            found[name] = stock
+    layers = {
+        "ours auto static": our_layer(base, width, device, UserOptions()),
+        "ours dynamic per-token": our_layer(base, width, device, UserOptions(activation_scheme="dynamic")),
+        "ours fp8 weight": our_layer(base, width, device, UserOptions(), fp8_file=True),
+        "ours int8_rotated": our_layer(base, width, device, UserOptions(quant_format="int8_rotated")),
+    }
+    for layer in layers.values():
+        calibrate(layer, width, device)
+    return {**found, **layers}
+
+
+def run(widths, rows_list, rounds: int, reps: int, device: str, comfy) -> list[dict]:
+    results = []
+    for width in widths:
+        table = paths(width, device, comfy)
+        for rows in rows_list:
+            x = torch.randn(rows, width, device=device).to(torch.bfloat16)
+            times: dict[str, list[float]] = {name: [] for name in table}
+            with torch.inference_mode():
+                for fn in table.values():
+                    time_us(lambda fn=fn, x=x: fn(x), 5, device)  # warm-up
+                for _ in range(rounds):
+                    for name, fn in table.items():
+                        times[name].append(time_us(lambda fn=fn, x=x: fn(x), reps, device))
+            bf16 = statistics.median(times["bf16 F.linear"])
+            for name, values in times.items():
+                us = statistics.median(values)
+                results.append({"path": name, "width": width, "rows": rows, "us_per_call": us,
+                                "x_bf16": us / bf16, "rounds_us": values})  # fmt: skip
+                print(f"K=N={width:5d} rows={rows:4d} {name:34s} {us:8.1f} us  {us / bf16:5.2f}x bf16")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, few calls (a test that it runs)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    comfy = comfy_ops()
+    widths, rows, rounds, reps = (WIDTHS, ROWS, max(5, args.rounds), args.reps)
+    if args.smoke:
+        widths, rows, rounds, reps = (64,), (1, 8), 5, 3
+    results = run(widths, rows, rounds, reps, device, comfy)
+    if args.json:
+        meta = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "comfyui": os.environ.get("COMFYUI_DIR"),
+        }
+        args.json.write_text(json.dumps({**meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
