@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import prepared
+
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 8  # per module: prompt lengths in use at once (each graph holds its activations' memory)
@@ -93,6 +95,7 @@ class GraphedForward:
             captured = self._capture(forward, key, leaves, spec, device)
             if captured is None:
                 return forward(*args, **kwargs)
+            self.weights = self._weights(device)[0]  # the warm-up may have prepared layers' calls
             return captured.warmup_output
         self.graphs.move_to_end(key)
         self.replays += 1
@@ -140,7 +143,8 @@ class GraphedForward:
                 return None, "weights are patched per call (lowvram)"
             if submodule._forward_hooks or submodule._forward_pre_hooks:
                 return None, "a forward hook watches a layer"
-        return tuple(addresses), None
+        # Prepared calls replaced since (``prepared.generation``): the derived tensors a graph reads may be freed.
+        return (*addresses, prepared.generation()), None
 
     def _capture(
         self, forward: Callable[..., Any], key: tuple, leaves: list, spec: Any, device: torch.device

@@ -95,9 +95,21 @@ def general_product(apply, weight_scale: Tensor, input_scale: Tensor | None, gro
     return product
 
 
+_generation = [0]
+
+
+def generation() -> int:
+    """How many prepared calls have been replaced or dropped in this process. A CUDA graph captured through a
+    prepared call reads the small tensors it derived (a scale row, a cast bias); once that call is gone they may
+    be freed, so ``cuda_graphs`` drops graphs captured before the count last changed."""
+    return _generation[0]
+
+
 def prepare_call(layer: nn.Module, state: Fp8LayerState, x: Tensor, bias: Tensor | None) -> None:
     """After a call of the general path: the layer's prepared call for inputs like ``x``, where one can be made now
     (else the layer keeps the general path; a later call tries again)."""
+    if state.prepared is not None:
+        _generation[0] += 1
     state.prepared = None
     if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # no state made in a trace; nothing allocated into a graph's private memory
@@ -118,4 +130,4 @@ def prepare_call(layer: nn.Module, state: Fp8LayerState, x: Tensor, bias: Tensor
         state.prepared = PreparedCall(state, kernel, product, weight, scale, layer.input_scale, bias, x)
 
 
-__all__ = ["PreparedCall", "Product", "general_product", "prepare_call"]
+__all__ = ["PreparedCall", "Product", "general_product", "generation", "prepare_call"]

@@ -49,6 +49,7 @@ def on_gpu(monkeypatch):
         return (self.gave_up or not_ready), (1,)
 
     monkeypatch.setattr(cuda_graphs.GraphedForward, "_why_eager", why_eager)
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "_weights", lambda self, device: ((1,), None))
     return captured
 
 
@@ -107,8 +108,8 @@ def test_new_weights_drop_the_old_graphs(on_gpu, monkeypatch):
     x = torch.randn(2, 4)
     graphs.run(model, (x,), {})
     graphs.run(model, (x,), {})
-    addresses = iter([(2,), (2,)])
-    monkeypatch.setattr(cuda_graphs.GraphedForward, "_why_eager", lambda self, device: (None, next(addresses)))
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "_why_eager", lambda self, device: (None, (2,)))
+    monkeypatch.setattr(cuda_graphs.GraphedForward, "_weights", lambda self, device: ((2,), None))
     graphs.run(model, (x,), {})  # the weights moved (a LoRA patch, an offload and reload): captured again
     assert len(on_gpu) == 2 and graphs.graphed.replays == 0
 
@@ -230,3 +231,18 @@ def test_block_graphs_that_would_hold_too_much_memory_are_not_made(whole_step_fa
         graphs.run(model, (x,), {})
     assert graphs.block_replays == 0 and not any(graphed.graphs for _, graphed in graphs.blocks)
     assert "more GPU memory than allowed" in graphs.summary()
+
+
+def test_a_replaced_prepared_call_drops_the_graphs_that_read_its_tensors(monkeypatch):
+    """A graph captured through a layer's prepared call reads the tensors it derived (a scale row, a cast bias);
+    once that call is replaced they may be freed: the graphs go (the generation is part of what must not change)."""
+    from fp8_quant import prepared
+
+    model = nn.Linear(4, 4)
+    graphed = cuda_graphs.GraphedForward(model, model)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    before, _ = graphed._weights(torch.device("cuda", 0))
+    state = SimpleNamespace(prepared=object(), kernels={})
+    prepared.prepare_call(nn.Linear(4, 4), state, torch.ones(1, 4), None)  # replaces (here: drops) one
+    after, _ = graphed._weights(torch.device("cuda", 0))
+    assert before[:-1] == after[:-1] and before != after and state.prepared is None
