@@ -168,6 +168,7 @@ def main() -> None:
     results = run(widths, rows, rounds, reps, device, comfy)
     if args.json:
         meta = {
+            "kind": "linear-host",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__,

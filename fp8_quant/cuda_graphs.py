@@ -158,7 +158,8 @@ class GraphedForward:
         if self.may_hold is not None:
             held = 2 * sum(leaf.nbytes for leaf in leaves if isinstance(leaf, torch.Tensor))
             if not self.may_hold(held):
-                self.gave_up = "its graphs would hold more GPU memory than allowed (a large step keeps the GPU busy)"
+                default = "its graphs would hold more GPU memory than allowed (a large step keeps the GPU busy)"
+                self.gave_up = self.gave_up or default  # ``may_hold`` may have said why
                 self.reason = self.gave_up
                 return None
         while len(self.graphs) >= self.max_graphs:

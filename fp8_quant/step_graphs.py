@@ -46,6 +46,9 @@ MAX_CAPTURES_IN_A_ROW = 3  # calls in a row that each needed a new graph before 
 # Block by block, each block's graph holds its inputs and outputs: at most this share of the GPU's memory, and this
 # many bytes, for all of them (beyond that a step is large enough to keep the GPU busy without graphs).
 BLOCK_GRAPHS_MEMORY_SHARE, MAX_BLOCK_GRAPHS_BYTES = 0.1, 2 << 30
+# A block whose inputs pass this (a 480p clip on a 14B-wide model) keeps the GPU busy for longer than its launches
+# take: its graph would add a copy of its inputs and gain nothing (bench/NOTES.md, step graphs).
+MAX_BLOCK_INPUT_BYTES = 64 << 20
 
 
 class StepGraphs:
@@ -117,9 +120,14 @@ class StepGraphs:
         if torch.cuda.is_available():
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             limit = min(limit, int(BLOCK_GRAPHS_MEMORY_SHARE * total))
-        if self._held + nbytes > limit:
+        reason = None
+        if nbytes // 2 > MAX_BLOCK_INPUT_BYTES:
+            reason = "its blocks' inputs are large (the GPU, not the launches, sets the pace of such a step)"
+        elif self._held + nbytes > limit:
+            reason = "its block graphs would hold more GPU memory than allowed (a large step)"
+        if reason is not None:
             for _, graphed in self.blocks or []:  # all blocks or none: a step half replayed gains little
-                graphed.gave_up = "its block graphs would hold more GPU memory than allowed (a large step)"
+                graphed.gave_up = reason
                 graphed.graphs.clear()
             return False
         self._held += nbytes

@@ -246,3 +246,13 @@ def test_a_replaced_prepared_call_drops_the_graphs_that_read_its_tensors(monkeyp
     prepared.prepare_call(nn.Linear(4, 4), state, torch.ones(1, 4), None)  # replaces (here: drops) one
     after, _ = graphed._weights(torch.device("cuda", 0))
     assert before[:-1] == after[:-1] and before != after and state.prepared is None
+
+
+def test_blocks_with_large_inputs_run_eagerly(whole_step_fails, monkeypatch):
+    """A block whose inputs pass ``MAX_BLOCK_INPUT_BYTES`` gets no graph (the GPU sets that step's pace)."""
+    monkeypatch.setattr(step_graphs, "MAX_BLOCK_INPUT_BYTES", 2 * 4 * 4 - 1)  # one byte under a block's input
+    model = TwoBlocks()
+    graphs = StepGraphs(model)
+    for _ in range(5):
+        graphs.run(model, (torch.randn(2, 4),), {})
+    assert graphs.block_replays == 0 and "inputs are large" in graphs.summary()

@@ -294,6 +294,29 @@ def gpu_tests_table(path: Path, data: dict) -> str:
     return "\n".join([*lines, "", context_line(path, {key: data.get(key) for key in ("date", "notes")})])
 
 
+def linear_host_table(path: Path, data: dict) -> str:
+    """``bench/bench_linear_host.py``: us per call of one linear at few rows (the host's cost), by path and shape."""
+    shapes = sorted({(row["width"], row["rows"]) for row in data["results"]})
+    paths = list(dict.fromkeys(row["path"] for row in data["results"]))
+    cell = {(row["path"], row["width"], row["rows"]): row for row in data["results"]}
+    header = " | ".join(f"K=N={width}, {rows} rows" for width, rows in shapes)
+    lines = [
+        "**Host cost of one linear** (`bench/bench_linear_host.py`: calls queued back to back, median of interleaved "
+        "rounds; µs per call, × bf16 `F.linear` of the same run):",
+        "",
+        f"| path | {header} |",
+        "|---|" + "---|" * len(shapes),
+    ]
+    for name in paths:
+        values = []
+        for width, rows in shapes:
+            row = cell.get((name, width, rows))
+            values.append(f"{row['us_per_call']:.0f} ({row['x_bf16']:.2f}×)" if row else "–")
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join([*lines, "", context_line(path, {"gpu": data.get("device"), "torch": data.get("torch"),
+                                                         "date": data.get("date")})])  # fmt: skip
+
+
 def render_file(path: Path) -> tuple[int, str]:
     """(0 for a model step, 1 for single layers, 2 for loading, 3 for text encoders, 4 for test runs: the order on
     the page; the table)."""
@@ -317,6 +340,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 1, gemm_variants_table(path, data)
         if data.get("kind") == "gpu-tests":
             return 4, gpu_tests_table(path, data)
+        if data.get("kind") == "linear-host":
+            return 1, linear_host_table(path, data)
         if data.get("kind") == "int8-gemm":
             return 1, int8_gemm_table(path, data)
         if "rows" in data:
