@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_linear import queued_ms  # this folder (the scripts run from it)
+
 from fp8_quant import int8_triton
 from fp8_quant.fp8_utils import quantize_input_dynamic
 from fp8_quant.quant_int8 import quantize_int8_weight
@@ -41,17 +43,6 @@ SHAPES = [
     ("256 rows, 5120x5120", 256, 5120, 5120),
 ]
 GROUP = 256
-
-
-def timed(fn, reps: int) -> float:
-    """Mean ms per call of ``reps`` calls queued back to back."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def paths_for(m: int, k: int, n: int) -> tuple[dict, dict]:
@@ -151,7 +142,7 @@ def main() -> None:
         samples: dict[str, list[float]] = {key: [] for key in paths}
         for _ in range(args.rounds):
             for key, fn in paths.items():
-                samples[key].append(timed(fn, reps))
+                samples[key].append(queued_ms(fn, reps))
         result = {key: sorted(values)[len(values) // 2] for key, values in samples.items()}
         tuned = getattr(int8_triton._scaled_int8_mm_tuned, "cache", {})
         tuned_grouped = getattr(int8_triton._grouped_int8_mm_tuned[GROUP], "cache", {})

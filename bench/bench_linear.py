@@ -51,17 +51,19 @@ def bench_ms(fn, warmup: int = 10, reps: int = 50, rounds: int = 5) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    times.sort()
+    times = sorted(queued_ms(fn, reps) for _ in range(rounds))
     return times[len(times) // 2]
+
+
+def queued_ms(fn, reps: int) -> float:
+    """Mean ms per call of ``reps`` calls queued back to back, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def make_input(m: int, k: int, seed: int) -> torch.Tensor:

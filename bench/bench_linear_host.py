@@ -32,6 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_linear import queued_ms  # this folder (the scripts run from it)
+
 from fp8_quant import Fp8Recipe, UserOptions
 from fp8_quant.config import Fp8Config
 from fp8_quant.fp8_utils import quantize_weight
@@ -98,13 +100,7 @@ def calibrate(layer: nn.Module, width: int, device: str) -> None:
 def time_us(fn: Callable[[], object], reps: int, device: str) -> float:
     """us per call, ``reps`` calls queued back to back."""
     if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1000 / reps
+        return queued_ms(fn, reps) * 1000
     begin = time.perf_counter()
     for _ in range(reps):
         fn()

@@ -27,7 +27,7 @@ from .kernels import (
 )
 from .layer_state import Fp8LayerState
 from .params import Fp8LinearParams
-from .prepared import prepare_call
+from .prepared import prepare_call, serve_prepared
 from .scheme import (
     activation_key,
     expected_scale_shapes,
@@ -176,14 +176,11 @@ def apply_prepared(method, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor
     """The layer's product through its prepared call where that still holds, else the general path (after which
     a prepared call is made for the next call: ``prepared``)."""
     state: Fp8LayerState = layer.fp8
-    prepared = state.prepared
-    if prepared is not None and not torch.compiler.is_compiling():
-        out = prepared.serve(layer, state, x, bias)
-        if out is not None:
-            return out
+    out = serve_prepared(layer, state, x, bias)
+    if out is not None:
+        return out
     out = method.apply_params(layer, Fp8LinearParams.from_layer(layer), x, bias)
-    if not torch.compiler.is_compiling():
-        prepare_call(layer, state, x, bias)
+    prepare_call(layer, state, x, bias)
     return out
 
 

@@ -81,6 +81,15 @@ class PreparedCall:
         return self.product(x, weight)
 
 
+def serve_prepared(layer: nn.Module, state: Fp8LayerState, x: Tensor, bias: Tensor | None) -> Tensor | None:
+    """The layer's output through its prepared call where one holds (never inside ``torch.compile``), else ``None``:
+    the caller runs the general path and then ``prepare_call``."""
+    prepared = state.prepared
+    if prepared is None or torch.compiler.is_compiling():
+        return None
+    return prepared.serve(layer, state, x, bias)
+
+
 def general_product(apply, weight_scale: Tensor, input_scale: Tensor | None, group, activation,
                     bias: Tensor | None) -> Product:  # fmt: skip
     """A kernel's ``apply`` with the layer's tensors other than the weight bound: what every kernel can be prepared
@@ -108,11 +117,13 @@ def generation() -> int:
 def prepare_call(layer: nn.Module, state: Fp8LayerState, x: Tensor, bias: Tensor | None) -> None:
     """After a call of the general path: the layer's prepared call for inputs like ``x``, where one can be made now
     (else the layer keeps the general path; a later call tries again)."""
+    if torch.compiler.is_compiling():
+        return  # no state made or dropped in a trace
     if state.prepared is not None:
         _generation[0] += 1
     state.prepared = None
-    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # no state made in a trace; nothing allocated into a graph's private memory
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # nothing allocated into a graph's private memory
     kernel = state.kernels.get(x.device)
     weight = layer.weight
     prepare = getattr(kernel, "prepare", None)
@@ -130,4 +141,4 @@ def prepare_call(layer: nn.Module, state: Fp8LayerState, x: Tensor, bias: Tensor
         state.prepared = PreparedCall(state, kernel, product, weight, scale, layer.input_scale, bias, x)
 
 
-__all__ = ["PreparedCall", "Product", "general_product", "generation", "prepare_call"]
+__all__ = ["PreparedCall", "Product", "general_product", "generation", "prepare_call", "serve_prepared"]

@@ -30,7 +30,7 @@ from fp8_quant.fp8_utils import (
 )
 from fp8_quant.layer_state import STATE_ATTRIBUTE, Fp8LayerState, is_fp8_layer, layer_state
 from fp8_quant.methods_int8 import Int8LinearMethod
-from fp8_quant.prepared import prepare_call
+from fp8_quant.prepared import prepare_call, serve_prepared
 
 
 @dataclass(frozen=True)
@@ -176,18 +176,14 @@ class Fp8ComfyLinearMixin:
         if getattr(self, "weight_function", None) or getattr(self, "bias_function", None):
             return self._forward_lowvram_patched(x)
         bias = self.bias
-        prepared = state.prepared
-        compiling = torch.compiler.is_compiling()
-        if prepared is not None and not compiling:  # the usual call: nothing changed since the last one
-            out = prepared.serve(self, state, x, bias)
-            if out is not None:
-                return out
+        out = serve_prepared(self, state, x, bias)  # the usual call: nothing changed since the last one
+        if out is not None:
+            return out
         caster = self.fp8_weight_caster
         if caster is not None and self.weight.device != x.device:
             return self._forward_offloaded(caster, x)
         out = state.method.apply_params(self, self.fp8_params(), x, bias)
-        if not compiling:
-            prepare_call(self, state, x, bias)
+        prepare_call(self, state, x, bias)
         return out
 
     def _forward_offloaded(self, caster: WeightCaster, x: torch.Tensor) -> torch.Tensor:

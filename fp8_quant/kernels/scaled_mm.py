@@ -128,11 +128,10 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
         """The whole call bound (see the base class): the quantizer with its launch, ``scale_b`` as the GEMM takes
         it, the bias in the output dtype, the fast-accumulation flag (``auto`` times per problem, so it keeps the
         general path). Per call: at most a reshape, the quantizer's launch, the GEMM, and a view back."""
-        general = super().prepare(weight_scale, input_scale, weight_group, activation_quantizer, bias, x)
         quantize = self.bind_quantizer(input_scale, activation_quantizer, x, self.row_scales)
         fast = fixed_fast_accum(self.fast_accum, self.fast_accum_by_rule, x)
         if quantize is None or fast is None:
-            return general
+            return super().prepare(weight_scale, input_scale, weight_group, activation_quantizer, bias, x)
         out_dtype = self.output_dtype(x)
         gemm_dtype = self.gemm_dtype(out_dtype)
         if bias is not None and (bias.device != x.device or bias.dtype != out_dtype):
