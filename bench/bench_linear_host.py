@@ -37,6 +37,7 @@ from bench_linear import queued_ms  # this folder (the scripts run from it)
 from fp8_quant import Fp8Recipe, UserOptions
 from fp8_quant.config import Fp8Config
 from fp8_quant.fp8_utils import quantize_weight
+from fp8_quant.kernels.scaled_mm import one_launch_work
 from fp8_quant.scheme import PER_CHANNEL
 from fp8_quant.testing import random_linear
 from nodes.comfy_ops import LoadPlan, make_fp8_operations
@@ -149,12 +150,140 @@ def run(widths, rows_list, rounds: int, reps: int, device: str, comfy) -> list[d
     return results
 
 
+def host_parts(width: int, rows: int, device: str, base, rounds: int, reps: int) -> list[dict]:
+    """What one call of ours costs the host, piece by piece (``--parts``): the pieces a prepared call runs, each
+    queued on its own, beside bf16 ``F.linear``; and where the time of a whole call goes (cProfile, top lines)."""
+    import cProfile
+    import io
+    import pstats
+
+    from fp8_quant import quant_triton
+    from fp8_quant.layer_state import layer_state
+
+    fp8 = torch.float8_e4m3fn
+    source = random_linear(width, width, seed=1).to(device)
+    weight, bias = source.weight.detach().to(torch.bfloat16), source.bias.detach().to(torch.bfloat16)
+    x = torch.randn(rows, width, device=device).to(torch.bfloat16)
+    w8 = weight.to(fp8)
+    x8 = x.to(fp8)
+    row_a = torch.ones(rows, 1, device=device)
+    row_b = torch.ones(1, width, device=device)
+    one = torch.ones((), device=device)
+    scale1 = torch.ones(1, device=device)
+    rows_limit = one_launch_work[0]
+    layer = our_layer(base, width, device, UserOptions())
+    calibrate(layer, width, device)
+    state = layer_state(layer)
+    prepared = state.prepared
+    quantizer = quant_triton.RowQuantizer(quant_triton.STATIC, torch.bfloat16, fp8, width, torch.device(device),
+                                          row_scales=True)  # fmt: skip
+    buffers = (scale1, None, None, None)
+    quantizer(x, buffers)
+    quantizer(x, buffers)
+    compiled = next(iter(quantizer.compiled.values()), None)
+    grid = (-(-rows // quantizer.rows_per_program), 1, 1)
+    q_out = torch.empty((rows, width), dtype=fp8, device=device)
+    s_out = torch.empty((rows, 1), dtype=torch.float32, device=device)
+    arguments = (x, q_out, s_out, *buffers, rows, width, width, width, quantizer.limit, quant_triton.AMAX_FLOOR,
+                 quantizer.margin, *quantizer.constants)  # fmt: skip
+
+    def raw_run():
+        stream = torch._C._cuda_getCurrentRawStream(0)
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *arguments)  # fmt: skip
+
+    def two_launches(product, x, weight):
+        one_launch_work[0] = 0
+        out = product(x, weight)
+        one_launch_work[0] = rows_limit
+        return out
+
+    class Empty(nn.Module):
+        def forward(self, x):
+            return x
+
+    empty_module = Empty()
+    pieces: dict[str, Callable[[], object]] = {
+        "bf16 F.linear": lambda: F.linear(x, weight, bias),
+        "module call, empty forward": lambda: empty_module(x),
+        "torch.empty fp8 [rows, K]": lambda: torch.empty((rows, width), dtype=fp8, device=device),
+        "_scaled_mm rowwise, bias": lambda: torch._scaled_mm(x8, w8.t(), scale_a=row_a, scale_b=row_b, bias=bias,
+                                                             out_dtype=torch.bfloat16, use_fast_accum=True),
+        "_scaled_mm tensorwise, bias": lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, bias=bias,
+                                                                out_dtype=torch.bfloat16, use_fast_accum=True),
+        "eager static quant (mul, clamp, to)": lambda: (x * 1.0).clamp_(-448.0, 448.0).to(fp8),
+        "RowQuantizer static (2 empties + launch)": lambda: quantizer(x, buffers),
+        "compiled[grid](...) launch only": lambda: compiled[grid](*arguments),
+        "compiled.run(...) raw launch only": raw_run,
+        "prepared.product(x, w)": lambda: prepared.product(x, layer.weight),
+        "prepared.product(x, w), two launches": lambda: two_launches(prepared.product, x, layer.weight),
+        "prepared.serve checks + product": lambda: prepared.serve(layer, state, x, layer.bias),
+        "layer(x) (ours auto static)": lambda: layer(x),
+    }
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    with torch.inference_mode():
+        for name, fn in pieces.items():
+            try:
+                time_us(fn, 5, device)
+            except Exception as error:  # a piece this torch/Triton cannot run
+                print(f"  {name}: {type(error).__name__}: {error}")
+                times.pop(name)
+        for _ in range(rounds):
+            for name in times:
+                times[name].append(time_us(pieces[name], reps, device))
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(2000):
+            layer(x)
+        profile.disable()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(18)
+    print(stream.getvalue())
+    results = []
+    bf16 = statistics.median(times["bf16 F.linear"])
+    for name, values in times.items():
+        us = statistics.median(values)
+        print(f"K=N={width:5d} rows={rows:4d} {name:42s} {us:8.1f} us  {us / bf16:5.2f}x bf16")
+        results.append({"piece": name, "width": width, "rows": rows, "us_per_call": us, "x_bf16": us / bf16})
+    return results
+
+
+SWEEP_ROWS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def one_launch_sweep(widths, device: str, base, rounds: int, reps: int) -> list[dict]:
+    """Where the one-launch linear stops paying: a layer's queued call (auto static, after calibration) at growing
+    rows, with the one launch allowed at every size and with it off (the two-launch path), in the same rounds."""
+    limit = one_launch_work[0]
+    results = []
+    for width in widths:
+        layer = our_layer(base, width, device, UserOptions())
+        calibrate(layer, width, device)
+        for rows in SWEEP_ROWS:
+            x = torch.randn(rows, width, device=device).to(torch.bfloat16)
+            times: dict[str, list[float]] = {"one launch": [], "two launches": []}
+            with torch.inference_mode():
+                for _ in range(rounds + 1):
+                    for name, allowed in (("one launch", 1 << 30), ("two launches", 0)):
+                        one_launch_work[0] = allowed
+                        times[name].append(time_us(lambda layer=layer, x=x: layer(x), reps, device))
+            one_launch_work[0] = limit
+            one, two = (statistics.median(times[name][1:]) for name in ("one launch", "two launches"))
+            print(f"K=N={width} rows={rows:5d} one launch {one:7.1f} us, two launches {two:7.1f} us: {two / one:.2f}x")
+            results.append({"width": width, "rows": rows, "one_launch_us": one, "two_launches_us": two,
+                            "speedup": two / one})  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, few calls (a test that it runs)")
+    parser.add_argument("--parts", action="store_true", help="also time the pieces of one of our calls")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     comfy = comfy_ops()
@@ -162,6 +291,11 @@ def main() -> None:
     if args.smoke:
         widths, rows, rounds, reps = (64,), (1, 8), 5, 3
     results = run(widths, rows, rounds, reps, device, comfy)
+    parts = []
+    if args.parts and device == "cuda":
+        base = comfy[0] if comfy else PlainOps
+        parts = [piece for count in rows for piece in host_parts(widths[0], count, device, base, rounds, reps)]
+        parts += [{"sweep": True, **row} for row in one_launch_sweep(widths, device, base, rounds, max(20, reps // 4))]
     if args.json:
         meta = {
             "kind": "linear-host",
@@ -170,7 +304,7 @@ def main() -> None:
             "torch": torch.__version__,
             "comfyui": os.environ.get("COMFYUI_DIR"),
         }
-        args.json.write_text(json.dumps({**meta, "results": results}, indent=1))
+        args.json.write_text(json.dumps({**meta, "results": results, **({"parts": parts} if parts else {})}, indent=1))
 
 
 if __name__ == "__main__":

@@ -223,27 +223,32 @@ class RuntimeActivationScale:
         return out
 
     def bind(
-        self, x_dtype: torch.dtype, cols: int, device: torch.device, row_scales: bool = False
-    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        self, x_dtype: torch.dtype, cols: int, device: torch.device, row_scales: bool = False, launcher=None
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
         """This quantizer in its current phase for one layer's rows on ``device``, as a prepared call runs it
-        (``QuantFP8.bind`` says what is bound); ``None`` while observing (a few calls: the general path runs
-        them). The phase's kernel is bound too, so a prepared call checks ``phase`` to know it still holds."""
+        (``QuantFP8.bind`` says what is bound, and what ``launcher`` is); ``None`` while observing (a few calls: the
+        general path runs them), or where ``launcher`` is given and the phase would not launch the row kernel. The
+        phase's kernel is bound too, so a prepared call checks ``phase`` to know it still holds."""
         if self.phase == OBSERVING or self.history is None or self.history.device != device:
             return None
         if self.phase == DYNAMIC:
-            dynamic = self._dynamic_quant.bind(x_dtype, cols, device, row_scales=row_scales)
+            dynamic = self._dynamic_quant.bind(x_dtype, cols, device, row_scales=row_scales, launcher=launcher)
+            if dynamic is None:
+                return None
 
-            def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                out = dynamic(x)
+            def quantize_dynamic(x: torch.Tensor, *more) -> tuple[torch.Tensor, torch.Tensor]:
+                out = dynamic(x, *more)
                 self.after_call()
                 return out
 
             return quantize_dynamic
-        launch = self._static_quant.bind_running(x_dtype, cols, device, self.policy.margin, row_scales)
+        launch = self._static_quant.bind_running(x_dtype, cols, device, self.policy.margin, row_scales, launcher)
+        if launch is None and launcher is not None:
+            return None
 
-        def quantize_static(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def quantize_static(x: torch.Tensor, *more) -> tuple[torch.Tensor, torch.Tensor]:
             if launch is not None and x.shape[0]:
-                x_fp8, scales = launch(x, (self.scale, self.history, self.spare, self.overshoot))
+                x_fp8, scales = launch(x, (self.scale, self.history, self.spare, self.overshoot), *more)
                 self.history, self.spare = self.spare, self.history
                 scale = scales if row_scales else self.scale.reshape(())
             else:

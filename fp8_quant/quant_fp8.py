@@ -104,12 +104,16 @@ class QuantFP8:
         device: torch.device,
         scale: torch.Tensor | None = None,
         row_scales: bool = False,
-    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        launcher=None,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
         """This quantizer for one layer's rows ``[M, cols]`` of ``x_dtype`` on ``device``, as a prepared call runs it
         (``prepared``): ``rows -> (x_fp8 [M, cols], scale)`` with the choices a call would make (Triton or eager,
         the launch's constants, a static scale's float32 copy on the device) made once. ``row_scales``: the scale
         comes back ``[M, 1]`` (what the row-wise GEMM takes) whatever the granularity, else as ``__call__`` gives
-        it. Never inside ``torch.compile`` (the prepared call is not used there)."""
+        it. ``launcher``: another launch with ``RowQuantizer``'s constructor and call shape to bind in its place
+        (``fused_linear_triton``: the quantization inside the GEMM; trailing call arguments go to it); ``None``
+        where this quantizer would not launch the row kernel. Never inside ``torch.compile`` (the prepared call is
+        not used there)."""
         static = None
         if self.static:
             if scale is None:
@@ -117,25 +121,29 @@ class QuantFP8:
             static = scale.detach().to(device=device, dtype=torch.float32)
         if self.use_triton and device.type == "cuda" and (self.static or (self.per_token and not self.group)):
             mode = _triton_kernels().STATIC if self.static else _triton_kernels().DYNAMIC
-            launch = _triton_kernels().RowQuantizer(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales)
+            launch = (launcher or _triton_kernels().RowQuantizer)(mode, x_dtype, self.dtype, cols, device,
+                                                                  row_scales=row_scales)  # fmt: skip
             if static is None:
                 return _bound_rows(launch, None, None, row_scales, self)
             return _bound_rows(launch, (static.reshape(1), None, None, None), static.reshape(()), row_scales, self)
+        if launcher is not None:
+            return None
         return _bound_call(self, static, row_scales)
 
     def bind_running(
-        self, x_dtype: torch.dtype, cols: int, device: torch.device, margin: float, row_scales: bool
-    ) -> Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor | None]] | None:
-        """``running`` bound to one layer's rows (``bind``): ``(rows, (scale_out, history, next_history,
-        overshoot)) -> (x_fp8, row scales or None)``, the caller swapping the histories after; ``None`` where the
-        eager path runs (``running`` itself then)."""
+        self, x_dtype: torch.dtype, cols: int, device: torch.device, margin: float, row_scales: bool, launcher=None
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """``running`` bound to one layer's rows (``bind``, ``launcher`` as there): ``(rows, (scale_out, history,
+        next_history, overshoot), *more) -> (x_fp8, row scales or None)``, the caller swapping the histories after;
+        ``None`` where the eager path runs (``running`` itself then)."""
         if not (self.use_triton and device.type == "cuda"):
             return None
         kernels = _triton_kernels()
-        launch = kernels.RowQuantizer(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales)
+        launch = (launcher or kernels.RowQuantizer)(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin,
+                                                    row_scales)  # fmt: skip
 
-        def quantize(x: torch.Tensor, buffers: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return launch(_rows_of(x), buffers)
+        def quantize(x: torch.Tensor, buffers: tuple, *more) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return launch(_rows_of(x), buffers, *more)
 
         return quantize
 
@@ -161,11 +169,11 @@ def _bound_rows(launch, buffers, fixed_scale, row_scales: bool, general: QuantFP
     takes the general path (no launch has zero programs)."""
     buffers = buffers or (None, None, None, None)
 
-    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(x: torch.Tensor, *more) -> tuple[torch.Tensor, torch.Tensor]:
         x2d = _rows_of(x)
         if not x2d.shape[0]:
             return _bound_call(general, fixed_scale, row_scales)(x)
-        quantized, scales = launch(x2d, buffers)
+        quantized, scales = launch(x2d, buffers, *more)
         return quantized, (scales if scales is not None else fixed_scale)
 
     return quantize

@@ -2,7 +2,8 @@
 
 Written by ``tools/run_gpu_tests.sh``; ``tools/render_bench_table.py`` shows it on the benchmarks page, so the
 last run of the GPU suite before a kernel change is kept beside the measurements. Usage:
-``python tools/gpu_test_summary.py REPORT.xml OUT.json [--seconds S]``.
+``python tools/gpu_test_summary.py REPORT.xml OUT.json [--seconds S]``; ``--merge PART.json ... OUT.json`` joins the
+summaries of a suite run in parts (a machine lent for a few minutes at a time runs it file by file).
 """
 
 from __future__ import annotations
@@ -81,13 +82,48 @@ def summarise(report: Path, seconds: float | None = None) -> dict:
     }
 
 
+def merge(parts: list[dict]) -> dict:
+    """One summary of a suite run in parts on one GPU with one set of versions (else a ValueError naming both)."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("gpu", "torch", "triton", "cuda"):
+            if part.get(key) != first.get(key):
+                raise ValueError(f"parts ran with different {key}: {first.get(key)!r} and {part.get(key)!r}")
+    files: dict[str, dict] = {}
+    for part in parts:
+        for name, counts in part["files"].items():
+            if name in files:
+                raise ValueError(f"{name} is in two parts")
+            files[name] = counts
+    seconds = [part.get("seconds") for part in parts]
+    return {
+        **first,
+        "date": max(part["date"] for part in parts),
+        "seconds": round(sum(seconds), 1) if None not in seconds else None,
+        "parts": len(parts),
+        "counts": {key: sum(part["counts"][key] for part in parts) for key in ("passed", "failed", "skipped")},
+        "files": dict(sorted(files.items())),
+        "failed": [test for part in parts for test in part["failed"]],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("report", type=Path)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("inputs", type=Path, nargs="+", help="REPORT.xml OUT.json (--merge: PART.json ... OUT.json)")
     parser.add_argument("--seconds", type=float)
+    parser.add_argument("--merge", action="store_true")
     args = parser.parse_args(argv)
-    summary = summarise(args.report, args.seconds)
+    *sources, out = args.inputs
+    if not sources or (len(sources) > 1 and not args.merge):
+        parser.error("give one REPORT.xml and OUT.json, or --merge PART.json ... OUT.json")
+    try:
+        if args.merge:
+            summary = merge([json.loads(path.read_text()) for path in sources])
+        else:
+            summary = summarise(sources[0], args.seconds)
+    except (OSError, ValueError, KeyError, ET.ParseError) as error:
+        parser.exit(2, f"gpu_test_summary: {error}\n")
+    args.out = out
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     counts = summary["counts"]

@@ -16,6 +16,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
   "rel_err"}}, "x_cudnn"}}}``, attention alone, torch's SDPA backends beside the pack's 8-bit kernel;
 - ``bench/bench_int8_gemm.py``: ``{"kind": "int8-gemm", "rows": [{"shape", "mkn", "ms": {path: ms}}]}``, the
   pieces of a rotated int8 linear per DiT shape;
+- ``bench/bench_one_launch_tiles.py``: ``{"kind": "one-launch-tiles", "results": [{"width", "rows", "bf16_us",
+  "two_launches_us", "one_launch_us": {tile: us}}]}``, the one-launch linear's GPU time per tile.
 - ``tools/run_gpu_tests.sh``: ``{"kind": "gpu-tests", "counts": {"passed", "failed", "skipped"}, "failed": [...]}``,
   the last run of the GPU test suite on a GPU;
 - ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
@@ -317,6 +319,46 @@ def linear_host_table(path: Path, data: dict) -> str:
                                                          "date": data.get("date")})])  # fmt: skip
 
 
+def linear_host_parts_table(path: Path, data: dict) -> str:
+    """The pieces of one of our calls (``bench_linear_host.py --parts``) and the one-launch sweep, where present."""
+    pieces = [row for row in data.get("parts", []) if "piece" in row]
+    sweep = [row for row in data.get("parts", []) if row.get("sweep")]
+    lines: list[str] = []
+    if pieces:
+        shapes = sorted({(row["width"], row["rows"]) for row in pieces})
+        cell = {(row["piece"], row["width"], row["rows"]): row for row in pieces}
+        lines += ["**What one call costs the host, piece by piece** (each piece queued alone; µs, × bf16 `F.linear`):",
+                  "", "| piece | " + " | ".join(f"K=N={w}, {r} rows" for w, r in shapes) + " |",
+                  "|---|" + "---|" * len(shapes)]  # fmt: skip
+        for name in dict.fromkeys(row["piece"] for row in pieces):
+            values = [cell.get((name, w, r)) for w, r in shapes]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{v['us_per_call']:.1f} ({v['x_bf16']:.2f}×)" if v else "–" for v in values) + " |")  # fmt: skip
+    if sweep:
+        lines += ["", "**One launch or two** (a layer's queued call, auto static; µs):", "",
+                  "| K=N | rows | one launch | two launches | two / one |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {row['width']} | {row['rows']} | {row['one_launch_us']:.1f} | {row['two_launches_us']:.1f} | "
+                  f"{row['speedup']:.2f}× |" for row in sweep]  # fmt: skip
+    return "\n".join(lines)
+
+
+def one_launch_tiles_table(path: Path, data: dict) -> str:
+    """``bench/bench_one_launch_tiles.py``: GPU µs of the one-launch linear's best tile, beside the two launches."""
+    lines = [
+        "**One-launch fp8 linear, GPU time** (`bench/bench_one_launch_tiles.py`: 20 calls in a CUDA graph, median "
+        "of replays; µs per call):",
+        "",
+        "| K=N | rows | bf16 `F.linear` | two launches | one launch, best tile | best tile |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in data["results"]:
+        tile, us = min(row["one_launch_us"].items(), key=lambda item: item[1])
+        lines.append(f"| {row['width']} | {row['rows']} | {row['bf16_us']:.1f} | {row['two_launches_us']:.1f} | "
+                     f"{us:.1f} | {tile} |")  # fmt: skip
+    return "\n".join([*lines, "", context_line(path, {"gpu": data.get("device"), "torch": data.get("torch"),
+                                                         "date": data.get("date")})])  # fmt: skip
+
+
 def render_file(path: Path) -> tuple[int, str]:
     """(0 for a model step, 1 for single layers, 2 for loading, 3 for text encoders, 4 for test runs: the order on
     the page; the table)."""
@@ -341,7 +383,10 @@ def render_file(path: Path) -> tuple[int, str]:
         if data.get("kind") == "gpu-tests":
             return 4, gpu_tests_table(path, data)
         if data.get("kind") == "linear-host":
-            return 1, linear_host_table(path, data)
+            parts = linear_host_parts_table(path, data)
+            return 1, linear_host_table(path, data) + (f"\n\n{parts}" if parts else "")
+        if data.get("kind") == "one-launch-tiles":
+            return 1, one_launch_tiles_table(path, data)
         if data.get("kind") == "int8-gemm":
             return 1, int8_gemm_table(path, data)
         if "rows" in data:

@@ -7,7 +7,9 @@
 # and 8-bit attention kernels, the text-encoder recipes on CUDA) and writes a summary (GPU name, torch, triton and
 # CUDA versions, commit, pass/fail/skip counts by file, the failed tests) to
 # bench/results/gpu-tests-<gpu>.json, which tools/render_bench_table.py shows on docs/benchmarks.md.
-# Exits with pytest's status. FP8_GPU_TESTS_OUT=PATH writes the summary elsewhere; PYTHON picks the interpreter.
+# Exits with pytest's status. FP8_GPU_TESTS_OUT=PATH writes the summary elsewhere; PYTHON picks the interpreter;
+# FP8_GPU_TEST_FILES="tests/test_gpu.py ..." runs part of the suite (join the parts' summaries with
+# `python tools/gpu_test_summary.py --merge PART.json ... OUT.json`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,7 +24,7 @@ slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/nvidia //; s/[^a-z0-
 out=${FP8_GPU_TESTS_OUT:-bench/results/gpu-tests-$slug.json}
 start=$SECONDS
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
-  --junitxml="$report" tests/test_gpu*.py "$@"
+  --junitxml="$report" ${FP8_GPU_TEST_FILES:-tests/test_gpu*.py} "$@"
 status=$?
 if [ -f "$report" ]; then
   "$PYTHON" tools/gpu_test_summary.py "$report" "$out" --seconds $((SECONDS - start))

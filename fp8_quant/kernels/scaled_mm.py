@@ -141,9 +141,15 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
         out_features, in_features = self.config.out_features, self.config.in_features
         scale_b = self.weight_scale_operand(weight_scale.to(x.device), out_features)
         cast = gemm_dtype != out_dtype
+        one_launch = self.bind_one_launch(scale_b, bias, out_dtype, fast, input_scale, activation_quantizer, x)
+        products_per_row = out_features * in_features
 
         def product(x: Tensor, weight: Tensor) -> Tensor:
             rows = x if x.dim() == 2 else x.reshape(-1, in_features)
+            if one_launch is not None and 0 < rows.shape[0] * products_per_row <= one_launch_work[0] \
+                    and weight.stride(1) == 1:
+                out, _ = one_launch(rows, weight)
+                return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
             x_fp8, scale_a = quantize(rows)
             out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=fused,
                                    out_dtype=gemm_dtype, use_fast_accum=fast)  # fmt: skip
@@ -154,6 +160,34 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
             return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
 
         return product
+
+    def bind_one_launch(self, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype, fast: bool,
+                        input_scale: Tensor | None, activation_quantizer, x: Tensor):  # fmt: skip
+        """The quantizer bound to the one-launch linear (``fused_linear_triton``) for calls of few rows, or ``None``
+        where it does not apply: not CUDA, no Triton, e4m3 codes and weight not both, a quantizer that would not
+        launch the row kernel (groups, per-tensor dynamic), or a GPU where its check failed."""
+        weight_dtype, codes = self.config.weight_quant_key.dtype, self.config.activation_quant_key
+        if not x.is_cuda or one_launch_work[0] <= 0 or codes is None or codes.dtype != weight_dtype:
+            return None
+        if weight_dtype != torch.float8_e4m3fn or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return None
+        try:
+            from .. import fused_linear_triton
+        except ImportError:  # no Triton
+            return None
+        if not fused_linear_triton.fused_linear_works(x.device):
+            return None
+        scale = scale_b.to(torch.float32).reshape(-1).contiguous()
+        if bias is not None:
+            bias = bias.contiguous()
+        launcher = fused_linear_triton.fused_linear(scale, bias, out_dtype, self.config.out_features, not fast)
+        return self.bind_quantizer(input_scale, activation_quantizer, x, True, launcher)
+
+
+# The most multiply-adds (rows x in x out features) of a call that takes the one-launch linear: above, the GPU sets
+# the pace and cuBLAS's GEMM is the faster one (bench/NOTES.md, host cost); a 3072-wide layer takes it up to 512
+# rows, a 5120-wide one up to 256. In a list so that a bench can move it for a run (0: never).
+one_launch_work = [7 * 10**9]
 
 
 def _fusable(bias: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:

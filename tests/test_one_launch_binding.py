@@ -1,0 +1,80 @@
+"""CPU: how the quantizers bind the one-launch linear (``launcher``) in place of the row quantizer, with no GPU (the
+launch is a stand-in that records its call; tests/test_gpu_one_launch.py runs the real one): the mode and layer
+width it is made for, the weight a call hands it, what comes back, and where the quantizer refuses (groups, the
+eager path) so that the prepared call keeps its two launches. The work limit sits where the GPU measurements put it."""
+
+from __future__ import annotations
+
+import torch
+
+from fp8_quant.kernels.scaled_mm import one_launch_work
+from fp8_quant.quant_fp8 import QuantFP8
+from fp8_quant.scheme import PER_TENSOR, PER_TOKEN, PER_TOKEN_GROUP_128
+
+CUDA = torch.device("cuda")  # nothing is put on it: the stand-in launch never touches a device
+
+
+class StandIn:
+    made: list[tuple] = []  # noqa: RUF012
+
+    def __init__(self, mode, x_dtype, dtype, cols, device, margin=1.0, row_scales=False) -> None:
+        StandIn.made.append((mode, x_dtype, dtype, cols, device, margin))
+        self.calls: list[tuple] = []
+        StandIn.last = self
+
+    def __call__(self, x2d, buffers, *more):
+        self.calls.append((x2d.shape, buffers, more))
+        return "out", None
+
+
+def triton_quantizer(static: bool, group=PER_TOKEN) -> QuantFP8:
+    quant = QuantFP8(static, group)
+    quant.use_triton = True  # as on a CUDA machine with Triton
+    return quant
+
+
+def test_dynamic_per_token_binds_the_launcher_and_hands_it_the_weight():
+    from fp8_quant import quant_triton
+
+    StandIn.made.clear()
+    quantize = triton_quantizer(False).bind(torch.bfloat16, 64, CUDA, row_scales=True, launcher=StandIn)
+    weight = torch.zeros(32, 64)
+    out, scale = quantize(torch.ones(2, 3, 64), weight)
+    assert (out, scale) == ("out", None)
+    assert StandIn.made == [(quant_triton.DYNAMIC, torch.bfloat16, torch.float8_e4m3fn, 64, CUDA, 1.0)]
+    shape, buffers, more = StandIn.last.calls[0]
+    assert shape == (6, 64) and buffers == (None, None, None, None) and more[0] is weight
+
+
+def test_running_binds_the_launcher_with_its_margin_and_buffers():
+    from fp8_quant import quant_triton
+
+    StandIn.made.clear()
+    quantize = triton_quantizer(True, PER_TENSOR).bind_running(torch.float16, 48, CUDA, 1.25, True, StandIn)
+    buffers = tuple(torch.zeros(1) for _ in range(4))
+    weight = torch.zeros(16, 48)
+    assert quantize(torch.ones(5, 48), buffers, weight) == ("out", None)
+    assert StandIn.made == [(quant_triton.RUNNING, torch.float16, torch.float8_e4m3fn, 48, CUDA, 1.25)]
+    assert StandIn.last.calls[0][1] is buffers and StandIn.last.calls[0][2][0] is weight
+
+
+def test_a_static_scale_goes_to_the_launcher_as_its_buffer():
+    quantize = triton_quantizer(True, PER_TENSOR).bind(torch.bfloat16, 64, torch.device("cpu"), torch.tensor(0.5))
+    assert quantize is not None  # the eager path on the CPU: a bound call without the launcher
+    assert triton_quantizer(True, PER_TENSOR).bind(torch.bfloat16, 64, torch.device("cpu"), torch.tensor(0.5),
+                                                   launcher=StandIn) is None  # fmt: skip
+
+
+def test_quantizers_that_would_not_launch_the_row_kernel_refuse_the_launcher():
+    assert triton_quantizer(False, PER_TOKEN_GROUP_128).bind(torch.bfloat16, 256, CUDA, launcher=StandIn) is None
+    assert triton_quantizer(False, PER_TENSOR).bind(torch.bfloat16, 256, CUDA, launcher=StandIn) is None
+    eager = QuantFP8(False, PER_TOKEN, use_triton=False)
+    assert eager.bind(torch.bfloat16, 256, CUDA, launcher=StandIn) is None
+    assert eager.bind_running(torch.bfloat16, 256, CUDA, 1.0, True, StandIn) is None
+
+
+def test_the_work_limit_sits_where_the_h200_sweep_crossed_over():
+    # bench/results/linear-host-parts-h200.json: the one launch faster up to 512 rows at 3072 wide and 256 rows at
+    # 5120 wide, slower from 1024 and 512 rows.
+    assert 512 * 3072 * 3072 <= one_launch_work[0] < 1024 * 3072 * 3072
+    assert 256 * 5120 * 5120 <= one_launch_work[0] < 512 * 5120 * 5120
