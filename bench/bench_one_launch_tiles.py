@@ -5,7 +5,8 @@ Why: the one launch saves the host a launch and an allocation, but each column b
 Triton's GEMM is not cuBLAS's; past some rows x width the GPU time it adds outweighs what the host saves. Times
 are GPU times (20 calls captured in a CUDA graph, replayed; median of rounds), so the host's speed is out of them.
 
-Usage: python bench/bench_one_launch_tiles.py [--json PATH] [--rounds 5]
+Usage: python bench/bench_one_launch_tiles.py [--json PATH] [--rounds 5] [--quick]  (``--quick``: 5120 wide at 64
+and 256 rows, the tiles most likely to win there)
 """
 
 from __future__ import annotations
@@ -96,16 +97,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    widths, rows_list = ((5120,), (64, 256)) if args.quick else (WIDTHS, ROWS)
+    global CONFIGS
+    if args.quick:
+        CONFIGS = tuple(c for c in CONFIGS if c[0] >= 64)
     fp8 = torch.float8_e4m3fn
     results = []
-    for width in WIDTHS:
+    for width in widths:
         weight = torch.randn(width, width, device="cuda").to(fp8)
         weight_scale = torch.rand(width, device="cuda") + 0.5
         bias = torch.randn(width, device="cuda").to(torch.bfloat16)
         row_quant = quant_triton.RowQuantizer(quant_triton.STATIC, torch.bfloat16, fp8, width, torch.device("cuda"),
                                               row_scales=True)  # fmt: skip
-        for rows in ROWS:
+        for rows in rows_list:
             row = measure(width, rows, weight, weight_scale, bias, row_quant, args.rounds)
             best = min(row["one_launch_us"].items(), key=lambda item: item[1])
             print(f"K=N={width} rows={rows:5d} bf16 {row['bf16_us']:7.1f} us, two launches "

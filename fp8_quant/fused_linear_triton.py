@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .fp8_utils import AMAX_FLOOR, fp8_max
+from .prepared import ColdLaunch
 from .quant_triton import DYNAMIC, RUNNING, STATIC
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,11 @@ class FusedLinear:
     ``out_dtype``: the output's; ``exact``: fp32 promotion after every ``BLOCK_K`` products (``_scaled_mm``'s
     ``use_fast_accum=False``). The first call for an input key (rows, row stride, alignments) takes Triton's launch;
     later ones call the compiled kernel's launcher directly with the grid worked out then (no argument binding, no
-    cache key, no closure per call; Triton's launch hooks, a profiler's, are not called on this path)."""
+    cache key, no closure per call; Triton's launch hooks, a profiler's, are not called on this path).
+
+    A first launch for an input key inside a CUDA-graph capture raises ``ColdLaunch`` before doing anything, and the
+    prepared call takes its two launches for that capture: Triton's own launch path inside a capture invalidated a
+    text encoder's capture on the H200 (tests/test_gpu_text_encoder.py, new weights)."""
 
     def __init__(self, mode: int, x_dtype: torch.dtype, dtype: torch.dtype, cols: int, device: torch.device,
                  margin: float = 1.0, row_scales: bool = False, *, weight_scale: torch.Tensor,
@@ -171,19 +176,22 @@ class FusedLinear:
     def __call__(self, x2d: torch.Tensor, buffers: tuple, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
         rows, x_stride = x2d.shape[0], x2d.stride(0)
         key = (rows, x_stride, x2d.data_ptr() % 16, weight.data_ptr() % 16, weight.stride(0))
-        out = torch.empty((rows, self.out_features), dtype=self.out_dtype, device=self.device)
         launch = self.launches.get(key)
         if launch is None or torch._C._cuda_getDevice() != self.device_index:
-            return self._first(x2d, buffers, weight, out, key)
+            if torch.cuda.is_current_stream_capturing():
+                raise ColdLaunch("the one-launch linear has not run eagerly for this input yet")
+            return self._first(x2d, buffers, weight, key)
+        out = torch.empty((rows, self.out_features), dtype=self.out_dtype, device=self.device)
         run, grid, function, metadata, blocks = launch
         run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device_index), function, metadata,
             None, None, None, x2d, weight, out, self.weight_scale, self.bias, *buffers, rows, *self.middle, x_stride,
             weight.stride(0), *self.tail, *blocks)  # fmt: skip
         return out, None
 
-    def _first(self, x2d, buffers, weight, out, key) -> tuple[torch.Tensor, None]:
+    def _first(self, x2d, buffers, weight, key) -> tuple[torch.Tensor, None]:
         """Triton's own launch (compiling on first use); its compiled kernel's launcher is kept for ``key``."""
         rows = x2d.shape[0]
+        out = torch.empty((rows, self.out_features), dtype=self.out_dtype, device=self.device)
         block_m, block_n, block_k, warps, stages = _tiles(rows)
         grid = (triton.cdiv(self.out_features, block_n), triton.cdiv(rows, block_m), 1)
         compiled = _fused_linear_kernel[grid](

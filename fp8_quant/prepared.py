@@ -104,6 +104,12 @@ def general_product(apply, weight_scale: Tensor, input_scale: Tensor | None, gro
     return product
 
 
+class ColdLaunch(RuntimeError):
+    """Raised by a bound product's piece, before it has done anything, where it does not run now (the one-launch
+    linear's first launch for an input, inside a CUDA-graph capture); the product then takes its other path for
+    this call (two launches)."""
+
+
 _generation = [0]
 
 
@@ -141,4 +147,4 @@ def prepare_call(layer: nn.Module, state: Fp8LayerState, x: Tensor, bias: Tensor
         state.prepared = PreparedCall(state, kernel, product, weight, scale, layer.input_scale, bias, x)
 
 
-__all__ = ["PreparedCall", "Product", "general_product", "generation", "prepare_call", "serve_prepared"]
+__all__ = ["ColdLaunch", "PreparedCall", "Product", "general_product", "generation", "prepare_call", "serve_prepared"]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype, tensor_version
 from ..params import Fp8LinearParams
-from ..prepared import Product
+from ..prepared import ColdLaunch, Product
 from ..quant_fp8 import as_row_scales
 from ..scheme import MX_BLOCK, GroupShape
 from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
@@ -148,8 +148,12 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
             rows = x if x.dim() == 2 else x.reshape(-1, in_features)
             if one_launch is not None and 0 < rows.shape[0] * products_per_row <= one_launch_work[0] \
                     and weight.stride(1) == 1:
-                out, _ = one_launch(rows, weight)
-                return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+                try:
+                    out, _ = one_launch(rows, weight)
+                except ColdLaunch:  # its first launch for this input would be inside a CUDA-graph capture
+                    pass
+                else:
+                    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
             x_fp8, scale_a = quantize(rows)
             out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=fused,
                                    out_dtype=gemm_dtype, use_fast_accum=fast)  # fmt: skip
@@ -184,10 +188,11 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
         return self.bind_quantizer(input_scale, activation_quantizer, x, True, launcher)
 
 
-# The most multiply-adds (rows x in x out features) of a call that takes the one-launch linear: above, the GPU sets
-# the pace and cuBLAS's GEMM is the faster one (bench/NOTES.md, host cost); a 3072-wide layer takes it up to 512
-# rows, a 5120-wide one up to 256. In a list so that a bench can move it for a run (0: never).
-one_launch_work = [7 * 10**9]
+# The most multiply-adds (rows x in x out features) of a call that takes the one-launch linear: past it the one
+# launch's GPU time (each column block quantizes its rows again) outgrows the host time it saves (bench/NOTES.md,
+# host cost): a 3072-wide layer takes it up to ~420 rows, a 5120-wide one up to ~150. In a list so that a bench can
+# move it for a run (0: never).
+one_launch_work = [4 * 10**9]
 
 
 def _fusable(bias: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:
