@@ -172,12 +172,15 @@ class FusedLinear:
         self.tail = (out_features, fp8_max(dtype), AMAX_FLOOR, self.margin, mode, self.per_channel,
                      bias is not None, exact, RECIPROCAL)  # fmt: skip
         self.launches: dict[tuple, tuple] = {}
+        self.refused: str | None = None  # why this layer keeps its two launches (a compile or launch error)
 
     def __call__(self, x2d: torch.Tensor, buffers: tuple, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
         rows, x_stride = x2d.shape[0], x2d.stride(0)
-        key = (rows, x_stride, x2d.data_ptr() % 16, weight.data_ptr() % 16, weight.stride(0))
+        key = (rows, x_stride, x2d.dtype, x2d.data_ptr() % 16, weight.data_ptr() % 16, weight.stride(0))
         launch = self.launches.get(key)
         if launch is None or torch._C._cuda_getDevice() != self.device_index:
+            if self.refused is not None:
+                raise ColdLaunch(self.refused)
             if torch.cuda.is_current_stream_capturing():
                 raise ColdLaunch("the one-launch linear has not run eagerly for this input yet")
             return self._first(x2d, buffers, weight, key)
@@ -189,17 +192,27 @@ class FusedLinear:
         return out, None
 
     def _first(self, x2d, buffers, weight, key) -> tuple[torch.Tensor, None]:
-        """Triton's own launch (compiling on first use); its compiled kernel's launcher is kept for ``key``."""
+        """Triton's own launch (compiling on first use) on the layer's device; its compiled kernel's launcher is
+        kept for ``key``. A compile or launch error (a tile past this GPU's shared memory) or a grid past CUDA's
+        limit raises ``ColdLaunch`` before anything ran, and the layer keeps its two launches from then on."""
         rows = x2d.shape[0]
-        out = torch.empty((rows, self.out_features), dtype=self.out_dtype, device=self.device)
         block_m, block_n, block_k, warps, stages = _tiles(rows)
         grid = (triton.cdiv(self.out_features, block_n), triton.cdiv(rows, block_m), 1)
-        compiled = _fused_linear_kernel[grid](
-            x2d, weight, out, self.weight_scale, self.bias, *buffers, rows, *self.middle, x2d.stride(0),
-            weight.stride(0), *self.tail[:4], MODE=self.mode, WEIGHT_PER_CHANNEL=self.per_channel,
-            HAS_BIAS=self.bias is not None, EXACT=self.exact, RECIPROCAL=RECIPROCAL, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+        if grid[1] > 65535:  # CUDA's limit on the second grid axis: a very narrow layer at very many rows
+            raise ColdLaunch(f"{rows} rows need more row blocks than one launch takes")
+        out = torch.empty((rows, self.out_features), dtype=self.out_dtype, device=self.device)
+        try:
+            with torch.cuda.device(self.device_index):
+                compiled = _fused_linear_kernel[grid](
+                    x2d, weight, out, self.weight_scale, self.bias, *buffers, rows, *self.middle, x2d.stride(0),
+                    weight.stride(0), *self.tail[:4], MODE=self.mode, WEIGHT_PER_CHANNEL=self.per_channel,
+                    HAS_BIAS=self.bias is not None, EXACT=self.exact, RECIPROCAL=RECIPROCAL, BLOCK_M=block_m,
+                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+                )  # fmt: skip
+        except Exception as error:  # compiling or loading failed before the kernel ran: the two launches
+            self.refused = f"the one-launch linear failed here ({type(error).__name__}: {str(error)[:200]})"
+            logger.info("%s; this layer keeps its two launches", self.refused)
+            raise ColdLaunch(self.refused) from None
         launcher = _launcher_of(compiled)
         if launcher is not None and torch.cuda.current_device() == self.device_index:
             if len(self.launches) > 64:  # many prompt lengths or odd views

@@ -86,7 +86,7 @@ def merge(parts: list[dict]) -> dict:
     """One summary of a suite run in parts on one GPU with one set of versions (else a ValueError naming both)."""
     first = parts[0]
     for part in parts[1:]:
-        for key in ("gpu", "torch", "triton", "cuda"):
+        for key in ("gpu", "torch", "triton", "cuda", "commit"):
             if part.get(key) != first.get(key):
                 raise ValueError(f"parts ran with different {key}: {first.get(key)!r} and {part.get(key)!r}")
     files: dict[str, dict] = {}
