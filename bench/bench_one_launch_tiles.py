@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_quant import fused_linear_triton as fused
 from fp8_quant import quant_triton
-from fp8_quant.fp8_utils import AMAX_FLOOR
 
 WIDTHS = (3072, 5120)
 ROWS = (1, 16, 64, 128, 256, 512, 1024)
@@ -60,7 +59,6 @@ def measure(width: int, rows: int, weight, weight_scale, bias, row_quant, rounds
     """One problem's GPU times: bf16, the two launches, and the one launch per tile choice and scaling."""
     scale = torch.full((1,), 0.05, device="cuda")
     x = torch.randn(rows, width, device="cuda").to(torch.bfloat16)
-    out = torch.empty(rows, width, device="cuda", dtype=torch.bfloat16)
     weight_bf16 = weight.to(torch.bfloat16)
 
     def two_launches():
@@ -68,15 +66,18 @@ def measure(width: int, rows: int, weight, weight_scale, bias, row_quant, rounds
         return torch._scaled_mm(codes, weight.t(), scale_a=scales, scale_b=weight_scale.reshape(1, -1), bias=bias,
                                 out_dtype=torch.bfloat16, use_fast_accum=True)  # fmt: skip
 
-    def one_launch(config, reciprocal):
-        block_m, block_n, block_k, warps, stages = config
-        grid = (-(-width // block_n), -(-rows // block_m), 1)
-        fused._fused_linear_kernel[grid](
-            x, weight, out, weight_scale, bias, scale, None, None, None, rows, width, width, width, width, width,
-            448.0, AMAX_FLOOR, 1.0, MODE=quant_triton.STATIC, WEIGHT_PER_CHANNEL=True, HAS_BIAS=True, EXACT=False,
-            RECIPROCAL=reciprocal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages,
-        )  # fmt: skip
+    def one_launch_for(config, reciprocal):
+        """The layer's one launch with only ``config`` in the tile table and the scaling asked for."""
+        tiles, scaling = fused.TILES, fused.RECIPROCAL
+        fused.TILES, fused.RECIPROCAL = [(rows, config)], reciprocal
+        try:
+            launch = fused.FusedLinear(quant_triton.STATIC, torch.bfloat16, weight.dtype, width, torch.device("cuda"),
+                                       weight_scale=weight_scale, bias=bias, out_dtype=torch.bfloat16,
+                                       out_features=width, exact=False)  # fmt: skip
+            launch(x, (scale, None, None, None), weight)  # compiles under this table, keeps the launcher
+        finally:
+            fused.TILES, fused.RECIPROCAL = tiles, scaling
+        return lambda: launch(x, (scale, None, None, None), weight)
 
     row = {"width": width, "rows": rows, "bf16_us": graph_us(lambda: F.linear(x, weight_bf16, bias), rounds),
            "two_launches_us": graph_us(two_launches, rounds), "one_launch_us": {}}  # fmt: skip
@@ -85,7 +86,7 @@ def measure(width: int, rows: int, weight, weight_scale, bias, row_quant, rounds
             continue  # row blocks mostly empty
         for reciprocal in (False, True):
             try:
-                us = graph_us(lambda config=config, reciprocal=reciprocal: one_launch(config, reciprocal), rounds)
+                us = graph_us(one_launch_for(config, reciprocal), rounds)
             except Exception as error:  # a tile this GPU cannot run (shared memory)
                 print(f"  {config} reciprocal={reciprocal}: {type(error).__name__}")
                 continue

@@ -130,6 +130,7 @@ def _fused_linear_kernel(
 
 # (most rows, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)): narrow column blocks at few rows (enough programs to read
 # the weight at full bandwidth), wider ones as the rows grow (bench/bench_one_launch_tiles.py times the choices).
+# The last entry takes any rows past the others'.
 TILES: list[tuple[int, tuple[int, int, int, int, int]]] = [
     (16, (16, 32, 128, 4, 3)),
     (64, (64, 64, 128, 4, 3)),
@@ -138,10 +139,7 @@ TILES: list[tuple[int, tuple[int, int, int, int, int]]] = [
 
 
 def _tiles(rows: int) -> tuple[int, int, int, int, int]:
-    for most, tiles in TILES:
-        if rows <= most:
-            return tiles
-    return TILES[-1][1]
+    return next((tiles for most, tiles in TILES[:-1] if rows <= most), TILES[-1][1])
 
 
 class FusedLinear:
@@ -163,7 +161,7 @@ class FusedLinear:
                  bias: torch.Tensor | None, out_dtype: torch.dtype, out_features: int,
                  exact: bool) -> None:  # fmt: skip
         del row_scales  # no scales come out: the GEMM takes them in
-        self.mode, self.dtype, self.cols, self.margin = mode, dtype, cols, float(margin)
+        self.mode, self.margin = mode, float(margin)
         self.device, self.device_index = device, device.index if device.index is not None else 0
         self.weight_scale = weight_scale.reshape(-1)
         self.per_channel = self.weight_scale.numel() != 1

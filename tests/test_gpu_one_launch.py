@@ -1,8 +1,8 @@
 """GPU: the one-launch fp8 linear (``fused_linear_triton``) that a prepared call takes at few rows, against the
-two-launch path of the same layer (row quantizer, then ``torch._scaled_mm``) and a float32 reference, for each
-activation mode a default runs (a learnt scale that went static, dynamic per token, a calibrated scale), per-tensor
-and per-channel weight scales, with and without a bias, in bf16, fp16 and fp32; the learnt scale's buffers move as
-they do on the two-launch path; past the work limit the two-launch path runs."""
+two-launch path of the same layer (row quantizer, then ``torch._scaled_mm``) and a float32 reference: a learnt
+activation scale (the default of a bf16 file) with per-channel and per-tensor weight scales, and dynamic per-token
+scales, with and without a bias, in bf16, fp16 and fp32 (a file's fixed input scale is not covered here); the
+learnt scale's buffers move as they do on the two-launch path; past the work limit the two-launch path runs."""
 
 from __future__ import annotations
 
