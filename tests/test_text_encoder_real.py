@@ -66,7 +66,9 @@ def test_quality_recipe_on_real_weights(encoder):
 
 
 def test_plain_bert_matches_transformers(encoder):
-    """The CLI's BERT (plain PyTorch) gives what ``transformers`` gives on the same folder."""
+    """The CLI's BERT (plain PyTorch) gives what ``transformers`` gives on the same folder, at every real token
+    (padding positions' hidden states are whatever an attention backend leaves there: torch 2.14's SDPA and ours
+    differ there by 1e-4, and no pooled embedding reads them)."""
     transformers = pytest.importorskip("transformers", reason="the comparison needs transformers")
     model, tokenizer = encoder
     folder = minilm.get_model_path()
@@ -79,6 +81,7 @@ def test_plain_bert_matches_transformers(encoder):
     model.pooled = False
     try:
         with torch.no_grad():
-            torch.testing.assert_close(model(**batch), hidden, rtol=1e-4, atol=1e-5)
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(model(**batch)[real], hidden[real], rtol=1e-4, atol=1e-5)
     finally:
         model.pooled = True
