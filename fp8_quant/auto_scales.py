@@ -223,16 +223,18 @@ class RuntimeActivationScale:
         return out
 
     def bind(
-        self, x_dtype: torch.dtype, cols: int, device: torch.device, row_scales: bool = False, launcher=None
+        self, x_dtype: torch.dtype, cols: int, device: torch.device, row_scales: bool = False, launcher=None,
+        scratch: bool = False,
     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
         """This quantizer in its current phase for one layer's rows on ``device``, as a prepared call runs it
-        (``QuantFP8.bind`` says what is bound, and what ``launcher`` is); ``None`` while observing (a few calls: the
-        general path runs them), or where ``launcher`` is given and the phase would not launch the row kernel. The
-        phase's kernel is bound too, so a prepared call checks ``phase`` to know it still holds."""
+        (``QuantFP8.bind`` says what is bound, and what ``launcher`` and ``scratch`` are); ``None`` while observing
+        (a few calls: the general path runs them), or where ``launcher`` is given and the phase would not launch the
+        row kernel. The phase's kernel is bound too, so a prepared call checks ``phase`` to know it still holds."""
         if self.phase == OBSERVING or self.history is None or self.history.device != device:
             return None
         if self.phase == DYNAMIC:
-            dynamic = self._dynamic_quant.bind(x_dtype, cols, device, row_scales=row_scales, launcher=launcher)
+            dynamic = self._dynamic_quant.bind(x_dtype, cols, device, row_scales=row_scales, launcher=launcher,
+                                               scratch=scratch)  # fmt: skip
             if dynamic is None:
                 return None
 
@@ -242,7 +244,8 @@ class RuntimeActivationScale:
                 return out
 
             return quantize_dynamic
-        launch = self._static_quant.bind_running(x_dtype, cols, device, self.policy.margin, row_scales, launcher)
+        launch = self._static_quant.bind_running(x_dtype, cols, device, self.policy.margin, row_scales, launcher,
+                                                 scratch)  # fmt: skip
         if launch is None and launcher is not None:
             return None
 

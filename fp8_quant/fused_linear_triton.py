@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .fp8_utils import AMAX_FLOOR, fp8_max
 from .prepared import ColdLaunch
-from .quant_triton import DYNAMIC, RUNNING, STATIC
+from .quant_triton import DYNAMIC, RUNNING, STATIC, launcher_of
 
 logger = logging.getLogger(__name__)
 
@@ -211,22 +211,12 @@ class FusedLinear:
             self.refused = f"the one-launch linear failed here ({type(error).__name__}: {str(error)[:200]})"
             logger.info("%s; this layer keeps its two launches", self.refused)
             raise ColdLaunch(self.refused) from None
-        launcher = _launcher_of(compiled)
+        launcher = launcher_of(compiled)
         if launcher is not None and torch.cuda.current_device() == self.device_index:
             if len(self.launches) > 64:  # many prompt lengths or odd views
                 self.launches.clear()
             self.launches[key] = (launcher[0], grid, launcher[1], launcher[2], (block_m, block_n, block_k))
         return out, None
-
-
-def _launcher_of(compiled) -> tuple | None:
-    """``(run, function, packed metadata)`` of a compiled kernel where this Triton has them (3.x), else ``None``
-    (every launch then takes Triton's own path)."""
-    try:
-        compiled._init_handles()
-        return compiled.run, compiled.function, compiled.packed_metadata
-    except AttributeError:
-        return None
 
 
 def fused_linear(weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, out_features: int,

@@ -105,6 +105,7 @@ class QuantFP8:
         scale: torch.Tensor | None = None,
         row_scales: bool = False,
         launcher=None,
+        scratch: bool = False,
     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
         """This quantizer for one layer's rows ``[M, cols]`` of ``x_dtype`` on ``device``, as a prepared call runs it
         (``prepared``): ``rows -> (x_fp8 [M, cols], scale)`` with the choices a call would make (Triton or eager,
@@ -112,8 +113,9 @@ class QuantFP8:
         comes back ``[M, 1]`` (what the row-wise GEMM takes) whatever the granularity, else as ``__call__`` gives
         it. ``launcher``: another launch with ``RowQuantizer``'s constructor and call shape to bind in its place
         (``fused_linear_triton``: the quantization inside the GEMM; trailing call arguments go to it); ``None``
-        where this quantizer would not launch the row kernel. Never inside ``torch.compile`` (the prepared call is
-        not used there)."""
+        where this quantizer would not launch the row kernel. ``scratch``: the row kernel's outputs may come from
+        shared buffers (``RowQuantizer``; only for a caller that hands them straight to its GEMM). Never inside
+        ``torch.compile`` (the prepared call is not used there)."""
         static = None
         if self.static:
             if scale is None:
@@ -121,8 +123,11 @@ class QuantFP8:
             static = scale.detach().to(device=device, dtype=torch.float32)
         if self.use_triton and device.type == "cuda" and (self.static or (self.per_token and not self.group)):
             mode = _triton_kernels().STATIC if self.static else _triton_kernels().DYNAMIC
-            launch = (launcher or _triton_kernels().RowQuantizer)(mode, x_dtype, self.dtype, cols, device,
-                                                                  row_scales=row_scales)  # fmt: skip
+            if launcher is None:
+                launch = _triton_kernels().RowQuantizer(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales,
+                                                        scratch=scratch)  # fmt: skip
+            else:
+                launch = launcher(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales)
             if static is None:
                 return _bound_rows(launch, None, None, row_scales, self)
             return _bound_rows(launch, (static.reshape(1), None, None, None), static.reshape(()), row_scales, self)
@@ -131,16 +136,20 @@ class QuantFP8:
         return _bound_call(self, static, row_scales)
 
     def bind_running(
-        self, x_dtype: torch.dtype, cols: int, device: torch.device, margin: float, row_scales: bool, launcher=None
+        self, x_dtype: torch.dtype, cols: int, device: torch.device, margin: float, row_scales: bool, launcher=None,
+        scratch: bool = False,
     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None:
-        """``running`` bound to one layer's rows (``bind``, ``launcher`` as there): ``(rows, (scale_out, history,
-        next_history, overshoot), *more) -> (x_fp8, row scales or None)``, the caller swapping the histories after;
-        ``None`` where the eager path runs (``running`` itself then)."""
+        """``running`` bound to one layer's rows (``bind``, ``launcher`` and ``scratch`` as there): ``(rows,
+        (scale_out, history, next_history, overshoot), *more) -> (x_fp8, row scales or None)``, the caller swapping
+        the histories after; ``None`` where the eager path runs (``running`` itself then)."""
         if not (self.use_triton and device.type == "cuda"):
             return None
         kernels = _triton_kernels()
-        launch = (launcher or kernels.RowQuantizer)(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin,
-                                                    row_scales)  # fmt: skip
+        if launcher is None:
+            launch = kernels.RowQuantizer(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales,
+                                          scratch=scratch)  # fmt: skip
+        else:
+            launch = launcher(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales)
 
         def quantize(x: torch.Tensor, buffers: tuple, *more) -> tuple[torch.Tensor, torch.Tensor | None]:
             return launch(_rows_of(x), buffers, *more)

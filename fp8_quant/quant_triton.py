@@ -209,14 +209,22 @@ def _arguments(x2d, quantized, row_scales, buffers, rows, cols, x_stride, dtype,
 class RowQuantizer:
     """``_quant_rows_kernel`` launches for one layer: one mode, input and fp8 dtype, row length and device, with
     the fixed part of the key, the grid's divisor and the constants worked out once. A call derives only what
-    comes with its input (``_input_key``) and launches the compiled kernel directly; anything it has not seen yet
-    (a first shape, another current device, a Triton without the direct launch) takes ``_launch``.
+    comes with its input (``_input_key``) and calls the compiled kernel's launcher itself (``launcher_of``: no
+    argument binding, no closure per call; Triton's launch hooks, a profiler's, are not called on this path);
+    anything it has not seen yet (a first shape, another current device, a Triton without the direct launch) takes
+    ``_launch``.
 
     ``buffers``: ``(scale, history, next_history, overshoot)`` for the call (``None`` where the mode reads none);
-    they must keep the dtype and alignment of the first call's (the layer's own float32 buffers do)."""
+    they must keep the dtype and alignment of the first call's (the layer's own float32 buffers do).
+
+    ``scratch``: the outputs of calls of few rows come from buffers kept per device, stream and shape and shared
+    by every layer (``_scratch_outputs``), instead of two allocations per call. Only for a caller that hands them
+    to one GEMM on the same stream at once (the prepared ``_scaled_mm`` product): the next quantization on that
+    stream, of any layer, writes over them after that GEMM in stream order. Never inside a CUDA-graph capture (a
+    graph would keep their addresses)."""
 
     def __init__(self, mode: int, x_dtype: torch.dtype, dtype: torch.dtype, cols: int, device: torch.device,
-                 margin: float = 1.0, row_scales: bool = False) -> None:  # fmt: skip
+                 margin: float = 1.0, row_scales: bool = False, scratch: bool = False) -> None:  # fmt: skip
         self.mode, self.x_dtype, self.dtype, self.cols, self.margin = mode, x_dtype, dtype, cols, float(margin)
         self.device, self.device_index = device, device.index if device.index is not None else 0
         self.row_scales = mode == DYNAMIC or row_scales
@@ -224,6 +232,8 @@ class RowQuantizer:
         self.limit = fp8_max(dtype)
         self.constants = (mode, self.row_scales, one_block, self.rows_per_program, block)
         self.compiled: dict[tuple, object] = {}
+        self.launchers: dict[tuple, tuple] = {}  # input key -> (run, function, packed metadata)
+        self.scratch_rows = SCRATCH_BYTES // cols if scratch else 0
 
     def __call__(
         self, x2d: torch.Tensor, buffers: tuple = (None, None, None, None)
@@ -231,15 +241,19 @@ class RowQuantizer:
         rows = x2d.shape[0]
         x_stride = x2d.stride(0)
         key = _input_key(rows, x2d.data_ptr(), x_stride)
-        compiled = self.compiled.get(key)
-        if compiled is None or torch.cuda.current_device() != self.device_index:
+        launcher = self.launchers.get(key)
+        if launcher is None or torch._C._cuda_getDevice() != self.device_index:
             return self._first(x2d, buffers, key)
-        quantized = torch.empty((rows, self.cols), dtype=self.dtype, device=self.device)
-        scales = torch.empty((rows, 1), dtype=torch.float32, device=self.device) if self.row_scales else None
-        compiled[(-(-rows // self.rows_per_program), 1, 1)](
-            x2d, quantized, scales, *buffers, rows, self.cols, x_stride, self.cols, self.limit, AMAX_FLOOR,
-            self.margin, *self.constants,
-        )  # fmt: skip
+        stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        if rows <= self.scratch_rows and not torch._C._cuda_isCurrentStreamCapturing():
+            quantized, scales = _scratch_outputs(self, rows, stream)
+        else:
+            quantized = torch.empty((rows, self.cols), dtype=self.dtype, device=self.device)
+            scales = torch.empty((rows, 1), dtype=torch.float32, device=self.device) if self.row_scales else None
+        run, function, metadata = launcher
+        run(-(-rows // self.rows_per_program), 1, 1, stream, function, metadata, None, None, None, x2d, quantized,
+            scales, *buffers, rows, self.cols, x_stride, self.cols, self.limit, AMAX_FLOOR, self.margin,
+            *self.constants)  # fmt: skip
         return quantized, scales
 
     def _first(self, x2d: torch.Tensor, buffers: tuple, key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,11 +262,47 @@ class RowQuantizer:
         if torch.cuda.current_device() == self.device_index:
             fixed = _fixed_key(self.x_dtype, self.dtype, self.mode, self.cols, self.row_scales, buffers)
             compiled = _direct_launches.get((*fixed, *key))
-            if compiled is not None:
+            launcher = launcher_of(compiled) if compiled is not None else None
+            if launcher is not None:
                 if len(self.compiled) > 16:  # input keys of many odd views
                     self.compiled.clear()
+                    self.launchers.clear()
                 self.compiled[key] = compiled
+                self.launchers[key] = launcher
         return out
+
+
+# The most bytes of fp8 codes one shared output buffer holds (``RowQuantizer``'s ``scratch``): calls of a few hundred
+# rows, where two allocations are a fifth of the call's host time (bench/NOTES.md, host cost); larger calls wait
+# for the GPU, not for the host.
+SCRATCH_BYTES = 4 << 20
+_SCRATCH_ENTRIES = 32
+_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+
+def _scratch_outputs(quantizer: RowQuantizer, rows: int, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The shared output buffers for ``rows`` rows of ``quantizer``'s on this device and stream (made on first use;
+    the table is emptied when it holds many shapes: a buffer still queued for a GEMM stays alive until that GEMM
+    has run, as any freed tensor does)."""
+    key = (quantizer.device_index, stream, rows, quantizer.cols, quantizer.dtype, quantizer.row_scales)
+    outputs = _scratch.get(key)
+    if outputs is None:
+        if len(_scratch) >= _SCRATCH_ENTRIES:
+            _scratch.clear()
+        quantized = torch.empty((rows, quantizer.cols), dtype=quantizer.dtype, device=quantizer.device)
+        scales = torch.empty((rows, 1), dtype=torch.float32, device=quantizer.device) if quantizer.row_scales else None
+        outputs = _scratch[key] = (quantized, scales)
+    return outputs
+
+
+def launcher_of(compiled) -> tuple | None:
+    """``(run, function, packed metadata)`` of a compiled kernel where this Triton has them (3.x), else ``None``
+    (every launch then takes Triton's own path)."""
+    try:
+        compiled._init_handles()
+        return compiled.run, compiled.function, compiled.packed_metadata
+    except AttributeError:
+        return None
 
 
 _launch_shapes: dict[int, tuple[bool, int, int, int]] = {}
@@ -300,6 +350,11 @@ def direct_launch_works() -> bool:
                 compiled[direct.grid](*direct.arguments)
                 same = same and torch.equal(q_triton, q_direct) and torch.equal(s_triton, s_direct)
                 same = same and bool(s_direct.isfinite().all())
+                run, function, metadata = launcher_of(compiled) or (None, None, None)
+                raw, q_raw, s_raw = launch()  # as RowQuantizer calls it
+                stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+                run(*raw.grid, stream, function, metadata, None, None, None, *raw.arguments)
+                same = same and torch.equal(q_triton, q_raw) and torch.equal(s_triton, s_raw)
             _direct_ok = bool(same)
         except Exception as error:  # any failure only means Triton's own launch path
             logger.debug("direct launch of the quantization kernel unavailable: %s", error)

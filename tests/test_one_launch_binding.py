@@ -79,3 +79,62 @@ def test_the_work_limit_sits_where_the_h200_measurements_crossed_over():
     # 256; at 3072 wide (0.36x the work per row) faster up to 256 rows, slower at 1024.
     assert 64 * 5120 * 5120 <= one_launch_work[0] < 256 * 5120 * 5120
     assert 256 * 3072 * 3072 <= one_launch_work[0] < 1024 * 3072 * 3072
+
+
+class RecordingRowQuantizer:
+    """Stands in for ``quant_triton.RowQuantizer``: records whether it was asked for shared outputs."""
+
+    scratch: list[bool] = []  # noqa: RUF012
+
+    def __init__(self, *args, scratch: bool = False, **kwargs) -> None:
+        RecordingRowQuantizer.scratch.append(scratch)
+
+    def __call__(self, x2d, buffers=(None, None, None, None)):
+        return "codes", "scales"
+
+
+def test_only_a_caller_that_asks_gets_the_shared_outputs(monkeypatch):
+    """``scratch`` reaches the row quantizer from the binding (the prepared ``_scaled_mm`` product asks for it), and
+    a plain binding keeps its own allocations: the shared buffers are overwritten by the next call on the stream."""
+    from fp8_quant import quant_triton
+
+    monkeypatch.setattr(quant_triton, "RowQuantizer", RecordingRowQuantizer)
+    RecordingRowQuantizer.scratch.clear()
+    triton_quantizer(False).bind(torch.bfloat16, 64, CUDA, row_scales=True)
+    triton_quantizer(False).bind(torch.bfloat16, 64, CUDA, row_scales=True, scratch=True)
+    triton_quantizer(True, PER_TENSOR).bind_running(torch.float16, 48, CUDA, 1.25, True, None, True)
+    triton_quantizer(True, PER_TENSOR).bind_running(torch.float16, 48, CUDA, 1.25, True)
+    assert RecordingRowQuantizer.scratch == [False, True, True, False]
+
+
+def test_shared_outputs_are_kept_per_device_stream_and_shape(monkeypatch):
+    from types import SimpleNamespace
+
+    from fp8_quant import quant_triton
+
+    monkeypatch.setattr(quant_triton, "_scratch", {})
+    quantizer = SimpleNamespace(device_index=0, device=torch.device("cpu"), cols=64, dtype=torch.float8_e4m3fn,
+                                row_scales=True)  # fmt: skip
+    codes, scales = quant_triton._scratch_outputs(quantizer, 5, stream=11)
+    assert codes.shape == (5, 64) and codes.dtype == torch.float8_e4m3fn and scales.shape == (5, 1)
+    again = quant_triton._scratch_outputs(quantizer, 5, stream=11)
+    assert again[0] is codes and again[1] is scales
+    assert quant_triton._scratch_outputs(quantizer, 5, stream=12)[0] is not codes  # another stream: its own
+    assert quant_triton._scratch_outputs(quantizer, 6, stream=11)[0] is not codes
+    no_scales = SimpleNamespace(**{**vars(quantizer), "row_scales": False})
+    assert quant_triton._scratch_outputs(no_scales, 5, stream=11)[1] is None
+    for rows in range(7, 7 + quant_triton._SCRATCH_ENTRIES):  # many shapes: the table starts again
+        quant_triton._scratch_outputs(quantizer, rows, stream=11)
+    assert len(quant_triton._scratch) <= quant_triton._SCRATCH_ENTRIES
+    assert quant_triton._scratch_outputs(quantizer, 5, stream=11)[0] is not codes
+
+
+def test_shared_outputs_only_for_calls_of_few_rows():
+    from fp8_quant import quant_triton
+
+    made = quant_triton.RowQuantizer(quant_triton.STATIC, torch.bfloat16, torch.float8_e4m3fn, 5120, CUDA,
+                                     row_scales=True, scratch=True)  # fmt: skip
+    assert made.scratch_rows * 5120 <= quant_triton.SCRATCH_BYTES < (made.scratch_rows + 1) * 5120
+    assert made.scratch_rows >= 256  # the few-row calls whose allocations cost the host most (bench/NOTES.md)
+    plain = quant_triton.RowQuantizer(quant_triton.STATIC, torch.bfloat16, torch.float8_e4m3fn, 5120, CUDA)
+    assert plain.scratch_rows == 0

@@ -119,15 +119,17 @@ class FP8ScaledMMLinearKernel(ABC):
         return general_product(self.apply, weight_scale, input_scale, weight_group, activation_quantizer, bias)
 
     def bind_quantizer(
-        self, input_scale: Tensor | None, activation_quantizer, x: Tensor, row_scales: bool, launcher=None
+        self, input_scale: Tensor | None, activation_quantizer, x: Tensor, row_scales: bool, launcher=None,
+        scratch: bool = False,
     ) -> Callable[..., tuple[Tensor, Tensor]] | None:
         """The activation quantizer ``apply`` would run, bound to this layer's rows (``QuantFP8.bind``, which says
-        what ``launcher`` is); ``None`` where it has no bound form now (a learnt scale still observing)."""
+        what ``launcher`` and ``scratch`` are); ``None`` where it has no bound form now (a learnt scale still
+        observing)."""
         if self.input_quant is None:
             return None
         if activation_quantizer is not None:
-            return activation_quantizer.bind(x.dtype, x.shape[-1], x.device, row_scales, launcher)
-        return self.input_quant.bind(x.dtype, x.shape[-1], x.device, input_scale, row_scales, launcher)
+            return activation_quantizer.bind(x.dtype, x.shape[-1], x.device, row_scales, launcher, scratch)
+        return self.input_quant.bind(x.dtype, x.shape[-1], x.device, input_scale, row_scales, launcher, scratch)
 
     def output_dtype(self, x: torch.Tensor) -> torch.dtype:
         if self.config.out_dtype is not None:

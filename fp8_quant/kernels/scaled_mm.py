@@ -128,7 +128,8 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
         """The whole call bound (see the base class): the quantizer with its launch, ``scale_b`` as the GEMM takes
         it, the bias in the output dtype, the fast-accumulation flag (``auto`` times per problem, so it keeps the
         general path). Per call: at most a reshape, the quantizer's launch, the GEMM, and a view back."""
-        quantize = self.bind_quantizer(input_scale, activation_quantizer, x, self.row_scales)
+        # The codes go straight into the GEMM below, so the row kernel may write them into shared buffers.
+        quantize = self.bind_quantizer(input_scale, activation_quantizer, x, self.row_scales, scratch=True)
         fast = fixed_fast_accum(self.fast_accum, self.fast_accum_by_rule, x)
         if quantize is None or fast is None:
             return super().prepare(weight_scale, input_scale, weight_group, activation_quantizer, bias, x)
