@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import xml.etree.ElementTree as ET
@@ -52,15 +53,25 @@ def environment() -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        if commit.returncode == 0:
-            info["commit"] = commit.stdout.strip()
-    except OSError:
-        pass
+    info.update(commit_of_tree())
     return info
+
+
+def commit_of_tree() -> dict[str, str]:
+    """``{"commit": ...}``: ``FP8_GPU_TEST_COMMIT`` where set (a copy of a working tree whose ``.git`` is not that
+    tree's, as on a lent machine), else the checkout's short HEAD, marked ``-dirty`` where tracked files differ from
+    it; ``{}`` without git."""
+    given = os.environ.get("FP8_GPU_TEST_COMMIT", "").strip()
+    if given:
+        return {"commit": given}
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if head.returncode != 0:
+            return {}
+        clean = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--"], capture_output=True)
+    except OSError:
+        return {}
+    return {"commit": head.stdout.strip() + ("" if clean.returncode == 0 else "-dirty")}
 
 
 def summarise(report: Path, seconds: float | None = None) -> dict:
