@@ -276,18 +276,22 @@ class RowQuantizer:
 # rows, where two allocations are a fifth of the call's host time (bench/NOTES.md, host cost); larger calls wait
 # for the GPU, not for the host.
 SCRATCH_BYTES = 4 << 20
-_SCRATCH_ENTRIES = 32
+# The most bytes all shared buffers hold together (many prompt lengths each bring a shape): past it the table starts
+# again, so that memory ComfyUI does not account for stays small.
+SCRATCH_TOTAL_BYTES = 32 << 20
 _scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
 def _scratch_outputs(quantizer: RowQuantizer, rows: int, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The shared output buffers for ``rows`` rows of ``quantizer``'s on this device and stream (made on first use;
-    the table is emptied when it holds many shapes: a buffer still queued for a GEMM stays alive until that GEMM
-    has run, as any freed tensor does)."""
+    the table is emptied when the buffers would pass ``SCRATCH_TOTAL_BYTES``: a buffer still queued for a GEMM stays
+    alive until that GEMM has run, as any freed tensor does)."""
     key = (quantizer.device_index, stream, rows, quantizer.cols, quantizer.dtype, quantizer.row_scales)
     outputs = _scratch.get(key)
     if outputs is None:
-        if len(_scratch) >= _SCRATCH_ENTRIES:
+        size = rows * quantizer.cols + (4 * rows if quantizer.row_scales else 0)
+        if size + sum(codes.numel() + (4 * codes.shape[0] if scales is not None else 0)
+                      for codes, scales in _scratch.values()) > SCRATCH_TOTAL_BYTES:  # fmt: skip
             _scratch.clear()
         quantized = torch.empty((rows, quantizer.cols), dtype=quantizer.dtype, device=quantizer.device)
         scales = torch.empty((rows, 1), dtype=torch.float32, device=quantizer.device) if quantizer.row_scales else None

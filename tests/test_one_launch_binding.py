@@ -123,9 +123,11 @@ def test_shared_outputs_are_kept_per_device_stream_and_shape(monkeypatch):
     assert quant_triton._scratch_outputs(quantizer, 6, stream=11)[0] is not codes
     no_scales = SimpleNamespace(**{**vars(quantizer), "row_scales": False})
     assert quant_triton._scratch_outputs(no_scales, 5, stream=11)[1] is None
-    for rows in range(7, 7 + quant_triton._SCRATCH_ENTRIES):  # many shapes: the table starts again
+    monkeypatch.setattr(quant_triton, "SCRATCH_TOTAL_BYTES", 8 * 65 * 10)  # bytes: codes plus 4 per row scale
+    for rows in range(7, 15):  # 8 more shapes: past the total, the table starts again
         quant_triton._scratch_outputs(quantizer, rows, stream=11)
-    assert len(quant_triton._scratch) <= quant_triton._SCRATCH_ENTRIES
+    held = sum(codes.numel() + 4 * codes.shape[0] for codes, _ in quant_triton._scratch.values())
+    assert held <= quant_triton.SCRATCH_TOTAL_BYTES and (5, 11) not in {(k[2], k[1]) for k in quant_triton._scratch}
     assert quant_triton._scratch_outputs(quantizer, 5, stream=11)[0] is not codes
 
 
