@@ -27,6 +27,7 @@ A static or running launch can also write its one scale out per row (``row_scale
 from __future__ import annotations
 
 import logging
+import threading
 from typing import NamedTuple
 
 import torch
@@ -217,7 +218,7 @@ class RowQuantizer:
     ``buffers``: ``(scale, history, next_history, overshoot)`` for the call (``None`` where the mode reads none);
     they must keep the dtype and alignment of the first call's (the layer's own float32 buffers do).
 
-    ``scratch``: the outputs of calls of few rows come from buffers kept per device, stream and shape and shared
+    ``scratch``: the outputs of calls of few rows come from buffers kept per device, stream, thread and shape and shared
     by every layer (``_scratch_outputs``), instead of two allocations per call. Only for a caller that hands them
     to one GEMM on the same stream at once (the prepared ``_scaled_mm`` product): the next quantization on that
     stream, of any layer, writes over them after that GEMM in stream order. Never inside a CUDA-graph capture (a
@@ -286,12 +287,15 @@ def _scratch_outputs(quantizer: RowQuantizer, rows: int, stream: int) -> tuple[t
     """The shared output buffers for ``rows`` rows of ``quantizer``'s on this device and stream (made on first use;
     the table is emptied when the buffers would pass ``SCRATCH_TOTAL_BYTES``: a buffer still queued for a GEMM stays
     alive until that GEMM has run, as any freed tensor does)."""
-    key = (quantizer.device_index, stream, rows, quantizer.cols, quantizer.dtype, quantizer.row_scales)
+    # The thread too: two threads quantizing on one stream (the legacy default stream) must not share buffers.
+    key = (quantizer.device_index, stream, threading.get_ident(), rows, quantizer.cols, quantizer.dtype,
+           quantizer.row_scales)  # fmt: skip
     outputs = _scratch.get(key)
     if outputs is None:
         size = rows * quantizer.cols + (4 * rows if quantizer.row_scales else 0)
+        held = list(_scratch.values())
         if size + sum(codes.numel() + (4 * codes.shape[0] if scales is not None else 0)
-                      for codes, scales in _scratch.values()) > SCRATCH_TOTAL_BYTES:  # fmt: skip
+                      for codes, scales in held) > SCRATCH_TOTAL_BYTES:  # fmt: skip
             _scratch.clear()
         quantized = torch.empty((rows, quantizer.cols), dtype=quantizer.dtype, device=quantizer.device)
         scales = torch.empty((rows, 1), dtype=torch.float32, device=quantizer.device) if quantizer.row_scales else None

@@ -121,13 +121,17 @@ def test_shared_outputs_are_kept_per_device_stream_and_shape(monkeypatch):
     assert again[0] is codes and again[1] is scales
     assert quant_triton._scratch_outputs(quantizer, 5, stream=12)[0] is not codes  # another stream: its own
     assert quant_triton._scratch_outputs(quantizer, 6, stream=11)[0] is not codes
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # another thread on the same stream: its own
+        assert pool.submit(quant_triton._scratch_outputs, quantizer, 5, 11).result()[0] is not codes
     no_scales = SimpleNamespace(**{**vars(quantizer), "row_scales": False})
     assert quant_triton._scratch_outputs(no_scales, 5, stream=11)[1] is None
     monkeypatch.setattr(quant_triton, "SCRATCH_TOTAL_BYTES", 8 * 65 * 10)  # bytes: codes plus 4 per row scale
     for rows in range(7, 15):  # 8 more shapes: past the total, the table starts again
         quant_triton._scratch_outputs(quantizer, rows, stream=11)
     held = sum(codes.numel() + 4 * codes.shape[0] for codes, _ in quant_triton._scratch.values())
-    assert held <= quant_triton.SCRATCH_TOTAL_BYTES and (5, 11) not in {(k[2], k[1]) for k in quant_triton._scratch}
+    assert held <= quant_triton.SCRATCH_TOTAL_BYTES and (5, 11) not in {(k[3], k[1]) for k in quant_triton._scratch}
     assert quant_triton._scratch_outputs(quantizer, 5, stream=11)[0] is not codes
 
 
