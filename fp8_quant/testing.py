@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mean_row_rel_err", "outlier_input", "random_linear", "rel_err"]
+__all__ = ["attention_inputs", "mean_row_rel_err", "outlier_input", "random_linear", "rel_err"]
 
 
 def outlier_input(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, factor: float = 20.0) -> torch.Tensor:
@@ -29,6 +29,21 @@ def outlier_input(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0
     outliers = torch.randperm(channels, generator=generator)[: max(1, channels // 16)]
     x[..., outliers] *= factor
     return x.to(dtype)
+
+
+def attention_inputs(
+    b: int = 1, h: int = 4, n_q: int = 300, n_k: int = 300, d: int = 128, seed: int = 0, k_offset: float = 4.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` ``[B, H, N, D]`` (float32, CPU) as a trained DiT's attention sees them: K with a large positive
+    offset in one channel in 16 (per head; K smoothing removes it, the softmax never sees it), V with a mean of
+    0.3 sigma per channel and head (an output that is mostly that mean, so a bias in the sum over keys shows)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=generator)
+    k = torch.randn(b, h, n_k, d, generator=generator)
+    channels = torch.randperm(d, generator=generator)[: d // 16]
+    k[..., channels] += k_offset * torch.randn(1, h, 1, channels.numel(), generator=generator).abs()
+    v = torch.randn(b, h, n_k, d, generator=generator) + 0.3 * torch.randn(1, h, 1, d, generator=generator)
+    return q, k, v
 
 
 def random_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 1) -> torch.nn.Linear:

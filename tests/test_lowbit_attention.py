@@ -9,16 +9,7 @@ import torch
 from helpers import rel_err
 
 from fp8_quant import lowbit_attention as la
-
-
-def attention_inputs(b=1, h=4, n_q=300, n_k=300, d=128, seed=0, k_offset=4.0):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n_q, d, generator=generator)
-    k = torch.randn(b, h, n_k, d, generator=generator)
-    channels = torch.randperm(d, generator=generator)[: d // 16]
-    k[..., channels] += k_offset * torch.randn(1, h, 1, channels.numel(), generator=generator).abs()
-    v = torch.randn(b, h, n_k, d, generator=generator) + 0.3 * torch.randn(1, h, 1, d, generator=generator)
-    return q, k, v
+from fp8_quant.testing import attention_inputs
 
 
 def reference(q, k, v):

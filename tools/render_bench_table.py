@@ -18,6 +18,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
   pieces of a rotated int8 linear per DiT shape;
 - ``bench/bench_one_launch_tiles.py``: ``{"kind": "one-launch-tiles", "results": [{"width", "rows", "bf16_us",
   "two_launches_us", "one_launch_us": {tile: us}}]}``, the one-launch linear's GPU time per tile.
+- ``bench/lowbit_attention_accumulation.py``: ``{"kind": "attention-accumulation-model", "rows": [{"inputs",
+  "keys", "accumulation", "rel_err"}]}``, a CPU model of the 8-bit attention's fp8 accumulation;
 - ``tools/run_gpu_tests.sh``: ``{"kind": "gpu-tests", "counts": {"passed", "failed", "skipped"}, "failed": [...]}``,
   the last run of the GPU test suite on a GPU;
 - ``bench/bench_linear.py``: a list of ``{"shape", "mkn", "method", "ms", "tflops", "rel_err"}`` rows (or
@@ -359,6 +361,25 @@ def one_launch_tiles_table(path: Path, data: dict) -> str:
                                                          "date": data.get("date")})])  # fmt: skip
 
 
+def accumulation_model_table(path: Path, data: dict) -> str:
+    """``bench/lowbit_attention_accumulation.py``: the modelled error of the 8-bit attention per accumulation."""
+    names = list(dict.fromkeys(row["accumulation"] for row in data["rows"]))
+    cases = list(dict.fromkeys((row["inputs"], row["keys"]) for row in data["rows"]))
+    cell = {(row["inputs"], row["keys"], row["accumulation"]): row["rel_err"] for row in data["rows"]}
+    lines = [
+        "**8-bit attention, a CPU model of its fp8 P x V accumulation** (`bench/lowbit_attention_accumulation.py`: "
+        "relative error vs float64 attention; each MMA step of 32 keys keeps the given bits, chained through the "
+        "accumulator over all keys or restarted per key block):",
+        "",
+        "| inputs | keys | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for inputs, keys in cases:
+        lines.append(f"| {inputs} | {keys} | " + " | ".join(f"{cell[(inputs, keys, name)]:.4f}" for name in names)
+                     + " |")  # fmt: skip
+    return "\n".join([*lines, "", context_line(path, {"torch": data.get("torch"), "date": data.get("date")})])
+
+
 def render_file(path: Path) -> tuple[int, str]:
     """(0 for a model step, 1 for single layers, 2 for loading, 3 for text encoders, 4 for test runs: the order on
     the page; the table)."""
@@ -387,6 +408,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 1, linear_host_table(path, data) + (f"\n\n{parts}" if parts else "")
         if data.get("kind") == "one-launch-tiles":
             return 1, one_launch_tiles_table(path, data)
+        if data.get("kind") == "attention-accumulation-model":
+            return 1, accumulation_model_table(path, data)
         if data.get("kind") == "int8-gemm":
             return 1, int8_gemm_table(path, data)
         if "rows" in data:
