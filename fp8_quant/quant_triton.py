@@ -218,11 +218,11 @@ class RowQuantizer:
     ``buffers``: ``(scale, history, next_history, overshoot)`` for the call (``None`` where the mode reads none);
     they must keep the dtype and alignment of the first call's (the layer's own float32 buffers do).
 
-    ``scratch``: the outputs of calls of few rows come from buffers kept per device, stream, thread and shape and shared
-    by every layer (``_scratch_outputs``), instead of two allocations per call. Only for a caller that hands them
-    to one GEMM on the same stream at once (the prepared ``_scaled_mm`` product): the next quantization on that
-    stream, of any layer, writes over them after that GEMM in stream order. Never inside a CUDA-graph capture (a
-    graph would keep their addresses)."""
+    ``scratch``: the outputs of calls of few rows come from buffers kept per device, stream, thread and shape and
+    shared by every layer (``_scratch_outputs``), instead of two allocations per call. Only for a caller that hands
+    them to one GEMM on the same stream at once (the prepared ``_scaled_mm`` product): the next quantization on
+    that stream, of any layer, writes over them after that GEMM in stream order. Never inside a CUDA-graph capture
+    (a graph would keep their addresses)."""
 
     def __init__(self, mode: int, x_dtype: torch.dtype, dtype: torch.dtype, cols: int, device: torch.device,
                  margin: float = 1.0, row_scales: bool = False, scratch: bool = False) -> None:  # fmt: skip
