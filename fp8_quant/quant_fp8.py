@@ -123,11 +123,8 @@ class QuantFP8:
             static = scale.detach().to(device=device, dtype=torch.float32)
         if self.use_triton and device.type == "cuda" and (self.static or (self.per_token and not self.group)):
             mode = _triton_kernels().STATIC if self.static else _triton_kernels().DYNAMIC
-            if launcher is None:
-                launch = _triton_kernels().RowQuantizer(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales,
-                                                        scratch=scratch)  # fmt: skip
-            else:
-                launch = launcher(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales)
+            make = launcher or functools.partial(_triton_kernels().RowQuantizer, scratch=scratch)
+            launch = make(mode, x_dtype, self.dtype, cols, device, row_scales=row_scales)
             if static is None:
                 return _bound_rows(launch, None, None, row_scales, self)
             return _bound_rows(launch, (static.reshape(1), None, None, None), static.reshape(()), row_scales, self)
@@ -145,11 +142,8 @@ class QuantFP8:
         if not (self.use_triton and device.type == "cuda"):
             return None
         kernels = _triton_kernels()
-        if launcher is None:
-            launch = kernels.RowQuantizer(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales,
-                                          scratch=scratch)  # fmt: skip
-        else:
-            launch = launcher(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales)
+        make = launcher or functools.partial(kernels.RowQuantizer, scratch=scratch)
+        launch = make(kernels.RUNNING, x_dtype, self.dtype, cols, device, margin, row_scales)
 
         def quantize(x: torch.Tensor, buffers: tuple, *more) -> tuple[torch.Tensor, torch.Tensor | None]:
             return launch(_rows_of(x), buffers, *more)

@@ -292,15 +292,17 @@ def _scratch_outputs(quantizer: RowQuantizer, rows: int, stream: int) -> tuple[t
            quantizer.row_scales)  # fmt: skip
     outputs = _scratch.get(key)
     if outputs is None:
-        size = rows * quantizer.cols + (4 * rows if quantizer.row_scales else 0)
-        held = list(_scratch.values())
-        if size + sum(codes.numel() + (4 * codes.shape[0] if scales is not None else 0)
-                      for codes, scales in held) > SCRATCH_TOTAL_BYTES:  # fmt: skip
-            _scratch.clear()
         quantized = torch.empty((rows, quantizer.cols), dtype=quantizer.dtype, device=quantizer.device)
         scales = torch.empty((rows, 1), dtype=torch.float32, device=quantizer.device) if quantizer.row_scales else None
-        outputs = _scratch[key] = (quantized, scales)
+        outputs = (quantized, scales)
+        if sum(_nbytes(held) for held in list(_scratch.values())) + _nbytes(outputs) > SCRATCH_TOTAL_BYTES:
+            _scratch.clear()
+        _scratch[key] = outputs
     return outputs
+
+
+def _nbytes(outputs: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+    return sum(tensor.nbytes for tensor in outputs if tensor is not None)
 
 
 def launcher_of(compiled) -> tuple | None:
