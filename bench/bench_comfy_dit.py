@@ -199,6 +199,7 @@ def paths_for(folder: Path, name: str, loader, compile_too: bool) -> dict[str, t
                 "stock fp8_e4m3fn_fast +compile": (stock(bf16, **fast), True, {}),
                 "stock on our comfy-quant file +compile": (stock(quant), True, {}),
                 "ours auto (bf16 file) +compile": (ours(bf16), True, {}),
+                "ours auto, 8bit attention (bf16 file) +compile": (ours(bf16, attention="8bit"), True, {}),
             }
         )
     return paths

@@ -1,8 +1,8 @@
 """The pack's 8-bit attention kernel beside torch's SDPA backends (and SageAttention where installed), at DiT shapes.
 
 Per shape: ms (median over interleaved rounds, CUDA events), TFLOP/s (4·B·H·Nq·Nk·D), relative L2 error vs float32
-SDPA on inputs with a K offset in a few channels; ``--sweep`` also times the kernel's launch settings (block sizes,
-warps, stages) to choose ``LAUNCH``. Writes JSON (GPU, versions) to ``--json``.
+SDPA on inputs with a K offset in a few channels and a mean in V's (as trained DiTs have); ``--sweep`` also times the
+kernel's launch settings (block sizes, warps, stages) to choose ``LAUNCH``. Writes JSON (GPU, versions) to ``--json``.
 
 Usage: python bench/bench_lowbit_attention.py [--sweep] [--json bench/results/lowbit-attention-h200.json]
 """
@@ -60,6 +60,7 @@ def inputs(b, h, n_q, n_k, d, dtype, seed=0):
     channels = torch.randperm(d, device="cuda", generator=generator)[: d // 16]
     k[..., channels] += 4.0 * torch.randn(1, 1, h, channels.numel(), device="cuda", generator=generator).abs()
     v = torch.randn(b, n_k, h, d, device="cuda", generator=generator)
+    v += 0.3 * torch.randn(1, 1, h, d, device="cuda", generator=generator)
     return q, k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2)
 
 

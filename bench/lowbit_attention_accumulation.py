@@ -41,7 +41,7 @@ VARIANTS = (("float32", None, None), ("chained, 13 bits", 13, None), ("chained, 
 
 def rounded_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """P's e4m3 codes (times ``P_SCALE`` over the row maximum), the row sums the kernel divides by, V's e4m3 codes
-    and V's per-channel scale, as ``lowbit_attention.emulate`` rounds them (int8 QK after smoothing K)."""
+    and V's per-channel scale, as the kernel rounded them before it smoothed V (int8 QK after smoothing K)."""
     kf = k - k.mean(dim=2, keepdim=True)
     qr = la._round_groups(q, la.Q_GROUP, "int8")
     kr = la._round_groups(kf, la.K_GROUP, "int8")

@@ -5,7 +5,7 @@ for, or the caller's own attention (ComfyUI's) for anything these do not cover.
 Why by measurement: on some GPUs torch's cuDNN backend runs DiT shapes much faster than FlashAttention-2, which
 ComfyUI lists first, while on other GPUs and torch versions the order differs; the numbers are in the bench notes.
 The 8-bit kernel is not an automatic choice: where it is faster than cuDNN (long videos) it rounds P and V in e4m3,
-far more error than 16-bit attention (``bench/NOTES.md``, session 7).
+about ten times the error of 16-bit attention (``bench/NOTES.md``).
 
 Everything here is ComfyUI-free: ``AttentionDispatcher.attend`` takes ``[B, H, N, D]`` tensors and returns
 ``None`` where the caller's own attention must run, with the reason logged once.
@@ -156,8 +156,7 @@ class AttentionDispatcher:
         backend = self.chosen.get(problem)
         if backend is not None:
             return backend
-        capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if torch.compiler.is_compiling() or capturing:
+        if not may_time(q.device):
             return DEFAULT_ORDER[0]  # nothing is timed inside a trace or a graph; the first eager call measures
         times = {}
         for name in DEFAULT_ORDER:
@@ -193,6 +192,15 @@ class AttentionDispatcher:
             asked = self.choice.value
         ran = "; ".join(f"{name}: {why}" for name, why in self.used.items()) or "not run yet"
         return f"attention {asked}: {ran}"
+
+
+def may_time(device: torch.device) -> bool:
+    """Whether backends may be timed here: not inside torch.compile's trace (asked first: dynamo cannot trace
+    ``is_current_stream_capturing``, and asking it there breaks the graph at every attention call), nor while a
+    CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _time_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int = 3) -> float:

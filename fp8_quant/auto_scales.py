@@ -148,6 +148,17 @@ class CalibrationTally:
             state.decide(amax, spread, overshoot)
 
 
+def lower_decile(values: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(values, 0.1)`` of a 1-D tensor of two or more values (linear interpolation), by sorting and
+    integer arithmetic on its length: torch.compile before torch 2.12 cannot trace ``torch.quantile`` with a symbolic
+    length, which a DiT's linears get once they have seen two token counts."""
+    ordered = values.sort().values
+    span = values.shape[0] - 1
+    low = span // 10
+    fraction = (span - 10 * low) / 10  # 0.1 * span - low, exactly
+    return ordered[low] + (ordered[low + 1] - ordered[low]) * fraction
+
+
 def _copy_to_host(values: torch.Tensor) -> tuple[object, torch.Tensor]:
     """A copy of ``values`` on the host that does not make the host wait: (event to poll, host tensor)."""
     if values.device.type != "cuda":
@@ -274,7 +285,7 @@ class RuntimeActivationScale:
         rows = x_scale.detach().reshape(-1).float()
         peak = rows.max()
         torch.maximum(self.history, (peak * _E4M3_MAX).reshape(1), out=self.history)
-        quiet = torch.quantile(rows, 0.1) if rows.numel() > 1 else peak
+        quiet = lower_decile(rows) if rows.numel() > 1 else peak
         torch.maximum(self.spread, (peak / quiet).reshape(1), out=self.spread)
         return x_fp8, x_scale
 

@@ -11,9 +11,15 @@ Numerics (``emulate`` computes the same thing in float32, up to the online softm
   same amount (q·mean), so the softmax is unchanged, and what is left is centred, with a smaller range.
 - Q in groups of ``Q_GROUP`` tokens and K in groups of ``K_GROUP`` tokens, each group with one scale (its amax
   over the group's tokens and the head's channels); the softmax scale and log2(e) are folded into Q's.
-- The online softmax runs in float32 (exp2). P (in [0, 1]) is scaled by 448 and cast to e4m3; V has one scale
-  per head and channel (amax over tokens) and is stored transposed, so that both operands of P·V are K-major as
-  Hopper's fp8 MMA needs them. Accumulation in float32.
+- The online softmax runs in float32 (exp2). P (in [0, 1]) is scaled by 448 and cast to e4m3. V is smoothed as K
+  is (its mean over tokens per head and channel subtracted, and added back to the output: the softmax weights of a
+  row sum to one), then has one scale per head and channel (amax over tokens) and is stored transposed, so that both
+  operands of P·V are K-major as Hopper's fp8 MMA needs them. Smoothing V matters twice: its rounding follows the
+  centred values, and the mean no longer rides on the sum of rounded weights over thousands of keys.
+- P·V accumulates through the tensor cores' float32 accumulator, chained over the key blocks. Hopper's fp8 MMA
+  keeps only about 13 bits of that sum; a sum of same-sign terms (an unsmoothed V's mean) over thousands of keys
+  then comes out short (``bench/lowbit_attention_accumulation.py`` models it), while smoothed V's sums stay small
+  and keep their terms: promoting each block's product to float32 changed nothing measurable after smoothing.
 
 Inputs are ``[B, H, N, D]`` tensors of any strides (ComfyUI's ``[B, N, H*D]`` seen through a view); the output is
 written into the layout the caller gives (``out``), so ComfyUI's ``[B, N, H*D]`` costs no extra copy.
@@ -87,9 +93,11 @@ def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8",
         return (p.half().float() @ vf.half().float()).to(q.dtype)
     p_max = p.amax(dim=-1, keepdim=True)  # the kernel scales by the running max's exp: 1 at the row's maximum
     p8 = (p / p_max * P_SCALE).to(torch.float8_e4m3fn).float() * p_max / P_SCALE
-    v_scale = vf.abs().amax(dim=2, keepdim=True).clamp_min(_AMAX_FLOOR) / 448.0
-    v8 = (vf / v_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * v_scale
-    return (p8 @ v8).to(q.dtype)
+    v_mean = vf.mean(dim=2, keepdim=True)
+    centred = vf - v_mean
+    v_scale = centred.abs().amax(dim=2, keepdim=True).clamp_min(_AMAX_FLOOR) / 448.0
+    v8 = (centred / v_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * v_scale
+    return (p8 @ v8 + v_mean).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,13 +136,13 @@ if triton is not None:
 
     @triton.jit
     def _quantize_v_kernel(
-        X, VSCALE, OUT,
+        X, VMEAN, VSCALE, OUT,
         stride_xb, stride_xh, stride_xn, stride_xd,
         H, N, NPAD,
         D: tl.constexpr, BLOCK: tl.constexpr, TO_FP8: tl.constexpr,
     ):  # fmt: skip
-        """V [BLOCK tokens, D] / its per-channel scale -> e4m3 (or V as it is -> fp16), stored transposed
-        ([B*H, D, NPAD])."""
+        """(V [BLOCK tokens, D] - its mean) / its per-channel scale -> e4m3 (or V as it is -> fp16), stored
+        transposed ([B*H, D, NPAD])."""
         block = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -142,8 +150,10 @@ if triton is not None:
         offs_n = block * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         ptrs = X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
-        x = tl.load(ptrs, mask=offs_n[:, None] < N, other=0.0).to(tl.float32)
+        valid = offs_n[:, None] < N
+        x = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
         if TO_FP8:
+            x = tl.where(valid, x - tl.load(VMEAN + bh * D + offs_d)[None, :], 0.0)
             y = (x / tl.load(VSCALE + bh * D + offs_d)[None, :]).to(tl.float8e4nv, fp_downcast_rounding="rtne")
         else:
             y = x.to(tl.float16)
@@ -151,7 +161,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(
-        Q, K, VT, QS, KS, VS, OUT,
+        Q, K, VT, QS, KS, VS, VM, OUT,
         stride_ob, stride_oh, stride_on, stride_od,
         H, N_Q, N_K, NPAD_Q, NPAD_K,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
@@ -201,6 +211,8 @@ if triton is not None:
             ks_ptrs += BLOCK_N // K_GROUP
         v_scale = tl.load(VS + bh * D + offs_d)
         out = acc * v_scale[None, :] / l_i[:, None]
+        if PV_FP8:
+            out += tl.load(VM + bh * D + offs_d)[None, :]
         o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < N_Q)
 
@@ -227,8 +239,13 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "i
     k_scale = torch.empty(b * h, npad_k // K_GROUP, dtype=torch.float32, device=device)
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # [B, H, D]
     if pv == "fp8":
-        v_scale = (v.abs().amax(dim=2).float().clamp_min(_AMAX_FLOOR) / 448.0).contiguous()  # [B, H, D]
+        v_mean = v.mean(dim=2, dtype=torch.float32)
+        v_min, v_max = torch.aminmax(v, dim=2)
+        v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
+        v_scale = (v_amax.clamp_min(_AMAX_FLOOR) / 448.0).contiguous()  # [B, H, D]
+        v_mean = v_mean.contiguous()
     else:
+        v_mean = torch.zeros(b, h, d, dtype=torch.float32, device=device)
         v_scale = torch.ones(b, h, d, dtype=torch.float32, device=device)
     is_int8, qmax = qk == "int8", _QMAX[qk]
     softmax = LOG2E / math.sqrt(d)
@@ -241,9 +258,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "i
         D=d, GROUP=K_GROUP, HAS_MEAN=True, IS_INT8=is_int8, QMAX=qmax, num_warps=4,
     )  # fmt: skip
     _quantize_v_kernel[(npad_k // 64, b * h)](
-        v, v_scale, vt8, *v.stride(), h, n_k, npad_k, D=d, BLOCK=64, TO_FP8=pv == "fp8", num_warps=4
+        v, v_mean, v_scale, vt8, *v.stride(), h, n_k, npad_k, D=d, BLOCK=64, TO_FP8=pv == "fp8", num_warps=4
     )
-    return q8, k8, vt8, q_scale, k_scale, v_scale
+    return q8, k8, vt8, q_scale, k_scale, v_scale, v_mean
 
 
 def lowbit_attention(
@@ -261,11 +278,11 @@ def lowbit_attention(
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     block_m, block_n, warps, stages = LAUNCH[d]
-    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, qk, pv)
+    q8, k8, vt8, q_scale, k_scale, v_scale, v_mean = quantize_qkv(q, k, v, qk, pv)
     if out is None:
         out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     _attention_kernel[(q8.shape[1] // block_m, b * h)](
-        q8, k8, vt8, q_scale, k_scale, v_scale, out, *out.stride(), h, n_q, n_k, q8.shape[1], k8.shape[1],
+        q8, k8, vt8, q_scale, k_scale, v_scale, v_mean, out, *out.stride(), h, n_q, n_k, q8.shape[1], k8.shape[1],
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_INT8=qk == "int8", Q_GROUP=Q_GROUP, K_GROUP=K_GROUP,
         LOG2_P_SCALE=math.log2(P_SCALE), PV_FP8=pv == "fp8", num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -90,6 +90,22 @@ def test_nothing_is_timed_while_compiling(monkeypatch):
     assert timer.calls == []
 
 
+def test_compiling_is_asked_before_capturing(monkeypatch):
+    """Dynamo cannot trace ``torch.cuda.is_current_stream_capturing`` (it breaks the graph at every attention call
+    of a compiled CUDA model), so inside a trace it must never be asked."""
+
+    def untraceable() -> bool:
+        raise AssertionError("is_current_stream_capturing asked inside a trace")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", untraceable)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not attention.may_time(torch.device("cuda"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not attention.may_time(torch.device("cuda"))
+    assert attention.may_time(torch.device("cpu"))
+
+
 def test_guarded_steps_are_the_first_and_last_by_sigma():
     sample = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.05, 0.0])
     assert in_guarded_step(torch.tensor([1.0]), sample, 1)

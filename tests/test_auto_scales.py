@@ -11,7 +11,7 @@ import torch
 from helpers import outlier_input, random_linear, rel_err
 
 from fp8_quant import Fp8Config, Fp8OnlineLinearMethod
-from fp8_quant.auto_scales import DYNAMIC, OBSERVING, STATIC, ScalePolicy, choose_weight_group
+from fp8_quant.auto_scales import DYNAMIC, OBSERVING, STATIC, ScalePolicy, choose_weight_group, lower_decile
 from fp8_quant.kernels import ChannelWiseScaledMMKernel, DequantLinearKernel
 from fp8_quant.kernels.scaled_mm import cpu_rowwise_supported
 from fp8_quant.scheme import PER_CHANNEL, PER_TENSOR
@@ -162,3 +162,30 @@ def test_first_call_compiled_in_one_graph_and_calibrated_by_the_model_hook():
     torch.testing.assert_close(state.history.reshape(()), x.abs().max())
     assert rel_err(out, reference(x)) < 0.05
     assert rel_err(compiled(x), reference(x)) < 0.05  # the static path, recompiled
+
+
+def test_observing_compiles_with_dynamic_shapes():
+    """A layer that sees several token counts while it observes (a DiT's linears: image tokens, then the text
+    context) gets dynamic shapes from torch.compile; the observation must trace with a symbolic row count, and
+    its spread statistic is the 10% quantile of the row scales as in eager."""
+    _, layer, method = calibrated_layer()
+    method.prepare_kernels(layer, "cpu")
+    compiled = torch.compile(
+        lambda inp: method.apply(layer, inp, layer.bias), backend="eager", fullgraph=True, dynamic=True
+    )
+    state = layer.fp8.activation
+    inputs = [quiet_tokens(rows, 256, seed=rows) for rows in (13, 40)]
+    for x in inputs:
+        compiled(x)
+    scales = torch.cat([x.abs().amax(dim=-1) for x in inputs]).float()
+    expected = max((x.abs().amax(dim=-1).max() / torch.quantile(x.abs().amax(dim=-1).float(), 0.1)).item()
+                   for x in inputs)  # fmt: skip
+    assert state.phase == OBSERVING
+    torch.testing.assert_close(state.spread.reshape(()).item(), expected, rtol=1e-4, atol=0)
+    assert scales.numel() == 53
+
+
+@pytest.mark.parametrize("count", [2, 3, 10, 11, 12, 21, 14040])
+def test_lower_decile_is_torch_quantile(count):
+    values = torch.rand(count, generator=torch.Generator().manual_seed(count)) * 10
+    torch.testing.assert_close(lower_decile(values), torch.quantile(values, 0.1), rtol=1e-6, atol=1e-6)

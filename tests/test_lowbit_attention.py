@@ -71,3 +71,14 @@ def test_bad_formats_are_one_line_errors_naming_the_option():
         la.emulate(q, k, v, "int4")
     with pytest.raises(ValueError, match="pv: 'int8'"):
         la.emulate(q, k, v, "int8", "int8")
+
+
+def test_smoothing_v_keeps_its_mean_out_of_the_rounding():
+    """Softmax weights sum to one, so attention over V + c is attention over V, plus c. With V smoothed, a large
+    offset in every channel leaves the rounding of what varies as it was; left in, it would set V's scales and
+    round the varying part several times coarser."""
+    q, k, v = attention_inputs(seed=4)
+    expected = reference(q, k, v)
+    error = rel_err(la.emulate(q, k, v), expected)
+    shifted = la.emulate(q, k, v + 5.0).double() - 5.0
+    assert rel_err(shifted, expected) < 1.2 * error + 1e-4, (rel_err(shifted, expected), error)
