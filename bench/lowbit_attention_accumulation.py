@@ -7,7 +7,9 @@ cores' accumulator (``acc = tl.dot(p8, v8, acc)``), and an fp8 MMA on Hopper kee
 accumulation (the DeepSeek-V3 report): each instruction aligns its products and the incoming accumulator to the
 largest of them and drops the bits below. Once the sum over keys is ~2^13 times one key's share, whole products
 fall below the kept bits, so a sum of same-sign terms (V's mean) comes out short; zero-mean sums stay small and
-keep their products. Promoting each key block's product into a float32 sum (``acc += tl.dot(p8, v8)``) avoids it.
+keep their products. Promoting each key block's product into a float32 sum (``acc += tl.dot(p8, v8)``) avoids it,
+and so does smoothing V (its mean over tokens subtracted before rounding, added back to the output), the fix the
+kernel took: the sum is then of mixed-sign terms, as for zero-mean V (the third set of inputs).
 
 The model: P and V rounded as the kernel rounds them (P over its row maximum times ``P_SCALE``, V per channel),
 then the products summed in steps of ``MMA_K`` keys; each step keeps, of the incoming sum and its products, only
@@ -39,9 +41,12 @@ VARIANTS = (("float32", None, None), ("chained, 13 bits", 13, None), ("chained, 
             ("per 64-key block, 13 bits", 13, 64), ("per 128-key block, 13 bits", 13, 128))  # fmt: skip
 
 
-def rounded_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """P's e4m3 codes (times ``P_SCALE`` over the row maximum), the row sums the kernel divides by, V's e4m3 codes
-    and V's per-channel scale, as the kernel rounded them before it smoothed V (int8 QK after smoothing K)."""
+def rounded_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth_v: bool = False):
+    """P's e4m3 codes (times ``P_SCALE`` over the row maximum), the row sums the kernel divides by, V's e4m3 codes,
+    V's per-channel scale and the mean added back to the output: int8 QK after smoothing K, V smoothed by its mean
+    over tokens (the kernel since V smoothing) or not (the kernel before)."""
+    v_mean = v.mean(dim=2, keepdim=True) if smooth_v else torch.zeros_like(v[:, :, :1])
+    v = v - v_mean
     kf = k - k.mean(dim=2, keepdim=True)
     qr = la._round_groups(q, la.Q_GROUP, "int8")
     kr = la._round_groups(kf, la.K_GROUP, "int8")
@@ -49,7 +54,8 @@ def rounded_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     scaled = p / p.amax(dim=-1, keepdim=True) * la.P_SCALE
     v_scale = v.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / 448.0
     v8 = (v / v_scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-    return scaled.to(torch.float8_e4m3fn).double(), scaled.sum(-1, keepdim=True).double(), v8, v_scale.double()
+    p8, sums = scaled.to(torch.float8_e4m3fn).double(), scaled.sum(-1, keepdim=True).double()
+    return p8, sums, v8, v_scale.double(), v_mean.double()
 
 
 def accumulate(p8: torch.Tensor, v8: torch.Tensor, bits: int | None, block: int | None) -> torch.Tensor:
@@ -77,16 +83,18 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     args = parser.parse_args()
     rows = []
-    for inputs, v_mean in (("V with a mean (the GPU test's)", True), ("zero-mean V (the benchmark's)", False)):
+    cases = (("V with a mean (the GPU test's)", True, False), ("zero-mean V (the benchmark's)", False, False),
+             ("V with a mean, smoothed", True, True))  # fmt: skip
+    for inputs, v_mean, smooth_v in cases:
         for keys in KEYS:
             q, k, v = attention_inputs(b=1, h=args.heads, n_q=keys, n_k=keys, d=128)
             if not v_mean:
                 v = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
             q = q[:, :, : args.queries]
             reference = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(128), -1) @ v.double()
-            p8, sums, v8, v_scale = rounded_operands(q, k, v)
+            p8, sums, v8, v_scale, mean = rounded_operands(q, k, v, smooth_v)
             for name, bits, block in VARIANTS:
-                error = rel_err(accumulate(p8, v8, bits, block) * v_scale / sums, reference)
+                error = rel_err(accumulate(p8, v8, bits, block) * v_scale / sums + mean, reference)
                 print(f"{inputs}, {keys} keys, {name}: {error:.4f}", flush=True)
                 rows.append({"inputs": inputs, "keys": keys, "accumulation": name, "rel_err": error})
     if args.json:

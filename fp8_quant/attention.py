@@ -5,7 +5,7 @@ for, or the caller's own attention (ComfyUI's) for anything these do not cover.
 Why by measurement: on some GPUs torch's cuDNN backend runs DiT shapes much faster than FlashAttention-2, which
 ComfyUI lists first, while on other GPUs and torch versions the order differs; the numbers are in the bench notes.
 The 8-bit kernel is not an automatic choice: where it is faster than cuDNN (long videos) it rounds P and V in e4m3,
-about ten times the error of 16-bit attention (``bench/NOTES.md``).
+10-100 times the error of 16-bit attention by the inputs (``bench/NOTES.md``).
 
 Everything here is ComfyUI-free: ``AttentionDispatcher.attend`` takes ``[B, H, N, D]`` tensors and returns
 ``None`` where the caller's own attention must run, with the reason logged once.

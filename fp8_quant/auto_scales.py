@@ -150,12 +150,12 @@ class CalibrationTally:
 
 def lower_decile(values: torch.Tensor) -> torch.Tensor:
     """``torch.quantile(values, 0.1)`` of a 1-D tensor of two or more values (linear interpolation), by sorting and
-    integer arithmetic on its length: torch.compile before torch 2.12 cannot trace ``torch.quantile`` with a symbolic
-    length, which a DiT's linears get once they have seen two token counts."""
+    integer arithmetic on its length: torch.compile of torch 2.11 cannot trace ``torch.quantile`` with a symbolic
+    length (2.14 can), which a DiT's linears get once they have seen two token counts."""
     ordered = values.sort().values
     span = values.shape[0] - 1
     low = span // 10
-    fraction = (span - 10 * low) / 10  # 0.1 * span - low, exactly
+    fraction = (span - 10 * low) / 10  # 0.1 * span - low
     return ordered[low] + (ordered[low + 1] - ordered[low]) * fraction
 
 

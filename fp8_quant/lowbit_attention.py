@@ -224,8 +224,8 @@ LAUNCH = {128: (64, 128, 4, 3), 64: (64, 128, 4, 3)}
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str = "int8", pv: str = "fp8"):
     """The kernel's operands from [B, H, N, D] q, k, v: 8-bit Q and K (padded to ``TOKEN_PAD`` tokens) with their
-    group scales (Q's carry the softmax scale and log2(e)), V transposed: e4m3 with its per-channel scale, or fp16
-    (scale 1)."""
+    group scales (Q's carry the softmax scale and log2(e)), V transposed: e4m3 of V less its mean over tokens, with
+    its per-channel scale and that mean (``[B, H, D]``, added back to the output), or fp16 (scale 1, mean 0)."""
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     npad_q, npad_k = -(-n_q // TOKEN_PAD) * TOKEN_PAD, -(-n_k // TOKEN_PAD) * TOKEN_PAD

@@ -23,7 +23,7 @@ NODE_TITLE = "Patch Attention (8-bit pack)"
 ATTENTION_TOOLTIP = (
     "auto: the fastest 16-bit attention torch has on this GPU, measured once per shape (cuDNN on an H100/H200, "
     "where ComfyUI picks FlashAttention-2), at 16-bit precision. 8bit (experimental): the pack's 8-bit kernel "
-    "(int8 QK, fp8 PV; faster than cuDNN only on long videos, with about 10x the error of 16-bit attention), "
+    "(int8 QK, fp8 PV; faster than cuDNN only on long videos, with 10-100x the error of 16-bit attention), "
     "except in the first and last steps. comfy: ComfyUI's own attention, untouched. Masks and the CPU always use "
     "ComfyUI's."
 )

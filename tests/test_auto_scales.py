@@ -167,22 +167,28 @@ def test_first_call_compiled_in_one_graph_and_calibrated_by_the_model_hook():
 def test_observing_compiles_with_dynamic_shapes():
     """A layer that sees several token counts while it observes (a DiT's linears: image tokens, then the text
     context) gets dynamic shapes from torch.compile; the observation must trace with a symbolic row count, and
-    its spread statistic is the 10% quantile of the row scales as in eager."""
+    its spread statistic is the 10% quantile of the row scales as in eager. torch.quantile is kept out of the
+    graph: torch 2.11 cannot trace it with a symbolic length (this torch may, so the graph is checked)."""
     _, layer, method = calibrated_layer()
     method.prepare_kernels(layer, "cpu")
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
     compiled = torch.compile(
-        lambda inp: method.apply(layer, inp, layer.bias), backend="eager", fullgraph=True, dynamic=True
+        lambda inp: method.apply(layer, inp, layer.bias), backend=backend, fullgraph=True, dynamic=True
     )
     state = layer.fp8.activation
     inputs = [quiet_tokens(rows, 256, seed=rows) for rows in (13, 40)]
     for x in inputs:
         compiled(x)
-    scales = torch.cat([x.abs().amax(dim=-1) for x in inputs]).float()
+    assert traced and torch.quantile not in traced
     expected = max((x.abs().amax(dim=-1).max() / torch.quantile(x.abs().amax(dim=-1).float(), 0.1)).item()
                    for x in inputs)  # fmt: skip
     assert state.phase == OBSERVING
     torch.testing.assert_close(state.spread.reshape(()).item(), expected, rtol=1e-4, atol=0)
-    assert scales.numel() == 53
 
 
 @pytest.mark.parametrize("count", [2, 3, 10, 11, 12, 21, 14040])
