@@ -37,7 +37,7 @@ from bench_linear import queued_ms  # this folder (the scripts run from it)
 from fp8_quant import Fp8Recipe, UserOptions
 from fp8_quant.config import Fp8Config
 from fp8_quant.fp8_utils import quantize_weight
-from fp8_quant.kernels.scaled_mm import one_launch_work
+from fp8_quant.kernels.scaled_mm import one_launch_work, triton_gemm_work
 from fp8_quant.scheme import PER_CHANNEL
 from fp8_quant.testing import random_linear
 from nodes.comfy_ops import LoadPlan, make_fp8_operations
@@ -254,29 +254,33 @@ def host_parts(width: int, rows: int, device: str, base, rounds: int, reps: int)
 
 
 SWEEP_ROWS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+# (name, one-launch work limit, Triton GEMM work limit): each regime forced at every size
+REGIMES = (("one launch", 1 << 62, 0), ("Triton GEMM", 0, 1 << 62), ("_scaled_mm", 0, 0))
 
 
-def one_launch_sweep(widths, device: str, base, rounds: int, reps: int) -> list[dict]:
-    """Where the one-launch linear stops paying: a layer's queued call (auto static, after calibration) at growing
-    rows, with the one launch allowed at every size and with it off (the two-launch path), in the same rounds."""
-    limit = one_launch_work[0]
+def regime_sweep(widths, device: str, base, rounds: int, reps: int) -> list[dict]:
+    """Where each of a prepared call's three paths pays: a layer's queued call (auto static, after calibration) at
+    growing rows with the one launch, the row quantizer + Triton GEMM, or the row quantizer + ``_scaled_mm`` forced,
+    in the same rounds; the work limits in ``kernels.scaled_mm`` come from where they cross."""
+    limits = one_launch_work[0], triton_gemm_work[0]
     results = []
-    for width in widths:
-        layer = our_layer(base, width, device, UserOptions())
-        calibrate(layer, width, device)
-        for rows in SWEEP_ROWS:
-            x = torch.randn(rows, width, device=device).to(torch.bfloat16)
-            times: dict[str, list[float]] = {"one launch": [], "two launches": []}
-            with torch.inference_mode():
-                for _ in range(rounds + 1):
-                    for name, allowed in (("one launch", 1 << 62), ("two launches", 0)):
-                        one_launch_work[0] = allowed
-                        times[name].append(time_us(lambda layer=layer, x=x: layer(x), reps, device))
-            one_launch_work[0] = limit
-            one, two = (statistics.median(times[name][1:]) for name in ("one launch", "two launches"))
-            print(f"K=N={width} rows={rows:5d} one launch {one:7.1f} us, two launches {two:7.1f} us: {two / one:.2f}x")
-            results.append({"width": width, "rows": rows, "one_launch_us": one, "two_launches_us": two,
-                            "speedup": two / one})  # fmt: skip
+    try:
+        for width in widths:
+            layer = our_layer(base, width, device, UserOptions())
+            calibrate(layer, width, device)
+            for rows in SWEEP_ROWS:
+                x = torch.randn(rows, width, device=device).to(torch.bfloat16)
+                times: dict[str, list[float]] = {name: [] for name, _, _ in REGIMES}
+                with torch.inference_mode():
+                    for _ in range(rounds + 1):
+                        for name, one, triton_gemm in REGIMES:
+                            one_launch_work[0], triton_gemm_work[0] = one, triton_gemm
+                            times[name].append(time_us(lambda layer=layer, x=x: layer(x), reps, device))
+                us = {name: statistics.median(values[1:]) for name, values in times.items()}
+                print(f"K=N={width} rows={rows:5d} " + ", ".join(f"{k} {v:7.1f} us" for k, v in us.items()))
+                results.append({"width": width, "rows": rows, **{f"{k} us": v for k, v in us.items()}})
+    finally:
+        one_launch_work[0], triton_gemm_work[0] = limits
     return results
 
 
@@ -287,10 +291,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, few calls (a test that it runs)")
     parser.add_argument("--parts", action="store_true", help="also time the pieces of one of our calls")
+    parser.add_argument("--sweep", action="store_true", help="also time a call's three paths at growing rows")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     comfy = comfy_ops()
-    widths, rows, rounds, reps = (WIDTHS, ROWS, max(5, args.rounds), args.reps)
+    widths, rows, rounds, reps = (WIDTHS, tuple(map(int, args.rows.split(","))), max(5, args.rounds), args.reps)
     if args.smoke:
         widths, rows, rounds, reps = (64,), (1, 8), 5, 3
     results = run(widths, rows, rounds, reps, device, comfy)
@@ -298,7 +304,9 @@ def main() -> None:
     if args.parts and device == "cuda":
         base = comfy[0] if comfy else PlainOps
         parts = [piece for count in rows for piece in host_parts(widths[0], count, device, base, rounds, reps)]
-        parts += [{"sweep": True, **row} for row in one_launch_sweep(widths, device, base, rounds, max(20, reps // 4))]
+    if args.sweep and device == "cuda":
+        base = comfy[0] if comfy else PlainOps
+        parts += [{"sweep": True, **row} for row in regime_sweep(widths, device, base, rounds, max(20, reps // 4))]
     if args.json:
         meta = {
             "kind": "linear-host",

@@ -18,6 +18,9 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
   pieces of a rotated int8 linear per DiT shape;
 - ``bench/bench_one_launch_tiles.py``: ``{"kind": "one-launch-tiles", "results": [{"width", "rows", "bf16_us",
   "two_launches_us", "one_launch_us": {tile: us}}]}``, the one-launch linear's GPU time per tile.
+- ``bench/bench_one_launch_variants.py``: ``{"kind": "one-launch-variants", "results": [{"width", "rows",
+  "bf16_us", "two_launches_us", "quantizer_us", "variants": {name: {"us", ...}}, "wall_us": {path: us}}]}``, GPU
+  time of the one launch's variants and of a Triton GEMM on codes, and wall time per call of the fastest;
 - ``bench/lowbit_attention_accumulation.py``: ``{"kind": "attention-accumulation-model", "rows": [{"inputs",
   "keys", "accumulation", "rel_err"}]}``, a CPU model of the 8-bit attention's fp8 accumulation;
 - ``tools/run_gpu_tests.sh``: ``{"kind": "gpu-tests", "counts": {"passed", "failed", "skipped"}, "failed": [...]}``,
@@ -336,7 +339,14 @@ def linear_host_parts_table(path: Path, data: dict) -> str:
             values = [cell.get((name, w, r)) for w, r in shapes]
             lines.append(f"| {name} | " + " | ".join(
                 f"{v['us_per_call']:.1f} ({v['x_bf16']:.2f}×)" if v else "–" for v in values) + " |")  # fmt: skip
-    if sweep:
+    regimes = [row for row in sweep if "one launch us" in row]
+    if regimes:
+        names = [key[: -len(" us")] for key in regimes[0] if key.endswith(" us")]
+        lines += ["", "**A call's three paths** (a layer's queued call, auto static, each path forced; µs):", "",
+                  "| K=N | rows | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]  # fmt: skip
+        lines += [f"| {row['width']} | {row['rows']} | " + " | ".join(f"{row[name + ' us']:.1f}" for name in names)
+                  + " |" for row in regimes]  # fmt: skip
+    elif sweep:
         lines += ["", "**One launch or two** (a layer's queued call, auto static; µs):", "",
                   "| K=N | rows | one launch | two launches | two / one |", "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {row['width']} | {row['rows']} | {row['one_launch_us']:.1f} | {row['two_launches_us']:.1f} | "
@@ -357,6 +367,34 @@ def one_launch_tiles_table(path: Path, data: dict) -> str:
         tile, us = min(row["one_launch_us"].items(), key=lambda item: item[1])
         lines.append(f"| {row['width']} | {row['rows']} | {row['bf16_us']:.1f} | {row['two_launches_us']:.1f} | "
                      f"{us:.1f} | {tile} |")  # fmt: skip
+    return "\n".join([*lines, "", context_line(path, {"gpu": data.get("device"), "torch": data.get("torch"),
+                                                         "date": data.get("date")})])  # fmt: skip
+
+
+def one_launch_variants_table(path: Path, data: dict) -> str:
+    """``bench/bench_one_launch_variants.py``: the best tile of each kernel family (GPU µs) and the wall time per
+    call of the fastest of each path."""
+    families = ("as the pack", "prologue", "codes GEMM")
+    lines = [
+        "**One launch or a Triton GEMM on codes** (`bench/bench_one_launch_variants.py`: GPU µs, 20 calls in a CUDA "
+        "graph, best tile per kernel; wall µs per call, eager, host included, the bench's own calls rather than a "
+        "layer's prepared call):",
+        "",
+        "| K=N | rows | bf16 | quantizer + `_scaled_mm` | quantizer alone | "
+        + " | ".join(f"{name}, best tile" for name in families) + " | "
+        + " | ".join(f"wall, {name}" for name in ("bf16", "quantizer + `_scaled_mm`", "quantizer + Triton GEMM",
+                                                  "one launch (prologue)")) + " |",
+        "|---|---|---|---|---|" + "---|" * (len(families) + 4),
+    ]
+    for row in data["results"]:
+        best = []
+        for family in families:
+            mine = [(k, v["us"]) for k, v in row["variants"].items() if k.startswith(family)]
+            best.append(f"{min(us for _, us in mine):.1f}" if mine else "–")
+        wall = list(row.get("wall_us", {}).values()) + [None] * 4
+        lines.append(f"| {row['width']} | {row['rows']} | {row['bf16_us']:.1f} | {row['two_launches_us']:.1f} | "
+                     f"{row['quantizer_us']:.1f} | " + " | ".join(best) + " | "
+                     + " | ".join(f"{v:.1f}" if v is not None else "–" for v in wall[:4]) + " |")  # fmt: skip
     return "\n".join([*lines, "", context_line(path, {"gpu": data.get("device"), "torch": data.get("torch"),
                                                          "date": data.get("date")})])  # fmt: skip
 
@@ -408,6 +446,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 1, linear_host_table(path, data) + (f"\n\n{parts}" if parts else "")
         if data.get("kind") == "one-launch-tiles":
             return 1, one_launch_tiles_table(path, data)
+        if data.get("kind") == "one-launch-variants":
+            return 1, one_launch_variants_table(path, data)
         if data.get("kind") == "attention-accumulation-model":
             return 1, accumulation_model_table(path, data)
         if data.get("kind") == "int8-gemm":

@@ -143,12 +143,14 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
         scale_b = self.weight_scale_operand(weight_scale.to(x.device), out_features)
         cast = gemm_dtype != out_dtype
         one_launch = self.bind_one_launch(scale_b, bias, out_dtype, fast, input_scale, activation_quantizer, x)
+        triton_gemm = self.triton_gemm(scale_b, bias, out_dtype, fast, x)
         products_per_row = out_features * in_features
+        other_paths = one_launch is not None or triton_gemm is not None
 
         def product(x: Tensor, weight: Tensor) -> Tensor:
             rows = x if x.dim() == 2 else x.reshape(-1, in_features)
-            if one_launch is not None and 0 < rows.shape[0] * products_per_row <= one_launch_work[0] \
-                    and weight.stride(1) == 1:
+            work = rows.shape[0] * products_per_row if other_paths else 0
+            if one_launch is not None and 0 < work <= one_launch_work[0] and weight.stride(1) == 1:
                 try:
                     out, _ = one_launch(rows, weight)
                 except ColdLaunch:  # its first launch for this input would be inside a CUDA-graph capture
@@ -156,6 +158,13 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
                 else:
                     return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
             x_fp8, scale_a = quantize(rows)
+            if triton_gemm is not None and 0 < work <= triton_gemm_work[0] and weight.stride(1) == 1:
+                try:
+                    out = triton_gemm(x_fp8, scale_a, weight)
+                except ColdLaunch:  # as above, or this layer's Triton GEMM failed once: ``_scaled_mm``
+                    pass
+                else:
+                    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
             out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=fused,
                                    out_dtype=gemm_dtype, use_fast_accum=fast)  # fmt: skip
             if added is not None:
@@ -165,6 +174,23 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
             return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
 
         return product
+
+    def triton_gemm(self, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype, fast: bool, x: Tensor):
+        """The Triton GEMM on codes (``codes_gemm_triton``) bound to this layer, or ``None`` where it does not apply:
+        not CUDA, no Triton, codes and weight not both e4m3, or a GPU where its check failed."""
+        codes = self.config.activation_quant_key
+        if not x.is_cuda or triton_gemm_work[0] <= 0 or codes is None:
+            return None
+        if not (codes.dtype == self.config.weight_quant_key.dtype == torch.float8_e4m3fn):
+            return None
+        try:
+            from .. import codes_gemm_triton
+        except ImportError:  # no Triton
+            return None
+        if not codes_gemm_triton.codes_gemm_works(x.device):
+            return None
+        return codes_gemm_triton.CodesGemm(scale_b, bias, out_dtype, self.config.out_features,
+                                           self.config.in_features, self.row_scales, not fast, x.device)  # fmt: skip
 
     def bind_one_launch(self, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype, fast: bool,
                         input_scale: Tensor | None, activation_quantizer, x: Tensor):  # fmt: skip
@@ -190,10 +216,15 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
 
 
 # The most multiply-adds (rows x in x out features) of a call that takes the one-launch linear: past it the one
-# launch's GPU time (each column block quantizes its rows again) outgrows the host time it saves (bench/NOTES.md,
-# host cost): a 3072-wide layer takes it up to ~420 rows, a 5120-wide one up to ~150. In a list so that a bench can
-# move it for a run (0: never).
+# launch's GPU time (its activation is rounded in registers, which Triton's pipeliner does not stage) outgrows the
+# host time it saves (bench/NOTES.md, host cost): a 3072-wide layer takes it up to ~420 rows, a 5120-wide one up to
+# ~150. In a list so that a bench can move it for a run (0: never).
 one_launch_work = [4 * 10**9]
+# The most multiply-adds of a call whose codes go to the Triton GEMM (``codes_gemm_triton``) rather than
+# ``_scaled_mm``. Off (0) until the GPU suite and the host sweep (``bench/bench_linear_host.py --sweep``) have run
+# with it on a device: timed alone it is level with cuBLAS up to ~512 rows of a 5120-wide layer for about a third
+# of ``_scaled_mm``'s host cost (bench/NOTES.md), which puts its limit near 2**34 and the one launch's near 1e9.
+triton_gemm_work = [0]
 
 
 def _fusable(bias: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:

@@ -439,6 +439,10 @@ def compare_int8(bf16_path: str, convrot_path: str) -> dict:
         "ours_int8_grouped": lambda: loader.load(
             name, quant_format="int8_rotated", activation_granularity="group"
         )["result"][0],
+        "ours_int8_weight_only": lambda: loader.load(
+            name, quant_format="int8_rotated", activation_scheme="none"
+        )["result"][0],
+        "ours_fp8_weight_only": lambda: loader.load(name, activation_scheme="none")["result"][0],
     }
     generator = torch.Generator().manual_seed(5)
     positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
