@@ -41,8 +41,9 @@ TOOLTIPS = {
     "te_activation_scheme": "auto: as the recipe says (quality: weight-only, activations in high precision; speed: "
     "a scale per token for the FP8 tensor cores). dynamic / static / none force a scheme.",
     "quant_format": "The 8-bit format of layers quantized on the fly (a file's own 8-bit layers keep theirs). auto: "
-    "the GPU's faster one (fp8 with FP8 tensor cores, int8_rotated on RTX 20xx/30xx and A100), said in the "
-    "summary. fp8: "
+    "the GPU's faster one (fp8 with FP8 tensor cores, int8_rotated on RTX 20xx/30xx and A100; on CPUs and older "
+    "GPUs, where every layer is dequantized, int8_rotated weights with unrounded activations, the more accurate), "
+    "said in the summary. fp8: "
     "e4m3 weights and activations on the FP8 tensor cores (Ada, Hopper, Blackwell). int8_rotated: ComfyUI's "
     "INT8-ConvRot scheme, weights and activations rotated in groups of 256 and rounded to int8 per row; less error "
     "on models with outlier channels, runs on int8 tensor cores (also RTX 30xx / A100).",

@@ -6,14 +6,39 @@ import pytest
 import torch
 
 from fp8_quant import format_choice
-from fp8_quant.config import QuantFormat, UserOptions, online_config, parse_quant_format
+from fp8_quant.config import Fp8Config, Int8Config, QuantFormat, UserOptions, online_config, parse_quant_format
 
 
-def test_auto_on_a_cpu_is_fp8_and_says_why():
+def test_auto_on_a_cpu_is_int8_rotated_weight_only_and_says_why():
     options, note = format_choice.resolve_quant_format(UserOptions(quant_format="auto"), "cpu")
-    assert options.format is QuantFormat.FP8
-    assert note == "quant_format auto: fp8 (cpu has no FP8 tensor cores nor int8 ones: both formats are dequantized, " \
-        "fp8 the cheaper)", note
+    assert options.format is QuantFormat.INT8_ROTATED and options.activation_scheme == "none"
+    assert note == "quant_format auto: int8_rotated, weight-only (cpu has no FP8 tensor cores nor int8 ones: every " \
+        "layer is dequantized, so activations stay unrounded and int8 rotated weights are the more accurate)", note
+    config = online_config(options)
+    assert isinstance(config, Int8Config) and not config.quantizes_activations
+    assert config.rotation_group is not None  # rotated: what makes int8 weights the more accurate
+
+
+@pytest.mark.parametrize(
+    ("choice", "named"),
+    [
+        ({"activation_scheme": "static"}, "activation_scheme 'static'"),
+        ({"activation_scheme": "dynamic"}, "activation_scheme 'dynamic'"),
+        ({"activation_granularity": "token"}, "activation_granularity 'token'"),
+        ({"weight_granularity": "block"}, "weight_granularity 'block'"),
+    ],
+)
+def test_auto_on_a_cpu_keeps_fp8_for_choices_without_an_int8_weight_only_form(choice, named):
+    options, note = format_choice.resolve_quant_format(UserOptions(quant_format="auto", **choice), "cpu")
+    assert options.format is QuantFormat.FP8 and note.endswith(f"; {named} has no int8 form)"), note
+    assert isinstance(online_config(options), Fp8Config)
+
+
+@pytest.mark.parametrize("choice", [{"activation_scheme": "none"}, {"weight_granularity": "tensor"}])
+def test_auto_on_a_cpu_takes_int8_where_the_choices_have_an_int8_form(choice):
+    options, _ = format_choice.resolve_quant_format(UserOptions(quant_format="auto", **choice), "cpu")
+    assert options.format is QuantFormat.INT8_ROTATED and options.activation_scheme == "none"
+    assert isinstance(online_config(options), Int8Config)
 
 
 @pytest.mark.parametrize("chosen", ["fp8", "int8_rotated"])
@@ -23,19 +48,20 @@ def test_a_chosen_format_is_kept_and_nothing_is_said(chosen):
 
 
 @pytest.mark.parametrize(
-    ("fp8_missing", "int8_missing", "expected"),
+    ("fp8_missing", "int8_missing", "expected", "weight_only"),
     [
-        (None, None, QuantFormat.FP8),  # Ada, Hopper, Blackwell
-        ("GPU capability 8.6 has no FP8 tensor cores (needs 8.9+)", None, QuantFormat.INT8_ROTATED),  # Ampere
-        ("GPU capability 7.0 has no FP8 tensor cores (needs 8.9+)", "no int8", QuantFormat.FP8),  # Volta
+        (None, None, QuantFormat.FP8, False),  # Ada, Hopper, Blackwell
+        ("GPU capability 8.6 has no FP8 tensor cores (needs 8.9+)", None, QuantFormat.INT8_ROTATED, False),  # Ampere
+        ("GPU capability 7.0 has no FP8 tensor cores (needs 8.9+)", "no int8", QuantFormat.INT8_ROTATED, True),  # Volta
     ],
 )
-def test_auto_follows_the_gpus_tensor_cores(monkeypatch, fp8_missing, int8_missing, expected):
+def test_auto_follows_the_gpus_tensor_cores(monkeypatch, fp8_missing, int8_missing, expected, weight_only):
     monkeypatch.setattr(format_choice, "fp8_compute_unsupported", lambda device: fp8_missing)
     monkeypatch.setattr(format_choice, "int_mm_unsupported", lambda kind, index: int8_missing)
     options, note = format_choice.resolve_quant_format(UserOptions(quant_format="auto"), torch.device("cuda", 0))
     assert options.format is expected, note
-    assert note.startswith(f"quant_format auto: {expected.value} (")
+    assert note.startswith(f"quant_format auto: {expected.value}{', weight-only' if weight_only else ''} (")
+    assert (options.activation_scheme == "none") is weight_only  # rounded where a GEMM takes 8-bit activations
     assert isinstance(online_config(options), type(online_config(UserOptions(quant_format=expected.value))))
 
 

@@ -21,6 +21,8 @@ Result files (what ``--json PATH`` of the benchmark scripts writes; the optional
 - ``bench/bench_one_launch_variants.py``: ``{"kind": "one-launch-variants", "results": [{"width", "rows",
   "bf16_us", "two_launches_us", "quantizer_us", "variants": {name: {"us", ...}}, "wall_us": {path: us}}]}``, GPU
   time of the one launch's variants and of a Triton GEMM on codes, and wall time per call of the fastest;
+- ``bench/bench_cpu_formats.py``: ``{"kind": "cpu-formats", "rows": [{"shape", "paths": {path: {"ms",
+  "x_float32", "rel_err"}}}]}``, one linear's 8-bit forms on a CPU beside ComfyUI's fp8 weight cast;
 - ``bench/lowbit_attention_accumulation.py``: ``{"kind": "attention-accumulation-model", "rows": [{"inputs",
   "keys", "accumulation", "rel_err"}]}``, a CPU model of the 8-bit attention's fp8 accumulation;
 - ``tools/run_gpu_tests.sh``: ``{"kind": "gpu-tests", "counts": {"passed", "failed", "skipped"}, "failed": [...]}``,
@@ -399,6 +401,24 @@ def one_launch_variants_table(path: Path, data: dict) -> str:
                                                          "date": data.get("date")})])  # fmt: skip
 
 
+def cpu_formats_table(path: Path, data: dict) -> str:
+    """``bench/bench_cpu_formats.py``: one linear's error and time per 8-bit form on a CPU."""
+    names = list(dict.fromkeys(name for row in data["rows"] for name in row["paths"]))
+    lines = [
+        "**8-bit forms on a CPU** (`bench/bench_cpu_formats.py`: one linear, weights with channel spread and large "
+        "input columns, inputs with outliers; error vs float32, ms and × float32 `F.linear`):",
+        "",
+        "| shape (rows×in×out) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for row in data["rows"]:
+        cells = [row["paths"].get(name) for name in names]
+        lines.append(f"| {row['shape']} | " + " | ".join(
+            f"{c['rel_err']:.4f}, {c['ms']:.0f} ms ({c['x_float32']:.2f}×)" if c else "–" for c in cells) + " |")
+    context = {"torch": data.get("torch"), "date": data.get("date")}
+    return "\n".join([*lines, "", context_line(path, context) + f" {data.get('threads')} thread(s)."])
+
+
 def accumulation_model_table(path: Path, data: dict) -> str:
     """``bench/lowbit_attention_accumulation.py``: the modelled error of the 8-bit attention per accumulation."""
     names = list(dict.fromkeys(row["accumulation"] for row in data["rows"]))
@@ -448,6 +468,8 @@ def render_file(path: Path) -> tuple[int, str]:
             return 1, one_launch_tiles_table(path, data)
         if data.get("kind") == "one-launch-variants":
             return 1, one_launch_variants_table(path, data)
+        if data.get("kind") == "cpu-formats":
+            return 1, cpu_formats_table(path, data)
         if data.get("kind") == "attention-accumulation-model":
             return 1, accumulation_model_table(path, data)
         if data.get("kind") == "int8-gemm":

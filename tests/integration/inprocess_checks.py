@@ -416,9 +416,11 @@ def check_int8_layers(model_path: str) -> dict:
 
 
 def compare_int8(bf16_path: str, convrot_path: str) -> dict:
-    """Sampling error against the float model (ComfyUI computes in float32 on the CPU): Load FP8 DiT's on-the-fly
-    int8 rotated and its fp8 auto on the bf16 file, the stock loader on ComfyUI's own INT8-ConvRot file and its
-    ``fp8_e4m3fn`` cast. Two 64x64 latents, contexts of different magnitude (cond x1, uncond x3)."""
+    """Sampling error against the float model (ComfyUI computes in float32 on the CPU): Load FP8 DiT on the bf16 file
+    with ``quant_format`` auto (the widget's default; on a CPU int8 rotated weights, activations unrounded), fp8 (what
+    an API prompt without the input gets), int8 rotated and int8 rotated with group scales; the stock loader on
+    ComfyUI's own INT8-ConvRot file and its ``fp8_e4m3fn`` cast. Two 64x64 latents, contexts of different magnitude
+    (cond x1, uncond x3). Also the node's summary for auto."""
     import comfy.model_management
     import comfy.sample
     import comfy.sd
@@ -428,22 +430,25 @@ def compare_int8(bf16_path: str, convrot_path: str) -> dict:
     folder_paths.add_model_folder_path("diffusion_models", str(Path(bf16_path).parent))
     loader = pack.NODE_CLASS_MAPPINGS["LoadFP8DiT"]()
     name = Path(bf16_path).name
+    summaries = {}
+
+    def ours(key: str, **options):
+        loaded = loader.load(name, **options)
+        summaries[key] = loaded["ui"]["text"][0]
+        return loaded["result"][0]
+
     loaders = {
         "float": lambda: comfy.sd.load_diffusion_model(bf16_path),
         "stock_int8_convrot": lambda: comfy.sd.load_diffusion_model(convrot_path),
         "stock_fp8_e4m3fn": lambda: comfy.sd.load_diffusion_model(
             bf16_path, model_options={"dtype": torch.float8_e4m3fn}
         ),
-        "ours_fp8_auto": lambda: loader.load(name)["result"][0],
-        "ours_int8_rotated": lambda: loader.load(name, quant_format="int8_rotated")["result"][0],
-        "ours_int8_grouped": lambda: loader.load(
-            name, quant_format="int8_rotated", activation_granularity="group"
-        )["result"][0],
-        "ours_int8_weight_only": lambda: loader.load(
-            name, quant_format="int8_rotated", activation_scheme="none"
-        )["result"][0],
-        "ours_fp8_weight_only": lambda: loader.load(name, activation_scheme="none")["result"][0],
-    }
+        "ours_auto": lambda: ours("ours_auto", quant_format="auto"),
+        "ours_fp8": lambda: ours("ours_fp8"),
+        "ours_int8_rotated": lambda: ours("ours_int8_rotated", quant_format="int8_rotated"),
+        "ours_int8_grouped": lambda: ours("ours_int8_grouped", quant_format="int8_rotated",
+                                          activation_granularity="group"),
+    }  # fmt: skip
     generator = torch.Generator().manual_seed(5)
     positive = [[torch.randn(1, 8, 4096, generator=generator), {}]]
     negative = [[3 * torch.randn(1, 8, 4096, generator=generator), {}]]
@@ -457,7 +462,8 @@ def compare_int8(bf16_path: str, convrot_path: str) -> dict:
         ).float()
         comfy.model_management.unload_all_models()
         del model
-    return {"errors": {key: rel_err(value, outputs["float"]) for key, value in outputs.items() if key != "float"}}
+    errors = {key: rel_err(value, outputs["float"]) for key, value in outputs.items() if key != "float"}
+    return {"errors": errors, "summaries": summaries}
 
 
 def stock_samples(seed: int, model_paths: list[str], out_path: str) -> dict:
