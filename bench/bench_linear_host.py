@@ -266,6 +266,8 @@ def regime_sweep(widths, device: str, base, rounds: int, reps: int) -> list[dict
     results = []
     try:
         for width in widths:
+            # Both limits on while the layer makes its prepared call: a path is bound only where its limit is set.
+            one_launch_work[0] = triton_gemm_work[0] = 1 << 62
             layer = our_layer(base, width, device, UserOptions())
             calibrate(layer, width, device)
             for rows in SWEEP_ROWS:

@@ -29,6 +29,7 @@ import torch
 
 from .choices import ActivationScheme
 from .config import Fp8Config, Int8Config, UserOptions, matching_pattern, resolve
+from .format_choice import resolve_quant_format
 from .fp8_utils import HIGH_PRECISION_DTYPES, is_fp8_dtype
 from .kernels import kernel_class
 from .methods import Fp8LinearMethod, Fp8OnlineLinearMethod, RoundedWeights
@@ -92,6 +93,7 @@ class Fp8Recipe:
     rounded: RoundedWeights = field(default_factory=dict)
     keep_dtype: torch.dtype | None = None
     int8_layers: dict[str, int | None] = field(default_factory=dict)
+    format_note: str | None = None
     _methods: dict[tuple[Fp8Config | Int8Config, bool], LinearMethod] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,15 +107,21 @@ class Fp8Recipe:
         options: UserOptions,
         kernel: str | None = None,
         int8_layers: dict[str, int | None] | None = None,
+        device: torch.device | None = None,
     ) -> Fp8Recipe:
         """A file's layers: fp8 ones on the file's scheme, int8 ones (``int8_layers``, see the class) on theirs,
         high-precision ones quantized on the fly only when the file holds no fp8 or int8 layer at all (a mixed
-        file's bf16 layers were kept on purpose)."""
+        file's bf16 layers were kept on purpose). ``quant_format`` auto is resolved for ``device`` there, for the
+        layers quantized on the fly only (``format_choice``; its sentence is ``format_note``): a file's own 8-bit
+        layers keep their format and their activations' scheme."""
         kernel = None if kernel in (None, "auto") else kernel
         int8_layers = dict(int8_layers or {})
         common = {"ignored_layers": options.skip_layers, "kernel": kernel, "int8_layers": int8_layers}
         if file_config is None and not int8_layers:
-            return cls(online=resolve(options), **common)
+            note = None
+            if device is not None:
+                options, note = resolve_quant_format(options, device)
+            return cls(online=resolve(options), format_note=note, **common)
         stored = resolve(options, file_config or Fp8Config(weight_granularity=PER_TENSOR))
         return cls(stored=stored, **common)
 

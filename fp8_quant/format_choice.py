@@ -10,10 +10,11 @@ dequantized and multiplied in 16 bits or more whatever its format, so rounding t
 nothing is faster for it: there ``auto`` keeps the activations unrounded (weight-only) and takes int8 rotated
 weights, which round with about a third of e4m3's error (8-bit integers with a scale per output channel, after a
 Hadamard rotation that leaves each row's values close to Gaussian) at the same memory; the rotation of the
-activations per call is small beside the matmul. A user whose other choices have no int8 form (fp8 activation
-schemes, block or fitted weight scales) gets fp8, and the summary says why. A layer int8 cannot rotate as
-configured takes a smaller group or none (``methods_int8``); a file's own 8-bit layers keep their format whatever
-this says.
+activations per call is small beside the matmul. A user who asks for rounded activations (an activation scheme:
+an FP8 GPU's numbers) or for weight scales int8 has no form for (blocks) gets fp8, and the summary says why. A
+layer int8 cannot rotate as configured takes a smaller group or none (``methods_int8``). Only layers quantized on
+the fly take this (``Fp8Recipe.for_checkpoint``): a file's own 8-bit layers keep their format and the activation
+scheme the user's options give them.
 """
 
 from __future__ import annotations
@@ -46,23 +47,25 @@ def resolve_quant_format(options: UserOptions, device: torch.device | str | None
     if not choice.dequantized:
         return replace(options, quant_format=choice.format.value), \
             f"quant_format auto: {choice.format.value} ({choice.reason})"  # fmt: skip
-    fp8_only = fp8_only_choices(options)
-    if fp8_only:
+    kept = fp8_choices(options)
+    if kept:
         return replace(options, quant_format=QuantFormat.FP8.value), \
-            f"quant_format auto: fp8 ({choice.reason}; {fp8_only} has no int8 form)"  # fmt: skip
-    return replace(options, quant_format=choice.format.value, activation_scheme="none"), \
-        f"quant_format auto: {choice.format.value}, weight-only ({choice.reason})"  # fmt: skip
+            f"quant_format auto: fp8 ({choice.reason}; fp8 kept: {kept})"  # fmt: skip
+    # Activations stay unrounded, so their granularity has no meaning here (as for fp8 on a dequantized layer).
+    weight_only = replace(options, quant_format=choice.format.value, activation_scheme="none",
+                          activation_granularity=AUTO)  # fmt: skip
+    return weight_only, f"quant_format auto: {choice.format.value}, weight-only ({choice.reason})"
 
 
-def fp8_only_choices(options: UserOptions) -> str:
-    """The user's choices that int8 weight-only cannot take, named as the options are (empty: none)."""
+def fp8_choices(options: UserOptions) -> str:
+    """The user's choices that want fp8 where every layer is dequantized, and why, as the options are named (empty:
+    none): an activation scheme that rounds (reproducing an FP8 GPU's numbers), weight scales int8 has no form
+    for."""
     named = []
     if options.activation_scheme not in (AUTO, "none"):
-        named.append(f"activation_scheme {options.activation_scheme!r}")
-    if options.activation_granularity != AUTO:
-        named.append(f"activation_granularity {options.activation_granularity!r}")
+        named.append(f"activation_scheme {options.activation_scheme!r} rounds activations as an FP8 GPU does")
     if options.weight_granularity not in (AUTO, *INT8_WEIGHT_GRANULARITIES):
-        named.append(f"weight_granularity {options.weight_granularity!r}")
+        named.append(f"weight_granularity {options.weight_granularity!r} has no int8 form")
     return ", ".join(named)
 
 

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 DISABLE_TRITON_ENV = "FP8_QUANT_DISABLE_TRITON"
 
 
+def triton_disabled() -> bool:
+    """Whether ``FP8_QUANT_DISABLE_TRITON`` asks for torch operations instead of the pack's Triton kernels."""
+    return os.environ.get(DISABLE_TRITON_ENV, "") not in ("", "0")
+
+
 class QuantFP8:
     """Quantize activations ``[..., K]`` to fp8.
 
@@ -51,8 +56,7 @@ class QuantFP8:
         self.group = group_shape.col if group_shape.is_per_group() else 0
         self.dtype = dtype
         # Decided once: the environment and the import are not looked at again on the hot path.
-        disabled = os.environ.get(DISABLE_TRITON_ENV, "") not in ("", "0")
-        self.use_triton = use_triton is not False and not disabled and _triton_available()
+        self.use_triton = use_triton is not False and not triton_disabled() and _triton_available()
 
     @classmethod
     def from_key(cls, key: QuantKey, use_triton: bool | None = None) -> QuantFP8:

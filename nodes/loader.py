@@ -6,7 +6,6 @@ import logging
 
 from fp8_quant import Fp8Recipe
 from fp8_quant.choices import CUDA_GRAPHS
-from fp8_quant.format_choice import resolve_quant_format
 from fp8_quant.formats import load_checkpoint, scan_checkpoint
 from fp8_quant.formats.model_writer import architecture_metadata
 
@@ -60,7 +59,7 @@ class LoadFP8DiT:
 
         device = comfy.model_management.get_torch_device()
         with node_error(NODE_TITLE):
-            choices, format_note = resolve_quant_format(user_options(**options), device)
+            choices = user_options(**options)
             attention_choice = parse_attention(attention)
             graphs_choice = CUDA_GRAPHS.parse(cuda_graphs)
             path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
@@ -69,7 +68,7 @@ class LoadFP8DiT:
             progress = _Progress(comfy.utils.ProgressBar, len(scan.header.tensors) + len(scan.layers))
             checkpoint = load_checkpoint(path, progress=lambda i, n: progress.step(), scan=scan)
             recipe = Fp8Recipe.for_checkpoint(
-                checkpoint.config, choices, forced_kernel(kernel), int8_layers=checkpoint.int8_layers
+                checkpoint.config, choices, forced_kernel(kernel), int8_layers=checkpoint.int8_layers, device=device
             )
         plan = LoadPlan(recipe, quantize_device=device if device.type == "cuda" else None)
         plan.result_device = device if keeps_fp8_on_gpu(scan, device) else None
@@ -89,8 +88,8 @@ class LoadFP8DiT:
         kept = plan.report.kept_names()
         logger.info("%s (%s): %s%s; %s", unet_name, scan.dialect, details, f"; kept: {kept}" if kept else "",
                     attention_summary)  # fmt: skip
-        if format_note is not None and recipe.online is not None and plan.report.quantized:
-            attention_summary += f"; {format_note}"  # said only where layers were quantized on the fly
+        if recipe.format_note is not None and plan.report.quantized:
+            attention_summary += f"; {recipe.format_note}"  # said only where layers were quantized on the fly
         summary = f"{unet_name} ({scan.dialect}): {plan.report.short_summary()}{unmatched}; {attention_summary}"
         return {"ui": {"text": [summary]}, "result": (model,)}
 

@@ -71,3 +71,20 @@ def grouped_int8_reference(a, w, row, column, bias, group: int) -> torch.Tensor:
         dot = a[:, part].double() @ w[:, part].double().t()
         expected += dot * row[g].double()[:, None] * column[:, g].double()[None, :]
     return expected
+
+
+def gpu_layer_pair(config, dtype: torch.dtype, bias: bool):
+    """A float32 reference linear (512 -> 384, output channels over two decades) and two independent 8-bit copies
+    of it on the GPU in ``dtype`` under ``config``: one for the path under test, one for the path it is checked
+    against (the GPU tests of the prepared product's paths)."""
+    from torch import nn
+
+    from fp8_quant import clone_module_tree, prepare_model_for_fp8
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(512, 384, bias=bias))
+    with torch.no_grad():
+        reference[0].weight.mul_(torch.logspace(-1, 1, 384).unsqueeze(1))
+    model = clone_module_tree(reference).to("cuda", dtype)
+    prepare_model_for_fp8(model, config, quantize_device="cuda")
+    return reference, model, clone_module_tree(model)

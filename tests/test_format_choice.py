@@ -22,23 +22,51 @@ def test_auto_on_a_cpu_is_int8_rotated_weight_only_and_says_why():
 @pytest.mark.parametrize(
     ("choice", "named"),
     [
-        ({"activation_scheme": "static"}, "activation_scheme 'static'"),
-        ({"activation_scheme": "dynamic"}, "activation_scheme 'dynamic'"),
-        ({"activation_granularity": "token"}, "activation_granularity 'token'"),
-        ({"weight_granularity": "block"}, "weight_granularity 'block'"),
+        ({"activation_scheme": "static"}, "activation_scheme 'static' rounds activations as an FP8 GPU does"),
+        ({"activation_scheme": "dynamic"}, "activation_scheme 'dynamic' rounds activations as an FP8 GPU does"),
+        ({"weight_granularity": "block"}, "weight_granularity 'block' has no int8 form"),
     ],
 )
-def test_auto_on_a_cpu_keeps_fp8_for_choices_without_an_int8_weight_only_form(choice, named):
+def test_auto_on_a_cpu_keeps_fp8_where_the_choices_ask_for_it(choice, named):
     options, note = format_choice.resolve_quant_format(UserOptions(quant_format="auto", **choice), "cpu")
-    assert options.format is QuantFormat.FP8 and note.endswith(f"; {named} has no int8 form)"), note
+    assert options.format is QuantFormat.FP8 and note.endswith(f"; fp8 kept: {named})"), note
     assert isinstance(online_config(options), Fp8Config)
 
 
-@pytest.mark.parametrize("choice", [{"activation_scheme": "none"}, {"weight_granularity": "tensor"}])
-def test_auto_on_a_cpu_takes_int8_where_the_choices_have_an_int8_form(choice):
+@pytest.mark.parametrize(
+    "choice",
+    [{"activation_scheme": "none"}, {"weight_granularity": "tensor"}, {"activation_granularity": "group"},
+     {"activation_granularity": "tensor"}],
+)  # fmt: skip
+def test_auto_on_a_cpu_takes_int8_where_the_choices_have_a_weight_only_form(choice):
+    """An activation granularity means nothing where activations stay unrounded (fp8's dequantized layers ignore it
+    too), so it does not keep fp8, and never makes the int8 config refuse."""
     options, _ = format_choice.resolve_quant_format(UserOptions(quant_format="auto", **choice), "cpu")
     assert options.format is QuantFormat.INT8_ROTATED and options.activation_scheme == "none"
-    assert isinstance(online_config(options), Int8Config)
+    assert options.activation_granularity == "auto"
+    config = online_config(options)
+    assert isinstance(config, Int8Config) and not config.quantizes_activations
+
+
+def test_a_files_own_layers_keep_their_activation_scheme():
+    """``auto`` is resolved for the layers quantized on the fly only: an fp8 file's calibrated input scales and an
+    int8 file's per-row activations stay as the user's options give them, with nothing said about a format."""
+    from fp8_quant.choices import ActivationScheme
+    from fp8_quant.dispatch import Fp8Recipe
+
+    auto = UserOptions(quant_format="auto")
+    cpu = torch.device("cpu")
+    fp8_file = Fp8Recipe.for_checkpoint(Fp8Config(activation_scheme="static", activation_granularity="tensor"),
+                                        auto, device=cpu)  # fmt: skip
+    assert fp8_file.online is None and fp8_file.format_note is None
+    assert fp8_file.stored.activation_scheme is ActivationScheme.STATIC
+    int8_file = Fp8Recipe.for_checkpoint(None, auto, int8_layers={"blocks.0.ffn.0": 256}, device=cpu)
+    assert int8_file.format_note is None
+    assert int8_file._stored_int8_config(256).activation_scheme is ActivationScheme.DYNAMIC
+    on_the_fly = Fp8Recipe.for_checkpoint(None, auto, device=cpu)
+    assert isinstance(on_the_fly.online, Int8Config) and not on_the_fly.online.quantizes_activations
+    assert on_the_fly.format_note.startswith("quant_format auto: int8_rotated, weight-only (")
+    assert Fp8Recipe.for_checkpoint(None, auto).format_note is None  # no device: fp8 until one resolves it
 
 
 @pytest.mark.parametrize("chosen", ["fp8", "int8_rotated"])

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import gpu_layer_pair, outlier_input, rel_err
 from torch import nn
 
-from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8, supports_fp8_compute
+from fp8_quant import Fp8Config, clone_module_tree, supports_fp8_compute
 from fp8_quant.auto_scales import DEFAULT_POLICY
 from fp8_quant.kernels import scaled_mm
 from fp8_quant.prepared import ColdLaunch
-from fp8_quant.testing import outlier_input, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,15 +32,20 @@ CONFIGS = {
 
 @pytest.fixture
 def gemm_calls(monkeypatch):
-    """Counts the Triton GEMM's calls."""
+    """Counts the Triton GEMM's calls that ran (``calls``) and those it refused (``refused``: ``ColdLaunch``)."""
     from fp8_quant import codes_gemm_triton
 
-    counted = {"calls": 0}
+    counted = {"calls": 0, "refused": 0}
     call = codes_gemm_triton.CodesGemm.__call__
 
     def counting(self, *args):
+        try:
+            out = call(self, *args)
+        except ColdLaunch:
+            counted["refused"] += 1
+            raise
         counted["calls"] += 1
-        return call(self, *args)
+        return out
 
     monkeypatch.setattr(codes_gemm_triton.CodesGemm, "__call__", counting)
     return counted
@@ -63,21 +68,28 @@ def codes_problem(rows: int, cols: int, outs: int, row_scales: bool, per_channel
 @pytest.mark.parametrize("row_scales,per_channel", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("exact", [False, True])
-def test_the_gemm_gives_the_float_product_of_its_codes(rows, row_scales, per_channel, out_dtype, exact):
+@pytest.mark.parametrize("cols,bias", [(320, True), (512, False)])  # K a multiple of every tile's step, or of none
+def test_the_gemm_gives_the_float_product_of_its_codes(rows, row_scales, per_channel, out_dtype, exact, cols, bias):
     from fp8_quant.codes_gemm_triton import CodesGemm
 
-    cols, outs = 320, 200  # K past one 256 block and not a multiple of 128; N not a multiple of any column block
-    codes, weight, weight_scale, scale_a, bias = codes_problem(rows, cols, outs, row_scales, per_channel, rows)
-    bias = bias.to(out_dtype)
-    gemm = CodesGemm(weight_scale, bias, out_dtype, outs, cols, row_scales, exact, torch.device("cuda"))
+    outs = 200  # not a multiple of any column block
+    codes, weight, weight_scale, scale_a, bias_values = codes_problem(rows, cols, outs, row_scales, per_channel, rows)
+    bias_values = bias_values.to(out_dtype) if bias else None
+    gemm = CodesGemm(weight_scale, bias_values, out_dtype, outs, cols, row_scales, exact, torch.device("cuda"))
     first = gemm(codes, scale_a, weight)  # Triton's own launch
+    assert len(gemm.launches) == 1  # its launcher kept for this input
     second = gemm(codes, scale_a, weight)  # the compiled kernel's launcher, directly
     expected = (codes.double() @ weight.double().t()) * scale_a.double().reshape(-1, 1) * weight_scale.double()
-    expected = expected + bias.double()
+    if bias:
+        expected = expected + bias_values.double()
     for out in (first, second):
         assert out.dtype == out_dtype and out.shape == (rows, outs)
         assert rel_err(out, expected) < (1e-5 if out_dtype == torch.float32 and exact else 5e-3)
     assert torch.equal(first, second)
+    # The same rows in rows of another stride: a new input key (the kernel reads rows by their stride).
+    wider = torch.zeros(rows, cols + 32, device="cuda").to(FP8)[:, :cols]
+    wider.copy_(codes)
+    assert torch.equal(gemm(wider, scale_a, weight), first) and len(gemm.launches) == 2
 
 
 def test_a_cold_input_inside_a_capture_is_refused_before_anything_runs():
@@ -91,14 +103,6 @@ def test_a_cold_input_inside_a_capture_is_refused_before_anything_runs():
     assert not gemm.launches
 
 
-def pair(config: Fp8Config, dtype: torch.dtype, bias: bool):
-    torch.manual_seed(0)
-    reference = nn.Sequential(nn.Linear(512, 384, bias=bias))
-    with torch.no_grad():
-        reference[0].weight.mul_(torch.logspace(-1, 1, 384).unsqueeze(1))  # output channels over two decades
-    model = clone_module_tree(reference).to("cuda", dtype)
-    prepare_model_for_fp8(model, config, quantize_device="cuda")
-    return reference, model, clone_module_tree(model)
 
 
 def run(model: nn.Module, x: torch.Tensor, triton_gemm: bool) -> torch.Tensor:
@@ -117,7 +121,7 @@ def run(model: nn.Module, x: torch.Tensor, triton_gemm: bool) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
 def test_layers_give_the_scaled_mm_numbers(name, dtype, bias, gemm_calls):
-    reference, triton_layer, cublas_layer = pair(CONFIGS[name], dtype, bias)
+    reference, triton_layer, cublas_layer = gpu_layer_pair(CONFIGS[name], dtype, bias)
     warm = [outlier_input(64, 512, seed=seed).cuda().to(dtype) for seed in range(DEFAULT_POLICY.calls + 2)]
     for x in warm:  # the same calls on both: a learnt scale decides alike
         run(triton_layer, x, True)
@@ -131,11 +135,11 @@ def test_layers_give_the_scaled_mm_numbers(name, dtype, bias, gemm_calls):
             assert out.dtype == expected.dtype == dtype
             assert rel_err(out.float(), expected.float()) < 4e-3, (rows, rel_err(out.float(), expected.float()))
             assert rel_err(out.float().cpu(), reference(x.float().cpu())) < 0.06
-    assert gemm_calls["calls"] - before == 10  # every call above took the Triton GEMM
+    assert gemm_calls["calls"] - before == 10 and gemm_calls["refused"] == 0  # every call took the Triton GEMM
 
 
 def test_calls_past_the_limit_take_scaled_mm(gemm_calls):
-    _, layer, _ = pair(CONFIGS["dynamic per token"], torch.bfloat16, True)
+    _, layer, _ = gpu_layer_pair(CONFIGS["dynamic per token"], torch.bfloat16, True)
     x = outlier_input(64, 512, seed=1).cuda().bfloat16()
     for _ in range(2):
         run(layer, x, True)
@@ -148,7 +152,7 @@ def test_calls_past_the_limit_take_scaled_mm(gemm_calls):
 
 
 def test_a_capture_replays_the_warm_gemm_and_falls_back_when_cold(gemm_calls):
-    _, layer, _ = pair(CONFIGS["dynamic per token"], torch.bfloat16, True)
+    _, layer, _ = gpu_layer_pair(CONFIGS["dynamic per token"], torch.bfloat16, True)
     warm_x, cold_x = (outlier_input(rows, 512, seed=rows).cuda().bfloat16() for rows in (96, 112))
     expected_warm = [run(layer, warm_x, True).clone() for _ in range(3)][-1]
     expected_cold = run(clone_module_tree(layer), cold_x, False).clone()
@@ -164,7 +168,7 @@ def test_a_capture_replays_the_warm_gemm_and_falls_back_when_cold(gemm_calls):
             captured_cold = layer(static_cold)  # first sight of 112 rows: ``_scaled_mm`` inside the capture
     finally:
         scaled_mm.one_launch_work[0], scaled_mm.triton_gemm_work[0] = limits
-    assert gemm_calls["calls"] == calls + 2  # asked twice, the cold one refused before launching anything
+    assert gemm_calls["calls"] == calls + 1 and gemm_calls["refused"] == 1  # the cold one refused before launching
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured_warm, expected_warm)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import gpu_layer_pair, outlier_input, rel_err
 from torch import nn
 
-from fp8_quant import Fp8Config, clone_module_tree, prepare_model_for_fp8, supports_fp8_compute
+from fp8_quant import Fp8Config, supports_fp8_compute
 from fp8_quant.auto_scales import DEFAULT_POLICY, STATIC
 from fp8_quant.kernels import scaled_mm
 from fp8_quant.layer_state import layer_state
-from fp8_quant.testing import outlier_input, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,14 +44,6 @@ def launches(monkeypatch):
     return counted
 
 
-def pair(config: Fp8Config, dtype: torch.dtype, bias: bool):
-    torch.manual_seed(0)
-    reference = nn.Sequential(nn.Linear(512, 384, bias=bias))
-    with torch.no_grad():
-        reference[0].weight.mul_(torch.logspace(-1, 1, 384).unsqueeze(1))  # output channels over two decades
-    model = clone_module_tree(reference).to("cuda", dtype)
-    prepare_model_for_fp8(model, config, quantize_device="cuda")
-    return reference, model, clone_module_tree(model)
 
 
 def run(model: nn.Module, x: torch.Tensor, one_launch: bool) -> torch.Tensor:
@@ -68,7 +60,7 @@ def run(model: nn.Module, x: torch.Tensor, one_launch: bool) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
 def test_one_launch_gives_the_two_launch_numbers(name, dtype, bias, launches):
-    reference, fused, two = pair(CONFIGS[name], dtype, bias)
+    reference, fused, two = gpu_layer_pair(CONFIGS[name], dtype, bias)
     warm = [outlier_input(64, 512, seed=seed).cuda().to(dtype) for seed in range(DEFAULT_POLICY.calls + 2)]
     for x in warm:  # the same calls on both: a learnt scale decides alike
         run(fused, x, True)
@@ -86,7 +78,7 @@ def test_one_launch_gives_the_two_launch_numbers(name, dtype, bias, launches):
 
 
 def test_learnt_scale_moves_alike_and_large_calls_take_two_launches(launches):
-    _, fused, two = pair(CONFIGS["learnt, per-channel weight"], torch.bfloat16, True)
+    _, fused, two = gpu_layer_pair(CONFIGS["learnt, per-channel weight"], torch.bfloat16, True)
     generator = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(DEFAULT_POLICY.calls + 4):  # even tokens: the learnt scale goes static
         x = torch.randn(32, 512, device="cuda", generator=generator).bfloat16()

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..fp8_utils import fp8_compute_unsupported, is_fp8_dtype, tensor_version
 from ..params import Fp8LinearParams
 from ..prepared import ColdLaunch, Product
-from ..quant_fp8 import as_row_scales
+from ..quant_fp8 import as_row_scales, triton_disabled
 from ..scheme import MX_BLOCK, GroupShape
 from .base import MX_REASON, WEIGHT_ONLY_REASON, FP8ScaledMMLinearKernel, FP8ScaledMMLinearLayerConfig
 from .fast_accum import fast_accum_setting, fixed_fast_accum, use_fast_accum
@@ -177,9 +177,10 @@ class _ScaledMMKernel(FP8ScaledMMLinearKernel):
 
     def triton_gemm(self, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype, fast: bool, x: Tensor):
         """The Triton GEMM on codes (``codes_gemm_triton``) bound to this layer, or ``None`` where it does not apply:
-        not CUDA, no Triton, codes and weight not both e4m3, or a GPU where its check failed."""
+        not CUDA, no Triton (or ``FP8_QUANT_DISABLE_TRITON`` set), codes and weight not both e4m3, or a GPU where its
+        check failed."""
         codes = self.config.activation_quant_key
-        if not x.is_cuda or triton_gemm_work[0] <= 0 or codes is None:
+        if not x.is_cuda or triton_gemm_work[0] <= 0 or codes is None or triton_disabled():
             return None
         if not (codes.dtype == self.config.weight_quant_key.dtype == torch.float8_e4m3fn):
             return None

@@ -72,11 +72,16 @@ def test_int8_layers_give_the_stock_layers_outputs(comfyui, int8_files, variant)
 
 def test_weight_only_on_an_int8_file_and_a_skipped_rotated_layer(comfyui, int8_files):
     """activation_scheme none multiplies the dequantized int8 weight in high precision (no activation rounding:
-    closer to float32); a skipped ConvRot layer is turned back from its rotation (else its output is noise)."""
+    closer to float32); quant_format auto leaves the file's layers as they are; a skipped ConvRot layer is turned
+    back from its rotation (else its output is noise)."""
     name = "tiny_wan_int8_convrot.safetensors"
     needs_comfy_format(comfyui.models / "diffusion_models" / name)
     reference = sample(comfyui, stock_loader(int8_files), "i8_fp32_b", **OUTLIER_INPUTS)
     dynamic = sample(comfyui, our_loader(name), "i8_dyn", **OUTLIER_INPUTS)
+    # quant_format auto (the widget's default) decides for layers quantized on the fly only: on this CPU it would
+    # leave activations unrounded there, but the file's int8 layers keep their per-row activations.
+    auto = sample(comfyui, our_loader(name, quant_format="auto"), "i8_auto", **OUTLIER_INPUTS)
+    assert rel_err(auto, dynamic) < 1e-6
     weight_only = sample(comfyui, our_loader(name, activation_scheme="none"), "i8_wo", **OUTLIER_INPUTS)
     skipped, summary = sample_with_summary(
         comfyui, our_loader(name, skip_layers="blocks.0.ffn"), "i8_skip", **OUTLIER_INPUTS
