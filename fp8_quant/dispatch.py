@@ -120,7 +120,7 @@ class Fp8Recipe:
         if file_config is None and not int8_layers:
             note = None
             if device is not None:
-                options, note = resolve_quant_format(options, device)
+                options, note = resolve_quant_format(options, device, kernel)
             return cls(online=resolve(options), format_note=note, **common)
         stored = resolve(options, file_config or Fp8Config(weight_granularity=PER_TENSOR))
         return cls(stored=stored, **common)

@@ -11,10 +11,10 @@ nothing is faster for it: there ``auto`` keeps the activations unrounded (weight
 weights, which round with about a third of e4m3's error (8-bit integers with a scale per output channel, after a
 Hadamard rotation that leaves each row's values close to Gaussian) at the same memory; the rotation of the
 activations per call is small beside the matmul. A user who asks for rounded activations (an activation scheme:
-an FP8 GPU's numbers) or for weight scales int8 has no form for (blocks) gets fp8, and the summary says why. A
-layer int8 cannot rotate as configured takes a smaller group or none (``methods_int8``). Only layers quantized on
-the fly take this (``Fp8Recipe.for_checkpoint``): a file's own 8-bit layers keep their format and the activation
-scheme the user's options give them.
+an FP8 GPU's numbers), for weight scales int8 has no form for (blocks) or for an fp8 kernel gets fp8, and the
+summary says why. A layer int8 cannot rotate as configured takes a smaller group or none (``methods_int8``). Only
+layers quantized on the fly take this (``Fp8Recipe.for_checkpoint``): a file's own 8-bit layers keep their format
+and the activation scheme the user's options give them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from .config import AUTO, INT8_WEIGHT_GRANULARITIES, QuantFormat, UserOptions
 from .fp8_utils import fp8_compute_unsupported
-from .kernels.int8_mm import int_mm_unsupported
+from .kernels.int8_mm import INT8_KERNEL_NAMES, int_mm_unsupported
 
 
 class DeviceFormat(NamedTuple):
@@ -37,17 +37,18 @@ class DeviceFormat(NamedTuple):
     dequantized: bool
 
 
-def resolve_quant_format(options: UserOptions, device: torch.device | str | None) -> tuple[UserOptions, str | None]:
+def resolve_quant_format(options: UserOptions, device: torch.device | str | None,
+                         kernel: str | None = None) -> tuple[UserOptions, str | None]:  # fmt: skip
     """``options`` with ``quant_format`` ``auto`` replaced by the format for ``device`` (and, where every layer is
     dequantized, activations left unrounded), and the sentence saying which and why (``None`` where the user chose a
-    format)."""
+    format). ``kernel``: a kernel the user forced (``None``: auto)."""
     if options.format is not QuantFormat.AUTO:
         return options, None
     choice = format_for_device(torch.device(device) if device is not None else torch.device("cpu"))
     if not choice.dequantized:
         return replace(options, quant_format=choice.format.value), \
             f"quant_format auto: {choice.format.value} ({choice.reason})"  # fmt: skip
-    kept = fp8_choices(options)
+    kept = fp8_choices(options, kernel)
     if kept:
         return replace(options, quant_format=QuantFormat.FP8.value), \
             f"quant_format auto: fp8 ({choice.reason}; fp8 kept: {kept})"  # fmt: skip
@@ -57,11 +58,13 @@ def resolve_quant_format(options: UserOptions, device: torch.device | str | None
     return weight_only, f"quant_format auto: {choice.format.value}, weight-only ({choice.reason})"
 
 
-def fp8_choices(options: UserOptions) -> str:
+def fp8_choices(options: UserOptions, kernel: str | None = None) -> str:
     """The user's choices that want fp8 where every layer is dequantized, and why, as the options are named (empty:
     none): an activation scheme that rounds (reproducing an FP8 GPU's numbers), weight scales int8 has no form
-    for."""
+    for, a forced kernel of the fp8 family."""
     named = []
+    if kernel not in (None, *INT8_KERNEL_NAMES):
+        named.append(f"kernel {kernel!r} is an fp8 kernel")
     if options.activation_scheme not in (AUTO, "none"):
         named.append(f"activation_scheme {options.activation_scheme!r} rounds activations as an FP8 GPU does")
     if options.weight_granularity not in (AUTO, *INT8_WEIGHT_GRANULARITIES):

@@ -19,6 +19,14 @@ def test_auto_on_a_cpu_is_int8_rotated_weight_only_and_says_why():
     assert config.rotation_group is not None  # rotated: what makes int8 weights the more accurate
 
 
+def test_auto_on_a_cpu_keeps_fp8_for_a_forced_fp8_kernel():
+    options, note = format_choice.resolve_quant_format(UserOptions(quant_format="auto"), "cpu", "scaled_mm_rowwise")
+    assert options.format is QuantFormat.FP8 and note.endswith("; fp8 kept: kernel 'scaled_mm_rowwise' is an fp8 "
+                                                               "kernel)"), note  # fmt: skip
+    options, _ = format_choice.resolve_quant_format(UserOptions(quant_format="auto"), "cpu", "dequant")
+    assert options.format is QuantFormat.INT8_ROTATED  # both families have a dequantize kernel
+
+
 @pytest.mark.parametrize(
     ("choice", "named"),
     [
