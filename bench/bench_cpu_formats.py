@@ -9,7 +9,8 @@ cast to the compute dtype per call), on weights with the traits trained DiTs hav
 decades, a few large input columns) and inputs with outlier channels and tokens. Error: relative to the float32
 layer; time: median of interleaved rounds, ratio to the float32 ``F.linear`` of the same run.
 
-Usage: python bench/bench_cpu_formats.py [--json PATH] [--rounds 5] [--threads N]  (COMFYUI_DIR: ComfyUI's cast)
+Usage: python bench/bench_cpu_formats.py [--json PATH] [--rounds 5] [--threads N] [--smoke]
+(COMFYUI_DIR set: ComfyUI's own fp8 cast beside ours)
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def paths(layer: nn.Linear, comfy) -> dict:
     return found
 
 
-def measure(inputs: int, outputs: int, rounds: int, comfy) -> dict:
+def measure(inputs: int, outputs: int, rows: int, rounds: int, comfy) -> dict:
     layer = trained_like_linear(inputs, outputs, seed=inputs + outputs)
-    x = outlier_input(ROWS, inputs, seed=1)
+    x = outlier_input(rows, inputs, seed=1)
     table = paths(layer, comfy)
     times: dict[str, list[float]] = {name: [] for name in table}
     with torch.inference_mode():
@@ -84,7 +85,7 @@ def measure(inputs: int, outputs: int, rounds: int, comfy) -> dict:
                 fn(x)
                 times[name].append((time.perf_counter() - start) * 1e3)
     base = statistics.median(times["float32 F.linear"])
-    result = {"shape": f"{ROWS}x{inputs}x{outputs}", "paths": {}}
+    result = {"shape": f"{rows}x{inputs}x{outputs}", "paths": {}}
     for name in table:
         ms = statistics.median(times[name])
         result["paths"][name] = {"ms": ms, "x_float32": ms / base, "rel_err": errors[name]}
@@ -97,11 +98,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape, one round (a test that it runs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     comfy = comfy_ops()
-    results = [measure(inputs, outputs, args.rounds, comfy) for inputs, outputs in SHAPES]
+    shapes, rows, rounds = (((256, 128),), 8, 1) if args.smoke else (SHAPES, ROWS, args.rounds)
+    results = [measure(inputs, outputs, rows, rounds, comfy) for inputs, outputs in shapes]
     if args.json:
         meta = {"kind": "cpu-formats", "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip

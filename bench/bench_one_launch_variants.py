@@ -29,11 +29,12 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_one_launch_tiles import graph_us  # this folder (the scripts run from it)
 
 from fp8_quant import quant_triton
 from fp8_quant.quant_triton import launcher_of
-
-CALLS = 20
 
 
 @triton.jit
@@ -179,24 +180,6 @@ def wall_us(fns: dict, rounds: int, calls: int = 200) -> dict:
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) * 1e6 / calls)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def graph_us(fn, rounds: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / CALLS)
-    return statistics.median(times)
 
 
 TILES = ((64, 64, 128, 4), (64, 128, 128, 4), (64, 256, 128, 8), (128, 128, 128, 8), (32, 128, 128, 4),

@@ -106,3 +106,21 @@ def test_auto_parses_and_without_a_device_is_fp8():
     assert online_config(UserOptions(quant_format="auto")).quant_format is QuantFormat.FP8
     with pytest.raises(ValueError, match=r"quant_format: 'int4' is not allowed; allowed values: \['auto', 'fp8'"):
         UserOptions(quant_format="int4")
+
+
+def test_the_cpu_formats_bench_runs(tmp_path):
+    """``bench/bench_cpu_formats.py`` at one tiny shape (a smoke test): auto's form is the int8 weight-only one and
+    it is closer to float32 than fp8 weight-only, as the full run measures."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu.json"
+    subprocess.run([sys.executable, str(repo / "bench" / "bench_cpu_formats.py"), "--smoke", "--json", str(out)],
+                   check=True, cwd=repo, capture_output=True, timeout=300)  # fmt: skip
+    paths = json.loads(out.read_text())["rows"][0]["paths"]
+    auto = paths["ours auto (int8_rotated, activation_scheme none)"]
+    assert auto["rel_err"] < 0.6 * paths["ours fp8, weight-only"]["rel_err"], paths
+    assert all(path["ms"] > 0 for path in paths.values())
