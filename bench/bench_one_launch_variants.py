@@ -5,7 +5,8 @@ the two launches (row quantizer + ``torch._scaled_mm``), more than its Triton GE
 the activation's next ``BLOCK_K`` slice loaded one step ahead in registers (the software pipeliner does not stage a
 load whose value goes through arithmetic before the dot, so each step would wait for it), the weight tile loaded
 ``[N, K]`` and transposed, loads without masks where ``K`` divides, and a plain Triton fp8 GEMM on codes quantized
-beforehand (what a two-launch path with Triton's GEMM would cost). Static activation scale, per-channel weight
+beforehand (what a two-launch path with Triton's GEMM would cost: the pack's ``codes_gemm_triton`` kernel, which
+came out of this bench). Static activation scale, per-channel weight
 scale and a bias, as a bf16 file's layers run by default. Times: 20 calls captured in a CUDA graph, replayed
 (median of rounds), so the host is out of them. Each variant's PTX is checked for ``wgmma`` (Hopper's async MMA).
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_one_launch_tiles import graph_us  # this folder (the scripts run from it)
 
-from fp8_quant import quant_triton
+from fp8_quant import codes_gemm_triton, quant_triton
 from fp8_quant.quant_triton import launcher_of
 
 
@@ -89,32 +90,6 @@ def _variant_kernel(x_ptr, w_ptr, out_ptr, weight_scale_ptr, bias_ptr, scale_ptr
             acc = tl.dot(codes, weight, acc)
         if PREFETCH:
             part = following
-    acc = acc * tl.load(scale_ptr).to(tl.float32)
-    acc = acc * tl.load(weight_scale_ptr + outs, mask=out_mask, other=0.0)[None, :]
-    acc = acc + tl.load(bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None].to(tl.int64) * out_row_stride + outs[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :])
-
-
-@triton.jit
-def _codes_gemm_kernel(a_ptr, w_ptr, out_ptr, weight_scale_ptr, bias_ptr, scale_ptr, n_rows, n_out, n_in,
-                       a_row_stride, w_row_stride, out_row_stride, STAGES: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """A plain fp8 GEMM on codes quantized beforehand (both operands K-major, as Hopper's fp8 MMA takes them)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    row_mask = rows < n_rows
-    out_mask = outs < n_out
-    a_rows = a_ptr + rows[:, None].to(tl.int64) * a_row_stride
-    w_cols = w_ptr + outs[None, :].to(tl.int64) * w_row_stride
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in tl.range(0, n_in, BLOCK_K, num_stages=STAGES):
-        a = tl.load(a_rows + start + ks[None, :], mask=row_mask[:, None], other=0.0)
-        w = tl.load(w_cols + start + ks[:, None], mask=out_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
     acc = acc * tl.load(scale_ptr).to(tl.float32)
     acc = acc * tl.load(weight_scale_ptr + outs, mask=out_mask, other=0.0)[None, :]
     acc = acc + tl.load(bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
@@ -290,9 +265,12 @@ def measure(width: int, rows: int, problem: dict, rounds: int) -> dict:
                 launch_variant, _prologue_kernel, grid,
                 (x, weight, out, scratch, *common, x.stride(0), weight.stride(0), out.stride(0), 448.0),
                 {**tile, "QUANT_K": quant_k})  # fmt: skip
-        launches["codes GEMM"] = functools.partial(
-            launch_variant, _codes_gemm_kernel, grid,
-            (codes, weight, out, *common, codes.stride(0), weight.stride(0), out.stride(0)), tile)  # fmt: skip
+        launches["codes GEMM"] = functools.partial(  # the pack's own (``codes_gemm_triton``), at this tile
+            launch_variant, codes_gemm_triton._codes_gemm_kernel, grid,
+            (codes, weight, out, scale, weight_scale, bias, rows, width, width, codes.stride(0), weight.stride(0),
+             out.stride(0)),
+            {"ROW_SCALES": False, "WEIGHT_PER_CHANNEL": True, "HAS_BIAS": True, "EXACT": False,
+             "EVEN_K": width % block_k == 0, **tile})  # fmt: skip
         for name, launch in launches.items():
             key = f"{name} {block_m}x{block_n}x{block_k} w{warps}"
             launchers[key] = launch

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .prepared import ColdLaunch
-from .quant_triton import launcher_of
+from .quant_triton import checked_once_per_device, launcher_of
 
 logger = logging.getLogger(__name__)
 
@@ -193,18 +193,7 @@ def codes_gemm_works(device: torch.device) -> bool:
     per device (row and one-value activation scales, per-channel and per-tensor weight scales, a bias or none,
     fast and exact accumulation, a row count per tile, K a multiple of the tile's or not). An error (a GPU whose
     Triton has no fp8 ``tl.dot``) or a difference keeps ``_scaled_mm``, logged."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _works:
-        return _works[index]
-    if torch.cuda.is_current_stream_capturing():
-        return False  # the check waits for the GPU; the next eager call makes it
-    _works[index] = False
-    try:
-        _works[index] = _check(torch.device("cuda", index))
-    except Exception as error:  # any failure only means ``_scaled_mm``
-        logger.info("the Triton fp8 GEMM is unavailable on %s: %s", torch.cuda.get_device_name(index), error)
-    logger.debug("Triton fp8 GEMM on cuda:%d: %s", index, "on" if _works[index] else "off")
-    return _works[index]
+    return checked_once_per_device(_works, device, _check, "the Triton fp8 GEMM")
 
 
 def _check(device: torch.device) -> bool:

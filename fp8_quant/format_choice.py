@@ -37,14 +37,14 @@ class DeviceFormat(NamedTuple):
     dequantized: bool
 
 
-def resolve_quant_format(options: UserOptions, device: torch.device | str | None,
+def resolve_quant_format(options: UserOptions, device: torch.device | str,
                          kernel: str | None = None) -> tuple[UserOptions, str | None]:  # fmt: skip
     """``options`` with ``quant_format`` ``auto`` replaced by the format for ``device`` (and, where every layer is
     dequantized, activations left unrounded), and the sentence saying which and why (``None`` where the user chose a
     format). ``kernel``: a kernel the user forced (``None``: auto)."""
     if options.format is not QuantFormat.AUTO:
         return options, None
-    choice = format_for_device(torch.device(device) if device is not None else torch.device("cpu"))
+    choice = format_for_device(torch.device(device))
     if not choice.dequantized:
         return replace(options, quant_format=choice.format.value), \
             f"quant_format auto: {choice.format.value} ({choice.reason})"  # fmt: skip

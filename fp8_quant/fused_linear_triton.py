@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .fp8_utils import AMAX_FLOOR, fp8_max
 from .prepared import ColdLaunch
-from .quant_triton import DYNAMIC, RUNNING, STATIC, launcher_of
+from .quant_triton import DYNAMIC, RUNNING, STATIC, checked_once_per_device, launcher_of
 
 logger = logging.getLogger(__name__)
 
@@ -234,18 +234,7 @@ def fused_linear_works(device: torch.device) -> bool:
     """Whether the fused launch gives, on this GPU, what a float computation of the same fp8 codes gives: checked
     once per device (all three modes, a per-channel weight scale and a bias, 3 rows of 96), before any layer takes
     it. An error (a GPU whose Triton has no fp8 ``tl.dot``) or a difference keeps the two-launch path, logged."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _works:
-        return _works[index]
-    if torch.cuda.is_current_stream_capturing():
-        return False  # the check waits for the GPU; the next eager call makes it
-    _works[index] = False
-    try:
-        _works[index] = _check(torch.device("cuda", index))
-    except Exception as error:  # any failure only means the two-launch path
-        logger.info("the one-launch fp8 linear is unavailable on %s: %s", torch.cuda.get_device_name(index), error)
-    logger.debug("one-launch fp8 linear on cuda:%d: %s", index, "on" if _works[index] else "off")
-    return _works[index]
+    return checked_once_per_device(_works, device, _check, "the one-launch fp8 linear")
 
 
 def _check(device: torch.device) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -313,6 +314,26 @@ def launcher_of(compiled) -> tuple | None:
         return compiled.run, compiled.function, compiled.packed_metadata
     except AttributeError:
         return None
+
+
+def checked_once_per_device(results: dict[int, bool], device: torch.device,
+                            check: Callable[[torch.device], bool], what: str) -> bool:  # fmt: skip
+    """Whether ``check`` passed on ``device``: a Triton path's comparison with a float computation of the same
+    numbers, made once per GPU before any layer takes the path and kept in ``results`` (by device index). Not made
+    inside a CUDA-graph capture (it waits for the GPU; the next eager call makes it); an error counts as a failure,
+    logged with ``what`` (the path's name)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in results:
+        return results[index]
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    results[index] = False
+    try:
+        results[index] = check(torch.device("cuda", index))
+    except Exception as error:  # any failure only means the path is not taken
+        logger.info("%s is unavailable on %s: %s", what, torch.cuda.get_device_name(index), error)
+    logger.debug("%s on cuda:%d: %s", what, index, "on" if results[index] else "off")
+    return results[index]
 
 
 _launch_shapes: dict[int, tuple[bool, int, int, int]] = {}

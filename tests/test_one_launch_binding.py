@@ -144,3 +144,32 @@ def test_shared_outputs_only_for_calls_of_few_rows():
     assert made.scratch_rows >= 256  # the few-row calls whose allocations cost the host most (bench/NOTES.md)
     plain = quant_triton.RowQuantizer(quant_triton.STATIC, torch.bfloat16, torch.float8_e4m3fn, 5120, CUDA)
     assert plain.scratch_rows == 0
+
+
+def test_a_paths_check_is_made_once_per_device_never_in_a_capture_and_fails_closed(monkeypatch):
+    """``quant_triton.checked_once_per_device`` (the one-launch linear's and the Triton GEMM's check): one call of
+    the check per device, its answer kept; none while a capture runs (and nothing kept); an error is a failure."""
+    from fp8_quant import quant_triton
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
+    calls: list[int] = []
+
+    def passes(device):
+        calls.append(device.index)
+        return True
+
+    def raises(device):
+        calls.append(device.index)
+        raise RuntimeError("no fp8 dot here")
+
+    results: dict[int, bool] = {}
+    capturing[0] = True
+    assert not quant_triton.checked_once_per_device(results, torch.device("cuda", 0), passes, "a path")
+    assert not calls and not results
+    capturing[0] = False
+    for _ in range(2):
+        assert quant_triton.checked_once_per_device(results, torch.device("cuda", 0), passes, "a path")
+        assert not quant_triton.checked_once_per_device(results, torch.device("cuda", 1), raises, "a path")
+    assert calls == [0, 1] and results == {0: True, 1: False}
